@@ -1,0 +1,112 @@
+"""Flow math in METHODS.md's convention: t = 1 is noise, t = 0 is data, v = eps - x.
+
+Teachers are anything with `velocity(x, t, label) -> v`; students anything with
+`average_velocity(x, t, s, label, w) -> F`, so that the flow map is f(x, t, s) = x - (t - s) F.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+Velocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def bcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-sample [B] tensor to broadcast against a [B, ...] tensor."""
+    return values.reshape(values.shape[0], *([1] * (like.dim() - 1)))
+
+
+def interpolate(x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - t) x + t eps."""
+    t = bcast(t, x)
+    return (1 - t) * x + t * eps
+
+
+def logit_normal(n: int, mean: float, std: float, generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """Samples of sigmoid(N(mean, std^2)) in (0, 1)."""
+    return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance u_w = u(∅) + w (u(c) - u(∅)), applied only for t in [t_lo, t_hi]."""
+
+    cfg_scale: float = 1.0
+    t_lo: float = 0.0
+    t_hi: float = 1.0
+
+
+def guided_velocity(velocity: Velocity, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor,
+                    cfg_scale: float | torch.Tensor, null_label: int, t_lo: float = 0.0,
+                    t_hi: float = 1.0) -> torch.Tensor:
+    """u_w(x, t, c); the conditional and unconditional passes run as one batch of 2B.
+
+    `cfg_scale` may be a float or a per-sample [B] tensor. Outside [t_lo, t_hi] the result is the
+    conditional velocity u(x, t, c).
+    """
+    batch = x.shape[0]
+    null = torch.full_like(label, null_label)
+    both = velocity(torch.cat([x, x]), torch.cat([t, t]), torch.cat([label, null]))
+    cond, uncond = both[:batch], both[batch:]
+    scale = torch.as_tensor(cfg_scale, dtype=x.dtype, device=x.device)
+    if scale.dim() == 1:
+        scale = bcast(scale, x)
+    inside = bcast(((t >= t_lo) & (t <= t_hi)).to(x.dtype), x)
+    scale = inside * scale + (1 - inside)
+    return uncond + scale * (cond - uncond)
+
+
+def time_grid(steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Uniform grid 1 = t_0 > t_1 > ... > t_K = 0."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return torch.linspace(1.0, 0.0, steps + 1, device=device)
+
+
+@torch.no_grad()
+def euler_sample(velocity: Velocity, eps: torch.Tensor, steps: int) -> torch.Tensor:
+    """x <- x - (t_i - t_{i+1}) u(x, t_i) from t = 1 to 0. `velocity` already closes over label/guidance."""
+    grid = time_grid(steps, eps.device)
+    x = eps
+    for t_now, t_next in zip(grid[:-1], grid[1:], strict=True):
+        t = torch.full((x.shape[0],), float(t_now), device=x.device)
+        x = x - (t_now - t_next) * velocity(x, t)
+    return x
+
+
+@torch.no_grad()
+def heun_sample(velocity: Velocity, eps: torch.Tensor, steps: int) -> torch.Tensor:
+    """Second-order Heun; the last step to t = 0 is plain Euler (2K - 1 evaluations)."""
+    grid = time_grid(steps, eps.device)
+    x = eps
+    for t_now, t_next in zip(grid[:-1], grid[1:], strict=True):
+        dt = t_now - t_next
+        t = torch.full((x.shape[0],), float(t_now), device=x.device)
+        v_now = velocity(x, t)
+        x_euler = x - dt * v_now
+        if float(t_next) > 0:
+            v_next = velocity(x_euler, torch.full_like(t, float(t_next)))
+            x = x - dt * 0.5 * (v_now + v_next)
+        else:
+            x = x_euler
+    return x
+
+
+def flow_map(average_velocity, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, *cond) -> torch.Tensor:
+    """f(x, t, s) = x - (t - s) F(x, t, s, ...)."""
+    return x - bcast(t - s, x) * average_velocity(x, t, s, *cond)
+
+
+@torch.no_grad()
+def flow_map_sample(average_velocity, eps: torch.Tensor, steps: int, *cond) -> torch.Tensor:
+    """M jumps x <- f(x, tau_i, tau_{i+1}) on a uniform grid; M = 1 is the 1-NFE sample eps - F(eps, 1, 0)."""
+    grid = time_grid(steps, eps.device)
+    x = eps
+    for t_now, t_next in zip(grid[:-1], grid[1:], strict=True):
+        t = torch.full((x.shape[0],), float(t_now), device=x.device)
+        x = flow_map(average_velocity, x, t, torch.full_like(t, float(t_next)), *cond)
+    return x

@@ -1,0 +1,149 @@
+"""FreeFlow: data-free flow-map distillation by prediction and correction (METHODS.md §3).
+
+Only prior samples z ~ N(0, I) are used. The prediction aligns the student's generating velocity
+v_G = F + δ ∂_δF with the teacher at the student's own state x(δ) = f(z, 1, 1 - δ); the correction
+aligns the noising velocity of the student's samples (learnt online by a fake flow) with the
+teacher's. Both are written through their gradients: L = F · sg(weighted difference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from distill.flow import bcast, guided_velocity, interpolate, logit_normal
+
+
+@dataclass
+class FreeFlowConfig:
+    time: str = "discrete"  # "discrete": N-interval grid (App. A.1); "continuous": δ ∈ (0, 1)
+    intervals: int = 8  # N for the discrete grid; the teacher is never queried below t = 1/N
+    derivative: str = "fd"  # continuous time only: "jvp" (forward-mode AD) or "fd" (central difference)
+    fd_step: float = 1e-3
+    pred_fraction: float = 0.75  # the rest of the batch goes to the correction
+    weight_power: float = 1.0  # k in w_G = 1 / (|Δ_G|^2 / d + 1e-4)^k
+    alpha: float = 1.0  # correction strength relative to the (weighted) prediction gradient
+    delta_mean: float = 0.0
+    delta_std: float = 1.0
+    delta_zero_fraction: float = 0.1  # anchors F(z, 1, 1) = u(z, 1)
+    r_mean: float = 0.8  # LogitNormal(0.8, 1.6): weight on high noise
+    r_std: float = 1.6
+    correction_guidance_t_hi: float = 0.7  # guidance only for r <= 0.7 in the correction
+    cfg_min: float = 1.0  # guidance scales the student is trained over
+    cfg_max: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.time not in ("discrete", "continuous"):
+            raise ValueError(f"time must be 'discrete' or 'continuous', got {self.time!r}")
+        if self.intervals < 1:
+            raise ValueError(f"intervals must be >= 1, got {self.intervals}")
+        if self.derivative not in ("jvp", "fd"):
+            raise ValueError(f"derivative must be 'jvp' or 'fd', got {self.derivative!r}")
+        if not 0 < self.pred_fraction < 1:
+            raise ValueError(f"pred_fraction must be in (0, 1), got {self.pred_fraction}")
+        if self.cfg_min > self.cfg_max:
+            raise ValueError(f"cfg_min {self.cfg_min} exceeds cfg_max {self.cfg_max}")
+
+
+def generating_velocity(student, z, delta, label, w, derivative: str = "fd", fd_step: float = 1e-3):
+    """F(z, 1, 1 - δ) with its graph, and sg(v_G) with v_G = F + δ ∂_δF (∂_δF = -∂_sF)."""
+    one = torch.ones_like(delta)
+
+    def average_velocity(d):
+        return student.average_velocity(z, one, one - d, label, w)
+
+    if derivative == "jvp":
+        F_delta, dF = torch.func.jvp(average_velocity, (delta,), (torch.ones_like(delta),))
+    else:
+        F_delta = average_velocity(delta)
+        with torch.no_grad():
+            dF = (average_velocity(delta + fd_step) - average_velocity(delta - fd_step)) / (2 * fd_step)
+    return F_delta, (F_delta + bcast(delta, z) * dF).detach()
+
+
+def discrete_generating_velocity(student, z, delta_a, delta_b, label, w):
+    """F(z, 1, 1 - δ_b) with its graph, sg(v_G) over [δ_a, δ_b] by the grid difference, and x(δ_a)."""
+    one = torch.ones_like(delta_b)
+    F_b = student.average_velocity(z, one, one - delta_b, label, w)
+    with torch.no_grad():
+        F_a = student.average_velocity(z, one, one - delta_a, label, w)
+        v_G = F_b + bcast(delta_a / (delta_b - delta_a), z) * (F_b - F_a)
+    return F_b, v_G, z - bcast(delta_a, z) * F_a
+
+
+def prediction_target(student, teacher, z, delta, label, w, cfg: FreeFlowConfig):
+    """(F, w_G Δ_G, |Δ_G|^2/d): the student output and its detached, power-law weighted error.
+
+    Continuous time compares v_G(δ) with u at x(δ), 1 - δ. Discrete time takes the interval
+    [δ_a, δ_b] of the N-grid that contains δ and compares the student's difference quotient with the
+    teacher's velocity at the interval's start (an Euler step), so the teacher is never asked at t < 1/N.
+    """
+    if cfg.time == "discrete":
+        index = (delta * cfg.intervals).floor().clamp(max=cfg.intervals - 1)
+        delta_a, delta_b = index / cfg.intervals, (index + 1) / cfg.intervals
+        F_out, v_G, x_query = discrete_generating_velocity(student, z, delta_a, delta_b, label, w)
+        t_query = 1 - delta_a
+    else:
+        F_out, v_G = generating_velocity(student, z, delta, label, w, cfg.derivative, cfg.fd_step)
+        x_query, t_query = (z - bcast(delta, z) * F_out).detach(), 1 - delta  # x(δ) = f(z, 1, 1 - δ)
+    with torch.no_grad():
+        u = guided_velocity(teacher.velocity, x_query, t_query, label, w, teacher.num_classes)
+        err = v_G - u
+        mse = err.flatten(1).pow(2).mean(1)
+        target = bcast((mse + 1e-4) ** -cfg.weight_power, err) * err
+    return F_out, target, mse
+
+
+def correction_target(student, teacher, fake, z, label, w, cfg: FreeFlowConfig, generator):
+    """(F(z,1,0), Δ_N, g, flow-matching target for g): the fake flow's graph is kept for its own update."""
+    batch = z.shape[0]
+    one, zero = torch.ones(batch).to(z), torch.zeros(batch).to(z)
+    F_zero = student.average_velocity(z, one, zero, label, w)
+    x0 = (z - F_zero).detach()
+    noise = torch.randn(z.shape, generator=generator).to(z)
+    r = logit_normal(batch, cfg.r_mean, cfg.r_std, generator).to(z)
+    x_r = interpolate(x0, noise, r)
+    g = fake.velocity(x_r, r, label, w)
+    with torch.no_grad():
+        u = guided_velocity(teacher.velocity, x_r, r, label, w, teacher.num_classes,
+                            t_hi=cfg.correction_guidance_t_hi)
+        delta_N = g.detach() - u
+    return F_zero, delta_N, g, noise - x0
+
+
+class FreeFlow:
+    """Trainer method: the fake flow learns the student's noising flow, then the student takes
+    the prediction (75% of the batch) and the λ-balanced correction (25%) in one update."""
+
+    ema_name = "student"
+
+    def __init__(self, student, teacher, fake, shape, cfg: FreeFlowConfig, batch_size: int, device="cpu"):
+        self.trainable = {"student": student, "fake": fake}
+        self.teacher, self.shape, self.cfg = teacher, tuple(shape), cfg
+        self.batch_size, self.device = batch_size, torch.device(device)
+
+    def losses(self, generator, logs):
+        cfg, batch = self.cfg, self.batch_size
+        n_pred = max(1, min(batch - 1, round(batch * cfg.pred_fraction)))
+        z = torch.randn((batch, *self.shape), generator=generator).to(self.device)
+        label = torch.randint(0, self.teacher.num_classes, (batch,), generator=generator).to(self.device)
+        w = (cfg.cfg_min + (cfg.cfg_max - cfg.cfg_min) * torch.rand(batch, generator=generator)).to(self.device)
+        delta = logit_normal(n_pred, cfg.delta_mean, cfg.delta_std, generator)
+        delta = torch.where(torch.rand(n_pred, generator=generator) < cfg.delta_zero_fraction, 0.0, delta)
+        delta = delta.to(self.device)
+        student, fake = self.trainable["student"], self.trainable["fake"]
+        p, c = slice(0, n_pred), slice(n_pred, batch)
+        F_pred, target_G, mse_G = prediction_target(student, self.teacher, z[p], delta, label[p], w[p], cfg)
+        F_corr, delta_N, g, g_target = correction_target(student, self.teacher, fake, z[c], label[c], w[c],
+                                                         cfg, generator)
+        lam = cfg.alpha * target_G.flatten(1).norm(dim=1).mean() / (delta_N.flatten(1).norm(dim=1).mean() + 1e-6)
+        target_N = lam * delta_N
+        assert not (target_G.requires_grad or target_N.requires_grad), "targets must be stop-gradient"
+        student_loss = ((F_pred * target_G).sum() + (F_corr * target_N).sum()) / z.numel()
+        fake_loss = F.mse_loss(g, g_target)
+        logs.update(pred_mse=mse_G.mean().item(), corr_mse=delta_N.pow(2).mean().item(),
+                    fake=fake_loss.item(), lam=lam.item())
+        yield "fake", fake_loss
+        yield "student", student_loss

@@ -1,0 +1,142 @@
+"""The teacher and student interfaces, and loading them from checkpoints or a user's import path.
+
+Teacher: `velocity(x, t, label) -> u`. Student: `average_velocity(x, t, s, label, w) -> F` and
+`jump(x, t, s, label, w) = x - (t - s) F`. Every method in distill/ is written against these two.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from distill.checkpoint import CheckpointError, load_checkpoint, module_state
+from distill.flow import flow_map
+from distill.nets import FlowNet, NetConfig
+
+
+class Teacher(nn.Module):
+    """A flow-matching model: u(x, t, c) ≈ E[eps - x | x_t, c]."""
+
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        self.net = FlowNet(cfg)
+
+    @property
+    def cfg(self) -> NetConfig:
+        return self.net.cfg
+
+    @property
+    def num_classes(self) -> int:
+        return self.net.cfg.num_classes
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return self.net(x, t, label)
+
+
+class Student(nn.Module):
+    """A flow map f(x, t, s) = x - (t - s) F(x, t, s, c, w), guidance scale w as an input."""
+
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        self.net = FlowNet(cfg.with_extras("s", "w"))
+
+    @property
+    def cfg(self) -> NetConfig:
+        return self.net.cfg
+
+    @property
+    def num_classes(self) -> int:
+        return self.net.cfg.num_classes
+
+    @classmethod
+    def from_teacher(cls, teacher: Teacher) -> Student:
+        """Copy the teacher's weights; the zero-initialised s and w embeddings make F(x, t, t) = u(x, t)."""
+        student = cls(teacher.cfg)
+        missing, unexpected = student.net.load_state_dict(teacher.net.state_dict(), strict=False)
+        assert not unexpected and all(k.startswith("extra_embed.") for k in missing), (missing, unexpected)
+        return student
+
+    def average_velocity(self, x, t, s, label, w) -> torch.Tensor:
+        return self.net(x, t, label, s=s, w=w)
+
+    def jump(self, x, t, s, label, w) -> torch.Tensor:
+        return flow_map(self.average_velocity, x, t, s, label, w)
+
+
+class FakeFlow(nn.Module):
+    """An online flow g(x, t, c, w) that learns the student's noising velocity (FreeFlow, DMD2, FGM)."""
+
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        self.net = FlowNet(cfg.with_extras("w"))
+
+    @classmethod
+    def from_teacher(cls, teacher: Teacher) -> FakeFlow:
+        fake = cls(teacher.cfg)
+        fake.net.load_state_dict(teacher.net.state_dict(), strict=False)
+        return fake
+
+    def velocity(self, x, t, label, w) -> torch.Tensor:
+        return self.net(x, t, label, w=w)
+
+
+class ConventionAdapter(nn.Module):
+    """Wrap a teacher written in another convention so that it answers in ours.
+
+    `time_reversed`: the model's time runs the other way (t' = 1 - t, noise at t' = 0).
+    `negate`: the model returns minus the derivative of x along its own time.
+    Ours is v = dx/dt; time reversal flips the sign once, `negate` once more. A SiT/FreeFlow-style
+    model (x_t' = t' x + (1 - t') eps, v' = x - eps) is `time_reversed=True, negate=False`.
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int, time_reversed: bool = False, negate: bool = False):
+        super().__init__()
+        self.model = model
+        self.num_classes = num_classes
+        self.time_reversed = time_reversed
+        self.sign = -1.0 if time_reversed != negate else 1.0
+
+    def velocity(self, x, t, label):
+        return self.sign * self.model.velocity(x, 1 - t if self.time_reversed else t, label)
+
+
+def load_net(run_dir: str | Path, kind: str, module_cls, weights: str = "ema",
+             device: str | torch.device = "cpu"):
+    """Rebuild a Teacher/Student/FakeFlow from a run directory, with its EMA weights by default."""
+    meta, tensors = load_checkpoint(run_dir, kind=kind)
+    model = module_cls(NetConfig(**meta["net"]))
+    state = module_state(tensors, weights)
+    # Methods store their trainable modules as wrappers; the EMA copy is of the wrapper too.
+    model.load_state_dict(state)
+    return model.to(device).eval().requires_grad_(False), meta
+
+
+def load_teacher(spec: str, device: str | torch.device = "cpu"):
+    """A teacher from a run directory, or from `package.module:factory` (a user's own model).
+
+    A factory returns an object with `velocity(x, t, label)` in our convention (wrap others in
+    ConventionAdapter) and `num_classes`.
+    """
+    if Path(spec).is_dir():
+        teacher, _ = load_net(spec, "teacher", Teacher, device=device)
+        return teacher
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise CheckpointError(f"cannot import teacher factory {spec!r}: {err}") from err
+        teacher = factory()
+        if not hasattr(teacher, "velocity") or not hasattr(teacher, "num_classes"):
+            raise CheckpointError(f"{spec} must return an object with velocity(x, t, label) and num_classes")
+        if isinstance(teacher, nn.Module):
+            teacher = teacher.to(device).eval().requires_grad_(False)
+        return teacher
+    raise CheckpointError(f"teacher {spec!r} is neither a run directory nor 'package.module:factory'")
+
+
+def load_student(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Student, dict]:
+    return load_net(run_dir, "student", Student, device=device)

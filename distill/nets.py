@@ -1,0 +1,209 @@
+"""One backbone family for teacher, student and fake flow: a small DiT for images, an MLP for vectors.
+
+Both take (x, t, label) and optional extra scalar conditions (`s` as the jump length t - s, and the
+guidance scale `w`). Extras enter through embeddings whose last layer is zero-initialised, so a
+student built from a teacher's weights computes exactly the teacher's velocity until it trains.
+Only plain tensor math is used (no fused attention), so every network exports to ONNX and
+supports forward-mode AD (JVP).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class NetConfig:
+    """Architecture of one network. `shape` is the per-sample data shape: (C, H, W) or (D,)."""
+
+    arch: str = "dit"  # "dit" or "mlp"
+    shape: tuple[int, ...] = (1, 8, 8)
+    num_classes: int = 10
+    width: int = 128
+    depth: int = 4
+    heads: int = 4  # dit only
+    patch: int = 2  # dit only
+    mlp_ratio: float = 4.0
+    extras: tuple[str, ...] = field(default_factory=tuple)  # subset of ("s", "w")
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(v) for v in self.shape)
+        self.extras = tuple(self.extras)
+        if self.arch not in ("dit", "mlp"):
+            raise ValueError(f"arch must be 'dit' or 'mlp', got {self.arch!r}")
+        unknown = set(self.extras) - {"s", "w"}
+        if unknown:
+            raise ValueError(f"extras may only name 's' and 'w', got {sorted(unknown)}")
+        if self.arch == "dit":
+            if len(self.shape) != 3:
+                raise ValueError(f"the dit backbone needs image data (C, H, W), got shape {self.shape}")
+            _, height, width = self.shape
+            if height % self.patch or width % self.patch:
+                raise ValueError(f"patch {self.patch} must divide the image size {height}x{width}")
+            if self.width % self.heads:
+                raise ValueError(f"width {self.width} must be divisible by heads {self.heads}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_extras(self, *extras: str) -> NetConfig:
+        """The same architecture with these extra conditions (a student or fake flow of a teacher)."""
+        return NetConfig(**{**self.to_dict(), "extras": tuple(extras)})
+
+
+def timestep_embedding(values: torch.Tensor, dim: int, max_freq: float = 100.0, min_freq: float = 0.1) -> torch.Tensor:
+    """Sinusoidal embedding of scalars in about [0, 1], frequencies geometric in [min_freq, max_freq].
+
+    The top frequency is kept at 100 rad per unit time (not DDPM's 1000) because students are
+    differentiated in time (JVP or a 1e-3 finite difference): a smoother embedding keeps both exact.
+    """
+    half = dim // 2
+    ratio = torch.arange(half, dtype=torch.float32, device=values.device) / max(half - 1, 1)
+    freqs = max_freq * (min_freq / max_freq) ** ratio
+    args = values.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class ScalarEmbedder(nn.Module):
+    """Sinusoidal features -> MLP. With `zero_init`, the output is exactly zero until trained."""
+
+    def __init__(self, width: int, zero_init: bool = False, freq_dim: int = 128):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+        if zero_init:
+            nn.init.zeros_(self.mlp[2].weight)
+            nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(values, self.freq_dim))
+
+
+def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # h is [B, N, D] for the DiT and [B, D] for the MLP; shift/scale are [B, D].
+    if h.dim() == 3:
+        shift, scale = shift[:, None], scale[:, None]
+    return h * (1 + scale) + shift
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = h.shape
+        head_dim = width // self.heads
+        qkv = self.qkv(h).reshape(batch, tokens, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = torch.softmax(q @ k.transpose(-2, -1) * head_dim**-0.5, dim=-1)
+        out = (attn @ v).transpose(1, 2).reshape(batch, tokens, width)
+        return self.proj(out)
+
+
+class Block(nn.Module):
+    """adaLN-zero residual block; attention is optional (the MLP backbone has none)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, attention: bool):
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.attn = Attention(width, heads) if attention else None
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.n_mod = 6 if attention else 3
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, self.n_mod * width))
+        nn.init.zeros_(self.ada[1].weight)
+        nn.init.zeros_(self.ada[1].bias)
+
+    def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        mods = self.ada(cond).chunk(self.n_mod, dim=-1)
+        if self.attn is not None:
+            shift_a, scale_a, gate_a = mods[:3]
+            gate_a = gate_a[:, None]
+            h = h + gate_a * self.attn(modulate(self.norm1(h), shift_a, scale_a))
+        shift_m, scale_m, gate_m = mods[-3:]
+        if h.dim() == 3:
+            gate_m = gate_m[:, None]
+        return h + gate_m * self.mlp(modulate(self.norm2(h), shift_m, scale_m))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, width: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.linear = nn.Linear(width, out_dim)
+        for layer in (self.ada[1], self.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.ada(cond).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(h), shift, scale))
+
+
+class FlowNet(nn.Module):
+    """v = net(x, t, label, s=None, w=None): the shared backbone of every model in the project."""
+
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        self.cfg = cfg
+        width = cfg.width
+        self.t_embed = ScalarEmbedder(width)
+        self.y_embed = nn.Embedding(cfg.num_classes + 1, width)  # last index is the null label
+        nn.init.normal_(self.y_embed.weight, std=0.02)
+        self.extra_embed = nn.ModuleDict({name: ScalarEmbedder(width, zero_init=True) for name in cfg.extras})
+        if cfg.arch == "dit":
+            channels, height, img_width = cfg.shape
+            self.grid = (height // cfg.patch, img_width // cfg.patch)
+            patch_dim = channels * cfg.patch * cfg.patch
+            self.patch_in = nn.Linear(patch_dim, width)
+            self.pos = nn.Parameter(torch.randn(1, self.grid[0] * self.grid[1], width) * 0.02)
+            out_dim = patch_dim
+        else:
+            dim = math.prod(cfg.shape)
+            self.x_in = nn.Linear(dim, width)
+            out_dim = dim
+        self.blocks = nn.ModuleList(
+            Block(width, cfg.heads, cfg.mlp_ratio, attention=cfg.arch == "dit") for _ in range(cfg.depth)
+        )
+        self.final = FinalLayer(width, out_dim)
+
+    def condition(self, t, label, s=None, w=None) -> torch.Tensor:
+        cond = self.t_embed(t) + self.y_embed(label)
+        if "s" in self.extra_embed:
+            if s is None:
+                raise ValueError("this network takes the jump end time s")
+            cond = cond + self.extra_embed["s"](t - s)
+        if "w" in self.extra_embed:
+            if w is None:
+                raise ValueError("this network takes the guidance scale w")
+            # Centre w so the embedding sees values around 0 for the usual 1..3 range.
+            cond = cond + self.extra_embed["w"]((w - 1.0) / 4.0)
+        return cond
+
+    def forward(self, x, t, label, s=None, w=None) -> torch.Tensor:
+        cond = self.condition(t, label, s, w)
+        if self.cfg.arch == "mlp":
+            h = self.x_in(x.reshape(x.shape[0], -1))
+            for block in self.blocks:
+                h = block(h, cond)
+            return self.final(h, cond).reshape(x.shape)
+        return self._dit(x, cond)
+
+    def _dit(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        patch, (gh, gw) = self.cfg.patch, self.grid
+        tokens = x.reshape(batch, channels, gh, patch, gw, patch).permute(0, 2, 4, 1, 3, 5)
+        h = self.patch_in(tokens.reshape(batch, gh * gw, channels * patch * patch)) + self.pos
+        for block in self.blocks:
+            h = block(h, cond)
+        out = self.final(h, cond).reshape(batch, gh, gw, channels, patch, patch)
+        return out.permute(0, 3, 1, 4, 2, 5).reshape(batch, channels, height, width)

@@ -1,0 +1,90 @@
+"""A small classifier trained on the same data: evaluation features and Best-of-N scores."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.data import Dataset
+
+
+@dataclass
+class VerifierConfig:
+    width: int = 32
+    feature_dim: int = 128
+    noise_std: float = 0.1  # augmentation: generated samples are never exactly on the data manifold
+    max_shift: int = 1  # augmentation: random translation in pixels (images only)
+    val_fraction: float = 0.15
+
+
+class Verifier(nn.Module):
+    """logits = head(features(x)); the penultimate `features` are what FD and precision/recall use."""
+
+    def __init__(self, shape: tuple[int, ...], num_classes: int, cfg: VerifierConfig | None = None):
+        super().__init__()
+        cfg = cfg or VerifierConfig()
+        self.shape, self.num_classes = tuple(shape), num_classes
+        if len(self.shape) == 3:
+            channels, height, width = self.shape
+            self.body = nn.Sequential(
+                nn.Conv2d(channels, cfg.width, 3, padding=1), nn.SiLU(),
+                nn.Conv2d(cfg.width, 2 * cfg.width, 3, padding=1, stride=2), nn.SiLU(),
+                nn.Conv2d(2 * cfg.width, 2 * cfg.width, 3, padding=1), nn.SiLU(),
+                nn.Flatten(),
+                nn.Linear(2 * cfg.width * math.ceil(height / 2) * math.ceil(width / 2), cfg.feature_dim), nn.SiLU(),
+            )
+        else:
+            self.body = nn.Sequential(
+                nn.Flatten(), nn.Linear(math.prod(self.shape), 4 * cfg.width), nn.SiLU(),
+                nn.Linear(4 * cfg.width, cfg.feature_dim), nn.SiLU(),
+            )
+        self.head = nn.Linear(cfg.feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def split(data: Dataset, val_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic train / validation index split."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    n_val = int(round(val_fraction * len(data)))
+    return order[n_val:], order[:n_val]
+
+
+def augment(x: torch.Tensor, cfg: VerifierConfig, generator: torch.Generator) -> torch.Tensor:
+    if x.dim() == 4 and cfg.max_shift:
+        shifts = torch.randint(-cfg.max_shift, cfg.max_shift + 1, (2,), generator=generator).tolist()
+        padded = F.pad(x, [cfg.max_shift] * 4, value=-1.0)
+        top, left = cfg.max_shift + shifts[0], cfg.max_shift + shifts[1]
+        x = padded[..., top:top + x.shape[-2], left:left + x.shape[-1]]
+    return x + cfg.noise_std * torch.randn(x.shape, generator=generator)
+
+
+class VerifierTraining:
+    """Trainer method: cross-entropy on the training split with light augmentation."""
+
+    ema_name = "verifier"
+
+    def __init__(self, verifier: Verifier, data: Dataset, cfg: VerifierConfig, batch_size: int):
+        self.trainable = {"verifier": verifier}
+        self.data, self.cfg, self.batch_size = data, cfg, batch_size
+        self.train_index, _ = split(data, cfg.val_fraction)
+
+    def losses(self, generator, logs):
+        pick = self.train_index[torch.randint(0, len(self.train_index), (self.batch_size,), generator=generator)]
+        x = augment(self.data.samples[pick], self.cfg, generator)
+        loss = F.cross_entropy(self.trainable["verifier"](x), self.data.labels[pick])
+        logs["loss"] = loss.item()
+        yield "verifier", loss
+
+
+@torch.no_grad()
+def accuracy(verifier: Verifier, x: torch.Tensor, labels: torch.Tensor) -> float:
+    return (verifier(x).argmax(-1) == labels).float().mean().item()

@@ -1,0 +1,72 @@
+"""Checkpoints round-trip and a resumed run continues exactly where it stopped."""
+
+import json
+
+import pytest
+import torch
+
+from distill.checkpoint import CheckpointError, load_checkpoint, module_state, restore, save_checkpoint
+from distill.data import toy_gaussians
+from distill.models import Teacher, load_teacher
+from distill.nets import NetConfig
+from distill.pipeline import train_teacher
+from distill.teacher import TeacherConfig
+from distill.trainer import TrainConfig
+
+NET = NetConfig(arch="mlp", width=32, depth=2, mlp_ratio=2.0)
+
+
+def test_round_trip_restores_modules_optimizer_and_rng(tmp_path):
+    model = Teacher(NetConfig(arch="mlp", shape=(2,), num_classes=3, width=16, depth=1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.velocity(torch.randn(4, 2), torch.rand(4), torch.zeros(4, dtype=torch.long)).sum().backward()
+    optimizer.step()
+    generator = torch.Generator().manual_seed(5)
+    torch.rand(3, generator=generator)
+    save_checkpoint(tmp_path, {"kind": "teacher", "step": 1}, {"m": model}, {"m": optimizer}, generator)
+
+    other = Teacher(model.cfg)
+    other_opt = torch.optim.Adam(other.parameters(), lr=1e-3)
+    other_gen = torch.Generator()
+    meta, tensors = load_checkpoint(tmp_path, kind="teacher")
+    restore(meta, tensors, {"m": other}, {"m": other_opt}, other_gen)
+    for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    state_a, state_b = optimizer.state_dict()["state"], other_opt.state_dict()["state"]
+    assert all(torch.equal(state_a[i]["exp_avg_sq"], state_b[i]["exp_avg_sq"]) for i in state_a)
+    assert torch.equal(torch.rand(3, generator=generator), torch.rand(3, generator=other_gen))
+
+
+def test_wrong_kind_and_missing_checkpoint_are_clear(tmp_path):
+    save_checkpoint(tmp_path, {"kind": "verifier"}, {"m": torch.nn.Linear(2, 2)})
+    with pytest.raises(CheckpointError, match="holds a 'verifier' checkpoint, expected 'teacher'"):
+        load_checkpoint(tmp_path, kind="teacher")
+    with pytest.raises(CheckpointError, match="no checkpoint in"):
+        load_checkpoint(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="no module 'ema'"):
+        module_state(load_checkpoint(tmp_path)[1], "ema")
+
+
+def test_resuming_continues_the_same_run(tmp_path):
+    data = toy_gaussians(512)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    cfg = lambda steps: TrainConfig(steps=steps, batch_size=64, lr=1e-3, checkpoint_every=1000)
+    train_teacher(data, NET, TeacherConfig(), cfg(40), straight, progress=False)
+    train_teacher(data, NET, TeacherConfig(), cfg(25), split, progress=False)
+    summary = train_teacher(data, NET, TeacherConfig(), cfg(40), split, progress=False)  # resumes at 25
+    assert summary["steps_this_run"] == 15 and summary["step"] == 40
+    a, b = load_checkpoint(straight)[1], load_checkpoint(split)[1]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
+    logged = [json.loads(line)["step"] for line in (split / "log.jsonl").read_text().splitlines()]
+    assert logged == sorted(logged) and logged[-1] == 40
+
+
+def test_loaded_teacher_is_frozen_and_matches_its_ema(tmp_path):
+    train_teacher(toy_gaussians(256), NET, TeacherConfig(), TrainConfig(steps=5, batch_size=32), tmp_path,
+                  progress=False)
+    teacher = load_teacher(str(tmp_path))
+    ema = module_state(load_checkpoint(tmp_path)[1], "ema")
+    assert all(torch.equal(v, ema[k]) for k, v in teacher.state_dict().items())
+    assert not any(p.requires_grad for p in teacher.parameters())
