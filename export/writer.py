@@ -1,0 +1,100 @@
+"""Write a bundle: the student at each baked guidance scale, the guided teacher, the verifier, and a
+manifest with shapes, classes, hashes and provenance. Every graph is checked before it is listed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from distill.checkpoint import load_checkpoint
+from distill.models import load_student, load_teacher
+from distill.pipeline import load_verifier
+from export.bundle import FORMAT, MANIFEST, read_bundle, sha256_of
+from export.onnx_export import StudentGraph, TeacherGraph, VerifierGraph, check_graph, example_inputs, export_onnx
+
+
+def source_commit(repo: str | Path = ".") -> str:
+    """The git commit the bundle was made from, marked `-dirty` when the tree has changes."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def scale_tag(cfg_scale: float) -> str:
+    return f"{cfg_scale:g}"
+
+
+def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str | Path, out: str | Path,
+                  cfg_scales: tuple[float, ...] = (1.5,), teacher_cfg_scale: float | None = None,
+                  name: str | None = None, metrics: dict | None = None, progress: bool = True) -> dict:
+    """Export and check all graphs into `out`, then write `manifest.json` and re-read it.
+
+    `teacher_cfg_scale` defaults to the first student scale. `metrics` (an evaluation result) goes into
+    the provenance so the README's tables can be generated from the shipped bundle.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not cfg_scales:
+        raise ValueError("at least one guidance scale must be baked (--cfg-scales)")
+    student, student_meta = load_student(student_dir)
+    teacher = load_teacher(teacher_spec)
+    verifier = load_verifier(verifier_dir)
+    data_meta = student_meta.get("data") or load_checkpoint(verifier_dir)[0]["data"]
+    image_shape, classes = tuple(data_meta["shape"]), list(data_meta["classes"])
+    if len(image_shape) != 3:
+        raise ValueError(f"bundles serve images [C, H, W]; this model's data shape is {image_shape}")
+    teacher_cfg_scale = float(teacher_cfg_scale if teacher_cfg_scale is not None else cfg_scales[0])
+    checks, entries = {}, []
+
+    def build(graph, filename, label):
+        make = lambda batch, g=graph: example_inputs(g, batch, image_shape, len(classes), seed=batch)
+        path = export_onnx(graph, make(2), out / filename)
+        checks[filename] = check_graph(graph, path, make, label)
+        if progress:
+            print(f"  exported {filename}: parity and batch invariance within tolerance", flush=True)
+        return {"file": filename, "sha256": sha256_of(path)}
+
+    for cfg_scale in cfg_scales:
+        entry = build(StudentGraph(student, cfg_scale), f"student_w{scale_tag(cfg_scale)}.onnx",
+                      f"student graph (w={cfg_scale:g})")
+        entries.append({**entry, "cfg_scale": float(cfg_scale)})
+    teacher_entry = build(TeacherGraph(teacher, teacher_cfg_scale), f"teacher_w{scale_tag(teacher_cfg_scale)}.onnx",
+                          f"teacher graph (w={teacher_cfg_scale:g})")
+    verifier_entry = build(VerifierGraph(verifier), "verifier.onnx", "verifier graph")
+
+    manifest = {
+        "format": FORMAT,
+        "name": name or out.name,
+        "image": {"channels": image_shape[0], "height": image_shape[1], "width": image_shape[2], "range": [-1, 1]},
+        "classes": classes,
+        "student": entries,
+        "teacher": {**teacher_entry, "cfg_scale": teacher_cfg_scale},
+        "verifier": verifier_entry,
+        "tensorrt": [],
+        "provenance": {
+            "method": student_meta.get("method"),
+            "steps": student_meta.get("step"),
+            "source_commit": source_commit(),
+            "student": {k: student_meta.get(k) for k in ("method_config", "net", "train")},
+            "teacher": _meta_of(teacher_spec),
+            "verifier": {k: v for k, v in load_checkpoint(verifier_dir)[0].items() if k in ("verifier", "train")},
+            "checks": checks,
+            "metrics": metrics or {},
+        },
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    read_bundle(out)  # the bundle we wrote must pass the server's own reader
+    return manifest
+
+
+def _meta_of(teacher_spec: str) -> dict:
+    if Path(teacher_spec).is_dir():
+        meta = load_checkpoint(teacher_spec)[0]
+        return {k: meta.get(k) for k in ("net", "teacher", "train", "step")}
+    return {"factory": teacher_spec}

@@ -1,0 +1,272 @@
+"""`flowmap`: the command line. Flags are generated from the typed config dataclasses, so every
+config field is a flag with the same name and default. Heavy imports happen inside each command,
+so `flowmap serve` never imports torch."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls, defaults=None, skip=(), title=None) -> None:
+    """One `--field-name` flag per dataclass field, typed and defaulted from `defaults` (an instance)."""
+    group = parser.add_argument_group(title or cls.__name__)
+    hints = typing.get_type_hints(cls)
+    defaults = defaults if defaults is not None else cls()
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag, default, kind = "--" + f.name.replace("_", "-"), getattr(defaults, f.name), hints[f.name]
+        origin, args = typing.get_origin(kind), typing.get_args(kind)
+        if kind is bool:
+            group.add_argument(flag, dest=f.name, default=default, action=argparse.BooleanOptionalAction)
+        elif origin is tuple:
+            group.add_argument(flag, dest=f.name, default=default, nargs="+", type=args[0],
+                               help=f"default: {' '.join(map(str, default))}")
+        elif kind in (int, float, str):
+            group.add_argument(flag, dest=f.name, default=default, type=kind, help=f"default: {default}")
+        elif args and type(None) in args:  # Optional[x]
+            inner = next(a for a in args if a is not type(None))
+            group.add_argument(flag, dest=f.name, default=default, type=inner, help=f"default: {default}")
+
+
+def config_from(args: argparse.Namespace, cls, defaults=None, **overrides):
+    """Build a `cls` from parsed flags (fields without a flag keep `defaults`' values)."""
+    defaults = defaults if defaults is not None else cls()
+    values = {f.name: getattr(args, f.name, getattr(defaults, f.name)) for f in dataclasses.fields(cls)}
+    values.update(overrides)
+    return cls(**values)
+
+
+def _train_flags(parser, defaults) -> None:
+    from distill.trainer import TrainConfig
+
+    add_config_flags(parser, TrainConfig, defaults, title="training")
+    parser.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def cmd_teacher(argv: list[str]) -> int:
+    from distill.data import load_dataset
+    from distill.nets import NetConfig
+    from distill.pipeline import Recipe, train_teacher
+    from distill.teacher import TeacherConfig
+    from distill.trainer import TrainConfig
+
+    recipe = Recipe()
+    parser = argparse.ArgumentParser("flowmap teacher", description="Train a flow-matching teacher (METHODS §1).")
+    parser.add_argument("--data", default="digits", help="'digits', 'toy', an .npz or a folder of class folders")
+    parser.add_argument("--out", required=True, help="run directory (resumed if it holds a checkpoint)")
+    add_config_flags(parser, NetConfig, recipe.net, skip=("shape", "num_classes", "extras"), title="network")
+    add_config_flags(parser, TeacherConfig, recipe.teacher, title="teacher")
+    _train_flags(parser, recipe.teacher_train)
+    args = parser.parse_args(argv)
+    summary = train_teacher(load_dataset(args.data), config_from(args, NetConfig, recipe.net),
+                            config_from(args, TeacherConfig), config_from(args, TrainConfig, recipe.teacher_train),
+                            args.out, progress=not args.quiet, resume=not args.no_resume)
+    print(summary)
+    return 0
+
+
+def cmd_verifier(argv: list[str]) -> int:
+    from distill.data import load_dataset
+    from distill.pipeline import Recipe, train_verifier
+    from distill.trainer import TrainConfig
+    from distill.verifier import VerifierConfig
+
+    recipe = Recipe()
+    parser = argparse.ArgumentParser("flowmap verifier", description="Train the classifier used by evaluation "
+                                                                      "and Best-of-N.")
+    parser.add_argument("--data", default="digits")
+    parser.add_argument("--out", required=True)
+    add_config_flags(parser, VerifierConfig, title="verifier")
+    _train_flags(parser, recipe.verifier_train)
+    args = parser.parse_args(argv)
+    summary = train_verifier(load_dataset(args.data), config_from(args, VerifierConfig),
+                             config_from(args, TrainConfig, recipe.verifier_train), args.out,
+                             progress=not args.quiet, resume=not args.no_resume)
+    print(summary)
+    return 0
+
+
+def cmd_distill(argv: list[str]) -> int:
+    from distill.methods import METHODS, get_method
+    from distill.pipeline import Recipe, distill_student
+    from distill.trainer import TrainConfig
+
+    recipe = Recipe()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default="freeflow")
+    known, _ = pre.parse_known_args(argv)
+    spec = get_method(known.method)  # a clear error for an unknown name, before any flag parsing
+    parser = argparse.ArgumentParser("flowmap distill", description="Distil a teacher into a flow-map student. "
+                                     + "Methods: " + "; ".join(f"{k}: {v.summary}" for k, v in METHODS.items()))
+    parser.add_argument("--method", default="freeflow", choices=sorted(METHODS))
+    parser.add_argument("--teacher", required=True, help="teacher run directory or package.module:factory")
+    parser.add_argument("--out", required=True)
+    add_config_flags(parser, spec.config, title=f"{known.method} options")
+    _train_flags(parser, recipe.distill_train)
+    args = parser.parse_args(argv)
+    summary = distill_student(args.method, args.teacher, config_from(args, spec.config),
+                              config_from(args, TrainConfig, recipe.distill_train), args.out,
+                              progress=not args.quiet, resume=not args.no_resume)
+    print(summary)
+    return 0
+
+
+def cmd_evaluate(argv: list[str]) -> int:
+    from distill.data import load_dataset
+    from distill.evaluate import EvalConfig, to_markdown
+    from distill.pipeline import run_evaluation
+
+    parser = argparse.ArgumentParser("flowmap evaluate", description="FD, precision/recall, class accuracy and "
+                                     "alignment of the teacher at several step counts and the student.")
+    parser.add_argument("--teacher", required=True)
+    parser.add_argument("--student", default=None, help="student run directory (omit to score the teacher only)")
+    parser.add_argument("--verifier", required=True)
+    parser.add_argument("--data", default="digits")
+    parser.add_argument("--out", default="docs/evaluation", help="writes OUT.md and OUT.json")
+    add_config_flags(parser, EvalConfig, skip=("extra",), title="evaluation")
+    args = parser.parse_args(argv)
+    result = run_evaluation(args.teacher, args.student, args.verifier, load_dataset(args.data),
+                            config_from(args, EvalConfig), args.out)
+    print(to_markdown(result))
+    return 0
+
+
+def cmd_pipeline(argv: list[str]) -> int:
+    from distill.pipeline import Recipe, run_pipeline
+
+    parser = argparse.ArgumentParser("flowmap pipeline", description="The digits recipe end to end: teacher, "
+                                     "verifier, FreeFlow, evaluation, export (what `make models` runs).")
+    parser.add_argument("--runs", default="runs/digits", help="where checkpoints go (git-ignored)")
+    parser.add_argument("--docs", default="docs", help="where pipeline.md / evaluation.md go")
+    parser.add_argument("--bundle", default="models/digits", help="where the exported bundle goes")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    report = run_pipeline(Recipe(), args.runs, args.docs, args.bundle, progress=not args.quiet)
+    print(f"pipeline finished in {report['total_minutes']} min; see {args.docs}/pipeline.md")
+    return 0
+
+
+def cmd_export(argv: list[str]) -> int:
+    import json
+
+    from export.tensorrt import TensorRTConfig
+
+    parser = argparse.ArgumentParser("flowmap export", description="Write a servable bundle: ONNX graphs with the "
+                                     "guidance scale baked in (parity-checked), optionally TensorRT engines.")
+    parser.add_argument("--student", required=True, help="student run directory")
+    parser.add_argument("--teacher", required=True, help="teacher run directory or package.module:factory")
+    parser.add_argument("--verifier", required=True, help="verifier run directory")
+    parser.add_argument("--out", required=True, help="bundle directory, e.g. models/digits")
+    parser.add_argument("--name", default=None, help="bundle name (default: the folder name)")
+    parser.add_argument("--cfg-scales", type=float, nargs="+", default=[1.5],
+                        help="guidance scales to bake, one student graph each (default: 1.5)")
+    parser.add_argument("--teacher-cfg-scale", type=float, default=None, help="default: the first --cfg-scales")
+    parser.add_argument("--metrics", default=None, help="an evaluation JSON to record in the provenance")
+    parser.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (needs a GPU)")
+    parser.add_argument("--skip-onnx", action="store_true", help="with --tensorrt: reuse the bundle's ONNX graphs")
+    add_config_flags(parser, TensorRTConfig, title="TensorRT (with --tensorrt)")
+    args = parser.parse_args(argv)
+    if args.tensorrt:
+        from export.trt_runtime import import_tensorrt
+
+        try:
+            import_tensorrt()
+        except ImportError as err:
+            print(f"flowmap export: {err}", file=sys.stderr)
+            return 2
+    if not args.skip_onnx:
+        from export.writer import export_bundle
+
+        metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
+        export_bundle(args.student, args.teacher, args.verifier, args.out, tuple(args.cfg_scales),
+                      args.teacher_cfg_scale, args.name, metrics)
+    if args.tensorrt:
+        from export.tensorrt import add_tensorrt_engines
+
+        add_tensorrt_engines(args.out, config_from(args, TensorRTConfig))
+    print(f"bundle written to {args.out}")
+    return 0
+
+
+def settings_flags(parser: argparse.ArgumentParser, settings_cls) -> None:
+    """One flag per Settings field; unset flags leave FLOWMAP_* variables and defaults in charge."""
+    group = parser.add_argument_group("settings (also FLOWMAP_<NAME> environment variables)")
+    for name, field in settings_cls.model_fields.items():
+        flag, annotation = "--" + name.replace("_", "-"), field.annotation
+        default = field.get_default(call_default_factory=True)
+        help_text = f"{field.description + '; ' if field.description else ''}default: {default}"
+        if annotation is bool:
+            group.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
+        elif annotation in (int, float, str):
+            group.add_argument(flag, dest=name, default=None, type=annotation, help=help_text)
+        else:  # lists are comma-separated
+            group.add_argument(flag, dest=name, default=None, type=str, help=help_text)
+
+
+def cmd_serve(argv: list[str]) -> int:
+    from pydantic import ValidationError
+
+    from export.bundle import BundleError
+    from server.main import serve
+    from server.settings import Settings
+
+    parser = argparse.ArgumentParser("flowmap serve", description="Serve a bundle over HTTP: OpenAI-style images, "
+                                     "batch generation, Best-of-N search, /metrics, OpenAPI docs at /docs.")
+    settings_flags(parser, Settings)
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as err:
+        print(f"flowmap serve: invalid settings: {err}", file=sys.stderr)
+        return 2
+    try:
+        serve(settings)
+    except BundleError as err:
+        print(f"flowmap serve: refusing to start: {err}", file=sys.stderr)
+        return 3
+    return 0
+
+
+COMMANDS = {
+    "teacher": (cmd_teacher, "train a flow-matching teacher"),
+    "verifier": (cmd_verifier, "train the verifier classifier"),
+    "distill": (cmd_distill, "distil a teacher into a flow-map student"),
+    "evaluate": (cmd_evaluate, "evaluate teacher and student"),
+    "export": (cmd_export, "write a servable bundle (ONNX, TensorRT)"),
+    "pipeline": (cmd_pipeline, "run the digits recipe end to end"),
+    "serve": (cmd_serve, "serve a bundle over HTTP"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: flowmap <command> [options]", "", "commands:"]
+    lines += [f"  {name:10s} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`flowmap <command> --help` lists a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"flowmap: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[name][0](rest) or 0
+    except (ValueError, FileNotFoundError) as err:  # user errors: one readable line, no traceback
+        print(f"flowmap {name}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""The command line: clear errors for unknown commands and methods, config flags from dataclasses."""
+
+import subprocess
+import sys
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "flowmap.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_unknown_method_is_a_clear_error():
+    result = run("distill", "--method", "magic", "--teacher", "x", "--out", "y")
+    assert result.returncode == 2
+    assert "unknown method 'magic'; available: freeflow" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_command():
+    result = run("frobnicate")
+    assert result.returncode == 2 and "unknown command 'frobnicate'" in result.stderr
+
+
+def test_method_options_are_flags():
+    result = run("distill", "--method", "freeflow", "--help")
+    assert result.returncode == 0
+    for flag in ("--alpha", "--weight-power", "--derivative", "--intervals", "--cfg-min", "--steps", "--max-minutes"):
+        assert flag in result.stdout, flag
+
+
+def test_bad_data_is_a_clear_error(tmp_path):
+    result = run("teacher", "--data", str(tmp_path / "nothing.npz"), "--out", str(tmp_path / "t"), "--steps", "1")
+    assert result.returncode == 2 and "unknown dataset" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,141 @@
+"""Export: a tiny model exported in the test, parity and batch invariance, the baked guidance, the
+reader refusing tampered or incomplete bundles, and the committed models/digits bundle."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from distill.data import load_digits
+from distill.freeflow import FreeFlowConfig
+from distill.nets import NetConfig
+from distill.pipeline import distill_student, train_teacher, train_verifier
+from distill.teacher import TeacherConfig
+from distill.trainer import TrainConfig
+from distill.verifier import VerifierConfig
+from export.bundle import BundleError, read_bundle
+from export.onnx_export import PARITY_TOLERANCE
+from export.writer import export_bundle
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = NetConfig(arch="mlp", width=32, depth=1, mlp_ratio=2.0)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    data = load_digits()
+    # ema_decay=0: the result is the live weights, so three steps really move the zero-initialised layers
+    quick = TrainConfig(steps=3, batch_size=16, lr=1e-2, ema_decay=0.0)
+    train_teacher(data, TINY, TeacherConfig(), quick, root / "teacher", progress=False)
+    train_verifier(data, VerifierConfig(width=8, feature_dim=16), quick, root / "verifier", progress=False)
+    # a few real FreeFlow steps so the s and w embeddings are no longer zero
+    distill_student("freeflow", str(root / "teacher"), FreeFlowConfig(), quick,
+                    root / "student", progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def bundle(runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle") / "tiny"
+    export_bundle(runs / "student", str(runs / "teacher"), runs / "verifier", out, (1.5, 3.0),
+                  metrics={"rows": []}, progress=False)
+    return out
+
+
+def session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_manifest_and_checks(bundle):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["format"] == "flowmap-bundle/1"
+    assert manifest["image"] == {"channels": 1, "height": 8, "width": 8, "range": [-1, 1]}
+    assert manifest["classes"] == [str(i) for i in range(10)]
+    assert [s["cfg_scale"] for s in manifest["student"]] == [1.5, 3.0]
+    provenance = manifest["provenance"]
+    assert provenance["method"] == "freeflow" and provenance["steps"] == 3
+    assert provenance["source_commit"]
+    for name, checks in provenance["checks"].items():
+        errors = [v for k, v in checks.items() if k.startswith("parity")]
+        assert len(errors) == 3 and max(errors) <= PARITY_TOLERANCE, name
+        assert checks["batch_invariance_max_abs_err"] <= PARITY_TOLERANCE
+    loaded = read_bundle(bundle)
+    assert loaded.cfg_scales == (1.5, 3.0) and loaded.num_classes == 10
+
+
+def test_graph_signatures_have_a_dynamic_batch(bundle):
+    student = session(bundle / "student_w1.5.onnx")
+    assert [i.name for i in student.get_inputs()] == ["x", "t", "s", "label"]  # no guidance input: it is baked
+    assert [i.shape for i in student.get_inputs()][0] == ["batch", 1, 8, 8]
+    assert [i.name for i in session(bundle / "teacher_w1.5.onnx").get_inputs()] == ["x", "t", "label"]
+    verifier = session(bundle / "verifier.onnx")
+    assert [i.name for i in verifier.get_inputs()] == ["image"]
+    out = verifier.run(None, {"image": np.zeros((5, 1, 8, 8), np.float32)})[0]
+    assert out.shape == (5, 10)
+
+
+def test_the_guidance_scale_is_baked(bundle):
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((8, 1, 8, 8), dtype=np.float32), "t": np.ones(8, np.float32),
+             "s": np.zeros(8, np.float32), "label": rng.integers(0, 10, 8)}
+    low = session(bundle / "student_w1.5.onnx").run(None, feeds)[0]
+    high = session(bundle / "student_w3.onnx").run(None, feeds)[0]
+    assert np.abs(low - high).max() > 1e-4  # two scales, two different graphs
+    again = session(bundle / "student_w1.5.onnx").run(None, feeds)[0]
+    assert np.array_equal(low, again)
+
+
+def test_reader_refuses_a_tampered_file(bundle, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    data = bytearray((copy / "verifier.onnx").read_bytes())
+    data[-10] ^= 0xFF
+    (copy / "verifier.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="verifier.onnx fails its sha256 check"):
+        read_bundle(copy)
+    read_bundle(copy, verify=False)  # the structure itself is still fine
+
+
+def test_reader_errors_name_the_problem(bundle, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    (copy / "teacher_w1.5.onnx").unlink()
+    with pytest.raises(BundleError, match="teacher file teacher_w1.5.onnx is missing"):
+        read_bundle(copy)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "format": "someone-else/9"}))
+    with pytest.raises(BundleError, match="unknown format 'someone-else/9'"):
+        read_bundle(copy)
+    (copy / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        read_bundle(copy)
+    with pytest.raises(BundleError, match="manifest.json is missing"):
+        read_bundle(tmp_path / "nothing")
+    escaped = {**manifest, "teacher": {"file": "../teacher_w1.5.onnx", "sha256": "0", "cfg_scale": 1.5}}
+    (copy / "manifest.json").write_text(json.dumps(escaped))
+    with pytest.raises(BundleError, match="plain name inside the bundle"):
+        read_bundle(copy)
+
+
+def test_reader_imports_neither_torch_nor_onnx():
+    import subprocess
+    import sys
+
+    code = ("import sys; import export.bundle, export.trt_runtime; "
+            "print(sorted(m for m in ('torch', 'onnx') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_committed_digits_bundle_passes_the_reader():
+    bundle = read_bundle(ROOT / "models" / "digits")
+    assert bundle.image_shape == (1, 8, 8) and bundle.num_classes == 10
+    assert bundle.provenance["method"] == "freeflow"
+    metrics = bundle.provenance["metrics"]
+    assert any(r["model"] == "student" and r["steps"] == 1 for r in metrics["rows"])
+    size = sum(p.stat().st_size for p in (ROOT / "models").rglob("*") if p.is_file())
+    assert size < 20 * 1024 * 1024, f"models/ is {size / 2**20:.1f} MiB; keep it under 20 MiB"
