@@ -1,0 +1,224 @@
+"""The FastAPI app: bundle -> engines -> batchers -> pipelines -> routes, with errors in one format,
+a gate for body size / API keys / draining / metrics, and a warm-up before /health/ready turns true."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from contextlib import asynccontextmanager
+
+import numpy as np
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from export.bundle import read_bundle
+from server.batcher import DeadlineExceeded, DynamicBatcher, EngineFailure, QueueFull
+from server.engines import build_engines
+from server.metrics import Metrics
+from server.pipelines import Pipelines
+from server.routes import router
+from server.service import ApiError, ClientDisconnected, Service
+from server.settings import Settings
+
+KNOWN_ROUTES = {"/v1/images/generations", "/v1/generate", "/v1/search", "/v1/models", "/health/live",
+                "/health/ready", "/metrics", "/docs", "/openapi.json"}
+
+
+def error_response(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                   headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
+                        status_code=status, headers=headers)
+
+
+def describe_validation_error(error: dict, schema_fields: dict) -> tuple[str, str]:
+    """('n', 'n must lie in 1..64, got 100') from one pydantic error."""
+    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or "body"
+    field = schema_fields.get(loc[0]) if loc else None
+    bounds = {}
+    for item in getattr(field, "metadata", []) if field is not None else []:
+        for name in ("ge", "le", "gt", "lt", "min_length", "max_length"):
+            if getattr(item, name, None) is not None:
+                bounds[name] = getattr(item, name)
+    got = error.get("input")
+    got_text = f", got {json.dumps(got)[:60]}" if got is not None and error.get("type") != "missing" else ""
+    if "ge" in bounds and "le" in bounds and error.get("type", "").startswith(("greater", "less")):
+        return param, f"{param} must lie in {bounds['ge']}..{bounds['le']}{got_text}"
+    if error.get("type", "").startswith(("too_short", "too_long")) and "max_length" in bounds:
+        return param, f"{param} must have {bounds.get('min_length', 0)}..{bounds['max_length']} items{got_text}"
+    return param, f"{param}: {error.get('msg', 'invalid value')}{got_text}"
+
+
+class Gate:
+    """Pure ASGI middleware (it must not break client-disconnect detection): request metrics, the
+    body size limit (413), bearer API keys (401) and draining (503)."""
+
+    def __init__(self, app, service: Service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        route = path if path in KNOWN_ROUTES else ("/ui" if path.startswith("/ui") else "other")
+        metrics, status = self.service.metrics, {"code": 500}
+        started = time.perf_counter()
+        metrics.inflight.inc()
+        self.service.inflight += 1
+
+        async def tracked_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            refusal = self._refusal(scope, path)
+            if refusal is None and self._chunked(scope):
+                receive = await self._buffered(receive)
+                if receive is None:
+                    refusal = self._too_large()
+            if refusal is not None:
+                await refusal(scope, receive, tracked_send)
+                return
+            await self.app(scope, receive, tracked_send)
+        finally:
+            self.service.inflight -= 1
+            metrics.inflight.dec()
+            metrics.http_requests.labels(route=route, status=str(status["code"])).inc()
+            metrics.http_duration.labels(route=route).observe(time.perf_counter() - started)
+
+    def _too_large(self):
+        return error_response(413, f"the request body exceeds {self.service.settings.max_body_bytes} bytes",
+                              kind="request_too_large")
+
+    def _refusal(self, scope, path: str):
+        settings = self.service.settings
+        headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
+        if "content-length" in headers and headers["content-length"].isdigit() \
+                and int(headers["content-length"]) > settings.max_body_bytes:
+            return self._too_large()
+        if path.startswith("/v1/"):
+            if settings.api_keys:
+                token = headers.get("authorization", "")
+                if not token.startswith("Bearer ") or token[7:].strip() not in settings.api_keys:
+                    return error_response(401, "a valid API key is required: Authorization: Bearer <key>",
+                                          kind="authentication_error", headers={"WWW-Authenticate": "Bearer"})
+            if self.service.draining:
+                return error_response(503, "the server is shutting down; retry on another replica",
+                                      kind="unavailable", headers={"Retry-After": "1"})
+        return None
+
+    @staticmethod
+    def _chunked(scope) -> bool:
+        names = {k.lower() for k, _ in scope.get("headers", [])}
+        return scope["method"] in ("POST", "PUT", "PATCH") and b"content-length" not in names
+
+    async def _buffered(self, receive):
+        """Read a body of unknown length up to the limit; None if it is larger. The returned receive
+        replays the body once, then hands over to the real one (disconnects still get through)."""
+        chunks, size, limit = [], 0, self.service.settings.max_body_bytes
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left mid-upload: pass that on
+                pending = [message]
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return None
+            if not message.get("more_body", False):
+                pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+                break
+
+        async def replay():
+            return pending.pop() if pending else await receive()
+
+        return replay
+
+
+async def warm_up(service: Service) -> None:
+    """Run every engine once at batch 1 and at the largest batch, then turn ready."""
+    bundle, far = service.bundle, time.monotonic() + 600
+    for rows in (1, service.settings.max_batch_size):
+        noise = np.zeros((rows, *bundle.image_shape), np.float32)
+        labels = np.zeros(rows, np.int64)
+        for cfg_scale in bundle.cfg_scales:
+            await service.pipelines.student(noise, labels, 1, cfg_scale, far)
+        await service.pipelines.teacher(noise, labels, 1, far)
+        await service.pipelines.scores(noise, labels, far)
+    service.ready = True
+
+
+def create_app(settings: Settings | None = None, mount_ui: bool | None = None) -> FastAPI:
+    """Build the app. The bundle is read (and every sha256 checked) here, so a tampered bundle stops
+    the server before it listens."""
+    settings = settings or Settings()
+    bundle = read_bundle(settings.bundle, verify=settings.verify_bundle)
+    service = Service(settings, bundle, Metrics())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engines = build_engines(bundle, settings)
+        service.batchers = {name: DynamicBatcher(engine, settings.max_batch_size, settings.max_queue_delay_ms,
+                                                 settings.max_queue_size, service.metrics)
+                            for name, engine in engines.items()}
+        for batcher in service.batchers.values():
+            batcher.start()
+        service.pipelines = Pipelines(service.batchers, service.metrics)
+        warming = asyncio.create_task(warm_up(service))
+        try:
+            yield
+        finally:
+            service.draining = True
+            warming.cancel()
+            await asyncio.gather(*(b.stop() for b in service.batchers.values()))
+
+    app = FastAPI(title="flowmap-serve", version="0.1.0", lifespan=lifespan,
+                  description=f"One-step flow-map generation for the {bundle.name!r} bundle: OpenAI-style images, "
+                              "native batches and Best-of-N noise search.")
+    app.state.service = service
+    app.state.started_at = time.time()
+    app.include_router(router)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, err: ApiError):
+        return error_response(err.status, err.message, err.param, err.kind, err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request, err: RequestValidationError):
+        from server import schemas
+
+        model = {"/v1/images/generations": schemas.ImagesRequest, "/v1/generate": schemas.GenerateRequest,
+                 "/v1/search": schemas.SearchRequest}.get(request.url.path)
+        fields = model.model_fields if model is not None else {}
+        described = [describe_validation_error(e, fields) for e in err.errors()]
+        return error_response(422, "; ".join(message for _, message in described), described[0][0])
+
+    @app.exception_handler(QueueFull)
+    async def _queue_full(request, err: QueueFull):
+        return error_response(429, str(err), kind="rate_limit_exceeded",
+                              headers={"Retry-After": str(err.retry_after_s)})
+
+    @app.exception_handler(DeadlineExceeded)
+    @app.exception_handler(TimeoutError)
+    async def _deadline(request, err):
+        return error_response(504, f"the request did not finish within {settings.request_timeout_s:g} s "
+                                   "(FLOWMAP_REQUEST_TIMEOUT_S)", kind="timeout")
+
+    @app.exception_handler(EngineFailure)
+    async def _engine(request, err: EngineFailure):
+        return error_response(500, str(err), kind="engine_error")
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request, err):
+        service.metrics.rejected.labels(reason="disconnected").inc()
+        return error_response(499, "the client closed the connection", kind="client_closed")
+
+    app.add_middleware(Gate, service=service)
+    if settings.ui if mount_ui is None else mount_ui:
+        from ui.demo import mount_demo
+
+        mount_demo(app, settings)
+    return app

@@ -1,0 +1,145 @@
+"""Engines: one interface, `run(feeds) -> array`, over onnxruntime (CPU, CUDA or TensorRT execution
+providers), native TensorRT engines, and torch for development."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from export.bundle import Bundle, Graph
+
+
+class Engine(Protocol):
+    name: str
+    max_batch: int
+    buckets: tuple[int, ...]  # batch sizes the backend is fastest at (padding targets); () = any size
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray: ...
+
+
+def padded_size(rows: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket that holds `rows`, or `rows` itself when there are no buckets."""
+    return next((b for b in buckets if b >= rows), rows)
+
+
+class OnnxRuntimeEngine:
+    """An onnxruntime session tuned for throughput: full graph optimisation, a memory arena, and
+    the execution provider chosen by flag."""
+
+    def __init__(self, path: str | Path, name: str, providers: str = "cpu", intra_op_threads: int = 0,
+                 max_batch: int = 64, trt_cache_dir: str | None = None):
+        import onnxruntime as ort
+
+        self.name, self.max_batch, self.buckets = name, max_batch, ()
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.enable_cpu_mem_arena = True
+        options.enable_mem_pattern = True
+        options.log_severity_level = 3
+        if intra_op_threads:
+            options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        chosen = self._providers(ort, providers, trt_cache_dir, max_batch)
+        self.session = ort.InferenceSession(str(path), options, providers=chosen)
+        self.input_names = tuple(i.name for i in self.session.get_inputs())
+        if providers != "cpu":  # the TensorRT/CUDA providers prefer the batch sizes they were tuned for
+            self.buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if b <= max_batch)
+
+    @staticmethod
+    def _providers(ort, providers: str, trt_cache_dir: str | None, max_batch: int) -> list:
+        available = set(ort.get_available_providers())
+        wanted = {"cpu": ["CPUExecutionProvider"],
+                  "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                  "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}[providers]
+        if wanted[0] not in available:
+            raise RuntimeError(f"onnxruntime has no {wanted[0]} here (available: {sorted(available)}); "
+                               "install onnxruntime-gpu (the gpu extra) on a CUDA machine or use --providers cpu")
+        if providers != "tensorrt":
+            return wanted
+        cache = Path(trt_cache_dir or "models/.ort_trt_cache")
+        cache.mkdir(parents=True, exist_ok=True)
+        trt_options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+                       "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
+                       "trt_fp16_enable": True, "trt_max_workspace_size": 4 << 30,
+                       "trt_builder_optimization_level": 3}
+        return [("TensorrtExecutionProvider", trt_options), *wanted[1:]]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run(None, feeds)[0]
+
+
+class TensorRTEngine:
+    """A native engine built by `flowmap export --tensorrt`, run through export.trt_runtime."""
+
+    def __init__(self, path: str | Path, name: str, cuda_graphs: bool = False):
+        from export.trt_runtime import TrtRunner
+
+        self.runner = TrtRunner(path, cuda_graphs=cuda_graphs)
+        self.name, self.max_batch = name, self.runner.max_batch
+        # Each CUDA graph is captured per shape: keep the set of shapes small.
+        self.buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+                             if self.runner.min_batch <= b <= self.runner.max_batch)
+        self.input_names = tuple(self.runner.inputs)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return self.runner.run(feeds)
+
+
+class TorchEngine:
+    """Development only: the torch graph modules from run directories, no export needed."""
+
+    def __init__(self, module, name: str, input_names: tuple[str, ...], max_batch: int = 64):
+        import torch
+
+        self.torch, self.module = torch, module.eval()
+        self.name, self.max_batch, self.buckets, self.input_names = name, max_batch, (), input_names
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        with self.torch.no_grad():
+            return self.module(*(self.torch.from_numpy(feeds[n]) for n in self.input_names)).numpy()
+
+
+def _engine_for(graph: Graph, name: str, bundle: Bundle, settings) -> Engine:
+    if settings.backend == "tensorrt":
+        plans = [p for p in bundle.tensorrt if p.source == graph.path.name]
+        if not plans:
+            raise RuntimeError(f"bundle has no TensorRT engine for {graph.path.name}: run "
+                               f"`flowmap export --tensorrt --skip-onnx ... --out {bundle.root}` on this GPU")
+        return TensorRTEngine(plans[0].path, name, settings.cuda_graphs)
+    return OnnxRuntimeEngine(graph.path, name, settings.providers, settings.intra_op_threads,
+                             settings.max_batch_size, settings.trt_cache_dir)
+
+
+def _torch_engines(bundle: Bundle, settings) -> dict[str, Engine]:
+    from distill.models import load_student, load_teacher
+    from distill.pipeline import load_verifier
+    from export.onnx_export import StudentGraph, TeacherGraph, VerifierGraph
+
+    runs = Path(os.environ.get("FLOWMAP_TORCH_RUNS", "runs/digits"))
+    method = bundle.provenance.get("method", "freeflow")
+    student, _ = load_student(runs / method)
+    engines: dict[str, Engine] = {
+        f"student@{g.cfg_scale:g}": TorchEngine(StudentGraph(student, g.cfg_scale), f"student@{g.cfg_scale:g}",
+                                                StudentGraph.input_names, settings.max_batch_size)
+        for g in bundle.students
+    }
+    engines["teacher"] = TorchEngine(TeacherGraph(load_teacher(str(runs / "teacher")), bundle.teacher.cfg_scale),
+                                     "teacher", TeacherGraph.input_names, settings.max_batch_size)
+    engines["verifier"] = TorchEngine(VerifierGraph(load_verifier(runs / "verifier")), "verifier",
+                                      VerifierGraph.input_names, settings.max_batch_size)
+    return engines
+
+
+def build_engines(bundle: Bundle, settings) -> dict[str, Engine]:
+    """One engine per graph: `student@<w>` for each baked scale, `teacher`, `verifier`."""
+    if settings.backend == "torch":
+        return _torch_engines(bundle, settings)
+    engines = {f"student@{g.cfg_scale:g}": _engine_for(g, f"student@{g.cfg_scale:g}", bundle, settings)
+               for g in bundle.students}
+    engines["teacher"] = _engine_for(bundle.teacher, "teacher", bundle, settings)
+    engines["verifier"] = _engine_for(bundle.verifier, "verifier", bundle, settings)
+    return engines

@@ -1,0 +1,51 @@
+"""Images out: [-1, 1] floats to uint8, nearest-neighbour upscaling, PNG and .npy encoding."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[N, C, H, W] in [-1, 1] -> [N, H, W, C] uint8 (values clipped, rounded half to even)."""
+    pixels = np.rint((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+    return pixels.transpose(0, 2, 3, 1)
+
+
+def png_bytes(pixels: np.ndarray, scale: int = 1) -> bytes:
+    """One [H, W, C] uint8 image as PNG, upscaled `scale` times by pixel repetition."""
+    if scale > 1:
+        pixels = pixels.repeat(scale, axis=0).repeat(scale, axis=1)
+    image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def b64_png(images: np.ndarray, scale: int = 1) -> list[str]:
+    return [base64.b64encode(png_bytes(p, scale)).decode() for p in to_uint8(images)]
+
+
+def b64_npy(array: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def parse_size(size: str | None, height: int, width: int, max_side: int = 1024) -> int:
+    """The integer upscale factor for an OpenAI-style "WxH" size: native or a whole multiple of it."""
+    if size is None or size == f"{width}x{height}":
+        return 1
+    try:
+        w, h = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"size must look like '{width}x{height}' or a whole multiple such as "
+                         f"'{8 * width}x{8 * height}', got {size!r}") from None
+    scale = w // width
+    if w != scale * width or h != scale * height or scale < 1 or max(w, h) > max_side:
+        raise ValueError(f"size must be the native {width}x{height} or a whole multiple of it up to {max_side} "
+                         f"pixels a side (e.g. '{8 * width}x{8 * height}'), got {size!r}")
+    return scale

@@ -1,0 +1,51 @@
+"""Prometheus metrics, named after Triton's nv_inference_* split: request (end to end per work item),
+queue (waiting for a batch) and compute (the engine run). One registry per app, no globals."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        self.http_requests = Counter("flowmap_http_requests", "HTTP requests by route and status code",
+                                     ["route", "status"], registry=reg)
+        self.http_duration = Histogram("flowmap_http_request_duration_seconds", "HTTP request latency by route",
+                                       ["route"], buckets=LATENCY_BUCKETS, registry=reg)
+        self.inflight = Gauge("flowmap_inflight_requests", "HTTP requests being handled", registry=reg)
+        self.request_duration = Histogram("flowmap_inference_request_duration_seconds",
+                                          "Per work item: enqueue to result", ["engine"],
+                                          buckets=LATENCY_BUCKETS, registry=reg)
+        self.queue_duration = Histogram("flowmap_inference_queue_duration_seconds",
+                                        "Per work item: time waiting for its batch", ["engine"],
+                                        buckets=LATENCY_BUCKETS, registry=reg)
+        self.compute_duration = Histogram("flowmap_inference_compute_duration_seconds",
+                                          "Per batch: engine run time", ["engine"],
+                                          buckets=LATENCY_BUCKETS, registry=reg)
+        self.batch_size = Histogram("flowmap_inference_batch_size", "Rows per executed batch (before padding)",
+                                    ["engine"], buckets=BATCH_BUCKETS, registry=reg)
+        self.inference_count = Counter("flowmap_inference_count", "Rows computed", ["engine"], registry=reg)
+        self.exec_count = Counter("flowmap_inference_exec_count", "Batches executed", ["engine"], registry=reg)
+        self.queue_depth = Gauge("flowmap_inference_queue_depth_rows", "Rows waiting", ["engine"], registry=reg)
+        self.engine_errors = Counter("flowmap_inference_engine_errors", "Batches that raised", ["engine"],
+                                     registry=reg)
+        self.rejected = Counter("flowmap_inference_rejected", "Work refused or dropped", ["reason"], registry=reg)
+        self.images = Counter("flowmap_images_generated", "Images returned", ["model"], registry=reg)
+        self.nfe = Counter("flowmap_nfe", "Network function evaluations (rows x steps)", ["model"], registry=reg)
+        self.search_candidates = Counter("flowmap_search_candidates", "Best-of-N candidates scored", registry=reg)
+        self.teacher_steps = Counter("flowmap_teacher_steps", "Teacher Euler steps run (per request)",
+                                     registry=reg)
+
+    def observe_batch(self, engine: str, batch, rows: int, started: float, finished: float) -> None:
+        self.compute_duration.labels(engine=engine).observe(finished - started)
+        self.batch_size.labels(engine=engine).observe(rows)
+        self.inference_count.labels(engine=engine).inc(rows)
+        self.exec_count.labels(engine=engine).inc()
+        for item in batch:
+            self.queue_duration.labels(engine=engine).observe(started - item.enqueued)
+            self.request_duration.labels(engine=engine).observe(finished - item.enqueued)

@@ -1,0 +1,153 @@
+"""The HTTP routes: OpenAI-style images, native batch generation, Best-of-N search, models, health."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from server.imaging import b64_npy, b64_png, parse_size
+from server.noise import MAX_SEED, noise_for, random_seeds
+from server.schemas import (
+    Candidate,
+    GenerateRequest,
+    GenerateResponse,
+    ImageData,
+    ImagesRequest,
+    ImagesResponse,
+    SearchRequest,
+    SearchResponse,
+)
+from server.service import ApiError, Service, until_disconnect
+
+router = APIRouter()
+
+
+def service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def upscale(svc: Service, size: str | None) -> int:
+    try:
+        return parse_size(size, svc.bundle.height, svc.bundle.width)
+    except ValueError as err:
+        raise ApiError(422, f"size: {err}", "size") from None
+
+
+def consecutive_seeds(seed: int | None, count: int, param: str = "seed") -> list[int]:
+    if seed is None:
+        return random_seeds(count)
+    if seed + count - 1 > MAX_SEED:
+        raise ApiError(422, f"{param}: seed + n - 1 must stay within 0..{MAX_SEED}", param)
+    return [seed + i for i in range(count)]
+
+
+@router.post("/v1/images/generations", response_model=ImagesResponse, tags=["generation"])
+async def images_generations(body: ImagesRequest, request: Request):
+    """OpenAI Images API: `prompt` names a class; `n` images from consecutive seeds."""
+    svc = service(request)
+    svc.check_ready()
+    kind = svc.resolve_model(body.model)
+    label = svc.resolve_label(body.prompt, "prompt")
+    cfg_scale = svc.resolve_guidance(kind, body.guidance)
+    steps = svc.resolve_steps(kind, body.steps)
+    scale = upscale(svc, body.size)
+    seeds = consecutive_seeds(body.seed, body.n)
+    deadline = svc.deadline()
+    images = await until_disconnect(request, svc.generate(kind, [label] * body.n, seeds, steps, cfg_scale, deadline),
+                                    deadline)
+    name = svc.bundle.classes[label]
+    return ImagesResponse(created=int(time.time()), data=[
+        ImageData(b64_json=png, revised_prompt=name, seed=seed) for png, seed in zip(b64_png(images, scale), seeds,
+                                                                                     strict=True)])
+
+
+@router.post("/v1/generate", response_model=GenerateResponse, response_model_exclude_none=True, tags=["generation"])
+async def generate(body: GenerateRequest, request: Request):
+    """Native batch form: one image per label, from the given or random seeds."""
+    svc = service(request)
+    svc.check_ready()
+    kind = svc.resolve_model(body.model)
+    labels = [svc.resolve_label(value, f"labels[{i}]") for i, value in enumerate(body.labels)]
+    cfg_scale = svc.resolve_guidance(kind, body.guidance)
+    steps = svc.resolve_steps(kind, body.steps)
+    scale = upscale(svc, body.size)
+    seeds = svc.check_seeds(body.seeds, len(labels)) if body.seeds is not None else random_seeds(len(labels))
+    tick = time.perf_counter()
+    deadline = svc.deadline()
+    images = await until_disconnect(request, svc.generate(kind, labels, seeds, steps, cfg_scale, deadline), deadline)
+    seconds = time.perf_counter() - tick
+    model = svc.bundle.name if kind == "student" else svc.teacher_name
+    timing = {"seconds": round(seconds, 6), "nfe": len(labels) * steps}
+    if body.format == "raw":
+        return GenerateResponse(model=model, guidance=cfg_scale, steps=steps, seeds=seeds,
+                                arrays=images.clip(-1, 1).tolist(), timings=timing)
+    return GenerateResponse(model=model, guidance=cfg_scale, steps=steps, seeds=seeds,
+                            images=b64_png(images, scale), timings=timing)
+
+
+@router.post("/v1/search", response_model=SearchResponse, response_model_exclude_none=True, tags=["search"])
+async def search(body: SearchRequest, request: Request):
+    """Best-of-N: score N student candidates with the verifier, keep the best top_k seeds, and
+    optionally run the teacher from their noise."""
+    svc = service(request)
+    svc.check_ready()
+    if svc.resolve_model(body.model) != "student":
+        raise ApiError(422, f"model: search draws its candidates from the student {svc.bundle.name!r}", "model")
+    label = svc.resolve_label(body.label, "label")
+    cfg_scale = svc.resolve_guidance("student", body.guidance)
+    if body.top_k > body.n:
+        raise ApiError(422, f"top_k: must lie in 1..n ({body.n}), got {body.top_k}", "top_k")
+    scale = upscale(svc, body.size)
+    seeds = svc.check_seeds(body.seeds, body.n) if body.seeds is not None else consecutive_seeds(body.seed, body.n)
+    noise = noise_for(seeds, svc.bundle.image_shape)
+    tick = time.perf_counter()
+    deadline = svc.deadline()
+    result = await until_disconnect(request, svc.pipelines.search(
+        noise, seeds, label, body.top_k, body.student_steps, body.teacher_steps, cfg_scale, deadline), deadline)
+    chosen_seeds = [seeds[i] for i in result.chosen]
+    svc.metrics.images.labels(model="search").inc(len(chosen_seeds))
+    return SearchResponse(
+        model=svc.bundle.name, label=label, guidance=cfg_scale, chosen_seeds=chosen_seeds,
+        images=b64_png(result.images, scale), final_scores=result.final_scores,
+        candidates=[Candidate(seed=s, score=c) for s, c in zip(seeds, result.candidate_scores, strict=True)],
+        noise=[b64_npy(noise[i]) for i in result.chosen] if body.return_noise else None,
+        stages=[s.as_dict() for s in result.stages], total_nfe=sum(s.nfe for s in result.stages),
+        seconds=round(time.perf_counter() - tick, 6))
+
+
+@router.get("/v1/models", tags=["models"])
+async def models(request: Request):
+    """OpenAI list shape: the student (listing its baked guidance scales) and the teacher."""
+    svc = service(request)
+    bundle, created = svc.bundle, int(request.app.state.started_at)
+    provenance = bundle.provenance
+    return {"object": "list", "data": [
+        {"id": bundle.name, "object": "model", "created": created, "owned_by": "flowmap-serve", "kind": "student",
+         "cfg_scales": list(bundle.cfg_scales), "steps": [1, 8], "classes": list(bundle.classes),
+         "method": provenance.get("method"), "image": list(bundle.image_shape)},
+        {"id": svc.teacher_name, "object": "model", "created": created, "owned_by": "flowmap-serve",
+         "kind": "teacher", "cfg_scales": [bundle.teacher.cfg_scale], "steps": [1, 1000],
+         "classes": list(bundle.classes), "image": list(bundle.image_shape)},
+    ]}
+
+
+@router.get("/health/live", tags=["health"])
+async def live():
+    return {"status": "live"}
+
+
+@router.get("/health/ready", tags=["health"])
+async def ready(request: Request):
+    svc = service(request)
+    is_ready = svc.ready and not svc.draining
+    body = {"ready": is_ready, "warm": svc.ready, "draining": svc.draining,
+            "queue_rows": {name: b.queued_rows for name, b in svc.batchers.items()}}
+    return JSONResponse(body, status_code=200 if is_ready else 503)
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request):
+    return Response(generate_latest(service(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,147 @@
+"""What the routes share: the loaded bundle, its batchers and pipelines, and the checks that turn a
+request into validated labels, seeds, steps and a guidance scale (or a 4xx naming the field)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+
+import numpy as np
+from starlette.requests import Request
+
+from export.bundle import Bundle
+from server.batcher import DynamicBatcher
+from server.metrics import Metrics
+from server.noise import MAX_SEED, noise_for
+from server.pipelines import Pipelines
+from server.schemas import MAX_STUDENT_STEPS, MAX_TEACHER_STEPS
+from server.settings import Settings
+
+
+class ApiError(Exception):
+    """An HTTP error with an OpenAI-style body: {"error": {"message", "type", "param"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+class Service:
+    def __init__(self, settings: Settings, bundle: Bundle, metrics: Metrics):
+        self.settings, self.bundle, self.metrics = settings, bundle, metrics
+        self.batchers: dict[str, DynamicBatcher] = {}
+        self.pipelines: Pipelines | None = None
+        self.ready = False
+        self.draining = False
+        self.inflight = 0  # HTTP requests being handled (the drain waits for zero)
+        self.teacher_name = f"{bundle.name}-teacher"
+
+    # -- request checks ---------------------------------------------------------------------------
+    def resolve_model(self, model: str | None, param: str = "model") -> str:
+        """'student' or 'teacher' for a model id (None = the student)."""
+        if model in (None, "", self.bundle.name):
+            return "student"
+        if model == self.teacher_name:
+            return "teacher"
+        raise ApiError(404, f"{param}: unknown model {model!r}; this server has {self.bundle.name!r} and "
+                            f"{self.teacher_name!r}", param, "model_not_found")
+
+    def resolve_label(self, value: int | str, param: str) -> int:
+        classes = self.bundle.classes
+        if isinstance(value, int) and not isinstance(value, bool):
+            if 0 <= value < len(classes):
+                return value
+            raise ApiError(422, f"{param}: class index {value} is out of range 0..{len(classes) - 1}", param)
+        text = str(value).strip()
+        if text in classes:
+            return classes.index(text)
+        if text.isdigit() and int(text) < len(classes):
+            return int(text)
+        shown = ", ".join(classes[:20]) + (", ..." if len(classes) > 20 else "")
+        raise ApiError(422, f"{param}: unknown class {text!r}; the classes are {shown} (or their index "
+                            f"0..{len(classes) - 1})", param)
+
+    def resolve_guidance(self, kind: str, guidance: float | None, param: str = "guidance") -> float:
+        if kind == "teacher":
+            scale = self.bundle.teacher.cfg_scale
+            if guidance is not None and abs(guidance - scale) > 1e-6:
+                raise ApiError(422, f"{param}: the teacher graph has guidance {scale:g} baked in; got {guidance:g}",
+                               param)
+            return scale
+        if guidance is None:
+            return self.bundle.students[0].cfg_scale
+        try:
+            return self.bundle.student_for(guidance).cfg_scale
+        except KeyError:
+            offered = ", ".join(f"{s:g}" for s in self.bundle.cfg_scales)
+            raise ApiError(422, f"{param}: no student graph has guidance {guidance:g} baked in; available: "
+                                f"{offered}", param) from None
+
+    def resolve_steps(self, kind: str, steps: int | None, param: str = "steps") -> int:
+        if kind == "student":
+            steps = 1 if steps is None else steps
+            if not 1 <= steps <= MAX_STUDENT_STEPS:
+                raise ApiError(422, f"{param}: the student takes 1..{MAX_STUDENT_STEPS} jumps, got {steps}", param)
+            return steps
+        steps = 50 if steps is None else steps
+        if not 1 <= steps <= MAX_TEACHER_STEPS:
+            raise ApiError(422, f"{param}: the teacher takes 1..{MAX_TEACHER_STEPS} steps, got {steps}", param)
+        return steps
+
+    @staticmethod
+    def check_seeds(seeds: list[int], count: int, param: str = "seeds") -> list[int]:
+        if len(seeds) != count:
+            raise ApiError(422, f"{param}: expected {count} seeds (one per image), got {len(seeds)}", param)
+        for seed in seeds:
+            if not 0 <= seed <= MAX_SEED:
+                raise ApiError(422, f"{param}: every seed must lie in 0..{MAX_SEED}, got {seed}", param)
+        return seeds
+
+    def check_ready(self) -> None:
+        if self.draining:
+            raise ApiError(503, "the server is shutting down; retry on another replica", kind="unavailable",
+                           headers={"Retry-After": "1"})
+        if not self.ready:
+            raise ApiError(503, "the server is warming up its engines; retry shortly", kind="unavailable",
+                           headers={"Retry-After": "1"})
+
+    # -- running work -----------------------------------------------------------------------------
+    def deadline(self) -> float:
+        return time.monotonic() + self.settings.request_timeout_s
+
+    async def generate(self, kind: str, labels: list[int], seeds: list[int], steps: int, cfg_scale: float,
+                       deadline: float) -> np.ndarray:
+        noise = noise_for(seeds, self.bundle.image_shape)
+        label_array = np.asarray(labels, dtype=np.int64)
+        if kind == "teacher":
+            images = await self.pipelines.teacher(noise, label_array, steps, deadline)
+        else:
+            images = await self.pipelines.student(noise, label_array, steps, cfg_scale, deadline)
+        self.metrics.images.labels(model=kind).inc(len(labels))
+        return images
+
+
+async def until_disconnect(request: Request, work: Awaitable, deadline: float, poll_s: float = 0.05):
+    """Await `work` until the deadline, cancelling it if the client goes away (its queued rows are then
+    skipped by the batchers)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            done, _ = await asyncio.wait({task}, timeout=min(poll_s, remaining))
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientDisconnected
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

@@ -1,0 +1,52 @@
+"""Server settings: `FLOWMAP_*` environment variables, overridden by `flowmap serve` flags."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLOWMAP_", extra="ignore")
+
+    bundle: str = "models/digits"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    backend: str = Field("onnxruntime", description="onnxruntime, tensorrt (native engines) or torch (development)")
+    providers: str = Field("cpu", description="onnxruntime providers: cpu, cuda or tensorrt")
+    trt_cache_dir: str = Field("models/.ort_trt_cache", description="engine cache of the TensorRT provider")
+    cuda_graphs: bool = False  # tensorrt backend: replay each batch size as a CUDA graph
+    intra_op_threads: int = Field(0, ge=0, description="threads per engine run; 0 = onnxruntime's default")
+    max_batch_size: int = Field(64, ge=1, le=4096)
+    max_queue_delay_ms: float = Field(5.0, ge=0, le=10_000)
+    max_queue_size: int = Field(4096, ge=1, description="rows waiting per engine before answering 429")
+    request_timeout_s: float = Field(30.0, gt=0)
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long queued work may take")
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list,
+                                                     description="comma-separated bearer tokens")
+    ui: bool = False  # mount the Gradio demo at /ui
+    verify_bundle: bool = True  # check every file's sha256 at start
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value):
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, value: str) -> str:
+        if value not in ("onnxruntime", "tensorrt", "torch"):
+            raise ValueError("backend must be onnxruntime, tensorrt or torch")
+        return value
+
+    @field_validator("providers")
+    @classmethod
+    def _providers(cls, value: str) -> str:
+        if value not in ("cpu", "cuda", "tensorrt"):
+            raise ValueError("providers must be cpu, cuda or tensorrt")
+        return value

@@ -1,0 +1,131 @@
+"""The dynamic batcher over a real onnxruntime engine, in process."""
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+from serving import BUNDLE
+
+from server.batcher import DeadlineExceeded, DynamicBatcher, EngineFailure, QueueFull
+from server.engines import OnnxRuntimeEngine, padded_size
+from server.metrics import Metrics
+
+pytestmark = pytest.mark.skipif(not (BUNDLE / "manifest.json").is_file(), reason=f"no bundle at {BUNDLE}")
+
+
+def rows(labels, seed=0):
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    return {"x": rng.standard_normal((n, 1, 8, 8), dtype=np.float32), "t": np.ones(n, np.float32),
+            "s": np.zeros(n, np.float32), "label": np.asarray(labels, np.int64)}
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return OnnxRuntimeEngine(BUNDLE / "student_w1.5.onnx", "student", max_batch=64)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_an_engine_error_fails_only_its_batch(engine):
+    async def scenario():
+        metrics = Metrics()
+        batcher = DynamicBatcher(engine, 8, 1.0, 64, metrics)
+        batcher.start()
+        far = time.monotonic() + 30
+        # label 99 is outside the embedding table: onnxruntime raises for the whole batch
+        bad = asyncio.ensure_future(batcher.infer(rows([3, 99]), far))
+        with pytest.raises(EngineFailure, match="failed on a batch of 2 rows"):
+            await bad
+        good = await batcher.infer(rows([3, 4]), far)  # the next batch succeeds
+        await batcher.stop()
+        return good, metrics.engine_errors.labels(engine="student")._value.get()
+
+    good, errors = run(scenario())
+    assert good.shape == (2, 1, 8, 8) and np.isfinite(good).all() and errors == 1
+
+
+def test_batches_merge_requests_and_split_them_back(engine):
+    async def scenario():
+        metrics = Metrics()
+        batcher = DynamicBatcher(engine, 64, 50.0, 1024, metrics)
+        batcher.start()
+        far = time.monotonic() + 30
+        requests = [rows([i % 10] * (1 + i % 3), seed=i) for i in range(12)]
+        outputs = await asyncio.gather(*(batcher.infer(r, far) for r in requests))
+        await batcher.stop()
+        return requests, outputs, metrics
+
+    requests, outputs, metrics = run(scenario())
+    for request, output in zip(requests, outputs, strict=True):
+        alone = engine.run(request)
+        assert output.shape == alone.shape
+        assert np.abs(output - alone).max() <= 1e-5  # each request got its own rows back
+    assert metrics.exec_count.labels(engine="student")._value.get() < 12
+
+
+def test_large_requests_are_chunked_to_the_max_batch(engine):
+    async def scenario():
+        batcher = DynamicBatcher(engine, 16, 1.0, 1024)
+        batcher.start()
+        request = rows(list(range(10)) * 5)
+        out = await batcher.infer(request, time.monotonic() + 30)
+        await batcher.stop()
+        return request, out
+
+    request, out = run(scenario())
+    assert out.shape[0] == 50 and np.abs(out - engine.run(request)).max() <= 1e-5
+
+
+def test_queue_limit_is_checked_for_the_whole_request(engine):
+    async def scenario():
+        batcher = DynamicBatcher(engine, 4, 1000.0, 6)  # long delay: rows stay queued
+        batcher.start()
+        far = time.monotonic() + 30
+        first = asyncio.ensure_future(batcher.infer(rows([1, 2, 3, 4, 5]), far))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull) as err:
+            await batcher.infer(rows([1, 2]), far)
+        queued = batcher.queued_rows
+        await first
+        await batcher.stop()
+        return err.value, queued
+
+    err, queued = run(scenario())
+    assert err.retry_after_s >= 1 and queued <= 6
+
+
+def test_expired_rows_are_dropped_before_they_run(engine):
+    async def scenario():
+        batcher = DynamicBatcher(engine, 64, 100.0, 64)
+        batcher.start()
+        with pytest.raises(DeadlineExceeded):
+            await batcher.infer(rows([1]), time.monotonic() + 0.01)  # expires while the batch gathers
+        await batcher.stop()
+
+    run(scenario())
+
+
+def test_padding_to_buckets():
+    assert padded_size(5, (1, 2, 4, 8, 16)) == 8
+    assert padded_size(16, (1, 2, 4, 8, 16)) == 16
+    assert padded_size(5, ()) == 5
+
+
+def test_padded_batches_return_the_right_rows():
+    engine = OnnxRuntimeEngine(BUNDLE / "student_w1.5.onnx", "student", max_batch=64)
+    engine.buckets = (8, 16, 32, 64)  # as the TensorRT provider would ask for
+
+    async def scenario():
+        batcher = DynamicBatcher(engine, 64, 1.0, 64)
+        batcher.start()
+        request = rows([1, 2, 3], seed=5)
+        out = await batcher.infer(request, time.monotonic() + 30)
+        await batcher.stop()
+        return request, out
+
+    request, out = run(scenario())
+    assert out.shape[0] == 3 and np.abs(out - engine.run(request)).max() <= 1e-5

@@ -1,0 +1,269 @@
+"""The server against a real uvicorn process on 127.0.0.1 and the real onnxruntime."""
+
+import asyncio
+import base64
+import io
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from serving import BUNDLE, ROOT, Server
+
+pytestmark = pytest.mark.skipif(not (BUNDLE / "manifest.json").is_file(), reason=f"no bundle at {BUNDLE}")
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = Server("--max-queue-delay-ms", "10").wait_ready()
+    yield srv
+    srv.stop()
+
+
+def post(url, path, body, **kw):
+    return httpx.post(url + path, json=body, timeout=60, **kw)
+
+
+def png_pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+# -- determinism ----------------------------------------------------------------------------------
+def test_same_seed_gives_identical_bytes_whatever_the_batch(server):
+    alone = post(server.url, "/v1/generate", {"labels": [7], "seeds": [123]}).json()
+    batch = post(server.url, "/v1/generate", {"labels": [1, 7, 3, 7], "seeds": [9, 123, 5, 123]}).json()
+    assert alone["images"][0] == batch["images"][1] == batch["images"][3]
+    assert batch["images"][0] != batch["images"][1]  # other seeds, other images
+
+    def one(i):
+        seed = 123 if i == 17 else 1000 + i
+        return post(server.url, "/v1/generate", {"labels": [7 if i == 17 else i % 10], "seeds": [seed]}).json()
+
+    async def crowd():  # inside a crowd of concurrent requests, so batches are mixed
+        return await asyncio.gather(*(asyncio.to_thread(one, i) for i in range(40)))
+
+    results = asyncio.run(crowd())
+    assert results[17]["images"][0] == alone["images"][0]
+    openai_style = post(server.url, "/v1/images/generations", {"prompt": "7", "seed": 123}).json()
+    assert openai_style["data"][0]["b64_json"] == alone["images"][0]
+
+
+def test_multi_step_and_teacher_are_deterministic_too(server):
+    for body in ({"labels": [4, 4], "seeds": [8, 8], "steps": 3},
+                 {"labels": [2, 2], "seeds": [8, 8], "steps": 20, "model": "digits-teacher"}):
+        images = post(server.url, "/v1/generate", body).json()["images"]
+        assert images[0] == images[1]
+
+
+def test_raw_format_matches_png(server):
+    raw = post(server.url, "/v1/generate", {"labels": [5], "seeds": [77], "format": "raw"}).json()
+    png = post(server.url, "/v1/generate", {"labels": [5], "seeds": [77]}).json()
+    array = np.asarray(raw["arrays"][0], np.float32)
+    assert array.shape == (1, 8, 8) and array.min() >= -1 and array.max() <= 1
+    expected = np.rint((array[0] + 1) * 127.5).astype(np.uint8)
+    assert np.array_equal(png_pixels(png["images"][0]), expected)
+
+
+# -- load -----------------------------------------------------------------------------------------
+def test_200_concurrent_requests_are_all_answered_in_shared_batches(server):
+    rows_before = server.metric("flowmap_inference_count_total", engine="student@1.5")
+    execs_before = server.metric("flowmap_inference_exec_count_total", engine="student@1.5")
+
+    async def crowd():
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=200)) as client:
+            requests = [client.post(server.url + "/v1/generate", json={"labels": [i % 10], "seeds": [i]})
+                        for i in range(200)]
+            return await asyncio.gather(*requests)
+
+    responses = asyncio.run(crowd())
+    assert [r.status_code for r in responses] == [200] * 200
+    assert [r.json()["seeds"][0] for r in responses] == list(range(200))
+    rows = server.metric("flowmap_inference_count_total", engine="student@1.5") - rows_before
+    execs = server.metric("flowmap_inference_exec_count_total", engine="student@1.5") - execs_before
+    assert rows == 200
+    assert execs < 200, "no batch held more than one request"
+    assert server.metric("flowmap_inference_batch_size_count", engine="student@1.5") > 0
+
+
+# -- search ---------------------------------------------------------------------------------------
+def test_search_picks_the_best_candidates_and_runs_the_teacher(server):
+    body = {"label": "3", "n": 32, "top_k": 3, "teacher_steps": 8, "seed": 100, "return_noise": True}
+    result = post(server.url, "/v1/search", body).json()
+    scores = {c["seed"]: c["score"] for c in result["candidates"]}
+    assert sorted(scores) == list(range(100, 132))
+    best = sorted(scores, key=lambda s: -scores[s])[:3]
+    assert result["chosen_seeds"] == best
+    assert [s["stage"] for s in result["stages"]] == ["student", "verifier", "teacher", "verifier_final"]
+    assert result["total_nfe"] == 32 + 32 + 3 * 8 + 3
+    assert len(result["images"]) == len(result["final_scores"]) == 3
+    noise = np.load(io.BytesIO(base64.b64decode(result["noise"][0])))
+    expected = np.random.default_rng(best[0]).standard_normal((1, 8, 8), dtype=np.float32)
+    assert np.array_equal(noise, expected)  # the README's recipe regenerates the chosen noise
+    # the teacher from the chosen noise is exactly what /v1/generate gives for that seed
+    teacher = post(server.url, "/v1/generate", {"labels": [3], "seeds": [best[0]], "steps": 8,
+                                                "model": "digits-teacher"}).json()
+    assert teacher["images"][0] == result["images"][0]
+
+
+# -- the OpenAI client ----------------------------------------------------------------------------
+def test_openai_client_round_trip(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+    result = client.images.generate(model="digits", prompt="7", n=2, size="64x64", response_format="b64_json",
+                                    extra_body={"seed": 11})
+    assert len(result.data) == 2
+    big = png_pixels(result.data[0].b64_json)
+    assert big.shape == (64, 64)
+    native = png_pixels(post(server.url, "/v1/generate", {"labels": [7], "seeds": [11]}).json()["images"][0])
+    assert np.array_equal(big[::8, ::8], native)  # nearest-neighbour upscale of the same image
+    with pytest.raises(Exception) as err:
+        client.images.generate(model="digits", prompt="seven", n=1)
+    assert "unknown class 'seven'" in str(err.value)
+
+
+def test_models_list(server):
+    models = httpx.get(server.url + "/v1/models").json()
+    assert models["object"] == "list"
+    ids = {m["id"]: m for m in models["data"]}
+    assert set(ids) == {"digits", "digits-teacher"}
+    assert ids["digits"]["cfg_scales"] == [1.5, 1.0]
+
+
+# -- bad input ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("path", "body", "status", "needle"), [
+    ("/v1/images/generations", {"prompt": "cat"}, 422, "unknown class 'cat'"),
+    ("/v1/images/generations", {"prompt": "1", "n": 65}, 422, "n must lie in 1..64"),
+    ("/v1/images/generations", {"prompt": "1", "n": 0}, 422, "n must lie in 1..64"),
+    ("/v1/images/generations", {"prompt": "1", "steps": 9}, 422, "the student takes 1..8 jumps"),
+    ("/v1/images/generations", {"prompt": "1", "guidance": 7.0}, 422, "available: 1.5, 1"),
+    ("/v1/images/generations", {"prompt": "1", "size": "60x60"}, 422, "whole multiple"),
+    ("/v1/images/generations", {"prompt": "1", "model": "dalle"}, 404, "unknown model 'dalle'"),
+    ("/v1/images/generations", {"prompt": "1", "response_format": "url"}, 422, "response_format"),
+    ("/v1/images/generations", {"n": 1}, 422, "prompt"),
+    ("/v1/generate", {"labels": [1, 2], "seeds": [1]}, 422, "expected 2 seeds"),
+    ("/v1/generate", {"labels": [10]}, 422, "class index 10 is out of range 0..9"),
+    ("/v1/generate", {"labels": []}, 422, "labels must have 1..256 items"),
+    ("/v1/generate", {"labels": [1], "seeds": [-1]}, 422, "every seed must lie in"),
+    ("/v1/generate", {"labels": [1], "steps": 1001, "model": "digits-teacher"}, 422, "steps must lie in 1..1000"),
+    ("/v1/generate", {"labels": [1], "model": "digits-teacher", "guidance": 1.0}, 422, "teacher graph has guidance"),
+    ("/v1/generate", {"labels": [1], "colour": "red"}, 422, "colour"),
+    ("/v1/search", {"label": 1, "n": 4, "top_k": 5}, 422, "top_k: must lie in 1..n (4)"),
+    ("/v1/search", {"label": 1, "n": 2000}, 422, "n must lie in 1..1024"),
+    ("/v1/search", {"label": 1, "model": "digits-teacher"}, 422, "candidates from the student"),
+])
+def test_bad_input_gets_a_clear_4xx(server, path, body, status, needle):
+    response = post(server.url, path, body)
+    assert response.status_code == status, response.text
+    assert needle in response.json()["error"]["message"]
+
+
+def test_malformed_and_oversized_bodies(server):
+    headers = {"content-type": "application/json"}
+    response = httpx.post(server.url + "/v1/generate", content=b"{not json", headers=headers)
+    assert response.status_code == 422 and "error" in response.json()
+    huge = json.dumps({"labels": [1] * 500_000}).encode()  # 1.5 MB > the 1 MiB default
+    response = httpx.post(server.url + "/v1/generate", content=huge, headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "exceeds" in response.json()["error"]["message"]
+    # chunked upload without a Content-Length is counted as it streams
+    response = httpx.post(server.url + "/v1/generate", content=iter([huge[:600_000], huge[600_000:]]),
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 413
+
+
+def test_a_disconnected_client_has_its_work_dropped(server):
+    before = server.metric("flowmap_inference_rejected_total", reason="disconnected")
+    body = {"labels": list(range(10)) * 6, "steps": 1000, "model": "digits-teacher"}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/generate", json=body, timeout=0.3)
+    deadline = time.monotonic() + 10
+    while server.metric("flowmap_inference_rejected_total", reason="disconnected") == before:
+        assert time.monotonic() < deadline, "the server never noticed the client left"
+        time.sleep(0.1)
+    assert httpx.get(server.url + "/health/ready").status_code == 200
+
+
+# -- overload, deadlines, keys --------------------------------------------------------------------
+def test_a_tiny_queue_answers_429_and_loses_nothing():
+    srv = Server("--max-queue-size", "8", "--max-batch-size", "4", "--max-queue-delay-ms", "20").wait_ready()
+    try:
+        async def crowd():
+            async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=100)) as client:
+                body = {"labels": [1, 2, 3, 4], "steps": 30, "model": "digits-teacher"}
+                return await asyncio.gather(*(client.post(srv.url + "/v1/generate", json=body) for _ in range(40)))
+
+        responses = asyncio.run(crowd())
+        codes = [r.status_code for r in responses]
+        assert set(codes) <= {200, 429} and codes.count(429) > 0 and codes.count(200) > 0
+        for r in responses:
+            if r.status_code == 429:
+                assert int(r.headers["Retry-After"]) >= 1 and "queue is full" in r.json()["error"]["message"]
+            else:
+                assert len(r.json()["images"]) == 4
+    finally:
+        srv.stop()
+
+
+def test_a_deadline_gives_504():
+    srv = Server("--request-timeout-s", "0.3").wait_ready()
+    try:
+        response = post(srv.url, "/v1/generate", {"labels": list(range(10)) * 6, "steps": 1000,
+                                                  "model": "digits-teacher"})
+        assert response.status_code == 504 and "did not finish within 0.3 s" in response.json()["error"]["message"]
+        assert post(srv.url, "/v1/generate", {"labels": [1]}).status_code == 200  # and the server is fine
+    finally:
+        srv.stop()
+
+
+def test_api_keys():
+    srv = Server(env={"FLOWMAP_API_KEYS": "alpha, beta"}).wait_ready()
+    try:
+        assert post(srv.url, "/v1/generate", {"labels": [1]}).status_code == 401
+        wrong = post(srv.url, "/v1/generate", {"labels": [1]}, headers={"Authorization": "Bearer gamma"})
+        assert wrong.status_code == 401 and wrong.headers["WWW-Authenticate"] == "Bearer"
+        ok = post(srv.url, "/v1/generate", {"labels": [1]}, headers={"Authorization": "Bearer beta"})
+        assert ok.status_code == 200
+        assert httpx.get(srv.url + "/health/ready").status_code == 200  # probes need no key
+    finally:
+        srv.stop()
+
+
+# -- lifecycle ------------------------------------------------------------------------------------
+def test_a_tampered_bundle_is_refused_at_start(tmp_path):
+    copy = tmp_path / "digits"
+    shutil.copytree(BUNDLE, copy)
+    data = bytearray((copy / "verifier.onnx").read_bytes())
+    data[100] ^= 0x01
+    (copy / "verifier.onnx").write_bytes(bytes(data))
+    result = subprocess.run([sys.executable, "-m", "flowmap.cli", "serve", "--bundle", str(copy), "--port", "1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3
+    assert "refusing to start" in result.stderr and "verifier.onnx fails its sha256 check" in result.stderr
+
+
+def test_sigterm_drains_in_flight_work():
+    srv = Server().wait_ready()
+    outcome = {}
+
+    def long_request():
+        body = {"labels": list(range(10)), "steps": 400, "model": "digits-teacher"}
+        outcome["response"] = post(srv.url, "/v1/generate", body)
+
+    worker = threading.Thread(target=long_request)
+    worker.start()
+    time.sleep(0.3)
+    srv.process.send_signal(signal.SIGTERM)
+    time.sleep(0.1)
+    assert httpx.get(srv.url + "/health/ready").status_code == 503
+    refused = post(srv.url, "/v1/generate", {"labels": [1]})
+    assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+    worker.join(60)
+    assert outcome["response"].status_code == 200 and len(outcome["response"].json()["images"]) == 10
+    assert srv.process.wait(30) == 0
