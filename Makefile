@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 serve: $(STAMP)
-	@echo "flowmap serve is not yet built (see the server issue)"; exit 1
+	$(VENV)/bin/flowmap serve --bundle models/digits --host 127.0.0.1 --port 8000
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -24,10 +24,12 @@ test: lint
 	$(PY) -m pytest -q
 
 models: $(STAMP)
-	$(PY) -m flowmap.cli pipeline --runs runs/digits --docs docs
+	$(PY) -m flowmap.cli pipeline --runs runs/digits --docs docs --bundle models/digits
+	$(PY) -m flowmap.cli readme
 
 bench: $(STAMP)
-	@echo "flowmap bench is not yet built"; exit 1
+	$(PY) -m flowmap.cli bench serve --bundle models/digits --out docs/serving
+	$(PY) -m flowmap.cli readme
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -104,7 +104,7 @@ class Recipe:
         default_factory=lambda: TrainConfig(steps=1500, batch_size=128, lr=1e-3, ema_decay=0.99, checkpoint_every=1500))
     method: str = "freeflow"
     method_config: FreeFlowConfig = field(default_factory=FreeFlowConfig)
-    distill_train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=8000, lr=1e-4, ema_decay=0.999))
+    distill_train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=8000, lr=2e-4, ema_decay=0.999))
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     cfg_scales: tuple[float, ...] = (1.5, 1.0)  # baked into the bundle, one student graph each
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import typing
 from pathlib import Path
@@ -153,8 +154,6 @@ def cmd_pipeline(argv: list[str]) -> int:
 
 
 def cmd_export(argv: list[str]) -> int:
-    import json
-
     from export.tensorrt import TensorRTConfig
 
     parser = argparse.ArgumentParser("flowmap export", description="Write a servable bundle: ONNX graphs with the "
@@ -234,6 +233,31 @@ def cmd_serve(argv: list[str]) -> int:
     return 0
 
 
+def cmd_bench(argv: list[str]) -> int:
+    benches = {"serve": "HTTP throughput/latency, batching on/off, raw engine, student vs teacher"}
+    if not argv or argv[0] not in benches:
+        listing = "\n".join(f"  {name:10s} {text}" for name, text in benches.items())
+        print(f"usage: flowmap bench <name> [options]\n\nbenchmarks:\n{listing}", file=sys.stderr)
+        return 2
+    from flowmap.bench_serve import ServeBenchConfig, run_serve_bench
+
+    parser = argparse.ArgumentParser("flowmap bench serve", description=benches["serve"] + "; writes OUT.md/.json/.png")
+    add_config_flags(parser, ServeBenchConfig, title="benchmark")
+    args = parser.parse_args(argv[1:])
+    report = run_serve_bench(config_from(args, ServeBenchConfig))
+    print(json.dumps(report["ratios"], indent=2))
+    return 0
+
+
+def cmd_readme(argv: list[str]) -> int:
+    from flowmap.readme import update_readme
+
+    argparse.ArgumentParser("flowmap readme", description="Regenerate the README's result tables from "
+                            "models/digits/manifest.json and docs/*.json").parse_args(argv)
+    print("README.md updated" if update_readme(Path.cwd()) else "README.md already up to date")
+    return 0
+
+
 COMMANDS = {
     "teacher": (cmd_teacher, "train a flow-matching teacher"),
     "verifier": (cmd_verifier, "train the verifier classifier"),
@@ -242,6 +266,8 @@ COMMANDS = {
     "export": (cmd_export, "write a servable bundle (ONNX, TensorRT)"),
     "pipeline": (cmd_pipeline, "run the digits recipe end to end"),
     "serve": (cmd_serve, "serve a bundle over HTTP"),
+    "bench": (cmd_bench, "measure and write reports under docs/"),
+    "readme": (cmd_readme, "regenerate the README's result tables"),
 }
 
 

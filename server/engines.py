@@ -40,6 +40,8 @@ class OnnxRuntimeEngine:
         options.enable_cpu_mem_arena = True
         options.enable_mem_pattern = True
         options.log_severity_level = 3
+        # The engine shares the cores with the event loop: idle pool threads must sleep, not spin.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
+import zlib
 
 import numpy as np
-from PIL import Image
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -15,14 +16,27 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return pixels.transpose(0, 2, 3, 1)
 
 
+def _chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+COLOUR_TYPE = {1: 0, 3: 2, 4: 6}  # grey, RGB, RGBA
+
+
 def png_bytes(pixels: np.ndarray, scale: int = 1) -> bytes:
-    """One [H, W, C] uint8 image as PNG, upscaled `scale` times by pixel repetition."""
+    """One [H, W, C] uint8 image as an 8-bit PNG, upscaled `scale` times by pixel repetition.
+
+    Written directly (IHDR, one zlib IDAT, IEND): for small images this is several times faster than
+    going through PIL, and the bytes depend only on the pixels.
+    """
     if scale > 1:
         pixels = pixels.repeat(scale, axis=0).repeat(scale, axis=1)
-    image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    height, width, channels = pixels.shape
+    rows = np.concatenate([np.zeros((height, 1), np.uint8), pixels.reshape(height, width * channels)], axis=1)
+    header = struct.pack(">IIBBBBB", width, height, 8, COLOUR_TYPE[channels], 0, 0, 0)
+    return (PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
+            + _chunk(b"IEND", b""))
 
 
 def b64_png(images: np.ndarray, scale: int = 1) -> list[str]:

@@ -129,3 +129,25 @@ def test_padded_batches_return_the_right_rows():
 
     request, out = run(scenario())
     assert out.shape[0] == 3 and np.abs(out - engine.run(request)).max() <= 1e-5
+
+
+def test_noise_follows_the_documented_recipe():
+    from server.noise import noise_for
+
+    seeds = [0, 1, 2**63 - 1, 123456789]
+    expected = np.stack([np.random.default_rng(s).standard_normal((1, 8, 8), dtype=np.float32) for s in seeds])
+    assert np.array_equal(noise_for(seeds, (1, 8, 8)), expected)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_png_encoding_round_trips(channels):
+    import io
+
+    from PIL import Image
+
+    from server.imaging import png_bytes
+
+    pixels = np.random.default_rng(channels).integers(0, 256, (5, 7, channels), dtype=np.uint8)
+    decoded = np.asarray(Image.open(io.BytesIO(png_bytes(pixels, scale=3))))
+    expected = pixels.repeat(3, 0).repeat(3, 1)
+    assert np.array_equal(decoded, expected[..., 0] if channels == 1 else expected)

@@ -1,0 +1,86 @@
+"""Regenerate the README's result tables from the files the pipeline and the benchmarks wrote, so no
+figure in the README is typed by hand: models/digits/manifest.json, docs/pipeline.json and
+docs/serving.json. Blocks sit between `<!-- begin:NAME -->` and `<!-- end:NAME -->` markers."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def distill_block(root: Path) -> str:
+    manifest = _load(root / "models" / "digits" / "manifest.json")
+    pipeline = _load(root / "docs" / "pipeline.json")
+    if manifest is None or not manifest.get("provenance", {}).get("metrics"):
+        return "_No bundle yet: run `make models`._"
+    metrics = manifest["provenance"]["metrics"]
+    rows = metrics["rows"]
+    ref = next(r for r in rows if r["model"] == "teacher" and r["steps"] == metrics["config"]["reference_steps"])
+    lines = [
+        f"FreeFlow student of the embedded `digits` bundle against its teacher, guidance w = "
+        f"{metrics['config']['cfg_scale']}, {metrics['num_samples']} samples, FD against all of the data "
+        "(from `models/digits/manifest.json`, written by `make models`):",
+        "",
+        "| model | steps (NFE) | FD pixels | vs teacher@100 | FD features | precision | recall | class acc. "
+        "| RMSE to teacher@100 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['steps']} | {r['fd_pixels']:.3f} | {r['fd_pixels'] / ref['fd_pixels']:.2f}x "
+                     f"| {r['fd_features']:.1f} | {r['precision']:.3f} | {r['recall']:.3f} "
+                     f"| {r['class_accuracy']:.3f} | {r['alignment_rmse']:.3f} |")
+    if pipeline:
+        stages = ", ".join(f"{k} {v:.0f} s" for k, v in pipeline["stage_seconds"].items())
+        lines += ["", f"The whole pipeline took {pipeline['total_minutes']:.1f} minutes on this machine's "
+                      f"{pipeline['torch_threads']} CPU threads ({stages}); see [docs/pipeline.md](docs/pipeline.md)."]
+    return "\n".join(lines)
+
+
+def serving_block(root: Path) -> str:
+    report = _load(root / "docs" / "serving.json")
+    if report is None:
+        return "_No serving benchmark yet: run `make bench`._"
+    ratios, raw = report["ratios"], report["raw_engine"]
+    best = max(report["curves"]["batching"], key=lambda r: r["images_per_s"])
+    steps = report["config"]["teacher_steps"]
+    return "\n".join([
+        f"Measured by `flowmap bench serve` on {report['machine']['cpus']} CPU cores, load generator included "
+        "(from [docs/serving.md](docs/serving.md)):",
+        "",
+        "| figure | measured | target |",
+        "|---|---:|---:|",
+        f"| batching vs batch-1 serving, 64 single-image clients | {ratios['batching_vs_batch1_at_64_clients']}x "
+        "| >= 3x |",
+        f"| 16-image requests served vs the raw engine at saturation | "
+        f"{ratios['sixteen_image_served_vs_raw_engine']}x | >= 0.8x |",
+        f"| student 1-NFE vs teacher {steps} steps, served | {ratios['student_vs_teacher_served']}x | >= 100x |",
+        f"| best single-image throughput | {best['images_per_s']:.0f} images/s at {best['clients']} clients "
+        f"(p99 {best['p99_ms']:.1f} ms) | |",
+        f"| raw engine (onnxruntime, in process) | {raw['student_saturation_images_per_s']:.0f} images/s | |",
+    ])
+
+
+BLOCKS = {"distill-results": distill_block, "serving-results": serving_block}
+
+
+def update_readme(root: str | Path = ".") -> bool:
+    """Rewrite the generated blocks of README.md; returns whether anything changed."""
+    root = Path(root)
+    readme = root / "README.md"
+    text = original = readme.read_text()
+    for name, render in BLOCKS.items():
+        pattern = re.compile(rf"(<!-- begin:{name} -->\n).*?(\n<!-- end:{name} -->)", re.S)
+        text = pattern.sub(lambda m, r=render: m.group(1) + r(root) + m.group(2), text)
+    if text != original:
+        readme.write_text(text)
+    return text != original
+
+
+def rendered(root: str | Path = ".") -> dict[str, str]:
+    """What each block should hold now (tests compare this with the README)."""
+    return {name: render(Path(root)) for name, render in BLOCKS.items()}
