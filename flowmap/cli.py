@@ -106,14 +106,20 @@ def cmd_distill(argv: list[str]) -> int:
     parser = argparse.ArgumentParser("flowmap distill", description="Distil a teacher into a flow-map student. "
                                      + "Methods: " + "; ".join(f"{k}: {v.summary}" for k, v in METHODS.items()))
     parser.add_argument("--method", default="freeflow", choices=sorted(METHODS))
-    parser.add_argument("--teacher", required=True, help="teacher run directory or package.module:factory")
+    parser.add_argument("--teacher", default=None, help="teacher run directory or package.module:factory "
+                        "(required except for fsf-dmd --self-teacher)")
+    parser.add_argument("--data", default=None, help="data for methods that use it (meanflow, fsf-dmd); "
+                        "default: the teacher's dataset")
     parser.add_argument("--out", required=True)
     add_config_flags(parser, spec.config, title=f"{known.method} options")
     _train_flags(parser, recipe.distill_train)
     args = parser.parse_args(argv)
+    from distill.data import load_dataset
+
     summary = distill_student(args.method, args.teacher, config_from(args, spec.config),
                               config_from(args, TrainConfig, recipe.distill_train), args.out,
-                              progress=not args.quiet, resume=not args.no_resume)
+                              progress=not args.quiet, resume=not args.no_resume,
+                              data=load_dataset(args.data) if args.data else None)
     print(summary)
     return 0
 
@@ -234,11 +240,21 @@ def cmd_serve(argv: list[str]) -> int:
 
 
 def cmd_bench(argv: list[str]) -> int:
-    benches = {"serve": "HTTP throughput/latency, batching on/off, raw engine, student vs teacher"}
+    benches = {"serve": "HTTP throughput/latency, batching on/off, raw engine, student vs teacher",
+               "distill": "every distillation method from one teacher, same wall time, same evaluation"}
     if not argv or argv[0] not in benches:
         listing = "\n".join(f"  {name:10s} {text}" for name, text in benches.items())
         print(f"usage: flowmap bench <name> [options]\n\nbenchmarks:\n{listing}", file=sys.stderr)
         return 2
+    if argv[0] == "distill":
+        from flowmap.bench_distill import DistillBenchConfig, run_distill_bench
+
+        parser = argparse.ArgumentParser("flowmap bench distill", description=benches["distill"])
+        add_config_flags(parser, DistillBenchConfig, title="benchmark")
+        report = run_distill_bench(config_from(parser.parse_args(argv[1:]), DistillBenchConfig))
+        print(json.dumps([{k: m[k] for k in ("method", "fd_1nfe", "fd_2nfe", "sec_per_step")}
+                          for m in report["methods"]], indent=2))
+        return 0
     from flowmap.bench_serve import ServeBenchConfig, run_serve_bench
 
     parser = argparse.ArgumentParser("flowmap bench serve", description=benches["serve"] + "; writes OUT.md/.json/.png")
@@ -258,6 +274,30 @@ def cmd_readme(argv: list[str]) -> int:
     return 0
 
 
+def cmd_demo(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser("flowmap demo", description="The Gradio demo, standalone, against any "
+                                     "flowmap server's HTTP API (`flowmap serve` also mounts it at /ui).")
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--api-key", default=None, help="bearer token, if the server requires one")
+    args = parser.parse_args(argv)
+    from ui.demo import launch
+
+    try:
+        launch(args.url, args.host, args.port, args.api_key)
+    except httpx_errors() as err:
+        print(f"flowmap demo: cannot reach {args.url}: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def httpx_errors():
+    import httpx
+
+    return (httpx.HTTPError,)
+
+
 COMMANDS = {
     "teacher": (cmd_teacher, "train a flow-matching teacher"),
     "verifier": (cmd_verifier, "train the verifier classifier"),
@@ -265,7 +305,8 @@ COMMANDS = {
     "evaluate": (cmd_evaluate, "evaluate teacher and student"),
     "export": (cmd_export, "write a servable bundle (ONNX, TensorRT)"),
     "pipeline": (cmd_pipeline, "run the digits recipe end to end"),
-    "serve": (cmd_serve, "serve a bundle over HTTP"),
+    "serve": (cmd_serve, "serve a bundle over HTTP (API, /ui demo, /metrics)"),
+    "demo": (cmd_demo, "the Gradio demo against a running server"),
     "bench": (cmd_bench, "measure and write reports under docs/"),
     "readme": (cmd_readme, "regenerate the README's result tables"),
 }
