@@ -179,7 +179,6 @@ def create_app(settings: Settings | None = None, mount_ui: bool | None = None) -
                   description=f"One-step flow-map generation for the {bundle.name!r} bundle: OpenAI-style images, "
                               "native batches and Best-of-N noise search.")
     app.state.service = service
-    app.state.started_at = time.time()
     app.include_router(router)
 
     @app.exception_handler(ApiError)
@@ -220,5 +219,5 @@ def create_app(settings: Settings | None = None, mount_ui: bool | None = None) -
     if settings.ui if mount_ui is None else mount_ui:
         from ui.demo import mount_demo
 
-        mount_demo(app, settings)
+        mount_demo(app, settings, service.model_cards())
     return app

@@ -127,17 +127,7 @@ async def search(body: SearchRequest, request: Request):
 @router.get("/v1/models", tags=["models"])
 async def models(request: Request):
     """OpenAI list shape: the student (listing its baked guidance scales) and the teacher."""
-    svc = service(request)
-    bundle, created = svc.bundle, int(request.app.state.started_at)
-    provenance = bundle.provenance
-    return {"object": "list", "data": [
-        {"id": bundle.name, "object": "model", "created": created, "owned_by": "flowmap-serve", "kind": "student",
-         "cfg_scales": list(bundle.cfg_scales), "steps": [1, 8], "classes": list(bundle.classes),
-         "method": provenance.get("method"), "image": list(bundle.image_shape)},
-        {"id": svc.teacher_name, "object": "model", "created": created, "owned_by": "flowmap-serve",
-         "kind": "teacher", "cfg_scales": [bundle.teacher.cfg_scale], "steps": [1, 1000],
-         "classes": list(bundle.classes), "image": list(bundle.image_shape)},
-    ]}
+    return {"object": "list", "data": service(request).model_cards()}
 
 
 @router.get("/health/live", tags=["health"])

@@ -41,6 +41,19 @@ class Service:
         self.draining = False
         self.inflight = 0  # HTTP requests being handled (the drain waits for zero)
         self.teacher_name = f"{bundle.name}-teacher"
+        self.started_at = time.time()
+
+    def model_cards(self) -> list[dict]:
+        """The OpenAI-style model list: the student (with its baked guidance scales) and the teacher."""
+        bundle, created = self.bundle, int(self.started_at)
+        common = {"object": "model", "created": created, "owned_by": "flowmap-serve",
+                  "classes": list(bundle.classes), "image": list(bundle.image_shape)}
+        return [
+            {"id": bundle.name, **common, "kind": "student", "cfg_scales": list(bundle.cfg_scales),
+             "steps": [1, MAX_STUDENT_STEPS], "method": bundle.provenance.get("method")},
+            {"id": self.teacher_name, **common, "kind": "teacher", "cfg_scales": [bundle.teacher.cfg_scale],
+             "steps": [1, MAX_TEACHER_STEPS]},
+        ]
 
     # -- request checks ---------------------------------------------------------------------------
     def resolve_model(self, model: str | None, param: str = "model") -> str:

@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long queued work may take")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list,
                                                      description="comma-separated bearer tokens")
-    ui: bool = False  # mount the Gradio demo at /ui
+    ui: bool = True  # mount the Gradio demo at /ui
     verify_bundle: bool = True  # check every file's sha256 at start
 
     @field_validator("api_keys", mode="before")

@@ -1,0 +1,156 @@
+"""The Gradio demo. It talks to the HTTP API only (never to engines), so the same page runs mounted
+at /ui inside `flowmap serve` or alone against any server with `flowmap demo --url URL`."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+
+import gradio as gr
+import httpx
+import numpy as np
+from PIL import Image, ImageOps
+
+DISPLAY_SIZE = 128  # pixels a side in the gallery; the API upscales by nearest neighbour
+CSS = ".pixelated img { image-rendering: pixelated; }"
+
+
+class ApiClient:
+    """A thin synchronous client of the flowmap HTTP API (Gradio runs handlers in worker threads)."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 120.0):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
+
+    def post(self, path: str, body: dict) -> dict:
+        response = self.http.post(path, json=body)
+        if response.status_code != 200:
+            raise gr.Error(error_message(response))
+        return response.json()
+
+    def models(self) -> dict:
+        response = self.http.get("/v1/models")
+        if response.status_code != 200:
+            raise gr.Error(error_message(response))
+        return {m["kind"]: m for m in response.json()["data"]}
+
+
+def error_message(response: httpx.Response) -> str:
+    """The API's own message for a failed call, as a sentence a person can act on."""
+    try:
+        return f"{response.json()['error']['message']} (HTTP {response.status_code})"
+    except (ValueError, KeyError, TypeError):
+        return f"the server answered HTTP {response.status_code}"
+
+
+def decode(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")
+
+
+def outlined(image: Image.Image, colour: str = "#f5a623", width: int = 6) -> Image.Image:
+    return ImageOps.expand(image, border=width, fill=colour)
+
+
+def size_for(model: dict) -> str:
+    _, height, width = model["image"]
+    scale = max(1, DISPLAY_SIZE // max(height, width))
+    return f"{width * scale}x{height * scale}"
+
+
+def build_demo(url: str, api_key: str | None = None, models: dict | None = None) -> gr.Blocks:
+    """The page. `models` ({kind: card} as /v1/models lists them) is fetched from `url` when not given."""
+    client = ApiClient(url, api_key)
+    models = models or client.models()
+    student, teacher = models["student"], models["teacher"]
+    classes = student["classes"]
+    scales = [f"{s:g}" for s in student["cfg_scales"]]
+    size = size_for(student)
+
+    def generate(label: str, count: int, seed: float | None, guidance: str, steps: int):
+        body = {"labels": [label] * int(count), "steps": int(steps), "guidance": float(guidance), "size": size}
+        if seed is not None and seed >= 0:
+            body["seeds"] = [int(seed) + i for i in range(int(count))]
+        tick = time.perf_counter()
+        result = client.post("/v1/generate", body)
+        latency_ms = 1000 * (time.perf_counter() - tick)
+        gallery = [(decode(png), f"seed {s}") for png, s in zip(result["images"], result["seeds"], strict=True)]
+        info = (f"**{len(gallery)} image(s)** of class `{label}` in {int(steps)} step(s) at guidance {guidance}: "
+                f"{latency_ms:.1f} ms round trip, {result['timings']['nfe']} network evaluations. "
+                f"Seeds: {', '.join(str(s) for s in result['seeds'])}")
+        return gallery, info
+
+    def search(label: str, candidates: int, teacher_steps: int, seed: float | None, guidance: str):
+        count, steps, scale = int(candidates), int(teacher_steps), float(guidance)
+        base = int(seed) if seed is not None and seed >= 0 else int(np.random.default_rng().integers(0, 2**31))
+        result = client.post("/v1/search", {"label": label, "n": count, "top_k": 1, "teacher_steps": steps,
+                                            "seed": base, "guidance": scale, "size": size})
+        chosen = result["chosen_seeds"][0]
+        # the student's candidates themselves (search returns only the chosen images)
+        seeds = [c["seed"] for c in result["candidates"]]
+        shown = client.post("/v1/generate", {"labels": [label] * count, "seeds": seeds, "guidance": scale,
+                                             "size": size})["images"]
+        ranked = sorted(zip(result["candidates"], shown, strict=True), key=lambda pair: -pair[0]["score"])
+        gallery = [(outlined(decode(png)) if c["seed"] == chosen else decode(png),
+                    f"{'★ chosen, ' if c['seed'] == chosen else ''}seed {c['seed']}: log p = {c['score']:.4g}")
+                   for c, png in ranked]
+        stages = {stage["stage"]: stage for stage in result["stages"]}
+        report = (f"**Best-of-{count}**: chose seed {chosen} (verifier log p = {result['final_scores'][0]:.4g}); "
+                  f"{result['total_nfe']} network evaluations in {1000 * result['seconds']:.0f} ms (student "
+                  f"{stages['student']['nfe']}, verifier {stages['verifier']['nfe']}"
+                  + (f", teacher {stages['teacher']['nfe']}" if "teacher" in stages else "") + ").")
+        random_image = None
+        if steps > 0:
+            random_seed = base + count  # outside the candidates: what the teacher gives without a search
+            tick = time.perf_counter()
+            baseline = client.post("/v1/generate", {"labels": [label], "seeds": [random_seed], "steps": steps,
+                                                    "model": teacher["id"], "size": size})
+            random_image = decode(baseline["images"][0])
+            report += (f"\n\n**Random noise** (seed {random_seed}): the teacher alone, {steps} network evaluations "
+                       f"in {1000 * (time.perf_counter() - tick):.0f} ms.")
+        return gallery, decode(result["images"][0]), random_image, report
+
+    with gr.Blocks(title="flowmap-serve demo") as demo:
+        gr.Markdown(f"# flowmap-serve: `{student['id']}`\n"
+                    f"One-step {student.get('method') or 'flow-map'} student of a flow-matching teacher, served "
+                    f"over HTTP from {url}. Guidance scales baked into this bundle: {', '.join(scales)}.")
+        with gr.Tab("Generate"):
+            with gr.Row():
+                label = gr.Dropdown(classes, value=classes[min(7, len(classes) - 1)], label="class")
+                count = gr.Slider(1, 16, value=8, step=1, label="images")
+                seed = gr.Number(value=0, label="seed (-1 = random)", precision=0)
+                guidance = gr.Radio(scales, value=scales[0], label="guidance scale")
+                steps = gr.Slider(1, 8, value=1, step=1, label="student steps")
+            run = gr.Button("Generate", variant="primary", elem_id="generate-button")
+            gallery = gr.Gallery(label="samples", columns=8, height=360, object_fit="contain", format="png",
+                                 elem_id="generate-gallery", elem_classes=["pixelated"])
+            info = gr.Markdown()
+            run.click(generate, [label, count, seed, guidance, steps], [gallery, info], api_name="generate")
+        with gr.Tab("Best-of-N"):
+            with gr.Row():
+                s_label = gr.Dropdown(classes, value=classes[min(3, len(classes) - 1)], label="class")
+                s_candidates = gr.Slider(2, 256, value=32, step=1, label="N candidates")
+                s_steps = gr.Slider(0, 200, value=50, step=1, label="teacher steps")
+                s_seed = gr.Number(value=0, label="first seed (-1 = random)", precision=0)
+                s_guidance = gr.Radio(scales, value=scales[0], label="guidance scale")
+            s_run = gr.Button("Search", variant="primary", elem_id="search-button")
+            s_gallery = gr.Gallery(label="student candidates, best first (chosen outlined)", columns=8, height=360,
+                                   object_fit="contain", format="png", elem_classes=["pixelated"])
+            with gr.Row():
+                chosen_out = gr.Image(label="teacher from the chosen noise", format="png", elem_classes=["pixelated"])
+                random_out = gr.Image(label="teacher from a random noise", format="png", elem_classes=["pixelated"])
+            s_info = gr.Markdown()
+            s_run.click(search, [s_label, s_candidates, s_steps, s_seed, s_guidance],
+                        [s_gallery, chosen_out, random_out, s_info], api_name="search")
+    return demo
+
+
+def mount_demo(app, settings, model_cards: list[dict]) -> None:
+    """Mount the demo at /ui of the server app; its handlers call that server over HTTP."""
+    key = settings.api_keys[0] if settings.api_keys else None
+    demo = build_demo(f"http://127.0.0.1:{settings.port}", key, {m["kind"]: m for m in model_cards})
+    gr.mount_gradio_app(app, demo, path="/ui", css=CSS)
+
+
+def launch(url: str, host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None) -> None:
+    build_demo(url, api_key).launch(server_name=host, server_port=port, css=CSS)
