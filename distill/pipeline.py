@@ -15,7 +15,7 @@ from distill.data import Dataset, load_dataset
 from distill.evaluate import EvalConfig, evaluate, to_markdown, write_report
 from distill.freeflow import FreeFlowConfig
 from distill.methods import get_method, initial_student
-from distill.models import Teacher, load_student, load_teacher
+from distill.models import Student, Teacher, load_student, load_teacher
 from distill.nets import NetConfig
 from distill.teacher import TeacherConfig, TeacherTraining
 from distill.trainer import TrainConfig, seeded, train
@@ -59,20 +59,36 @@ def load_verifier(run_dir: str | Path, device: str = "cpu") -> Verifier:
     return verifier.to(device).eval().requires_grad_(False)
 
 
-def distill_student(method: str, teacher_spec: str, method_cfg, train_cfg: TrainConfig, out: str | Path,
-                    progress: bool = True, resume: bool = True) -> dict:
-    """Distil the teacher into a flow-map student with `method` (see distill.methods)."""
+def distill_student(method: str, teacher_spec: str | None, method_cfg, train_cfg: TrainConfig, out: str | Path,
+                    progress: bool = True, resume: bool = True, data: Dataset | None = None,
+                    net: NetConfig | None = None) -> dict:
+    """Distil the teacher into a flow-map student with `method` (see distill.methods).
+
+    Methods that use data (meanflow, fsf-dmd) take `data`, by default the teacher's own dataset. A
+    teacher-free run (fsf-dmd with self_teacher) builds a fresh student from `net`.
+    """
     spec = get_method(method)
     if not isinstance(method_cfg, spec.config):
         raise TypeError(f"method {method!r} takes a {spec.config.__name__}, got {type(method_cfg).__name__}")
-    teacher = load_teacher(teacher_spec, train_cfg.device)
+    self_taught = getattr(method_cfg, "self_teacher", False)
+    if teacher_spec is None and not self_taught:
+        raise ValueError(f"method {method!r} needs --teacher")
+    teacher = None if self_taught else load_teacher(teacher_spec, train_cfg.device)
+    teacher_meta = load_checkpoint(teacher_spec)[0] if teacher is not None and Path(teacher_spec).is_dir() else {}
+    if data is None and (spec.needs_data or teacher is None):
+        data = load_dataset((teacher_meta.get("data") or {}).get("name", "digits"))
     with seeded(train_cfg.seed):
-        student = initial_student(teacher)
-        trainer_method = spec.build(student, teacher, method_cfg, student.cfg.shape, train_cfg.batch_size,
+        if teacher is None:
+            base = net or Recipe().net
+            student = Student(NetConfig(**{**base.to_dict(), "shape": data.shape, "num_classes": data.num_classes}))
+            student.requires_grad_(True)
+        else:
+            student = initial_student(teacher)
+        trainer_method = spec.build(student, teacher, method_cfg, data, student.cfg.shape, train_cfg.batch_size,
                                     train_cfg.device)
-    teacher_meta = load_checkpoint(teacher_spec)[0] if Path(teacher_spec).is_dir() else {}
+    data_info = teacher_meta.get("data") or (data_meta(data) if data is not None else None)
     meta = {"kind": "student", "method": method, "method_config": asdict(method_cfg), "net": student.cfg.to_dict(),
-            "teacher": str(teacher_spec), "data": teacher_meta.get("data")}
+            "teacher": str(teacher_spec) if teacher is not None else None, "data": data_info}
     return train(trainer_method, out, meta, train_cfg, resume=resume, progress=progress)
 
 

@@ -4,6 +4,8 @@ A method is an object with `trainable` (name -> module, one Adam each), `ema_nam
 whose EMA is the result) and `losses(generator, logs)`, a generator of (module name, loss) pairs:
 the loop backpropagates each loss and steps that module's optimiser before asking for the next,
 so a method can interleave updates (a fake flow before the student, k critic steps, ...).
+Optionally, `state` (name -> module) is checkpointed but not optimised (FSF-DMD's fake-side EMA),
+and the loop sets `method.step` before each call.
 """
 
 from __future__ import annotations
@@ -78,10 +80,12 @@ def train(method: Method, run_dir: str | Path, meta: dict, cfg: TrainConfig, res
     device = torch.device(cfg.device)
     for module in method.trainable.values():
         module.to(device).train()
+    for module in getattr(method, "state", {}).values():
+        module.to(device)
     optimizers = {name: torch.optim.Adam(m.parameters(), lr=cfg.lr) for name, m in method.trainable.items()}
     ema = copy.deepcopy(method.trainable[method.ema_name]).eval().requires_grad_(False)
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    modules = {**method.trainable, "ema": ema}
+    modules = {**method.trainable, "ema": ema, **getattr(method, "state", {})}
     meta = {**meta, "train": asdict(cfg)}
     step = 0
     if resume and has_checkpoint(run_dir):
@@ -102,6 +106,7 @@ def train(method: Method, run_dir: str | Path, meta: dict, cfg: TrainConfig, res
                 break
             tick = time.perf_counter()
             logs: dict[str, float] = {}
+            method.step = step
             for name, loss in method.losses(generator, logs):
                 optimizers[name].zero_grad(set_to_none=True)
                 loss.backward()

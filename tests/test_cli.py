@@ -11,7 +11,7 @@ def run(*args):
 def test_unknown_method_is_a_clear_error():
     result = run("distill", "--method", "magic", "--teacher", "x", "--out", "y")
     assert result.returncode == 2
-    assert "unknown method 'magic'; available: freeflow" in result.stderr
+    assert "unknown method 'magic'; available: dmd2, fgm, freeflow, fsf-dmd, meanflow" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -1,0 +1,69 @@
+"""FGM: flow generator matching, one step (METHODS.md §5). Data-free.
+
+An online flow v_ψ learns the generator's flow on detached samples; the generator then follows
+L₂ = E[2 (u_w(x_t) - v_ψ(x_t)) · (v_ψ(x_t) - (n - x₀))] with ψ frozen but gradients flowing through
+x₀ and x_t = (1 - t) x₀ + t n into every term.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from distill.flow import guided_velocity, interpolate
+from distill.meanflow import guidance_scales
+
+
+@dataclass
+class FGMConfig:
+    cfg_min: float = 1.0
+    cfg_max: float = 2.0
+    t_min: float = 0.02  # the teacher's velocity is stiff near t = 0; the paper samples t away from it
+
+
+def fgm_generator_loss(teacher, fake, x0, noise, t, label, w) -> torch.Tensor:
+    """L₂ with the online flow's weights frozen; x₀ carries the generator's graph."""
+    x_t = interpolate(x0, noise, t)
+    u = guided_velocity(teacher.velocity, x_t, t, label, w, teacher.num_classes)
+    fake.requires_grad_(False)  # ψ is a constant here: gradients reach only the generator, through x₀
+    try:
+        v = fake.velocity(x_t, t, label, w)
+    finally:
+        fake.requires_grad_(True)
+    return (2 * (u - v) * (v - (noise - x0))).flatten(1).mean(1).mean()
+
+
+class FGM:
+    """Trainer method: one flow-matching update of v_ψ on sg(x₀), then one generator update."""
+
+    ema_name = "student"
+
+    def __init__(self, student, teacher, fake, shape, cfg: FGMConfig, batch_size: int, device="cpu"):
+        self.trainable = {"student": student, "fake": fake}
+        self.teacher, self.shape, self.cfg = teacher, tuple(shape), cfg
+        self.batch_size, self.device = batch_size, torch.device(device)
+
+    def _draw(self, generator):
+        batch = self.batch_size
+        noise = torch.randn((batch, *self.shape), generator=generator).to(self.device)
+        t = (self.cfg.t_min + (1 - self.cfg.t_min) * torch.rand(batch, generator=generator)).to(self.device)
+        return noise, t
+
+    def losses(self, generator, logs):
+        cfg, batch = self.cfg, self.batch_size
+        student, fake = self.trainable["student"], self.trainable["fake"]
+        z = torch.randn((batch, *self.shape), generator=generator).to(self.device)
+        label = torch.randint(0, self.teacher.num_classes, (batch,), generator=generator).to(self.device)
+        w = guidance_scales(batch, cfg.cfg_min, cfg.cfg_max, generator).to(self.device)
+        one, zero = torch.ones(batch, device=self.device), torch.zeros(batch, device=self.device)
+        x0 = student.jump(z, one, zero, label, w)
+        noise, t = self._draw(generator)
+        fake_loss = F.mse_loss(fake.velocity(interpolate(x0.detach(), noise, t), t, label, w), noise - x0.detach())
+        logs["fake"] = fake_loss.item()
+        yield "fake", fake_loss
+        noise, t = self._draw(generator)
+        loss = fgm_generator_loss(self.teacher, fake, x0, noise, t, label, w)
+        logs["fgm"] = loss.item()
+        yield "student", loss

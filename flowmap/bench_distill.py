@@ -1,0 +1,190 @@
+"""`flowmap bench distill`: every method from the same teacher, the same wall-time budget, the same
+evaluation. Each method trains in its own process (so peak memory is its own), in equal segments;
+after each segment the 1-NFE FD is measured for the FD-against-time plot. Writes
+docs/distillation.{md,json,png}."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class DistillBenchConfig:
+    teacher: str = "runs/digits/teacher"
+    verifier: str = "runs/digits/verifier"
+    runs: str = "runs/bench"
+    minutes: float = 4.0  # wall-time budget per method
+    segments: int = 4
+    methods: tuple[str, ...] = ("freeflow", "meanflow", "fsf-dmd", "fgm", "dmd2")
+    cfg_scale: float = 1.5
+    out: str = "docs/distillation"
+    # per-method options on top of each method's defaults, "method:flag=value" (repeatable)
+    options: tuple[str, ...] = field(default_factory=tuple)
+
+
+def method_flags(method: str, options: tuple[str, ...]) -> list[str]:
+    flags = []
+    for option in options:
+        name, _, setting = option.partition(":")
+        if name == method:
+            key, _, value = setting.partition("=")
+            flags += [f"--{key}", value] if value else [f"--{key}"]
+    return flags
+
+
+def train_segment(method: str, cfg: DistillBenchConfig, run_dir: Path, minutes_so_far: float) -> dict:
+    """Run `flowmap distill` for one segment in a fresh process; resumes from the previous segment."""
+    command = [sys.executable, "-m", "flowmap.cli", "distill", "--method", method, "--teacher", cfg.teacher,
+               "--out", str(run_dir), "--steps", "1000000", "--max-minutes", str(cfg.minutes / cfg.segments),
+               "--checkpoint-every", "1000000", "--quiet", *method_flags(method, cfg.options)]
+    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["minutes"] = round(minutes_so_far + summary["seconds"] / 60, 3)
+    return summary
+
+
+def run_distill_bench(cfg: DistillBenchConfig, progress: bool = True) -> dict:
+    import torch
+
+    from distill.data import load_dataset
+    from distill.evaluate import EvalConfig, Scorer, evaluate, sample_student
+    from distill.models import load_student, load_teacher
+    from distill.pipeline import load_verifier
+
+    say = print if progress else (lambda *a, **k: None)
+    teacher, verifier = load_teacher(cfg.teacher), load_verifier(cfg.verifier)
+    data = load_dataset("digits")
+    scorer = Scorer(data, verifier)
+    eval_cfg = EvalConfig(cfg_scale=cfg.cfg_scale)
+    generator = torch.Generator().manual_seed(eval_cfg.seed)
+    eps = torch.randn((len(data), *data.shape), generator=generator)
+    say("[bench distill] teacher rows")
+    teacher_rows = [r for r in evaluate(teacher, None, verifier, data, eval_cfg, progress=False)["rows"]]
+    results = []
+    for method in cfg.methods:
+        run_dir = Path(cfg.runs) / method
+        if run_dir.exists():
+            subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+        curve, summaries, minutes = [], [], 0.0
+        for segment in range(cfg.segments):
+            say(f"[bench distill] {method}: segment {segment + 1}/{cfg.segments}")
+            summary = train_segment(method, cfg, run_dir, minutes)
+            minutes = summary["minutes"]
+            summaries.append(summary)
+            student, _ = load_student(run_dir)
+            fd = scorer.score(sample_student(student, eps, data.labels, cfg.cfg_scale, 1), data.labels)["fd_pixels"]
+            curve.append({"minutes": minutes, "step": summary["step"], "fd_1nfe": fd})
+        student, meta = load_student(run_dir)
+        scores = {steps: scorer.score(sample_student(student, eps, data.labels, cfg.cfg_scale, steps), data.labels)
+                  for steps in (1, 2)}
+        per_step = [s["sec_per_step"] for s in summaries if s["sec_per_step"]]
+        results.append({
+            "method": method, "steps": meta["step"], "minutes": minutes,
+            "fd_1nfe": scores[1]["fd_pixels"], "fd_2nfe": scores[2]["fd_pixels"],
+            "fd_feat_1nfe": scores[1]["fd_features"], "fd_feat_2nfe": scores[2]["fd_features"],
+            "precision": scores[1]["precision"], "recall": scores[1]["recall"],
+            "class_accuracy": scores[1]["class_accuracy"],
+            "precision_2nfe": scores[2]["precision"], "recall_2nfe": scores[2]["recall"],
+            "sec_per_step": round(sum(per_step) / len(per_step), 4) if per_step else None,
+            "peak_rss_mb": max(s["peak_rss_mb"] for s in summaries),
+            "method_config": meta["method_config"], "curve": curve,
+        })
+        say(f"  {method}: FD 1-NFE {scores[1]['fd_pixels']:.4f}, 2-NFE {scores[2]['fd_pixels']:.4f}")
+    report = {"config": asdict(cfg), "teacher": teacher_rows, "methods": results,
+              "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    write_distill_report(report, cfg.out)
+    return report
+
+
+def write_distill_report(report: dict, out: str) -> None:
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    _plot(report, path.with_suffix(".png"))
+    path.with_suffix(".md").write_text(render_distill_markdown(report, path.with_suffix(".png").name))
+
+
+def _plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for result in report["methods"]:
+        curve = result["curve"]
+        ax.plot([c["minutes"] for c in curve], [c["fd_1nfe"] for c in curve], marker="o", label=result["method"])
+    teacher = {r["steps"]: r["fd_pixels"] for r in report["teacher"]}
+    for steps, style in ((100, "-"), (4, "--")):
+        if steps in teacher:
+            ax.axhline(teacher[steps], color="grey", linestyle=style, label=f"teacher, {steps} steps")
+    ax.set_yscale("log")
+    ax.set_xlabel("training wall time (minutes, 2 CPU cores)")
+    ax.set_ylabel("FD in pixels, 1 NFE")
+    ax.legend(fontsize=8)
+    ax.set_title("Distillation methods from one teacher, same budget")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render_distill_markdown(report: dict, plot_name: str) -> str:
+    cfg, methods = report["config"], report["methods"]
+    teacher = {r["steps"]: r for r in report["teacher"]}
+    by = {m["method"]: m for m in methods}
+    lines = [
+        "# Distillation methods side by side",
+        "",
+        f"Written by `flowmap bench distill`: every method starts from the same teacher ({cfg['teacher']}) and "
+        f"trains for {cfg['minutes']:g} minutes of wall time on this machine, evaluated at guidance "
+        f"{cfg['cfg_scale']} against all {report['teacher'][0].get('num_samples', '')} digits "
+        "(FD in pixels and in verifier features; precision/recall at k = 3 in verifier features).",
+        "",
+        "| method | steps | s/step | peak RSS MB | FD 1-NFE | FD 2-NFE | FD feat 1-NFE | precision | recall "
+        "| class acc. |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m in methods:
+        lines.append(f"| {m['method']} | {m['steps']} | {m['sec_per_step']} | {m['peak_rss_mb']:.0f} "
+                     f"| {m['fd_1nfe']:.4f} | {m['fd_2nfe']:.4f} | {m['fd_feat_1nfe']:.2f} | {m['precision']:.3f} "
+                     f"| {m['recall']:.3f} | {m['class_accuracy']:.3f} |")
+    lines += ["", "| teacher steps | FD pixels | FD features | precision | recall |", "|---:|---:|---:|---:|---:|"]
+    for steps, r in sorted(teacher.items()):
+        lines.append(f"| {steps} | {r['fd_pixels']:.4f} | {r['fd_features']:.2f} | {r['precision']:.3f} "
+                     f"| {r['recall']:.3f} |")
+    lines += ["", f"![FD against training time]({plot_name})", "", "## Against the targets", ""]
+    lines += targets_text(by, teacher)
+    return "\n".join(lines) + "\n"
+
+
+def targets_text(by: dict, teacher: dict) -> list[str]:
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+
+    lines = []
+    if "fsf-dmd" in by and "dmd2" in by:
+        fsf, dmd = by["fsf-dmd"], by["dmd2"]
+        ratio = fsf["sec_per_step"] / dmd["sec_per_step"]
+        lines.append(f"- FSF-DMD time per step {fsf['sec_per_step']} s vs DMD2 {dmd['sec_per_step']} s: "
+                     f"{ratio:.2f}x (target <= 0.6x): {verdict(ratio <= 0.6)}; peak memory {fsf['peak_rss_mb']:.0f} "
+                     f"vs {dmd['peak_rss_mb']:.0f} MB: {verdict(fsf['peak_rss_mb'] < dmd['peak_rss_mb'])}.")
+    if "fsf-dmd" in by and "meanflow" in by:
+        fsf, cd = by["fsf-dmd"], by["meanflow"]
+        lines.append(f"- FSF-DMD at 2 NFE {fsf['fd_2nfe']:.4f} vs consistency distillation {cd['fd_2nfe']:.4f}: "
+                     f"{verdict(fsf['fd_2nfe'] < cd['fd_2nfe'])}.")
+        if 100 in teacher:
+            lines.append(f"- Goal, FSF-DMD at 2 NFE below the teacher at 100 steps ({teacher[100]['fd_pixels']:.4f}): "
+                         f"{verdict(fsf['fd_2nfe'] < teacher[100]['fd_pixels'])}.")
+    if 4 in teacher:
+        four = teacher[4]["fd_pixels"]
+        for m in by.values():
+            lines.append(f"- {m['method']} at 1 NFE {m['fd_1nfe']:.4f} vs the teacher at 4 steps {four:.4f}: "
+                         f"{verdict(m['fd_1nfe'] < four)}.")
+    return lines

@@ -1,0 +1,129 @@
+"""Every distillation method on the 2-D toy, and each method's own contract."""
+
+import json
+
+import pytest
+import torch
+from test_distill_toy import SW_BOUND, TOY_NET, sliced_wasserstein
+
+from distill.data import toy_gaussians
+from distill.dmd2 import DMD2, DMD2Config
+from distill.evaluate import sample_student, sample_teacher
+from distill.fgm import FGMConfig
+from distill.freeflow import FreeFlowConfig
+from distill.fsf_dmd import FSFDMD, FSFDMDConfig
+from distill.meanflow import MeanFlowConfig
+from distill.methods import METHODS
+from distill.models import FakeFlow, Student, load_student, load_teacher
+from distill.nets import NetConfig
+from distill.pipeline import distill_student, train_teacher
+from distill.teacher import TeacherConfig
+from distill.trainer import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def toy_teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy") / "teacher"
+    train_teacher(toy_gaussians(), TOY_NET, TeacherConfig(), TrainConfig(steps=1500, lr=2e-3, ema_decay=0.99),
+                  out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(toy_teacher):
+    gen = torch.Generator().manual_seed(7)
+    eps, label = torch.randn(3000, 2, generator=gen), torch.randint(0, 8, (3000,), generator=gen)
+    return eps, label, sample_teacher(load_teacher(str(toy_teacher)), eps, label, 1.0, 100)
+
+
+# Per method: its config on the toy (guidance 1, the toy's teacher is unguided), steps, and the logged
+# regression loss that must fall. FGM's and DMD2's generator losses are gradient surrogates whose
+# value means nothing; for them what must fall is the distance to the teacher itself, from the
+# starting point (the teacher's one Euler step, > 2x the bound) to below the bound.
+CASES = {
+    "freeflow": (FreeFlowConfig(cfg_min=1.0, cfg_max=1.0), 500, "pred_mse"),
+    "meanflow": (MeanFlowConfig(cfg_min=1.0, cfg_max=1.0), 600, "cd_mse"),
+    "fsf-dmd": (FSFDMDConfig(cfg_min=1.0, cfg_max=1.0, dm_cfg_scale=1.0, lambda_dm=0.05), 800, "cd_mse"),
+    "fgm": (FGMConfig(cfg_min=1.0, cfg_max=1.0), 500, None),
+    "dmd2": (DMD2Config(ttur=2, dm_cfg_scale=1.0), 300, None),
+}
+
+
+def test_every_method_is_tested():
+    assert set(CASES) == set(METHODS)
+
+
+@pytest.mark.parametrize("method", sorted(CASES))
+def test_method_matches_the_teacher_in_one_step(method, toy_teacher, reference, tmp_path):
+    cfg, steps, falling = CASES[method]
+    eps, label, ref = reference
+    start = sliced_wasserstein(sample_student(Student.from_teacher(load_teacher(str(toy_teacher))), eps, label,
+                                              1.0, 1), ref)
+    assert start > 2 * SW_BOUND
+    distill_student(method, str(toy_teacher), cfg, TrainConfig(steps=steps, lr=1e-3, ema_decay=0.99, log_every=25),
+                    tmp_path / method, progress=False, data=toy_gaussians())
+    student, meta = load_student(tmp_path / method)
+    assert meta["method"] == method
+    distance = sliced_wasserstein(sample_student(student, eps, label, 1.0, 1), ref)
+    assert distance < SW_BOUND, f"{method}: 1-NFE SW {distance:.4f} vs bound {SW_BOUND} (start {start:.4f})"
+    if falling is None:
+        return
+    log = [json.loads(line) for line in (tmp_path / method / "log.jsonl").read_text().splitlines()]
+    early = sum(r[falling] for r in log[:3]) / 3
+    late = sum(r[falling] for r in log[-3:]) / 3
+    assert late < early, f"{method}: {falling} went from {early:.4g} to {late:.4g}"
+
+
+def test_fsf_dmd_fake_side_is_the_ema_generator(toy_teacher):
+    teacher = load_teacher(str(toy_teacher))
+    student = Student.from_teacher(teacher).requires_grad_(True)
+    method = FSFDMD(student, teacher, toy_gaussians(256), FSFDMDConfig(), batch_size=16)
+    # no extra network: the only trainable module is the generator, the only state its EMA copy
+    assert set(method.trainable) == {"student"} and set(method.state) == {"fake_ema"}
+    ema = method.state["fake_ema"]
+    assert type(ema) is Student and not any(isinstance(m, FakeFlow) for m in ema.modules())
+    assert not any(p.requires_grad for p in ema.parameters())
+    sizes = [sum(p.numel() for p in m.parameters()) for m in (student, ema)]
+    assert sizes[0] == sizes[1]
+    # the EMA follows the generator with the configured decay
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in ema.parameters()]
+    method.step = 0
+    loss = next(method.losses(torch.Generator().manual_seed(0), {}))[1]
+    loss.backward()
+    decay = method.cfg.fake_ema_decay
+    for old, new, live in zip(before, ema.parameters(), student.parameters(), strict=True):
+        assert torch.allclose(new, decay * old + (1 - decay) * live.detach(), atol=1e-6)
+
+
+def test_dmd2_updates_its_fake_network_k_times_per_generator_step(toy_teacher, tmp_path):
+    distill_student("dmd2", str(toy_teacher), DMD2Config(ttur=3), TrainConfig(steps=4, batch_size=32),
+                    tmp_path / "dmd2", progress=False)
+    from distill.checkpoint import load_checkpoint
+
+    tensors = load_checkpoint(tmp_path / "dmd2")[1]
+    fake_steps = {float(v) for k, v in tensors.items() if k.startswith("opt.fake.") and k.endswith(".step")}
+    student_steps = {float(v) for k, v in tensors.items() if k.startswith("opt.student.") and k.endswith(".step")}
+    assert fake_steps == {12.0} and student_steps == {4.0}
+
+
+def test_dmd2_counts_its_critic_updates(toy_teacher):
+    teacher = load_teacher(str(toy_teacher))
+    method = DMD2(Student.from_teacher(teacher).requires_grad_(True), teacher,
+                  FakeFlow.from_teacher(teacher).requires_grad_(True), (2,), DMD2Config(ttur=4), batch_size=8)
+    names = [name for name, _ in method.losses(torch.Generator().manual_seed(0), {})]
+    assert names == ["fake"] * 4 + ["student"] and method.fake_updates == 4
+
+
+def test_self_teacher_runs_with_no_teacher_at_all(tmp_path):
+    cfg = FSFDMDConfig(self_teacher=True, cfg_min=1.0, cfg_max=1.0, dm_cfg_scale=1.0)
+    net = NetConfig(arch="mlp", width=32, depth=1, mlp_ratio=2.0)
+    summary = distill_student("fsf-dmd", None, cfg, TrainConfig(steps=20, batch_size=32, log_every=5),
+                              tmp_path / "self", progress=False, data=toy_gaussians(512), net=net)
+    student, meta = load_student(tmp_path / "self")
+    assert meta["teacher"] is None and summary["step"] == 20
+    assert torch.isfinite(sample_student(student, torch.randn(16, 2), torch.zeros(16, dtype=torch.long), 1.0, 1)).all()
+    with pytest.raises(ValueError, match="needs a teacher unless --self-teacher"):
+        FSFDMD(student, None, toy_gaussians(64), FSFDMDConfig(), batch_size=4)
