@@ -92,6 +92,7 @@ class DynamicBatcher:
                 self.metrics.rejected.labels(reason="queue_full").inc()
             raise QueueFull(self.engine.name, self._queued_rows, self.max_queue_size, self.retry_after_s())
         loop, now = asyncio.get_running_loop(), time.monotonic()
+        was_empty = not self._items
         futures = []
         for start in range(0, rows, self.max_batch_size):
             chunk = {k: v[start:start + self.max_batch_size] for k, v in feeds.items()}
@@ -100,7 +101,9 @@ class DynamicBatcher:
             self._queued_rows += item.rows
             futures.append(item.future)
         self._set_depth()
-        self._wakeup.set()
+        # Wake the loop only when it has something new to decide: work after idleness, or a full batch.
+        if was_empty or self._queued_rows >= self.max_batch_size:
+            self._wakeup.set()
         parts = await asyncio.gather(*futures)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 

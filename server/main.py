@@ -44,5 +44,6 @@ class DrainingServer(uvicorn.Server):
 def serve(settings: Settings) -> None:
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                            access_log=settings.access_log,
                             timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)))
     DrainingServer(config, app.state.service, settings.drain_timeout_s).run()

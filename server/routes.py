@@ -124,6 +124,14 @@ async def search(body: SearchRequest, request: Request):
     return fast_json(answer)
 
 
+# The generation routes, by path: their request model and handler (the gate's fast path uses these).
+ROUTES = {
+    "/v1/images/generations": (ImagesRequest, images_generations),
+    "/v1/generate": (GenerateRequest, generate),
+    "/v1/search": (SearchRequest, search),
+}
+
+
 @router.get("/v1/models", tags=["models"])
 async def models(request: Request):
     """OpenAI list shape: the student (listing its baked guidance scales) and the teacher."""

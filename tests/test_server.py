@@ -20,9 +20,11 @@ from serving import BUNDLE, ROOT, Server
 pytestmark = pytest.mark.skipif(not (BUNDLE / "manifest.json").is_file(), reason=f"no bundle at {BUNDLE}")
 
 
-@pytest.fixture(scope="module")
-def server():
-    srv = Server("--max-queue-delay-ms", "10").wait_ready()
+@pytest.fixture(scope="module", params=["fast-path", "fastapi"])
+def server(request):
+    """Every test runs twice: through the gate's fast path and through FastAPI's own routing."""
+    flag = "--fast-path" if request.param == "fast-path" else "--no-fast-path"
+    srv = Server("--max-queue-delay-ms", "10", flag).wait_ready()
     yield srv
     srv.stop()
 
