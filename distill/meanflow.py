@@ -81,6 +81,15 @@ def guidance_scales(batch: int, cfg_min: float, cfg_max: float, generator: torch
     return cfg_min + (cfg_max - cfg_min) * torch.rand(batch, generator=generator)
 
 
+def consistency_batch(data, cfg: MeanFlowConfig, batch: int, generator: torch.Generator, device):
+    """(x, label, eps, t, s, w, x_t): a data batch on its interpolant, with times and guidance scales."""
+    x, label = (v.to(device) for v in data.batch(batch, generator))
+    eps = torch.randn(x.shape, generator=generator).to(x)
+    t, s = (v.to(x) for v in sample_times(batch, cfg, generator))
+    w = guidance_scales(batch, cfg.cfg_min, cfg.cfg_max, generator).to(x)
+    return x, label, eps, t, s, w, interpolate(x, eps, t)
+
+
 class MeanFlow:
     """Trainer method: consistency distillation on data with the guided teacher as u*."""
 
@@ -92,12 +101,8 @@ class MeanFlow:
         self.batch_size, self.device = batch_size, torch.device(device)
 
     def losses(self, generator, logs):
-        cfg, batch = self.cfg, self.batch_size
-        x, label = (v.to(self.device) for v in self.data.batch(batch, generator))
-        eps = torch.randn(x.shape, generator=generator).to(x)
-        t, s = (v.to(x) for v in sample_times(batch, cfg, generator))
-        w = guidance_scales(batch, cfg.cfg_min, cfg.cfg_max, generator).to(x)
-        x_t = interpolate(x, eps, t)
+        cfg = self.cfg
+        x, label, eps, t, s, w, x_t = consistency_batch(self.data, cfg, self.batch_size, generator, self.device)
         with torch.no_grad():
             u_star = guided_velocity(self.teacher.velocity, x_t, t, label, w, self.teacher.num_classes)
         loss, mse = meanflow_loss(self.trainable["student"], u_star, x_t, t, s, label, w, cfg)

@@ -17,39 +17,35 @@ from distill.flow import flow_map
 from distill.nets import FlowNet, NetConfig
 
 
-class Teacher(nn.Module):
+class _Wrapped(nn.Module):
+    """A FlowNet behind a role-specific interface."""
+
+    @property
+    def cfg(self) -> NetConfig:
+        return self.net.cfg
+
+    @property
+    def num_classes(self) -> int:
+        return self.net.cfg.num_classes
+
+
+class Teacher(_Wrapped):
     """A flow-matching model: u(x, t, c) ≈ E[eps - x | x_t, c]."""
 
     def __init__(self, cfg: NetConfig):
         super().__init__()
         self.net = FlowNet(cfg)
 
-    @property
-    def cfg(self) -> NetConfig:
-        return self.net.cfg
-
-    @property
-    def num_classes(self) -> int:
-        return self.net.cfg.num_classes
-
     def velocity(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         return self.net(x, t, label)
 
 
-class Student(nn.Module):
+class Student(_Wrapped):
     """A flow map f(x, t, s) = x - (t - s) F(x, t, s, c, w), guidance scale w as an input."""
 
     def __init__(self, cfg: NetConfig):
         super().__init__()
         self.net = FlowNet(cfg.with_extras("s", "w"))
-
-    @property
-    def cfg(self) -> NetConfig:
-        return self.net.cfg
-
-    @property
-    def num_classes(self) -> int:
-        return self.net.cfg.num_classes
 
     @classmethod
     def from_teacher(cls, teacher: Teacher) -> Student:
@@ -66,7 +62,7 @@ class Student(nn.Module):
         return flow_map(self.average_velocity, x, t, s, label, w)
 
 
-class FakeFlow(nn.Module):
+class FakeFlow(_Wrapped):
     """An online flow g(x, t, c, w) that learns the student's noising velocity (FreeFlow, DMD2, FGM)."""
 
     def __init__(self, cfg: NetConfig):

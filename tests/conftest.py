@@ -1,5 +1,23 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 # tests import their helpers (serving.py) by name
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def toy_teacher(tmp_path_factory):
+    """A flow-matching teacher of the 2-D toy, trained once for every test that distils from it."""
+    from distill.data import toy_gaussians
+    from distill.pipeline import train_teacher
+    from distill.teacher import TeacherConfig
+    from distill.trainer import TrainConfig
+
+    from toy import TOY_NET
+
+    out = tmp_path_factory.mktemp("toy") / "teacher"
+    train_teacher(toy_gaussians(), TOY_NET, TeacherConfig(), TrainConfig(steps=1500, lr=2e-3, ema_decay=0.99),
+                  out, progress=False)
+    return out

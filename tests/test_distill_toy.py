@@ -10,29 +10,10 @@ from distill.data import toy_gaussians
 from distill.evaluate import sample_student, sample_teacher
 from distill.freeflow import FreeFlowConfig
 from distill.models import Teacher, load_student, load_teacher
-from distill.nets import NetConfig
-from distill.pipeline import distill_student, train_teacher
-from distill.teacher import TeacherConfig
+from distill.pipeline import distill_student
 from distill.trainer import TrainConfig
 
-TOY_NET = NetConfig(arch="mlp", width=64, depth=2, mlp_ratio=2.0)
-SW_BOUND = 0.06  # teacher@1 step sits at ~0.2, a trained 1-NFE student at ~0.03
-
-
-def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 256) -> float:
-    """SW-2 between equal-size 2-D sample sets, with fixed random directions."""
-    directions = torch.randn(projections, a.shape[1], generator=torch.Generator().manual_seed(0))
-    directions = directions / directions.norm(dim=1, keepdim=True)
-    pa, pb = (a @ directions.T).sort(0).values, (b @ directions.T).sort(0).values
-    return (pa - pb).pow(2).mean().sqrt().item()
-
-
-@pytest.fixture(scope="module")
-def toy_teacher(tmp_path_factory):
-    out = tmp_path_factory.mktemp("toy") / "teacher"
-    train_teacher(toy_gaussians(), TOY_NET, TeacherConfig(), TrainConfig(steps=1500, lr=2e-3, ema_decay=0.99),
-                  out, progress=False)
-    return out
+from toy import SW_BOUND, sliced_wasserstein
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from test_distill_toy import SW_BOUND, TOY_NET, sliced_wasserstein
 
 from distill.data import toy_gaussians
 from distill.dmd2 import DMD2, DMD2Config
@@ -16,17 +15,10 @@ from distill.meanflow import MeanFlowConfig
 from distill.methods import METHODS
 from distill.models import FakeFlow, Student, load_student, load_teacher
 from distill.nets import NetConfig
-from distill.pipeline import distill_student, train_teacher
-from distill.teacher import TeacherConfig
+from distill.pipeline import distill_student
 from distill.trainer import TrainConfig
 
-
-@pytest.fixture(scope="module")
-def toy_teacher(tmp_path_factory):
-    out = tmp_path_factory.mktemp("toy") / "teacher"
-    train_teacher(toy_gaussians(), TOY_NET, TeacherConfig(), TrainConfig(steps=1500, lr=2e-3, ema_decay=0.99),
-                  out, progress=False)
-    return out
+from toy import SW_BOUND, sliced_wasserstein
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +88,24 @@ def test_fsf_dmd_fake_side_is_the_ema_generator(toy_teacher):
     decay = method.cfg.fake_ema_decay
     for old, new, live in zip(before, ema.parameters(), student.parameters(), strict=True):
         assert torch.allclose(new, decay * old + (1 - decay) * live.detach(), atol=1e-6)
+
+
+def test_fsf_dmd_warm_up_hands_over_to_the_warmed_flow_map(toy_teacher):
+    teacher = load_teacher(str(toy_teacher))
+    student = Student.from_teacher(teacher).requires_grad_(True)
+    method = FSFDMD(student, teacher, toy_gaussians(256), FSFDMDConfig(warmup_steps=3), batch_size=16)
+    ema = method.state["fake_ema"]
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.5)  # the student has moved during the warm-up
+    logs = {}
+    method.step = 2  # still warming up: consistency only, the fake side is left alone
+    next(method.losses(torch.Generator().manual_seed(0), logs))
+    assert "dm" not in logs and not torch.equal(next(ema.parameters()), next(student.parameters()))
+    method.step = 3  # the switch: the fake side becomes the warmed-up flow map, and DMD starts
+    next(method.losses(torch.Generator().manual_seed(0), logs))
+    assert "dm" in logs
+    assert all(torch.equal(a, b) for a, b in zip(ema.parameters(), student.parameters(), strict=True))
 
 
 def test_dmd2_updates_its_fake_network_k_times_per_generator_step(toy_teacher, tmp_path):
