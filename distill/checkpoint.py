@@ -42,8 +42,11 @@ def _unflatten_optimizer(name: str, tensors: dict, param_groups: list) -> dict:
 
 def save_checkpoint(run_dir: str | Path, meta: dict, modules: dict[str, torch.nn.Module],
                     optimizers: dict[str, torch.optim.Optimizer] | None = None,
-                    generator: torch.Generator | None = None) -> Path:
-    """Write every module's state, optimiser state and RNG state atomically into `run_dir`."""
+                    generator: torch.Generator | None = None, rng_states: list | None = None) -> Path:
+    """Write every module's state, optimiser state and RNG state atomically into `run_dir`.
+
+    `rng_states` holds one generator state per rank of a data-parallel run (rank 0 first).
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -58,7 +61,9 @@ def save_checkpoint(run_dir: str | Path, meta: dict, modules: dict[str, torch.nn
             tensors.update(opt_tensors)
         meta["optimizers"] = groups
     if generator is not None:
-        tensors["rng.torch"] = generator.get_state()
+        rng_states = [generator.get_state()]
+    for rank, state in enumerate(rng_states or []):
+        tensors["rng.torch" if rank == 0 else f"rng.torch.rank{rank}"] = state
     tmp_tensors, tmp_meta = run_dir / (TENSORS + ".tmp"), run_dir / (META + ".tmp")
     save_file(tensors, str(tmp_tensors))
     tmp_meta.write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -93,11 +98,12 @@ def module_state(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch
 
 def restore(meta: dict, tensors: dict, modules: dict[str, torch.nn.Module],
             optimizers: dict[str, torch.optim.Optimizer] | None = None,
-            generator: torch.Generator | None = None) -> None:
-    """Load modules, optimisers and RNG state written by `save_checkpoint`."""
+            generator: torch.Generator | None = None, rank: int = 0) -> None:
+    """Load modules, optimisers and (this rank's) RNG state written by `save_checkpoint`."""
     for name, module in modules.items():
         module.load_state_dict(module_state(tensors, name))
     for name, optimizer in (optimizers or {}).items():
         optimizer.load_state_dict(_unflatten_optimizer(name, tensors, meta["optimizers"][name]))
-    if generator is not None and "rng.torch" in tensors:
-        generator.set_state(tensors["rng.torch"])
+    key = "rng.torch" if rank == 0 else f"rng.torch.rank{rank}"
+    if generator is not None and key in tensors:
+        generator.set_state(tensors[key])

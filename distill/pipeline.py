@@ -18,7 +18,7 @@ from distill.methods import get_method, initial_student
 from distill.models import Student, Teacher, load_student, load_teacher
 from distill.nets import NetConfig
 from distill.teacher import TeacherConfig, TeacherTraining
-from distill.trainer import TrainConfig, seeded, train
+from distill.trainer import TrainConfig, local_batch_size, seeded, train
 from distill.verifier import Verifier, VerifierConfig, VerifierTraining, accuracy, split
 
 
@@ -33,8 +33,8 @@ def train_teacher(data: Dataset, net: NetConfig, cfg: TeacherConfig, train_cfg: 
     with seeded(train_cfg.seed):
         teacher = Teacher(net)
     meta = {"kind": "teacher", "net": net.to_dict(), "teacher": asdict(cfg), "data": data_meta(data)}
-    return train(TeacherTraining(teacher, data, cfg, train_cfg.batch_size, train_cfg.device), out, meta, train_cfg,
-                 resume=resume, progress=progress)
+    method = TeacherTraining(teacher, data, cfg, local_batch_size(train_cfg.batch_size), train_cfg.device)
+    return train(method, out, meta, train_cfg, resume=resume, progress=progress)
 
 
 def train_verifier(data: Dataset, cfg: VerifierConfig, train_cfg: TrainConfig, out: str | Path,
@@ -43,7 +43,7 @@ def train_verifier(data: Dataset, cfg: VerifierConfig, train_cfg: TrainConfig, o
     with seeded(train_cfg.seed):
         verifier = Verifier(data.shape, data.num_classes, cfg)
     meta = {"kind": "verifier", "verifier": asdict(cfg), "data": data_meta(data)}
-    summary = train(VerifierTraining(verifier, data, cfg, train_cfg.batch_size), out, meta, train_cfg,
+    summary = train(VerifierTraining(verifier, data, cfg, local_batch_size(train_cfg.batch_size)), out, meta, train_cfg,
                     resume=resume, progress=progress)
     verifier = load_verifier(out)
     _, val = split(data, cfg.val_fraction)
@@ -61,11 +61,12 @@ def load_verifier(run_dir: str | Path, device: str = "cpu") -> Verifier:
 
 def distill_student(method: str, teacher_spec: str | None, method_cfg, train_cfg: TrainConfig, out: str | Path,
                     progress: bool = True, resume: bool = True, data: Dataset | None = None,
-                    net: NetConfig | None = None) -> dict:
+                    net: NetConfig | None = None, init: str | Path | None = None) -> dict:
     """Distil the teacher into a flow-map student with `method` (see distill.methods).
 
     Methods that use data (meanflow, fsf-dmd) take `data`, by default the teacher's own dataset. A
-    teacher-free run (fsf-dmd with self_teacher) builds a fresh student from `net`.
+    teacher-free run (fsf-dmd with self_teacher) builds a fresh student from `net`. `init` starts from
+    another student's EMA weights (a flow map from consistency distillation or FreeFlow).
     """
     spec = get_method(method)
     if not isinstance(method_cfg, spec.config):
@@ -82,13 +83,16 @@ def distill_student(method: str, teacher_spec: str | None, method_cfg, train_cfg
             base = net or Recipe().net
             student = Student(NetConfig(**{**base.to_dict(), "shape": data.shape, "num_classes": data.num_classes}))
             student.requires_grad_(True)
+        elif init is not None:
+            student = load_student(init)[0].requires_grad_(True)
         else:
             student = initial_student(teacher)
-        trainer_method = spec.build(student, teacher, method_cfg, data, student.cfg.shape, train_cfg.batch_size,
-                                    train_cfg.device)
+        trainer_method = spec.build(student, teacher, method_cfg, data, student.cfg.shape,
+                                    local_batch_size(train_cfg.batch_size), train_cfg.device)
     data_info = teacher_meta.get("data") or (data_meta(data) if data is not None else None)
     meta = {"kind": "student", "method": method, "method_config": asdict(method_cfg), "net": student.cfg.to_dict(),
-            "teacher": str(teacher_spec) if teacher is not None else None, "data": data_info}
+            "teacher": str(teacher_spec) if teacher is not None else None, "data": data_info,
+            "init": str(init) if init is not None else None}
     return train(trainer_method, out, meta, train_cfg, resume=resume, progress=progress)
 
 
