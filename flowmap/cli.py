@@ -110,6 +110,8 @@ def cmd_distill(argv: list[str]) -> int:
                         "(required except for fsf-dmd --self-teacher)")
     parser.add_argument("--data", default=None, help="data for methods that use it (meanflow, fsf-dmd); "
                         "default: the teacher's dataset")
+    parser.add_argument("--init", default=None, help="start from this student run's weights instead of the "
+                        "teacher's (e.g. fsf-dmd from a meanflow or freeflow student)")
     parser.add_argument("--out", required=True)
     add_config_flags(parser, spec.config, title=f"{known.method} options")
     _train_flags(parser, recipe.distill_train)
@@ -119,7 +121,7 @@ def cmd_distill(argv: list[str]) -> int:
     summary = distill_student(args.method, args.teacher, config_from(args, spec.config),
                               config_from(args, TrainConfig, recipe.distill_train), args.out,
                               progress=not args.quiet, resume=not args.no_resume,
-                              data=load_dataset(args.data) if args.data else None)
+                              data=load_dataset(args.data) if args.data else None, init=args.init)
     print(summary)
     return 0
 
@@ -164,9 +166,9 @@ def cmd_export(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser("flowmap export", description="Write a servable bundle: ONNX graphs with the "
                                      "guidance scale baked in (parity-checked), optionally TensorRT engines.")
-    parser.add_argument("--student", required=True, help="student run directory")
-    parser.add_argument("--teacher", required=True, help="teacher run directory or package.module:factory")
-    parser.add_argument("--verifier", required=True, help="verifier run directory")
+    parser.add_argument("--student", help="student run directory (not needed with --skip-onnx)")
+    parser.add_argument("--teacher", help="teacher run directory or package.module:factory")
+    parser.add_argument("--verifier", help="verifier run directory")
     parser.add_argument("--out", required=True, help="bundle directory, e.g. models/digits")
     parser.add_argument("--name", default=None, help="bundle name (default: the folder name)")
     parser.add_argument("--cfg-scales", type=float, nargs="+", default=[1.5],
@@ -174,7 +176,14 @@ def cmd_export(argv: list[str]) -> int:
     parser.add_argument("--teacher-cfg-scale", type=float, default=None, help="default: the first --cfg-scales")
     parser.add_argument("--metrics", default=None, help="an evaluation JSON to record in the provenance")
     parser.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (needs a GPU)")
-    parser.add_argument("--skip-onnx", action="store_true", help="with --tensorrt: reuse the bundle's ONNX graphs")
+    parser.add_argument("--triton", default=None, metavar="DIR", help="also write a Triton model repository to DIR")
+    parser.add_argument("--triton-kind", default="KIND_CPU", choices=["KIND_CPU", "KIND_GPU"])
+    parser.add_argument("--triton-instances", type=int, default=1)
+    parser.add_argument("--triton-max-batch", type=int, default=256)
+    parser.add_argument("--triton-plans", default=None, metavar="PRECISION",
+                        help="use the bundle's TensorRT plans of this precision in the repository")
+    parser.add_argument("--skip-onnx", action="store_true",
+                        help="reuse the bundle's ONNX graphs (add TensorRT engines or a Triton repository)")
     add_config_flags(parser, TensorRTConfig, title="TensorRT (with --tensorrt)")
     args = parser.parse_args(argv)
     if args.tensorrt:
@@ -188,6 +197,9 @@ def cmd_export(argv: list[str]) -> int:
     if not args.skip_onnx:
         from export.writer import export_bundle
 
+        if not (args.student and args.teacher and args.verifier):
+            parser.error("--student, --teacher and --verifier are required unless --skip-onnx reuses a bundle")
+
         metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
         export_bundle(args.student, args.teacher, args.verifier, args.out, tuple(args.cfg_scales),
                       args.teacher_cfg_scale, args.name, metrics)
@@ -195,7 +207,14 @@ def cmd_export(argv: list[str]) -> int:
         from export.tensorrt import add_tensorrt_engines
 
         add_tensorrt_engines(args.out, config_from(args, TensorRTConfig))
-    print(f"bundle written to {args.out}")
+    if args.triton:
+        from export.triton import TritonConfig, write_triton_repository
+
+        cfg = TritonConfig(max_batch_size=args.triton_max_batch, instances=args.triton_instances,
+                           kind=args.triton_kind, tensorrt_precision=args.triton_plans)
+        for path in write_triton_repository(args.out, args.triton, cfg):
+            print(f"  wrote {path}")
+    print(f"bundle {'updated' if args.skip_onnx else 'written'}: {args.out}")
     return 0
 
 
@@ -224,15 +243,29 @@ def cmd_serve(argv: list[str]) -> int:
     parser = argparse.ArgumentParser("flowmap serve", description="Serve a bundle over HTTP: OpenAI-style images, "
                                      "batch generation, Best-of-N search, /metrics, OpenAPI docs at /docs.")
     settings_flags(parser, Settings)
+    ray_group = parser.add_argument_group("Ray Serve (with --ray)")
+    ray_group.add_argument("--ray", action="store_true", help="deploy the same app on Ray Serve, one engine set "
+                           "per replica, behind Ray's HTTP proxy at --host:--port")
+    ray_fields = {"replicas": 2, "autoscale_max": 0, "target_ongoing_requests": 64, "cpus_per_replica": 1.0,
+                  "gpus_per_replica": 0.0}
+    for name, default in ray_fields.items():
+        ray_group.add_argument("--" + name.replace("_", "-"), dest=name, type=type(default), default=default,
+                               help=f"default: {default}")
     args = parser.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    ray_options = {name: getattr(args, name) for name in ray_fields}
+    overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ray_fields and k != "ray"}
     try:
         settings = Settings(**overrides)
     except ValidationError as err:
         print(f"flowmap serve: invalid settings: {err}", file=sys.stderr)
         return 2
     try:
-        serve(settings)
+        if args.ray:
+            from server.ray_app import RayOptions, run
+
+            run(settings, RayOptions(**ray_options))
+        else:
+            serve(settings)
     except BundleError as err:
         print(f"flowmap serve: refusing to start: {err}", file=sys.stderr)
         return 3

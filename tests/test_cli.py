@@ -30,3 +30,16 @@ def test_method_options_are_flags():
 def test_bad_data_is_a_clear_error(tmp_path):
     result = run("teacher", "--data", str(tmp_path / "nothing.npz"), "--out", str(tmp_path / "t"), "--steps", "1")
     assert result.returncode == 2 and "unknown dataset" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_tensorrt_without_tensorrt_is_a_clear_stop(tmp_path):
+    try:
+        import pytest
+        import tensorrt  # noqa: F401
+
+        pytest.skip("tensorrt is installed here")
+    except ImportError:
+        pass
+    result = run("export", "--tensorrt", "--skip-onnx", "--out", "models/digits")
+    assert result.returncode == 2
+    assert "TensorRT is not installed" in result.stderr and "Traceback" not in result.stderr

@@ -34,14 +34,14 @@ def runs(tmp_path_factory):
     train_verifier(data, VerifierConfig(width=8, feature_dim=16), quick, root / "verifier", progress=False)
     # a few real FreeFlow steps so the s and w embeddings are no longer zero
     distill_student("freeflow", str(root / "teacher"), FreeFlowConfig(), quick,
-                    root / "student", progress=False)
+                    root / "freeflow", progress=False)
     return root
 
 
 @pytest.fixture(scope="module")
 def bundle(runs, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle") / "tiny"
-    export_bundle(runs / "student", str(runs / "teacher"), runs / "verifier", out, (1.5, 3.0),
+    export_bundle(runs / "freeflow", str(runs / "teacher"), runs / "verifier", out, (1.5, 3.0),
                   metrics={"rows": []}, progress=False)
     return out
 
@@ -139,3 +139,22 @@ def test_the_committed_digits_bundle_passes_the_reader():
     assert any(r["model"] == "student" and r["steps"] == 1 for r in metrics["rows"])
     size = sum(p.stat().st_size for p in (ROOT / "models").rglob("*") if p.is_file())
     assert size < 20 * 1024 * 1024, f"models/ is {size / 2**20:.1f} MiB; keep it under 20 MiB"
+
+
+def test_torch_backend_serves_the_same_images_as_onnxruntime(runs, bundle):
+    """The development backend runs the torch graphs from the run directories, no export needed."""
+    import httpx
+
+    from serving import Server
+
+    body = {"labels": [3, 8], "seeds": [4, 5], "steps": 2, "format": "raw"}
+    outputs = {}
+    for backend in ("torch", "onnxruntime"):
+        srv = Server("--backend", backend, "--no-ui", bundle=bundle, env={"FLOWMAP_TORCH_RUNS": str(runs)})
+        try:
+            srv.wait_ready()
+            outputs[backend] = np.asarray(httpx.post(srv.url + "/v1/generate", json=body, timeout=60).json()["arrays"])
+        finally:
+            srv.stop()
+    assert outputs["torch"].shape == (2, 1, 8, 8)
+    assert np.abs(outputs["torch"] - outputs["onnxruntime"]).max() <= PARITY_TOLERANCE
