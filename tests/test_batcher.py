@@ -5,11 +5,12 @@ import time
 
 import numpy as np
 import pytest
-from serving import BUNDLE
 
 from server.batcher import DeadlineExceeded, DynamicBatcher, EngineFailure, QueueFull
 from server.engines import OnnxRuntimeEngine, padded_size
 from server.metrics import Metrics
+
+from serving import BUNDLE
 
 pytestmark = pytest.mark.skipif(not (BUNDLE / "manifest.json").is_file(), reason=f"no bundle at {BUNDLE}")
 
