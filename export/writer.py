@@ -15,11 +15,16 @@ from export.onnx_export import StudentGraph, TeacherGraph, VerifierGraph, check_
 
 
 def source_commit(repo: str | Path = ".") -> str:
-    """The git commit the bundle was made from, marked `-dirty` when the tree has changes."""
+    """The git commit the bundle was made from, marked `-dirty` when its source has changes.
+
+    The pipeline's own outputs (reports, the bundle, the README tables) are left out of the check:
+    they change while `make models` runs and do not shape the graphs.
+    """
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":!docs", ":!models", ":!README.md"], cwd=repo,
                                capture_output=True, text=True, check=True).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
