@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint models bench clean
+.PHONY: install serve test lint models bench bench-distill clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,21 @@ models: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m flowmap.cli bench serve --bundle models/digits --out docs/serving
+	$(PY) -m flowmap.cli readme
+
+# Every method from one teacher (about 22 min), then FSF-DMD's settings from the consistency-distilled
+# flow map that run leaves in runs/bench/meanflow (about 14 min). Needs runs/digits from `make models`.
+STUDY_INIT := init=runs/bench/meanflow
+bench-distill: $(STAMP)
+	$(PY) -m flowmap.cli bench distill --minutes 4 --segments 4 --options fsf-dmd:warmup-steps=1400
+	$(PY) -m flowmap.cli bench distill --title "FSF-DMD settings, from a consistency-distilled flow map" \
+		--runs runs/study --out docs/fsf_dmd_study --minutes 2 --segments 2 \
+		--methods cd-continued=meanflow fsf-dmd fsf-dmd-m1=fsf-dmd fsf-dmd-lambda0.2=fsf-dmd \
+		          fsf-dmd-ema0.995=fsf-dmd fsf-dmd-sigma1=fsf-dmd \
+		--options cd-continued:$(STUDY_INIT) fsf-dmd:$(STUDY_INIT) fsf-dmd-m1:$(STUDY_INIT) fsf-dmd-m1:sim-steps=1 \
+		          fsf-dmd-lambda0.2:$(STUDY_INIT) fsf-dmd-lambda0.2:lambda-dm=0.2 \
+		          fsf-dmd-ema0.995:$(STUDY_INIT) fsf-dmd-ema0.995:fake-ema-decay=0.995 \
+		          fsf-dmd-sigma1:$(STUDY_INIT) fsf-dmd-sigma1:time-shift=1.0
 	$(PY) -m flowmap.cli readme
 
 clean:

@@ -20,18 +20,21 @@ from distill.meanflow import MeanFlowConfig, consistency_batch, meanflow_loss
 
 @dataclass
 class FSFDMDConfig(MeanFlowConfig):
+    # The defaults below are the setting that works on digits; docs/fsf_dmd_study.md measures each choice
+    # against consistency distillation continued for the same wall time from the same flow map.
     # M: jumps of the flow-map-consistent backward simulation. With M = 2 the DMD gradient reaches only
-    # the last jump, so it cannot spoil the 1-NFE map; with M = 1 it did (FD 1.76 vs 0.55 on digits).
+    # the last jump, so it cannot spoil the 1-NFE map; M = 1 gave the best 2-NFE FD but wrecked 1-NFE.
     sim_steps: int = 2
-    # σ: t <- σt / (1 + (σ - 1)t). σ > 1 weights high noise, where the EMA jump is a sample-like
-    # guess rather than a posterior mean; σ = 0.5 kept the DMD term from hurting 1-NFE on the toy.
+    # σ: t <- σt / (1 + (σ - 1)t). σ < 1 weights low noise; on the toy σ = 0.5 kept the DMD term from
+    # hurting 1-NFE, on digits it made no measurable difference against σ = 1.
     time_shift: float = 0.5
-    lambda_dm: float = 0.05  # weight of the DMD term next to consistency distillation
-    # The fake side stays close to the flow map the DMD phase started from, as the paper's 0.99995 does;
-    # a fast EMA (0.995) chased the generator and hurt 2-NFE on digits (0.366 vs 0.326).
+    lambda_dm: float = 0.05  # weight of the DMD term next to CD; 0.2 hurt both 1- and 2-NFE on digits
+    # The fake side stays close to the flow map the DMD phase started from, as the paper's 0.99995 does
+    # (0.995 measured the same on digits within noise; a slow EMA is the safer default).
     fake_ema_decay: float = 0.9999
-    # Consistency distillation alone before the DMD term starts; at the switch the fake side is reset to
-    # the warmed-up flow map (a slow EMA would still be mostly the teacher's one Euler step).
+    # Consistency distillation alone before the DMD term starts, for runs that begin at the teacher; at
+    # the switch the fake side is reset to the warmed-up flow map (a slow EMA would still be mostly the
+    # teacher's one Euler step). Starting from a trained flow map (--init) needs none.
     warmup_steps: int = 0
     self_teacher: bool = False  # train without a teacher (consistency training + own guided velocity)
     label_dropout: float = 0.1  # self-teacher: null labels so the network can guide itself

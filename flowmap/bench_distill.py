@@ -22,28 +22,42 @@ class DistillBenchConfig:
     runs: str = "runs/bench"
     minutes: float = 4.0  # wall-time budget per method
     segments: int = 4
+    # a method name, or LABEL=METHOD to run one method several times with different options (a study)
     methods: tuple[str, ...] = ("freeflow", "meanflow", "fsf-dmd", "fgm", "dmd2")
     cfg_scale: float = 1.5
     out: str = "docs/distillation"
-    # per-method options on top of each method's defaults, "method:flag=value" (repeatable)
+    # per-method options on top of each method's defaults, "label:flag=value" (repeatable)
     options: tuple[str, ...] = field(default_factory=tuple)
+    title: str = "Distillation methods side by side"
 
 
-def method_flags(method: str, options: tuple[str, ...]) -> list[str]:
+def parse_entry(entry: str) -> tuple[str, str]:
+    """`fsf-dmd-m1=fsf-dmd` -> (label, method); a bare method name is its own label."""
+    from distill.methods import METHODS
+
+    label, _, method = entry.partition("=")
+    method = method or label
+    if method not in METHODS:
+        raise ValueError(f"methods: unknown method {method!r} in {entry!r}; choose from {sorted(METHODS)}")
+    return label, method
+
+
+def method_flags(label: str, options: tuple[str, ...]) -> list[str]:
+    """The `flowmap distill` flags that `options` gives the entry named `label`."""
     flags = []
     for option in options:
         name, _, setting = option.partition(":")
-        if name == method:
+        if name == label:
             key, _, value = setting.partition("=")
             flags += [f"--{key}", value] if value else [f"--{key}"]
     return flags
 
 
-def train_segment(method: str, cfg: DistillBenchConfig, run_dir: Path, minutes_so_far: float) -> dict:
+def train_segment(label: str, method: str, cfg: DistillBenchConfig, run_dir: Path, minutes_so_far: float) -> dict:
     """Run `flowmap distill` for one segment in a fresh process; resumes from the previous segment."""
     command = [sys.executable, "-m", "flowmap.cli", "distill", "--method", method, "--teacher", cfg.teacher,
                "--out", str(run_dir), "--steps", "1000000", "--max-minutes", str(cfg.minutes / cfg.segments),
-               "--checkpoint-every", "1000000", "--quiet", *method_flags(method, cfg.options)]
+               "--checkpoint-every", "1000000", "--quiet", *method_flags(label, cfg.options)]
     subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     summary = json.loads((run_dir / "summary.json").read_text())
     summary["minutes"] = round(minutes_so_far + summary["seconds"] / 60, 3)
@@ -59,6 +73,7 @@ def run_distill_bench(cfg: DistillBenchConfig, progress: bool = True) -> dict:
     from distill.pipeline import load_verifier
 
     say = print if progress else (lambda *a, **k: None)
+    entries = [parse_entry(entry) for entry in cfg.methods]
     teacher, verifier = load_teacher(cfg.teacher), load_verifier(cfg.verifier)
     data = load_dataset("digits")
     scorer = Scorer(data, verifier)
@@ -68,14 +83,14 @@ def run_distill_bench(cfg: DistillBenchConfig, progress: bool = True) -> dict:
     say("[bench distill] teacher rows")
     teacher_rows = [r for r in evaluate(teacher, None, verifier, data, eval_cfg, progress=False)["rows"]]
     results = []
-    for method in cfg.methods:
-        run_dir = Path(cfg.runs) / method
+    for label, method in entries:
+        run_dir = Path(cfg.runs) / label
         if run_dir.exists():
             subprocess.run(["rm", "-rf", str(run_dir)], check=True)
         curve, summaries, minutes = [], [], 0.0
         for segment in range(cfg.segments):
-            say(f"[bench distill] {method}: segment {segment + 1}/{cfg.segments}")
-            summary = train_segment(method, cfg, run_dir, minutes)
+            say(f"[bench distill] {label}: segment {segment + 1}/{cfg.segments}")
+            summary = train_segment(label, method, cfg, run_dir, minutes)
             minutes = summary["minutes"]
             summaries.append(summary)
             student, _ = load_student(run_dir)
@@ -88,7 +103,7 @@ def run_distill_bench(cfg: DistillBenchConfig, progress: bool = True) -> dict:
         # everything a method must hold to train: networks, optimiser states, EMA copies (the checkpoint)
         state_mb = (run_dir / "checkpoint.safetensors").stat().st_size / 2**20
         results.append({
-            "method": method, "steps": meta["step"], "minutes": minutes,
+            "method": label, "base_method": method, "steps": meta["step"], "minutes": minutes,
             "fd_1nfe": scores[1]["fd_pixels"], "fd_2nfe": scores[2]["fd_pixels"],
             "fd_feat_1nfe": scores[1]["fd_features"], "fd_feat_2nfe": scores[2]["fd_features"],
             "precision": scores[1]["precision"], "recall": scores[1]["recall"],
@@ -99,7 +114,7 @@ def run_distill_bench(cfg: DistillBenchConfig, progress: bool = True) -> dict:
             "state_mb": round(state_mb, 2),
             "method_config": meta["method_config"], "curve": curve,
         })
-        say(f"  {method}: FD 1-NFE {scores[1]['fd_pixels']:.4f}, 2-NFE {scores[2]['fd_pixels']:.4f}")
+        say(f"  {label}: FD 1-NFE {scores[1]['fd_pixels']:.4f}, 2-NFE {scores[2]['fd_pixels']:.4f}")
     report = {"config": asdict(cfg), "teacher": teacher_rows, "methods": results, "num_samples": len(data),
               "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_distill_report(report, cfg.out)
@@ -143,9 +158,9 @@ def render_distill_markdown(report: dict, plot_name: str) -> str:
     teacher = {r["steps"]: r for r in report["teacher"]}
     by = {m["method"]: m for m in methods}
     lines = [
-        "# Distillation methods side by side",
+        f"# {cfg.get('title', 'Distillation methods side by side')}",
         "",
-        f"Written by `flowmap bench distill`: every method starts from the same teacher ({cfg['teacher']}) and "
+        f"Written by `flowmap bench distill`: every entry distils the same teacher ({cfg['teacher']}) and "
         f"trains for {cfg['minutes']:g} minutes of wall time on this machine, evaluated at guidance "
         f"{cfg['cfg_scale']} against all {report['num_samples']} digits (FD in pixels and in verifier features; "
         "precision/recall at k = 3 in verifier features). Peak RSS is the whole training process; training state "
@@ -184,13 +199,16 @@ def targets_text(by: dict, teacher: dict) -> list[str]:
                      f"({verdict(fsf['state_mb'] < dmd['state_mb'])}); peak RSS of the process "
                      f"{fsf['peak_rss_mb']:.0f} vs {dmd['peak_rss_mb']:.0f} MB "
                      f"({verdict(fsf['peak_rss_mb'] < dmd['peak_rss_mb'])}).")
-    if "fsf-dmd" in by and "meanflow" in by:
-        fsf, cd = by["fsf-dmd"], by["meanflow"]
-        lines.append(f"- FSF-DMD at 2 NFE {fsf['fd_2nfe']:.4f} vs consistency distillation {cd['fd_2nfe']:.4f}: "
-                     f"{verdict(fsf['fd_2nfe'] < cd['fd_2nfe'])}.")
+    cd = next((m for m in by.values() if m.get("base_method", m["method"]) == "meanflow"), None)
+    for fsf in (m for m in by.values() if m.get("base_method", m["method"]) == "fsf-dmd"):
+        if cd is None:
+            break
+        lines.append(f"- {fsf['method']} at 2 NFE {fsf['fd_2nfe']:.4f} vs consistency distillation ({cd['method']}) "
+                     f"{cd['fd_2nfe']:.4f}: {verdict(fsf['fd_2nfe'] < cd['fd_2nfe'])}; at 1 NFE "
+                     f"{fsf['fd_1nfe']:.4f} vs {cd['fd_1nfe']:.4f}.")
         if 100 in teacher:
-            lines.append(f"- Goal, FSF-DMD at 2 NFE below the teacher at 100 steps ({teacher[100]['fd_pixels']:.4f}): "
-                         f"{verdict(fsf['fd_2nfe'] < teacher[100]['fd_pixels'])}.")
+            lines.append(f"- Goal, {fsf['method']} at 2 NFE below the teacher at 100 steps "
+                         f"({teacher[100]['fd_pixels']:.4f}): {verdict(fsf['fd_2nfe'] < teacher[100]['fd_pixels'])}.")
     if 4 in teacher:
         four = teacher[4]["fd_pixels"]
         for m in by.values():

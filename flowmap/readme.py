@@ -1,6 +1,7 @@
 """Regenerate the README's result tables from the files the pipeline and the benchmarks wrote, so no
-figure in the README is typed by hand: models/digits/manifest.json, docs/pipeline.json and
-docs/serving.json. Blocks sit between `<!-- begin:NAME -->` and `<!-- end:NAME -->` markers."""
+figure in the README is typed by hand: models/digits/manifest.json, docs/pipeline.json,
+docs/distillation.json, docs/fsf_dmd_study.json and docs/serving.json. Blocks sit between `<!-- begin:NAME -->` and
+`<!-- end:NAME -->` markers."""
 
 from __future__ import annotations
 
@@ -41,6 +42,40 @@ def distill_block(root: Path) -> str:
     return "\n".join(lines)
 
 
+def methods_block(root: Path) -> str:
+    report = _load(root / "docs" / "distillation.json")
+    if report is None:
+        return "_No method comparison yet: run `flowmap bench distill`._"
+    cfg = report["config"]
+    teacher = {r["steps"]: r["fd_pixels"] for r in report["teacher"]}
+    lines = [
+        f"Every method from the same teacher, {cfg['minutes']:g} minutes of wall time each on this machine, "
+        f"guidance w = {cfg['cfg_scale']} (from [docs/distillation.md](docs/distillation.md), written by "
+        "`flowmap bench distill`). Teacher FD in pixels: "
+        + ", ".join(f"{steps} steps {fd:.3f}" for steps, fd in sorted(teacher.items())) + ".",
+        "",
+        *_methods_table(report, teacher[4]),
+    ]
+    study = _load(root / "docs" / "fsf_dmd_study.json")
+    if study is not None:
+        lines += ["", f"FSF-DMD's settings, each run for {study['config']['minutes']:g} minutes from the same "
+                      "consistency-distilled flow map (from [docs/fsf_dmd_study.md](docs/fsf_dmd_study.md)):", "",
+                  *_methods_table(study, teacher[4])]
+    return "\n".join(lines)
+
+
+def _methods_table(report: dict, teacher_4_steps: float) -> list[str]:
+    lines = ["| method | options | steps | s/step | FD 1-NFE | FD 2-NFE | 1-NFE below teacher@4 |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for m in report["methods"]:
+        options = " ".join(o.partition(":")[2] for o in report["config"]["options"]
+                           if o.startswith(m["method"] + ":") and ":init=" not in o) or "-"
+        below = "yes" if m["fd_1nfe"] < teacher_4_steps else "**no**"
+        lines.append(f"| {m['method']} | {options} | {m['steps']} | {m['sec_per_step']} | {m['fd_1nfe']:.3f} "
+                     f"| {m['fd_2nfe']:.3f} | {below} |")
+    return lines
+
+
 def serving_block(root: Path) -> str:
     report = _load(root / "docs" / "serving.json")
     if report is None:
@@ -65,7 +100,7 @@ def serving_block(root: Path) -> str:
     ])
 
 
-BLOCKS = {"distill-results": distill_block, "serving-results": serving_block}
+BLOCKS = {"distill-results": distill_block, "methods-results": methods_block, "serving-results": serving_block}
 
 
 def update_readme(root: str | Path = ".") -> bool:

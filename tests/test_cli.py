@@ -43,3 +43,19 @@ def test_tensorrt_without_tensorrt_is_a_clear_stop(tmp_path):
     result = run("export", "--tensorrt", "--skip-onnx", "--out", "models/digits")
     assert result.returncode == 2
     assert "TensorRT is not installed" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bench_distill_entries_carry_their_own_options():
+    from flowmap.bench_distill import method_flags, parse_entry
+
+    assert parse_entry("fsf-dmd") == ("fsf-dmd", "fsf-dmd")
+    assert parse_entry("fsf-dmd-m1=fsf-dmd") == ("fsf-dmd-m1", "fsf-dmd")
+    options = ("fsf-dmd-m1:sim-steps=1", "fsf-dmd:lambda-dm=0.2", "meanflow:init=runs/x")
+    assert method_flags("fsf-dmd-m1", options) == ["--sim-steps", "1"]
+    assert method_flags("fsf-dmd", options) == ["--lambda-dm", "0.2"]
+    try:
+        parse_entry("cd=consistency")
+    except ValueError as err:
+        assert "unknown method 'consistency'" in str(err)
+    else:
+        raise AssertionError("an unknown method must be refused")
