@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from distill.flow import bcast, guided_velocity, interpolate, time_grid
+from distill.flow import bcast, guided_velocity, interpolate, prior_batch, time_grid
 from distill.fsf_dmd import dmd_loss
 
 
@@ -52,8 +52,7 @@ class DMD2:
 
     def _conditions(self, generator):
         batch = self.batch_size
-        z = torch.randn((batch, *self.shape), generator=generator).to(self.device)
-        label = torch.randint(0, self.teacher.num_classes, (batch,), generator=generator).to(self.device)
+        z, label = prior_batch(batch, self.shape, self.teacher.num_classes, generator, self.device)
         return z, label, torch.full((batch,), self.cfg.dm_cfg_scale, device=self.device)
 
     def losses(self, generator, logs):

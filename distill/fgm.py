@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from distill.flow import guided_velocity, interpolate
-from distill.meanflow import guidance_scales
+from distill.flow import guidance_scales, guided_velocity, interpolate, prior_batch
 
 
 @dataclass
@@ -54,8 +53,7 @@ class FGM:
     def losses(self, generator, logs):
         cfg, batch = self.cfg, self.batch_size
         student, fake = self.trainable["student"], self.trainable["fake"]
-        z = torch.randn((batch, *self.shape), generator=generator).to(self.device)
-        label = torch.randint(0, self.teacher.num_classes, (batch,), generator=generator).to(self.device)
+        z, label = prior_batch(batch, self.shape, self.teacher.num_classes, generator, self.device)
         w = guidance_scales(batch, cfg.cfg_min, cfg.cfg_max, generator).to(self.device)
         one, zero = torch.ones(batch, device=self.device), torch.zeros(batch, device=self.device)
         x0 = student.jump(z, one, zero, label, w)

@@ -31,6 +31,19 @@ def logit_normal(n: int, mean: float, std: float, generator: torch.Generator | N
     return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
 
 
+def guidance_scales(batch: int, cfg_min: float, cfg_max: float, generator: torch.Generator) -> torch.Tensor:
+    """Guidance scales drawn uniformly from [cfg_min, cfg_max], one per sample."""
+    return cfg_min + (cfg_max - cfg_min) * torch.rand(batch, generator=generator)
+
+
+def prior_batch(batch: int, shape: tuple[int, ...], num_classes: int, generator: torch.Generator,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, label): prior noise and uniform class labels, the inputs of the data-free methods."""
+    z = torch.randn((batch, *shape), generator=generator).to(device)
+    label = torch.randint(0, num_classes, (batch,), generator=generator).to(device)
+    return z, label
+
+
 @dataclass(frozen=True)
 class Guidance:
     """Classifier-free guidance u_w = u(∅) + w (u(c) - u(∅)), applied only for t in [t_lo, t_hi]."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from distill.flow import bcast, guided_velocity, interpolate, logit_normal
+from distill.flow import bcast, guidance_scales, guided_velocity, interpolate, logit_normal, prior_batch
 
 
 @dataclass
@@ -127,9 +127,8 @@ class FreeFlow:
     def losses(self, generator, logs):
         cfg, batch = self.cfg, self.batch_size
         n_pred = max(1, min(batch - 1, round(batch * cfg.pred_fraction)))
-        z = torch.randn((batch, *self.shape), generator=generator).to(self.device)
-        label = torch.randint(0, self.teacher.num_classes, (batch,), generator=generator).to(self.device)
-        w = (cfg.cfg_min + (cfg.cfg_max - cfg.cfg_min) * torch.rand(batch, generator=generator)).to(self.device)
+        z, label = prior_batch(batch, self.shape, self.teacher.num_classes, generator, self.device)
+        w = guidance_scales(batch, cfg.cfg_min, cfg.cfg_max, generator).to(self.device)
         delta = logit_normal(n_pred, cfg.delta_mean, cfg.delta_std, generator)
         delta = torch.where(torch.rand(n_pred, generator=generator) < cfg.delta_zero_fraction, 0.0, delta)
         delta = delta.to(self.device)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.flow import bcast, flow_map, guided_velocity, interpolate, time_grid
+from distill.flow import bcast, flow_map, guided_velocity, interpolate, prior_batch, time_grid
 from distill.meanflow import MeanFlowConfig, consistency_batch, meanflow_loss
 
 
@@ -112,9 +112,7 @@ class FSFDMD:
 
     def distribution_loss(self, generator, logs):
         cfg, batch = self.cfg, self.batch_size
-        shape = self.data.shape
-        z = torch.randn((batch, *shape), generator=generator).to(self.device)
-        label = torch.randint(0, self.num_classes, (batch,), generator=generator).to(self.device)
+        z, label = prior_batch(batch, self.data.shape, self.num_classes, generator, self.device)
         w = torch.full((batch,), cfg.dm_cfg_scale, device=self.device)
         x0 = rollout(self.trainable["student"], z, label, w, cfg.sim_steps)
         t = shift_time(torch.rand(batch, generator=generator), cfg.time_shift).clamp(1e-3, 1.0).to(z)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.flow import bcast, guided_velocity, interpolate, logit_normal
+from distill.flow import bcast, guidance_scales, guided_velocity, interpolate, logit_normal
 
 
 @dataclass
@@ -75,10 +75,6 @@ def sample_times(batch: int, cfg: MeanFlowConfig, generator: torch.Generator) ->
     s = torch.where(pick < cfg.equal_fraction, t, s)
     endpoint = pick > 1 - cfg.endpoint_fraction
     return torch.where(endpoint, 1.0, t), torch.where(endpoint, 0.0, s)
-
-
-def guidance_scales(batch: int, cfg_min: float, cfg_max: float, generator: torch.Generator) -> torch.Tensor:
-    return cfg_min + (cfg_max - cfg_min) * torch.rand(batch, generator=generator)
 
 
 def consistency_batch(data, cfg: MeanFlowConfig, batch: int, generator: torch.Generator, device):
