@@ -12,6 +12,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from flowmap.reports import pyplot, write_report
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -117,24 +119,12 @@ def run_distill_bench(cfg: DistillBenchConfig, progress: bool = True) -> dict:
         say(f"  {label}: FD 1-NFE {scores[1]['fd_pixels']:.4f}, 2-NFE {scores[2]['fd_pixels']:.4f}")
     report = {"config": asdict(cfg), "teacher": teacher_rows, "methods": results, "num_samples": len(data),
               "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-    write_distill_report(report, cfg.out)
+    write_report(report, cfg.out, _plot, render_distill_markdown)
     return report
 
 
-def write_distill_report(report: dict, out: str) -> None:
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    _plot(report, path.with_suffix(".png"))
-    path.with_suffix(".md").write_text(render_distill_markdown(report, path.with_suffix(".png").name))
-
-
 def _plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for result in report["methods"]:
         curve = result["curve"]

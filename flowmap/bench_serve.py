@@ -6,7 +6,6 @@ Writes docs/serving.md, docs/serving.json and docs/serving.png."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import platform
 import subprocess
@@ -19,6 +18,7 @@ import httpx
 import numpy as np
 
 from flowmap.loadgen import run_load
+from flowmap.reports import pyplot, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -232,24 +232,12 @@ def run_serve_bench(cfg: ServeBenchConfig, progress: bool = True) -> dict:
                                                    / raw["teacher_images_per_s_at_steps"], 1),
         },
     }
-    write_serve_report(report, cfg.out)
+    write_report(report, cfg.out, _plot, render_serve_markdown)
     return report
 
 
-def write_serve_report(report: dict, out: str) -> None:
-    out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    _plot(report, out_path.with_suffix(".png"))
-    out_path.with_suffix(".md").write_text(render_serve_markdown(report, out_path.with_suffix(".png").name))
-
-
 def _plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for mode, rows in report["curves"].items():
         clients = [r["clients"] for r in rows]
