@@ -44,14 +44,17 @@ def parse_entry(entry: str) -> tuple[str, str]:
     return label, method
 
 
+def entry_settings(label: str, options) -> list[str]:
+    """The `flag=value` settings that `options` ("label:flag=value") gives the entry named `label`."""
+    return [setting for name, _, setting in (option.partition(":") for option in options) if name == label]
+
+
 def method_flags(label: str, options: tuple[str, ...]) -> list[str]:
     """The `flowmap distill` flags that `options` gives the entry named `label`."""
     flags = []
-    for option in options:
-        name, _, setting = option.partition(":")
-        if name == label:
-            key, _, value = setting.partition("=")
-            flags += [f"--{key}", value] if value else [f"--{key}"]
+    for setting in entry_settings(label, options):
+        key, _, value = setting.partition("=")
+        flags += [f"--{key}", value] if value else [f"--{key}"]
     return flags
 
 
@@ -161,7 +164,7 @@ def render_distill_markdown(report: dict, plot_name: str) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m in methods:
-        options = " ".join(o.partition(":")[2] for o in cfg["options"] if o.startswith(m["method"] + ":")) or "-"
+        options = " ".join(entry_settings(m["method"], cfg["options"])) or "-"
         lines.append(f"| {m['method']} | {options} | {m['steps']} | {m['sec_per_step']} | {m['peak_rss_mb']:.0f} "
                      f"| {m['state_mb']:.1f} "
                      f"| {m['fd_1nfe']:.4f} | {m['fd_2nfe']:.4f} | {m['fd_feat_1nfe']:.2f} | {m['precision']:.3f} "

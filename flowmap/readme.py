@@ -9,6 +9,8 @@ import json
 import re
 from pathlib import Path
 
+from flowmap.bench_distill import entry_settings
+
 
 def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
@@ -68,8 +70,9 @@ def _methods_table(report: dict, teacher_4_steps: float) -> list[str]:
     lines = ["| method | options | steps | s/step | FD 1-NFE | FD 2-NFE | 1-NFE below teacher@4 |",
              "|---|---|---:|---:|---:|---:|---|"]
     for m in report["methods"]:
-        options = " ".join(o.partition(":")[2] for o in report["config"]["options"]
-                           if o.startswith(m["method"] + ":") and ":init=" not in o) or "-"
+        # every study entry starts from the same init, which the text above names
+        options = " ".join(o for o in entry_settings(m["method"], report["config"]["options"])
+                           if not o.startswith("init=")) or "-"
         below = "yes" if m["fd_1nfe"] < teacher_4_steps else "**no**"
         lines.append(f"| {m['method']} | {options} | {m['steps']} | {m['sec_per_step']} | {m['fd_1nfe']:.3f} "
                      f"| {m['fd_2nfe']:.3f} | {below} |")
