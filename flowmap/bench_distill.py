@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from flowmap.reports import pyplot, write_report
+from flowmap.reports import pyplot, save_figure, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,9 +141,7 @@ def _plot(report: dict, path: Path) -> None:
     ax.set_ylabel("FD in pixels, 1 NFE")
     ax.legend(fontsize=8)
     ax.set_title("Distillation methods from one teacher, same budget")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def render_distill_markdown(report: dict, plot_name: str) -> str:

@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 
 from flowmap.loadgen import run_load
-from flowmap.reports import pyplot, write_report
+from flowmap.reports import pyplot, save_figure, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -256,9 +256,7 @@ def _plot(report: dict, path: Path) -> None:
     ax2.set_yscale("log")
     ax2.set_ylabel("latency (ms)")
     fig.suptitle("flowmap serve: 1-NFE student over HTTP")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def render_serve_markdown(report: dict, plot_name: str) -> str:

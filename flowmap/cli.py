@@ -265,7 +265,7 @@ def cmd_serve(argv: list[str]) -> int:
 
             run(settings, RayOptions(**ray_options))
         else:
-            serve(settings)
+            return serve(settings)
     except BundleError as err:
         print(f"flowmap serve: refusing to start: {err}", file=sys.stderr)
         return 3
@@ -274,6 +274,7 @@ def cmd_serve(argv: list[str]) -> int:
 
 def cmd_bench(argv: list[str]) -> int:
     benches = {"serve": "HTTP throughput/latency, batching on/off, raw engine, student vs teacher",
+               "overload": "goodput, refusals and latency when 4x more clients come than the server keeps up with",
                "distill": "every distillation method from one teacher, same wall time, same evaluation"}
     if not argv or argv[0] not in benches:
         listing = "\n".join(f"  {name:10s} {text}" for name, text in benches.items())
@@ -287,6 +288,15 @@ def cmd_bench(argv: list[str]) -> int:
         report = run_distill_bench(config_from(parser.parse_args(argv[1:]), DistillBenchConfig))
         print(json.dumps([{k: m[k] for k in ("method", "fd_1nfe", "fd_2nfe", "sec_per_step")}
                           for m in report["methods"]], indent=2))
+        return 0
+    if argv[0] == "overload":
+        from flowmap.bench_overload import OverloadBenchConfig, run_overload_bench
+
+        parser = argparse.ArgumentParser("flowmap bench overload", description=benches["overload"]
+                                         + "; writes OUT.md/.json/.png")
+        add_config_flags(parser, OverloadBenchConfig, title="benchmark")
+        report = run_overload_bench(config_from(parser.parse_args(argv[1:]), OverloadBenchConfig))
+        print(json.dumps(report["checks"], indent=2))
         return 0
     from flowmap.bench_serve import ServeBenchConfig, run_serve_bench
 

@@ -23,9 +23,12 @@ class LoadResult:
     latencies_s: list[float] = field(repr=False)
     statuses: dict[int, int] = field(default_factory=dict)
     client_cpu_s: float = 0.0
+    ok_latencies_s: list[float] = field(default_factory=list, repr=False)
+    refusals_without_retry_after: int = 0
 
     def summary(self) -> dict:
         lat = np.asarray(self.latencies_s) if self.latencies_s else np.zeros(1)
+        ok = np.asarray(self.ok_latencies_s) if self.ok_latencies_s else np.zeros(1)
         return {
             "clients": self.clients, "seconds": round(self.seconds, 3), "requests": self.requests,
             "images": self.images, "errors": self.errors, "statuses": self.statuses,
@@ -33,6 +36,9 @@ class LoadResult:
             "images_per_s": round(self.images / self.seconds, 2),
             "p50_ms": round(float(np.percentile(lat, 50)) * 1000, 3),
             "p99_ms": round(float(np.percentile(lat, 99)) * 1000, 3),
+            "ok_p99_ms": round(float(np.percentile(ok, 99)) * 1000, 3),
+            "ok_max_ms": round(float(ok.max()) * 1000, 3),
+            "refusals_without_retry_after": self.refusals_without_retry_after,
             "loadgen_cpu_share": round(self.client_cpu_s / self.seconds, 3),
         }
 
@@ -44,26 +50,35 @@ def encode_post(host: str, port: int, path: str, body: dict) -> bytes:
     return head + payload
 
 
-async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> int:
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    request: bytes) -> tuple[int, float | None]:
+    """(status, the server's retry hint in seconds or None) for one request on a kept-alive connection."""
     writer.write(request)
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head[9:12])
-    length = 0
+    length, retry_after = 0, None
     for line in head.split(b"\r\n"):
-        if line[:15].lower() == b"content-length:":
+        name = line[:16].lower()
+        if name.startswith(b"content-length:"):
             length = int(line[15:])
+        elif name.startswith(b"retry-after-ms:"):
+            retry_after = int(line[15:]) / 1000
+        elif name.startswith(b"retry-after:") and retry_after is None:
+            retry_after = float(line[12:])
     await reader.readexactly(length)
-    return status
+    return status, retry_after
 
 
 async def run_load(host: str, port: int, path: str, bodies: list[dict], clients: int, seconds: float,
-                   images_per_request: int, warmup_s: float = 0.5) -> LoadResult:
+                   images_per_request: int, warmup_s: float = 0.5, honour_retry_after: bool = False) -> LoadResult:
     """`clients` connections each send requests back to back for `seconds` (after a warm-up);
-    client i cycles through `bodies` starting at i."""
+    client i cycles through `bodies` starting at i. With `honour_retry_after`, a client that is
+    refused waits as the server asks (`retry-after-ms`, else `Retry-After`), as OpenAI's client does."""
     requests = [encode_post(host, port, path, body) for body in bodies]
     latencies: list[float] = []
+    ok_latencies: list[float] = []
     statuses: dict[int, int] = {}
-    measuring = {"on": False, "stop": False}
+    measuring = {"on": False, "stop": False, "no_hint": 0}
 
     async def client(index: int) -> None:
         reader, writer = await asyncio.open_connection(host, port)
@@ -73,10 +88,16 @@ async def run_load(host: str, port: int, path: str, bodies: list[dict], clients:
                 request = requests[turn % len(requests)]
                 turn += 1
                 started = time.perf_counter()
-                status = await _exchange(reader, writer, request)
+                status, retry_after = await _exchange(reader, writer, request)
                 if measuring["on"]:
                     latencies.append(time.perf_counter() - started)
                     statuses[status] = statuses.get(status, 0) + 1
+                    if status == 200:
+                        ok_latencies.append(latencies[-1])
+                    elif status in (429, 503) and retry_after is None:
+                        measuring["no_hint"] += 1
+                if honour_retry_after and retry_after and status != 200:
+                    await asyncio.sleep(retry_after)
         finally:
             writer.close()
 
@@ -92,4 +113,5 @@ async def run_load(host: str, port: int, path: str, bodies: list[dict], clients:
     ok = statuses.get(200, 0)
     cpu = (cpu_end.user - cpu_start.user) + (cpu_end.system - cpu_start.system)
     return LoadResult(clients, elapsed, sum(statuses.values()), ok * images_per_request,
-                      sum(v for k, v in statuses.items() if k != 200), latencies, statuses, cpu)
+                      sum(v for k, v in statuses.items() if k != 200), latencies, statuses, cpu, ok_latencies,
+                      measuring["no_hint"])

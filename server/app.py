@@ -4,6 +4,7 @@ warm-up before /health/ready turns true."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from contextlib import asynccontextmanager
 
@@ -13,7 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from export.bundle import read_bundle
-from server.batcher import DeadlineExceeded, DynamicBatcher, EngineFailure, QueueFull
+from server.admission import Admission, Overloaded, RequestTooLarge, Ticket
+from server.batcher import DeadlineExceeded, DynamicBatcher, EngineFailure
 from server.engines import build_engines
 from server.errors import error_for
 from server.gate import Gate
@@ -23,18 +25,38 @@ from server.routes import router
 from server.service import ApiError, ClientDisconnected, Service
 from server.settings import Settings
 
+log = logging.getLogger("flowmap.serve")
+
 
 async def warm_up(service: Service) -> None:
-    """Run every engine once at batch 1 and at the largest batch, then turn ready."""
-    bundle, far = service.bundle, time.monotonic() + 600
-    for rows in (1, service.settings.max_batch_size):
-        noise = np.zeros((rows, *bundle.image_shape), np.float32)
-        labels = np.zeros(rows, np.int64)
-        for cfg_scale in bundle.cfg_scales:
-            await service.pipelines.student(noise, labels, 1, cfg_scale, far)
-        await service.pipelines.teacher(noise, labels, 1, far)
-        await service.pipelines.scores(noise, labels, far)
+    """Run every engine at batch 1 and at the largest batch, three times: the first passes pay for
+    one-time allocations, the last measures what admission's first estimates start from. Then turn ready."""
+    bundle, far = service.bundle, Ticket(time.monotonic() + 600)
+    for _pass in range(3):
+        for batcher in service.batchers.values():
+            batcher.cost.reset()
+        for rows in (1, service.settings.max_batch_size):
+            noise = np.zeros((rows, *bundle.image_shape), np.float32)
+            labels = np.zeros(rows, np.int64)
+            for cfg_scale in bundle.cfg_scales:
+                await service.pipelines.student(noise, labels, 1, cfg_scale, far)
+            await service.pipelines.teacher(noise, labels, 1, far)
+            await service.pipelines.scores(noise, labels, far)
     service.ready = True
+    log.info("warm: every engine ran at batch 1 and %d; ready", service.settings.max_batch_size)
+
+
+async def warm_up_or_stop(service: Service, stop) -> None:
+    """A warm-up that fails (an engine that cannot run, a setting it cannot meet) is logged and stops
+    the server with a non-zero exit (`stop`), instead of leaving it unready and silent."""
+    try:
+        await warm_up(service)
+    except asyncio.CancelledError:
+        raise
+    except Exception as err:  # noqa: BLE001 (any failure here is fatal, and reported)
+        service.failure = f"warm-up failed: {type(err).__name__}: {err}"
+        log.error("%s; stopping", service.failure, exc_info=err)
+        stop()
 
 
 def create_app(settings: Settings | None = None, mount_ui: bool | None = None) -> FastAPI:
@@ -48,12 +70,13 @@ def create_app(settings: Settings | None = None, mount_ui: bool | None = None) -
     async def lifespan(app: FastAPI):
         engines = build_engines(bundle, settings)
         service.batchers = {name: DynamicBatcher(engine, settings.max_batch_size, settings.max_queue_delay_ms,
-                                                 settings.max_queue_size, service.metrics)
+                                                 service.metrics)
                             for name, engine in engines.items()}
+        service.admission = Admission.for_batchers(service.batchers, settings, service.metrics)
         for batcher in service.batchers.values():
             batcher.start()
         service.pipelines = Pipelines(service.batchers, service.metrics)
-        warming = asyncio.create_task(warm_up(service))
+        warming = asyncio.create_task(warm_up_or_stop(service, app.state.stop))
         try:
             yield
         finally:
@@ -61,17 +84,20 @@ def create_app(settings: Settings | None = None, mount_ui: bool | None = None) -
             warming.cancel()
             await asyncio.gather(*(b.stop() for b in service.batchers.values()))
 
+    # telemetry off: our own Prometheus metrics cover the routes, and its per-request checks cost CPU
     app = FastAPI(title="flowmap-serve", version="0.1.0", lifespan=lifespan,
+                  telemetry={"tracing": False, "metrics": False},
                   description=f"One-step flow-map generation for the {bundle.name!r} bundle: OpenAI-style images, "
                               "native batches and Best-of-N noise search.")
     app.state.service = service
+    app.state.stop = lambda: None  # `flowmap serve` replaces it with a stop of the whole process
     app.include_router(router)
 
     async def _handle(request, err):
         return error_for(err, request.url.path, service)
 
-    for kind in (ApiError, RequestValidationError, ValidationError, QueueFull, DeadlineExceeded, TimeoutError,
-                 EngineFailure, ClientDisconnected):
+    for kind in (ApiError, RequestValidationError, ValidationError, Overloaded, RequestTooLarge, DeadlineExceeded,
+                 TimeoutError, EngineFailure, ClientDisconnected):
         app.add_exception_handler(kind, _handle)
 
     app.add_middleware(Gate, service=service, fastapi_app=app)

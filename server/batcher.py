@@ -1,32 +1,28 @@
 """Dynamic batching, one batcher per engine.
 
-Rows from many requests wait in a bounded queue until `max_batch_size` rows are there or the oldest
-has waited `max_queue_delay_ms`; the batch runs in the engine's own worker thread (the event loop
-never blocks) and the output rows go back to their requests. A full queue refuses at once
-(QueueFull -> 429), expired rows are dropped (DeadlineExceeded -> 504), rows of a cancelled request
-(client gone, deadline hit) are skipped, and an engine error fails only the requests of that batch.
+Rows from many requests wait until `max_batch_size` rows are there or the oldest has waited
+`max_queue_delay_ms`; the batch runs in the engine's own worker thread (the event loop never blocks)
+and the output rows go back to their requests. The batcher never refuses: admission (admission.py)
+bounds what reaches it, once per request. Rows leave in deadline order, so an older request's next
+step goes before a newer request's first and admitted work finishes in the order it was promised.
+Expired rows are dropped (DeadlineExceeded -> 504), rows of a cancelled request (client gone,
+deadline hit) are skipped, and an engine error fails only the requests of that batch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
+import heapq
+import itertools
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from server.costs import BatchCost
 from server.engines import Engine, padded_size
 from server.metrics import Metrics
-
-
-class QueueFull(Exception):
-    def __init__(self, engine: str, queued: int, limit: int, retry_after_s: int):
-        super().__init__(f"the {engine} queue is full ({queued} of {limit} rows waiting); retry after "
-                         f"{retry_after_s} s")
-        self.retry_after_s = retry_after_s
 
 
 class DeadlineExceeded(Exception):
@@ -37,29 +33,30 @@ class EngineFailure(Exception):
     pass
 
 
-@dataclass
+@dataclass(order=True)
 class WorkItem:
-    feeds: dict[str, np.ndarray]
-    rows: int
-    future: asyncio.Future
-    enqueued: float
     deadline: float
+    order: int  # arrival order among equal deadlines (a request's chunks stay together)
+    feeds: dict[str, np.ndarray] = field(compare=False)
+    rows: int = field(compare=False)
+    future: asyncio.Future = field(compare=False)
+    enqueued: float = field(compare=False)
 
 
 class DynamicBatcher:
-    def __init__(self, engine: Engine, max_batch_size: int, max_queue_delay_ms: float, max_queue_size: int,
+    def __init__(self, engine: Engine, max_batch_size: int, max_queue_delay_ms: float,
                  metrics: Metrics | None = None):
         self.engine = engine
         self.max_batch_size = min(max_batch_size, engine.max_batch)
         self.max_delay_s = max_queue_delay_ms / 1000
-        self.max_queue_size = max_queue_size
         self.metrics = metrics
-        self._items: deque[WorkItem] = deque()
+        self.cost = BatchCost()  # seconds per run by batch size, for admission's estimates
+        self._items: list[WorkItem] = []  # a heap: earliest deadline first
+        self._arrivals = itertools.count()
         self._queued_rows = 0
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{engine.name}")
         self._task: asyncio.Task | None = None
-        self._batch_seconds = 0.01  # running estimate, for Retry-After
 
     @property
     def queued_rows(self) -> int:
@@ -77,27 +74,17 @@ class DynamicBatcher:
             await asyncio.gather(self._task, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
-    def retry_after_s(self) -> int:
-        batches_ahead = self._queued_rows / self.max_batch_size + 1
-        return int(min(60, max(1, math.ceil(batches_ahead * self._batch_seconds))))
-
     async def infer(self, feeds: dict[str, np.ndarray], deadline: float) -> np.ndarray:
-        """Run `feeds` ([rows, ...] arrays) through the engine, in chunks of at most `max_batch_size`.
-
-        The capacity check covers all chunks at once, so a request is queued whole or refused whole.
-        """
+        """Run `feeds` ([rows, ...] arrays) through the engine, in chunks of at most `max_batch_size`."""
         rows = next(iter(feeds.values())).shape[0]
-        if self._queued_rows + rows > self.max_queue_size:
-            if self.metrics:
-                self.metrics.rejected.labels(reason="queue_full").inc()
-            raise QueueFull(self.engine.name, self._queued_rows, self.max_queue_size, self.retry_after_s())
         loop, now = asyncio.get_running_loop(), time.monotonic()
         was_empty = not self._items
         futures = []
         for start in range(0, rows, self.max_batch_size):
             chunk = {k: v[start:start + self.max_batch_size] for k, v in feeds.items()}
-            item = WorkItem(chunk, next(iter(chunk.values())).shape[0], loop.create_future(), now, deadline)
-            self._items.append(item)
+            item = WorkItem(deadline, next(self._arrivals), chunk, next(iter(chunk.values())).shape[0],
+                            loop.create_future(), now)
+            heapq.heappush(self._items, item)
             self._queued_rows += item.rows
             futures.append(item.future)
         self._set_depth()
@@ -117,7 +104,7 @@ class DynamicBatcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            # Wait for a full batch or until the oldest row has waited max_queue_delay_ms.
+            # Wait for a full batch or until the most urgent row has waited max_queue_delay_ms.
             close_at = self._items[0].enqueued + self.max_delay_s
             while self._queued_rows < self.max_batch_size and (remaining := close_at - time.monotonic()) > 0:
                 self._wakeup.clear()
@@ -127,7 +114,7 @@ class DynamicBatcher:
                     break
             batch, rows = [], 0
             while self._items and rows + self._items[0].rows <= self.max_batch_size:
-                item = self._items.popleft()
+                item = heapq.heappop(self._items)
                 self._queued_rows -= item.rows
                 if self._admit(item):
                     batch.append(item)
@@ -169,7 +156,7 @@ class DynamicBatcher:
                 self.metrics.engine_errors.labels(engine=self.engine.name).inc()
             return
         finished = time.monotonic()
-        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (finished - started)
+        self.cost.observe(size, finished - started)
         offset = 0
         for item in batch:
             if not item.future.done():

@@ -9,7 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from server.batcher import DeadlineExceeded, EngineFailure, QueueFull
+from server.admission import Overloaded, RequestTooLarge, retry_after_headers
+from server.batcher import DeadlineExceeded, EngineFailure
 from server.routes import ROUTES
 from server.service import ApiError, ClientDisconnected, Service
 
@@ -28,9 +29,10 @@ def error_for(err: Exception, path: str, service: Service) -> JSONResponse:
         fields = ROUTES[path][0].model_fields if path in ROUTES else {}
         described = [describe_validation_error(e, fields) for e in err.errors()]
         return error_response(422, "; ".join(message for _, message in described), described[0][0])
-    if isinstance(err, QueueFull):
-        return error_response(429, str(err), kind="rate_limit_exceeded",
-                              headers={"Retry-After": str(err.retry_after_s)})
+    if isinstance(err, Overloaded):
+        return error_response(429, str(err), kind="rate_limit_exceeded", headers=retry_after_headers(err.retry_after_s))
+    if isinstance(err, RequestTooLarge):
+        return error_response(err.status, str(err), err.param, kind="request_too_large")
     if isinstance(err, DeadlineExceeded | TimeoutError):
         return error_response(504, f"the request did not finish within {service.settings.request_timeout_s:g} s "
                                    "(FLOWMAP_REQUEST_TIMEOUT_S)", kind="timeout")

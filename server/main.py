@@ -41,9 +41,24 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT (exit code 0) or until the warm-up fails (exit code 1)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    logging.getLogger("flowmap").addHandler(handler)
+    logging.getLogger("flowmap").setLevel(logging.INFO)
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                             access_log=settings.access_log,
                             timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)))
-    DrainingServer(config, app.state.service, settings.drain_timeout_s).run()
+    server = DrainingServer(config, app.state.service, settings.drain_timeout_s)
+
+    def stop() -> None:
+        server.should_exit = True
+
+    app.state.stop = stop
+    base = f"http://{settings.host}:{settings.port}"
+    log.info("serving bundle %s at %s: API %s/v1, docs %s/docs, metrics %s/metrics%s", settings.bundle, base, base,
+             base, base, f", demo {base}/ui" if settings.ui else "")
+    server.run()
+    return 1 if app.state.service.failure else 0

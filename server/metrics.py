@@ -32,6 +32,10 @@ class Metrics:
         self.inference_count = Counter("flowmap_inference_count", "Rows computed", ["engine"], registry=reg)
         self.exec_count = Counter("flowmap_inference_exec_count", "Batches executed", ["engine"], registry=reg)
         self.queue_depth = Gauge("flowmap_inference_queue_depth_rows", "Rows waiting", ["engine"], registry=reg)
+        self.admitted_rows = Gauge("flowmap_admitted_rows", "Rows of admitted requests, per engine (bounded by "
+                                   "max_queue_size)", ["engine"], registry=reg)
+        self.waiting_rows = Gauge("flowmap_admission_waiting_rows", "Rows of requests waiting at the door for room, "
+                                  "per engine", ["engine"], registry=reg)
         self.engine_errors = Counter("flowmap_inference_engine_errors", "Batches that raised", ["engine"],
                                      registry=reg)
         self.rejected = Counter("flowmap_inference_rejected", "Work refused or dropped", ["reason"], registry=reg)

@@ -1,7 +1,8 @@
 """Generation pipelines over the batchers: student jumps, teacher Euler steps, and Best-of-N search.
 
 Every network call goes through an engine's batcher one step at a time, so concurrent requests
-share batches at every step (step-level batching), whatever their step counts.
+share batches at every step (step-level batching), whatever their step counts. Each call runs under
+the request's admission ticket: its deadline, and the work it reports done.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from server.admission import Ticket
 from server.batcher import DynamicBatcher
 from server.metrics import Metrics
 
@@ -51,59 +53,65 @@ class Pipelines:
     def __init__(self, batchers: dict[str, DynamicBatcher], metrics: Metrics | None = None):
         self.batchers, self.metrics = batchers, metrics
 
-    def student_batcher(self, cfg_scale: float) -> DynamicBatcher:
-        return self.batchers[f"student@{cfg_scale:g}"]
+    @staticmethod
+    def student_engine(cfg_scale: float) -> str:
+        return f"student@{cfg_scale:g}"
+
+    async def _call(self, engine: str, feeds: dict[str, np.ndarray], ticket: Ticket) -> np.ndarray:
+        output = await self.batchers[engine].infer(feeds, ticket.deadline)
+        ticket.advance(engine, len(output))
+        return output
 
     async def student(self, noise: np.ndarray, labels: np.ndarray, steps: int, cfg_scale: float,
-                      deadline: float) -> np.ndarray:
+                      ticket: Ticket) -> np.ndarray:
         """M flow-map jumps x <- f(x, tau_i, tau_{i+1}); M = 1 is the one-step sample f(eps, 1, 0)."""
-        batcher, times, x = self.student_batcher(cfg_scale), grid(steps), noise
+        engine, times, x = self.student_engine(cfg_scale), grid(steps), noise
         rows = len(labels)
         for t_now, t_next in zip(times[:-1], times[1:], strict=True):
-            x = await batcher.infer({"x": x, "t": np.full(rows, t_now, np.float32),
-                                     "s": np.full(rows, t_next, np.float32), "label": labels}, deadline)
+            x = await self._call(engine, {"x": x, "t": np.full(rows, t_now, np.float32),
+                                          "s": np.full(rows, t_next, np.float32), "label": labels}, ticket)
         self._count("student", rows, steps)
         return x
 
-    async def teacher(self, noise: np.ndarray, labels: np.ndarray, steps: int, deadline: float) -> np.ndarray:
+    async def teacher(self, noise: np.ndarray, labels: np.ndarray, steps: int, ticket: Ticket) -> np.ndarray:
         """K Euler steps of the guided teacher; each step is its own batched call."""
-        batcher, times, x = self.batchers["teacher"], grid(steps), noise
+        times, x = grid(steps), noise
         rows = len(labels)
         for t_now, t_next in zip(times[:-1], times[1:], strict=True):
-            velocity = await batcher.infer({"x": x, "t": np.full(rows, t_now, np.float32), "label": labels},
-                                           deadline)
+            velocity = await self._call("teacher", {"x": x, "t": np.full(rows, t_now, np.float32), "label": labels},
+                                        ticket)
             x = x - (t_now - t_next) * velocity
         self._count("teacher", rows, steps)
         if self.metrics:
             self.metrics.teacher_steps.inc(steps)
         return x
 
-    async def scores(self, images: np.ndarray, labels: np.ndarray, deadline: float) -> np.ndarray:
+    async def scores(self, images: np.ndarray, labels: np.ndarray, ticket: Ticket) -> np.ndarray:
         """The verifier's log-probability of each image's requested class."""
-        logits = await self.batchers["verifier"].infer({"image": np.clip(images, -1, 1)}, deadline)
+        logits = await self._call("verifier", {"image": np.clip(images, -1, 1)}, ticket)
         return log_softmax(logits.astype(np.float64))[np.arange(len(labels)), labels]
 
     async def search(self, noise: np.ndarray, seeds: list[int], label: int, top_k: int, student_steps: int,
-                     teacher_steps: int, cfg_scale: float, deadline: float) -> SearchResult:
+                     teacher_steps: int, cfg_scale: float, ticket: Ticket) -> SearchResult:
         """Best-of-N: N candidates from the student (one batched call per jump), verifier scores, the
         best `top_k` seeds, then optionally the teacher from the chosen noise."""
         count = len(seeds)
         labels = np.full(count, label, np.int64)
         stages = []
         tick = time.perf_counter()
-        candidates = await self.student(noise, labels, student_steps, cfg_scale, deadline)
+        candidates = await self.student(noise, labels, student_steps, cfg_scale, ticket)
         stages.append(Stage("student", count * student_steps, time.perf_counter() - tick))
         tick = time.perf_counter()
-        scores = await self.scores(candidates, labels, deadline)
+        scores = await self.scores(candidates, labels, ticket)
         stages.append(Stage("verifier", count, time.perf_counter() - tick))
         chosen = [int(i) for i in np.argsort(-scores, kind="stable")[:top_k]]
         images, final_scores = candidates[chosen], [float(scores[i]) for i in chosen]
         if teacher_steps > 0:
             tick = time.perf_counter()
-            images = await self.teacher(noise[chosen], labels[:top_k], teacher_steps, deadline)
+            images = await self.teacher(noise[chosen], labels[:top_k], teacher_steps, ticket)
             stages.append(Stage("teacher", top_k * teacher_steps, time.perf_counter() - tick))
             tick = time.perf_counter()
-            final_scores = [float(s) for s in await self.scores(images, labels[:top_k], deadline)]
+            final_scores = [float(s) for s in await self.scores(images, labels[:top_k], ticket)]
             stages.append(Stage("verifier_final", top_k, time.perf_counter() - tick))
         if self.metrics:
             self.metrics.search_candidates.inc(count)

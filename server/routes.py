@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.imaging import b64_npy, b64_png, parse_size
-from server.noise import MAX_SEED, noise_for, random_seeds
+from server.noise import MAX_SEED, random_seeds
 from server.schemas import (
     GenerateRequest,
     GenerateResponse,
@@ -61,8 +61,8 @@ async def images_generations(body: ImagesRequest, request: Request):
     scale = upscale(svc, body.size)
     seeds = consecutive_seeds(body.seed, body.n)
     deadline = svc.deadline()
-    images = await until_disconnect(request, svc.generate(kind, [label] * body.n, seeds, steps, cfg_scale, deadline),
-                                    deadline)
+    images = await until_disconnect(request, svc.generate(kind, [label] * body.n, seeds, steps, cfg_scale, "n",
+                                                          deadline), deadline)
     name = svc.bundle.classes[label]
     return fast_json({"created": int(time.time()), "data": [
         {"b64_json": png, "revised_prompt": name, "seed": seed}
@@ -82,7 +82,8 @@ async def generate(body: GenerateRequest, request: Request):
     seeds = svc.check_seeds(body.seeds, len(labels)) if body.seeds is not None else random_seeds(len(labels))
     tick = time.perf_counter()
     deadline = svc.deadline()
-    images = await until_disconnect(request, svc.generate(kind, labels, seeds, steps, cfg_scale, deadline), deadline)
+    images = await until_disconnect(request, svc.generate(kind, labels, seeds, steps, cfg_scale, "labels", deadline),
+                                    deadline)
     seconds = time.perf_counter() - tick
     model = svc.bundle.name if kind == "student" else svc.teacher_name
     timing = {"seconds": round(seconds, 6), "nfe": len(labels) * steps}
@@ -106,11 +107,10 @@ async def search(body: SearchRequest, request: Request):
         raise ApiError(422, f"top_k: must lie in 1..n ({body.n}), got {body.top_k}", "top_k")
     scale = upscale(svc, body.size)
     seeds = svc.check_seeds(body.seeds, body.n) if body.seeds is not None else consecutive_seeds(body.seed, body.n)
-    noise = noise_for(seeds, svc.bundle.image_shape)
     tick = time.perf_counter()
     deadline = svc.deadline()
-    result = await until_disconnect(request, svc.pipelines.search(
-        noise, seeds, label, body.top_k, body.student_steps, body.teacher_steps, cfg_scale, deadline), deadline)
+    result, noise = await until_disconnect(request, svc.search(
+        seeds, label, body.top_k, body.student_steps, body.teacher_steps, cfg_scale, deadline), deadline)
     chosen_seeds = [seeds[i] for i in result.chosen]
     svc.metrics.images.labels(model="search").inc(len(chosen_seeds))
     answer = {
@@ -149,6 +149,8 @@ async def ready(request: Request):
     is_ready = svc.ready and not svc.draining
     body = {"ready": is_ready, "warm": svc.ready, "draining": svc.draining,
             "queue_rows": {name: b.queued_rows for name, b in svc.batchers.items()}}
+    if svc.failure:
+        body["error"] = svc.failure
     return JSONResponse(body, status_code=200 if is_ready else 503)
 
 

@@ -11,10 +11,11 @@ import numpy as np
 from starlette.requests import Request
 
 from export.bundle import Bundle
+from server.admission import Admission, Need
 from server.batcher import DynamicBatcher
 from server.metrics import Metrics
 from server.noise import MAX_SEED, noise_for
-from server.pipelines import Pipelines
+from server.pipelines import Pipelines, SearchResult
 from server.schemas import MAX_STUDENT_STEPS, MAX_TEACHER_STEPS
 from server.settings import Settings
 
@@ -37,7 +38,9 @@ class Service:
         self.settings, self.bundle, self.metrics = settings, bundle, metrics
         self.batchers: dict[str, DynamicBatcher] = {}
         self.pipelines: Pipelines | None = None
+        self.admission: Admission | None = None
         self.ready = False
+        self.failure: str | None = None  # why the warm-up failed, if it did
         self.draining = False
         self.inflight = 0  # HTTP requests being handled (the drain waits for zero)
         self.teacher_name = f"{bundle.name}-teacher"
@@ -124,37 +127,75 @@ class Service:
             raise ApiError(503, "the server is warming up its engines; retry shortly", kind="unavailable",
                            headers={"Retry-After": "1"})
 
-    # -- running work -----------------------------------------------------------------------------
+    # -- admission ----------------------------------------------------------------------------------
     def deadline(self) -> float:
         return time.monotonic() + self.settings.request_timeout_s
 
+    @staticmethod
+    def generation_needs(kind: str, rows: int, steps: int, cfg_scale: float, rows_param: str) -> list[Need]:
+        """A generation request: `rows` images, each through `steps` calls of one engine."""
+        engine = "teacher" if kind == "teacher" else Pipelines.student_engine(cfg_scale)
+        return [Need(engine, rows, steps, rows_param)]
+
+    @staticmethod
+    def search_needs(count: int, student_steps: int, top_k: int, teacher_steps: int, cfg_scale: float) -> list[Need]:
+        """A Best-of-N search: the candidates, their scores, and the teacher's finish."""
+        needs = [Need(Pipelines.student_engine(cfg_scale), count, student_steps, "n", "student_steps"),
+                 Need("verifier", count, 2 if teacher_steps else 1, "n")]
+        if teacher_steps:
+            needs.append(Need("teacher", top_k, teacher_steps, "top_k", "teacher_steps"))
+        return needs
+
+    # -- running work -----------------------------------------------------------------------------
     async def generate(self, kind: str, labels: list[int], seeds: list[int], steps: int, cfg_scale: float,
-                       deadline: float) -> np.ndarray:
-        noise = noise_for(seeds, self.bundle.image_shape)
-        label_array = np.asarray(labels, dtype=np.int64)
-        if kind == "teacher":
-            images = await self.pipelines.teacher(noise, label_array, steps, deadline)
-        else:
-            images = await self.pipelines.student(noise, label_array, steps, cfg_scale, deadline)
+                       rows_param: str, deadline: float) -> np.ndarray:
+        """Admit the request whole, then run it: noise from the seeds, student jumps or teacher steps."""
+        needs = self.generation_needs(kind, len(labels), steps, cfg_scale, rows_param)
+        async with self.admission.admitted(needs, deadline) as ticket:
+            noise = noise_for(seeds, self.bundle.image_shape)
+            label_array = np.asarray(labels, dtype=np.int64)
+            if kind == "teacher":
+                images = await self.pipelines.teacher(noise, label_array, steps, ticket)
+            else:
+                images = await self.pipelines.student(noise, label_array, steps, cfg_scale, ticket)
         self.metrics.images.labels(model=kind).inc(len(labels))
         return images
 
+    async def search(self, seeds: list[int], label: int, top_k: int, student_steps: int, teacher_steps: int,
+                     cfg_scale: float, deadline: float) -> tuple[SearchResult, np.ndarray]:
+        """Admit a Best-of-N search whole, then run it; returns the result and the candidates' noise."""
+        needs = self.search_needs(len(seeds), student_steps, top_k, teacher_steps, cfg_scale)
+        async with self.admission.admitted(needs, deadline) as ticket:
+            noise = noise_for(seeds, self.bundle.image_shape)
+            result = await self.pipelines.search(noise, seeds, label, top_k, student_steps, teacher_steps, cfg_scale,
+                                                 ticket)
+        return result, noise
 
-async def until_disconnect(request: Request, work: Awaitable, deadline: float, poll_s: float = 0.05):
+
+async def until_disconnect(request: Request, work: Awaitable, deadline: float):
     """Await `work` until the deadline, cancelling it if the client goes away (its queued rows are then
-    skipped by the batchers)."""
+    skipped by the batchers and its admission released).
+
+    The disconnect is awaited, not polled: the body has been read, so the next message the server
+    sends on this request's channel is `http.disconnect` (polling cost CPU per request for as long as
+    it waited, which is most of the time under load)."""
     task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError
-            done, _ = await asyncio.wait({task}, timeout=min(poll_s, remaining))
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                raise ClientDisconnected
+        done, _ = await asyncio.wait({task, gone}, timeout=max(0.0, deadline - time.monotonic()),
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        if gone in done:
+            raise ClientDisconnected
+        raise TimeoutError
     finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        for pending in (task, gone):
+            if not pending.done():
+                pending.cancel()
+        await asyncio.gather(task, gone, return_exceptions=True)
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

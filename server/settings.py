@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -21,7 +21,10 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(0, ge=0, description="threads per engine run; 0 = onnxruntime's default")
     max_batch_size: int = Field(64, ge=1, le=4096)
     max_queue_delay_ms: float = Field(2.0, ge=0, le=10_000)
-    max_queue_size: int = Field(4096, ge=1, description="rows waiting per engine before answering 429")
+    max_queue_size: int = Field(4096, ge=1, description="rows of admitted requests per engine; beyond it new "
+                                "requests get 429 (at least max_batch_size)")
+    max_admission_wait_s: float = Field(1.0, ge=0, description="how long a request may wait at the door, first come "
+                                        "first served, for room in a full queue before 429")
     request_timeout_s: float = Field(30.0, gt=0)
     max_body_bytes: int = Field(1 << 20, ge=1024)
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long queued work may take")
@@ -38,6 +41,14 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _queue_holds_a_batch(self):
+        if self.max_queue_size < self.max_batch_size:
+            raise ValueError(f"--max-queue-size ({self.max_queue_size}) must be at least --max-batch-size "
+                             f"({self.max_batch_size}): a queue smaller than one batch never fills it (and the "
+                             "warm-up runs a full batch)")
+        return self
 
     @field_validator("backend")
     @classmethod

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from server.batcher import DeadlineExceeded, DynamicBatcher, EngineFailure, QueueFull
+from server.batcher import DeadlineExceeded, DynamicBatcher, EngineFailure
 from server.engines import OnnxRuntimeEngine, padded_size
 from server.metrics import Metrics
 
@@ -34,7 +34,7 @@ def run(coro):
 def test_an_engine_error_fails_only_its_batch(engine):
     async def scenario():
         metrics = Metrics()
-        batcher = DynamicBatcher(engine, 8, 1.0, 64, metrics)
+        batcher = DynamicBatcher(engine, 8, 1.0, metrics)
         batcher.start()
         far = time.monotonic() + 30
         # label 99 is outside the embedding table: onnxruntime raises for the whole batch
@@ -52,7 +52,7 @@ def test_an_engine_error_fails_only_its_batch(engine):
 def test_batches_merge_requests_and_split_them_back(engine):
     async def scenario():
         metrics = Metrics()
-        batcher = DynamicBatcher(engine, 64, 50.0, 1024, metrics)
+        batcher = DynamicBatcher(engine, 64, 50.0, metrics)
         batcher.start()
         far = time.monotonic() + 30
         requests = [rows([i % 10] * (1 + i % 3), seed=i) for i in range(12)]
@@ -70,7 +70,7 @@ def test_batches_merge_requests_and_split_them_back(engine):
 
 def test_large_requests_are_chunked_to_the_max_batch(engine):
     async def scenario():
-        batcher = DynamicBatcher(engine, 16, 1.0, 1024)
+        batcher = DynamicBatcher(engine, 16, 1.0)
         batcher.start()
         request = rows(list(range(10)) * 5)
         out = await batcher.infer(request, time.monotonic() + 30)
@@ -81,27 +81,53 @@ def test_large_requests_are_chunked_to_the_max_batch(engine):
     assert out.shape[0] == 50 and np.abs(out - engine.run(request)).max() <= 1e-5
 
 
-def test_queue_limit_is_checked_for_the_whole_request(engine):
-    async def scenario():
-        batcher = DynamicBatcher(engine, 4, 1000.0, 6)  # long delay: rows stay queued
-        batcher.start()
-        far = time.monotonic() + 30
-        first = asyncio.ensure_future(batcher.infer(rows([1, 2, 3, 4, 5]), far))
-        await asyncio.sleep(0)
-        with pytest.raises(QueueFull) as err:
-            await batcher.infer(rows([1, 2]), far)
-        queued = batcher.queued_rows
-        await first
-        await batcher.stop()
-        return err.value, queued
+class RecordingEngine:
+    """A fake engine that returns its input and records the rows of every batch it ran."""
 
-    err, queued = run(scenario())
-    assert err.retry_after_s >= 1 and queued <= 6
+    name, max_batch, buckets = "fake", 64, ()
+
+    def __init__(self):
+        self.batches = []
+
+    def run(self, feeds):
+        self.batches.append(feeds["x"][:, 0].tolist())
+        return feeds["x"]
+
+
+def test_rows_leave_earliest_deadline_first():
+    engine = RecordingEngine()
+
+    async def scenario():
+        batcher = DynamicBatcher(engine, 2, 50.0)  # batches of 2 rows, a long wait so all four are queued
+        batcher.start()
+        now = time.monotonic()
+        # arrivals: late deadlines first, then an older request's next step (earlier deadline)
+        calls = [batcher.infer({"x": np.full((1, 1), tag, np.float32)}, now + deadline)
+                 for tag, deadline in ((1, 40.0), (2, 30.0), (3, 10.0), (4, 20.0))]
+        outputs = await asyncio.gather(*calls)
+        await batcher.stop()
+        return outputs
+
+    outputs = run(scenario())
+    assert [o[0, 0] for o in outputs] == [1, 2, 3, 4]  # every caller got its own row back
+    assert engine.batches == [[3, 4], [2, 1]]
+
+
+def test_the_batcher_learns_what_each_batch_size_costs(engine):
+    async def scenario():
+        batcher = DynamicBatcher(engine, 64, 1.0)
+        batcher.start()
+        await batcher.infer(rows(list(range(10)) * 3), time.monotonic() + 30)
+        await batcher.stop()
+        return batcher.cost
+
+    cost = run(scenario())
+    assert cost.measured and cost.seconds(30) > 0 and cost.seconds_per_row() > 0
 
 
 def test_expired_rows_are_dropped_before_they_run(engine):
     async def scenario():
-        batcher = DynamicBatcher(engine, 64, 100.0, 64)
+        batcher = DynamicBatcher(engine, 64, 100.0)
         batcher.start()
         with pytest.raises(DeadlineExceeded):
             await batcher.infer(rows([1]), time.monotonic() + 0.01)  # expires while the batch gathers
@@ -121,7 +147,7 @@ def test_padded_batches_return_the_right_rows():
     engine.buckets = (8, 16, 32, 64)  # as the TensorRT provider would ask for
 
     async def scenario():
-        batcher = DynamicBatcher(engine, 64, 1.0, 64)
+        batcher = DynamicBatcher(engine, 64, 1.0)
         batcher.start()
         request = rows([1, 2, 3], seed=5)
         out = await batcher.infer(request, time.monotonic() + 30)

@@ -1,0 +1,280 @@
+"""Admission at the door: a request is admitted whole, or refused before any work is spent on it.
+
+A request states what it needs from each engine: the rows it holds in that engine's queue at once
+and how many sequential calls it makes. Admission reserves the rows for the request's whole life,
+so a later step never meets a full queue, and refuses what the engines' measured speed says cannot
+finish before the deadline. Once admitted, a request runs to its end (or its deadline, or until its
+client leaves).
+
+Where a queue is full, a request waits at the door, first come first served, if the measured drain
+rate says room comes within `max_admission_wait_s`: clients that retry at once would otherwise spend
+the cores on refusals (docs/overload.md). The refusals:
+
+- more rows than a whole queue, or more work than the timeout allows on an idle server: no retry
+  can succeed -> RequestTooLarge (413 or 422, naming the field and the limit);
+- no room soon enough, or a backlog that would make the request miss its deadline -> Overloaded
+  (429), with Retry-After from the measured drain rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from server.costs import BatchCost, DrainMeter
+
+# The estimates are moving averages measured on a machine shared with HTTP handling and the other
+# engines: admit only what fits with this margin, so that admitted work finishes.
+SAFETY = 1.25
+
+
+@dataclass(frozen=True)
+class Need:
+    """What one request needs from one engine."""
+
+    engine: str
+    rows: int  # held in the engine's queue at every step
+    steps: int  # sequential calls
+    rows_param: str  # the request field that sets `rows`, named in refusals
+    steps_param: str = "steps"
+
+    @property
+    def work(self) -> int:
+        """Row evaluations."""
+        return self.rows * self.steps
+
+
+class Overloaded(Exception):
+    """Too busy now; a retry after `retry_after_s` seconds may be admitted."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTooLarge(Exception):
+    """No retry can succeed: the request exceeds what the server admits even when idle."""
+
+    def __init__(self, status: int, message: str, param: str):
+        super().__init__(message)
+        self.status, self.param = status, param
+
+
+class EngineLoad:
+    """What is admitted to one engine: reserved rows, work not yet done, and how fast rows drain."""
+
+    def __init__(self, name: str, cost: BatchCost, max_batch: int, queue_delay_s: float):
+        self.name, self.cost, self.max_batch, self.queue_delay_s = name, cost, max_batch, queue_delay_s
+        self.rows = 0  # of admitted requests
+        self.waiting = 0  # of requests waiting at the door
+        self.backlog = 0  # row evaluations admitted and not yet done
+        self.drain = DrainMeter()
+
+    def seconds_alone(self, need: Need) -> float:
+        """The request's own time on an idle engine: its steps run one after another."""
+        full, rest = divmod(need.rows, self.max_batch)
+        per_step = full * self.cost.seconds(self.max_batch) + (self.cost.seconds(rest) if rest else 0.0)
+        return need.steps * (per_step + self.queue_delay_s)
+
+    def seconds(self, need: Need) -> float:
+        """The request's time behind the backlog: older requests go first (the batcher runs the
+        earliest deadline first), and the request's own steps cannot overlap."""
+        if not self.cost.measured:
+            return 0.0
+        return max(self.seconds_alone(need), (self.backlog + need.work) * self.cost.seconds_per_row())
+
+    def seconds_to_free(self, rows: int) -> float:
+        """How long until `rows` reserved rows are released, at the measured drain rate."""
+        rate = self.drain.rows_per_s()
+        if rate > 0:
+            return rows / rate
+        return self.backlog * self.cost.seconds_per_row() if self.cost.measured else 1.0
+
+
+class Ticket:
+    """An admitted request: its deadline, and the work it still holds on each engine.
+
+    The pipelines report each finished call (`advance`), and the route releases the ticket when the
+    request ends, however it ends (`async with admission.admitted(...)`).
+    """
+
+    def __init__(self, deadline: float, needs: tuple[Need, ...] = (), admission: Admission | None = None):
+        self.deadline, self.needs, self._admission = deadline, needs, admission
+        self._left = {need.engine: need.work for need in needs}
+
+    def advance(self, engine: str, rows: int) -> None:
+        left = self._left.get(engine)
+        if left is None:
+            return
+        done = min(rows, left)
+        self._left[engine] = left - done
+        self._admission.loads[engine].backlog -= done
+
+    def release(self) -> None:
+        if self._admission is not None:
+            admission, self._admission = self._admission, None
+            admission.released(self.needs, self._left)
+
+
+@dataclass
+class Waiter:
+    """A request waiting at the door for room in a full queue."""
+
+    needs: tuple[Need, ...]
+    deadline: float
+    admitted: asyncio.Future  # resolves to its Ticket
+
+
+class Admission:
+    """One per server: every engine's load, the decision to admit, make wait, or refuse, and the
+    lines of requests waiting at the door (one line per set of engines, first come first served)."""
+
+    def __init__(self, loads: dict[str, EngineLoad], max_queue_rows: int, timeout_s: float, max_wait_s: float,
+                 metrics=None, clock=time.monotonic):
+        self.loads, self.max_queue_rows, self.timeout_s = loads, max_queue_rows, timeout_s
+        self.max_wait_s, self.metrics, self.clock = max_wait_s, metrics, clock
+        self._lines: dict[tuple[str, ...], deque[Waiter]] = {}
+
+    @classmethod
+    def for_batchers(cls, batchers: dict, settings, metrics=None) -> Admission:
+        loads = {name: EngineLoad(name, b.cost, b.max_batch_size, b.max_delay_s) for name, b in batchers.items()}
+        return cls(loads, settings.max_queue_size, settings.request_timeout_s, settings.max_admission_wait_s,
+                   metrics)
+
+    @asynccontextmanager
+    async def admitted(self, needs: list[Need], deadline: float):
+        """`async with admission.admitted(needs, deadline) as ticket:` the request's whole life."""
+        ticket = await self.admit(needs, deadline)
+        try:
+            yield ticket
+        finally:
+            ticket.release()
+
+    async def admit(self, needs: list[Need], deadline: float) -> Ticket:
+        """Reserve what the whole request needs. Where a queue is full, wait at the door behind the
+        requests already waiting, if the measured drain rate says room comes within `max_wait_s`;
+        otherwise raise Overloaded. RequestTooLarge where no wait could help."""
+        needs = tuple(needs)
+        self._check_size(needs)
+        line = self._lines.setdefault(tuple(n.engine for n in needs), deque())
+        if not line and self._fits(needs):
+            return self._reserve(needs, deadline)
+        wait = self._wait_estimate(needs)
+        if wait > self.max_wait_s:
+            self._refused("queue_full")
+            raise Overloaded(f"the {self._fullest(needs)} queue is full ({self.max_queue_rows} rows admitted, "
+                             f"more waiting); room in about {wait:.3g} s", wait)
+        waiter = Waiter(needs, deadline, asyncio.get_running_loop().create_future())
+        line.append(waiter)
+        self._waiting(needs, +1)
+        try:
+            await asyncio.wait({waiter.admitted}, timeout=self.max_wait_s)
+        except asyncio.CancelledError:  # the client left while waiting
+            self._leave(line, waiter)
+            raise
+        if not waiter.admitted.done():
+            self._leave(line, waiter)
+            self._refused("queue_full")
+            wait = self._wait_estimate(needs)
+            raise Overloaded(f"the {self._fullest(needs)} queue had no room within {self.max_wait_s:g} s "
+                             f"(FLOWMAP_MAX_ADMISSION_WAIT_S); room in about {wait:.3g} s", wait)
+        return waiter.admitted.result()
+
+    def _leave(self, line: deque[Waiter], waiter: Waiter) -> None:
+        """A waiter gives up: out of its line, or released if it was admitted in the meantime."""
+        if not waiter.admitted.done():
+            waiter.admitted.cancel()
+            line.remove(waiter)
+            self._waiting(waiter.needs, -1)
+        elif not waiter.admitted.exception():
+            waiter.admitted.result().release()
+
+    def released(self, needs: tuple[Need, ...], work_left: dict[str, int]) -> None:
+        """A request ended: free its rows and work, then admit whoever waits first in each line."""
+        for need in needs:
+            load = self.loads[need.engine]
+            load.rows -= need.rows
+            load.backlog -= work_left[need.engine]
+            load.drain.record(need.rows)
+        for line in self._lines.values():
+            while line and self._fits(line[0].needs):
+                waiter = line.popleft()
+                self._waiting(waiter.needs, -1)
+                try:
+                    waiter.admitted.set_result(self._reserve(waiter.needs, waiter.deadline))
+                except Overloaded as err:
+                    waiter.admitted.set_exception(err)
+        self.publish()
+
+    def _check_size(self, needs: tuple[Need, ...]) -> None:
+        for need in needs:
+            if need.rows > self.max_queue_rows:
+                self._refused("too_large")
+                raise RequestTooLarge(413, f"{need.rows_param}: {need.rows} rows exceed the whole {need.engine} "
+                                           f"queue of {self.max_queue_rows} rows (FLOWMAP_MAX_QUEUE_SIZE); split the "
+                                           "request", need.rows_param)
+        measured = [n for n in needs if self.loads[n.engine].cost.measured]
+        alone = sum(self.loads[n.engine].seconds_alone(n) for n in measured)
+        if SAFETY * alone > self.timeout_s:
+            worst = max(measured, key=lambda n: self.loads[n.engine].seconds_alone(n))
+            self._refused("too_large")
+            raise RequestTooLarge(422, f"{worst.steps_param}: {worst.rows} rows x {worst.steps} steps need about "
+                                       f"{SAFETY * alone:.1f} s at the engines' measured speed, more than the "
+                                       f"{self.timeout_s:g} s request timeout (FLOWMAP_REQUEST_TIMEOUT_S); ask for "
+                                       "fewer steps or images", worst.steps_param)
+
+    def _fits(self, needs: tuple[Need, ...]) -> bool:
+        return all(self.loads[n.engine].rows + n.rows <= self.max_queue_rows for n in needs)
+
+    def _fullest(self, needs: tuple[Need, ...]) -> str:
+        return max(needs, key=lambda n: self.loads[n.engine].rows + self.loads[n.engine].waiting).engine
+
+    def _wait_estimate(self, needs: tuple[Need, ...]) -> float:
+        """Seconds until the rows admitted and waiting ahead have drained enough to let this request in."""
+        waits = []
+        for need in needs:
+            load = self.loads[need.engine]
+            ahead = load.rows + load.waiting + need.rows - self.max_queue_rows
+            waits.append(load.seconds_to_free(ahead) if ahead > 0 else 0.0)
+        return max(waits)
+
+    def _waiting(self, needs: tuple[Need, ...], sign: int) -> None:
+        for need in needs:
+            self.loads[need.engine].waiting += sign * need.rows
+
+    def _reserve(self, needs: tuple[Need, ...], deadline: float) -> Ticket:
+        """Admit, unless the work ahead means this request would miss its deadline."""
+        estimate = SAFETY * sum(self.loads[n.engine].seconds(n) for n in needs)
+        budget = deadline - self.clock()
+        if estimate > budget:
+            self._refused("backlog")
+            wait = (estimate - budget) / SAFETY  # the backlog drains in real time
+            raise Overloaded(f"the engines are busy: this request would finish in about {estimate:.3g} s, after its "
+                             f"deadline ({self.timeout_s:g} s from arrival); retry after {wait:.3g} s", wait)
+        for need in needs:
+            load = self.loads[need.engine]
+            load.rows += need.rows
+            load.backlog += need.work
+        self.publish()
+        return Ticket(deadline, needs, self)
+
+    def publish(self) -> None:
+        if self.metrics:
+            for name, load in self.loads.items():
+                self.metrics.admitted_rows.labels(engine=name).set(load.rows)
+                self.metrics.waiting_rows.labels(engine=name).set(load.waiting)
+
+    def _refused(self, reason: str) -> None:
+        if self.metrics:
+            self.metrics.rejected.labels(reason=reason).inc()
+
+
+def retry_after_headers(seconds: float) -> dict[str, str]:
+    """Retry-After in whole seconds, rounded up. No sub-second hint (OpenAI's `retry-after-ms`): the
+    refused clients would all come back after the few milliseconds one request's rows take to free,
+    and their refusals then cost more CPU than the work (docs/overload.md measures it)."""
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}

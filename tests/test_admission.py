@@ -1,0 +1,202 @@
+"""Admission at the door, on engine costs we set by hand and a clock we move by hand."""
+
+import asyncio
+
+import pytest
+
+from server.admission import SAFETY, Admission, EngineLoad, Need, Overloaded, RequestTooLarge, retry_after_headers
+from server.costs import BatchCost, DrainMeter, bucket
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def make_admission(max_rows=64, timeout_s=10.0, seconds_per_batch=0.064, max_batch=64, max_wait_s=0.0):
+    """One 'student' engine whose full batch of 64 rows takes `seconds_per_batch` (1 ms a row)."""
+    clock = Clock()
+    cost = BatchCost()
+    cost.observe(max_batch, seconds_per_batch)
+    cost.observe(1, seconds_per_batch / 8)
+    load = EngineLoad("student", cost, max_batch, queue_delay_s=0.0)
+    load.drain = DrainMeter(window_s=2.0, clock=clock)
+    return Admission({"student": load}, max_rows, timeout_s, max_wait_s, clock=clock), load, clock
+
+
+def need(rows, steps=2):
+    return Need("student", rows, steps, "labels")
+
+
+def admit(admission, needs, deadline):
+    """Admission without waiting (max_wait_s = 0 in these tests): it decides at once."""
+    return asyncio.run(admission.admit(needs, deadline))
+
+
+def test_rows_stay_reserved_until_the_request_ends():
+    admission, load, clock = make_admission(max_rows=64)
+    first = admit(admission, [need(40)], clock() + 10)
+    assert load.rows == 40 and load.backlog == 80
+    with pytest.raises(Overloaded, match="queue is full"):
+        admit(admission, [need(30)], clock() + 10)
+    # the first request's steps run; its rows stay reserved until it ends
+    first.advance("student", 40)
+    assert load.rows == 40 and load.backlog == 40
+    with pytest.raises(Overloaded):
+        admit(admission, [need(30)], clock() + 10)
+    first.release()
+    assert load.rows == 0 and load.backlog == 0
+    admit(admission, [need(30)], clock() + 10).release()
+
+
+def test_release_returns_the_work_not_done_and_is_idempotent():
+    admission, load, clock = make_admission()
+    ticket = admit(admission, [need(10, steps=5)], clock() + 10)
+    ticket.advance("student", 10)  # one of five steps done, then the client leaves
+    ticket.release()
+    ticket.release()
+    assert load.rows == 0 and load.backlog == 0
+
+
+def test_retry_after_follows_the_measured_drain_rate():
+    admission, load, clock = make_admission(max_rows=64)
+    for _ in range(10):  # 10 requests of 32 rows ended within the last 2 s: 160 rows/s
+        admit(admission, [need(32)], clock() + 10).release()
+    holder = admit(admission, [need(64)], clock() + 10)
+    with pytest.raises(Overloaded) as refused:
+        admit(admission, [need(16)], clock() + 10)
+    assert refused.value.retry_after_s == pytest.approx(16 / 160)
+    holder.release()
+    clock.now += 5  # nothing drained lately: the estimate falls back to the backlog's own time
+    holder = admit(admission, [need(64)], clock() + 10)
+    with pytest.raises(Overloaded) as refused:
+        admit(admission, [need(16)], clock() + 10)
+    assert refused.value.retry_after_s == pytest.approx(64 * 2 * 0.001)
+    holder.release()
+
+
+def test_a_request_larger_than_the_queue_is_413_not_429():
+    admission, _, clock = make_admission(max_rows=64)
+    with pytest.raises(RequestTooLarge) as refused:
+        admit(admission, [need(65)], clock() + 10)
+    assert refused.value.status == 413 and refused.value.param == "labels"
+    assert "65 rows exceed the whole student queue of 64 rows" in str(refused.value)
+
+
+def test_work_that_cannot_finish_even_alone_is_422_naming_steps():
+    admission, _, clock = make_admission(max_rows=4096, timeout_s=10.0)
+    # 64 rows x 200 steps = 200 full batches of 64 ms = 12.8 s alone > 10 s
+    with pytest.raises(RequestTooLarge) as refused:
+        admit(admission, [need(64, steps=200)], clock() + 10)
+    assert refused.value.status == 422 and refused.value.param == "steps"
+    admit(admission, [need(64, steps=100)], clock() + 10).release()  # 6.4 s x SAFETY = 8 s fits
+
+
+def test_a_backlog_that_would_miss_the_deadline_is_429_and_admitted_work_is_kept():
+    admission, load, clock = make_admission(max_rows=4096, timeout_s=10.0)
+    first = admit(admission, [need(64, steps=100)], clock() + 10)  # 6.4 s of engine time
+    with pytest.raises(Overloaded, match="after its deadline") as refused:
+        admit(admission, [need(64, steps=100)], clock() + 10)  # would end at 12.8 s x SAFETY
+    assert refused.value.retry_after_s == pytest.approx((SAFETY * 12.8 - 10) / SAFETY)
+    first.advance("student", 64 * 60)  # 60 of its 100 steps done: 2.56 s of it left
+    admit(admission, [need(64, steps=50)], clock() + 10).release()  # 2.56 + 3.2 s fits now
+    assert load.rows == 64
+    first.release()
+
+
+def test_needs_on_several_engines_are_reserved_together():
+    admission, load, clock = make_admission(max_rows=64)
+    cost = BatchCost()
+    cost.observe(64, 0.064)
+    admission.loads["verifier"] = EngineLoad("verifier", cost, 64, 0.0)
+    full_verifier = admit(admission, [Need("verifier", 60, 1, "n")], clock() + 10)
+    with pytest.raises(Overloaded, match="verifier queue is full"):
+        admit(admission, [need(10), Need("verifier", 10, 1, "n")], clock() + 10)
+    assert load.rows == 0  # nothing was reserved on the student for the refused search
+    full_verifier.release()
+
+
+def test_retry_after_headers_round_up():
+    assert retry_after_headers(0.0123) == {"Retry-After": "1"}
+    assert retry_after_headers(2.5) == {"Retry-After": "3"}
+
+
+def test_batch_costs_by_bucket():
+    cost = BatchCost()
+    cost.observe(64, 0.064)
+    cost.observe(1, 0.004)
+    assert bucket(5) == 8 and bucket(64) == 64 and bucket(65) == 128
+    assert cost.seconds(5) == 0.064  # borrows the bucket above: never an underestimate
+    assert cost.seconds(256) == pytest.approx(4 * 0.064)  # scales the largest measured linearly
+    assert cost.seconds_per_row() == pytest.approx(0.001)
+
+
+async def settle():
+    """Let every task that can run, run (a few turns of the event loop)."""
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+def test_a_full_queue_makes_requests_wait_in_arrival_order():
+    async def scenario():
+        admission, load, clock = make_admission(max_rows=64, max_wait_s=5.0)
+        for _ in range(4):  # a drain rate to estimate the wait from
+            (await admission.admit([need(16)], clock() + 10)).release()
+        holders = [await admission.admit([need(32)], clock() + 10) for _ in range(2)]
+        waiting = [asyncio.ensure_future(admission.admit([need(32)], clock() + 10)) for _ in range(3)]
+        await settle()
+        assert load.waiting == 96 and not any(w.done() for w in waiting)
+        late = asyncio.ensure_future(admission.admit([need(8)], clock() + 10))  # no overtaking the line
+        await settle()
+        assert not late.done()
+        holders[0].release()  # room for one: the first in line, not the small newcomer
+        await settle()
+        assert [w.done() for w in waiting] == [True, False, False] and not late.done()
+        assert load.rows == 64 and load.waiting == 72
+        waiting[0].result().release()
+        holders[1].release()
+        await settle()
+        assert [w.done() for w in waiting] == [True, True, True] and not late.done()
+        for w in waiting[1:]:
+            w.result().release()
+        await settle()
+        late.result().release()
+        assert load.rows == 0 and load.waiting == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_waiter_refused_after_the_longest_wait_and_one_that_leaves_takes_nothing():
+    async def scenario():
+        admission, load, clock = make_admission(max_rows=64, max_wait_s=0.3)
+        for _ in range(4):
+            (await admission.admit([need(16)], clock() + 10)).release()
+        holder = await admission.admit([need(64)], clock() + 10)
+        with pytest.raises(Overloaded, match="had no room within 0.3 s"):
+            await admission.admit([need(8)], clock() + 10)
+        leaver = asyncio.ensure_future(admission.admit([need(8)], clock() + 10))
+        await settle()
+        leaver.cancel()  # the client went away while waiting
+        await asyncio.gather(leaver, return_exceptions=True)
+        assert load.waiting == 0
+        holder.release()
+        assert load.rows == 0
+
+    asyncio.run(scenario())
+
+
+def test_no_wait_when_the_estimate_says_room_comes_too_late():
+    async def scenario():
+        admission, load, clock = make_admission(max_rows=64, max_wait_s=0.5)
+        (await admission.admit([need(1)], clock() + 10)).release()  # 1 row drained in 2 s: 0.5 rows/s
+        holder = await admission.admit([need(64)], clock() + 10)
+        with pytest.raises(Overloaded, match="queue is full") as refused:
+            await admission.admit([need(8)], clock() + 10)
+        assert refused.value.retry_after_s == pytest.approx(8 / 0.5)
+        assert load.waiting == 0
+        holder.release()
+
+    asyncio.run(scenario())
