@@ -9,6 +9,7 @@ import time
 from starlette.requests import Request
 
 from server.errors import error_for, error_response
+from server.keys import authorized, guarded
 from server.routes import ROUTES
 from server.service import Service
 
@@ -76,15 +77,12 @@ class Gate:
         if "content-length" in headers and headers["content-length"].isdigit() \
                 and int(headers["content-length"]) > settings.max_body_bytes:
             return self._too_large()
-        if path.startswith("/v1/"):
-            if settings.api_keys:
-                token = headers.get("authorization", "")
-                if not token.startswith("Bearer ") or token[7:].strip() not in settings.api_keys:
-                    return error_response(401, "a valid API key is required: Authorization: Bearer <key>",
-                                          kind="authentication_error", headers={"WWW-Authenticate": "Bearer"})
-            if self.service.draining:
-                return error_response(503, "the server is shutting down; retry on another replica",
-                                      kind="unavailable", headers={"Retry-After": "1"})
+        if settings.api_keys and guarded(path) and not authorized(headers.get("authorization", ""), settings.api_keys):
+            return error_response(401, "a valid API key is required: Authorization: Bearer <key>",
+                                  kind="authentication_error", headers={"WWW-Authenticate": "Bearer"})
+        if path.startswith("/v1/") and self.service.draining:
+            return error_response(503, "the server is shutting down; retry on another replica",
+                                  kind="unavailable", headers={"Retry-After": "1"})
         return None
 
     async def _dispatch(self, scope, receive, send, path: str) -> None:

@@ -30,7 +30,9 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long queued work may take")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list,
                                                      description="comma-separated bearer tokens")
-    ui: bool = True  # mount the Gradio demo at /ui
+    ui: bool = Field(True, description="mount the Gradio demo at /ui (with api_keys set it asks visitors for a key)")
+    ui_cache_seconds: int = Field(300, ge=1, description="the demo's temporary image files are deleted after "
+                                  "this many seconds")
     fast_path: bool = True  # dispatch the generation routes straight from ASGI (same handlers, less CPU)
     access_log: bool = False  # uvicorn's per-request log line costs ~4% of a core under load
     verify_bundle: bool = True  # check every file's sha256 at start

@@ -24,7 +24,8 @@ def free_port() -> int:
 class Server:
     """A `flowmap serve` subprocess; `url` is its base address."""
 
-    def __init__(self, *flags: str, bundle: Path = BUNDLE, env: dict | None = None):
+    def __init__(self, *flags: str, bundle: Path = BUNDLE, env: dict | None = None, api_key: str | None = None):
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}  # for reading /metrics
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
@@ -56,7 +57,7 @@ class Server:
     def metric(self, name: str, **labels) -> float:
         """Sum of a metric's samples whose labels include `labels`, read from /metrics."""
         total = 0.0
-        for line in httpx.get(self.url + "/metrics").text.splitlines():
+        for line in httpx.get(self.url + "/metrics", headers=self.headers).text.splitlines():
             if line.startswith("#") or not line.startswith(name):
                 continue
             series, value = line.rsplit(" ", 1)

@@ -304,6 +304,11 @@ def test_api_keys():
         ok = post(srv.url, "/v1/generate", {"labels": [1]}, headers={"Authorization": "Bearer beta"})
         assert ok.status_code == 200
         assert httpx.get(srv.url + "/health/ready").status_code == 200  # probes need no key
+        assert httpx.get(srv.url + "/metrics").status_code == 401  # metrics are a door too
+        assert httpx.get(srv.url + "/metrics", headers={"Authorization": "Bearer alpha"}).status_code == 200
+        lower_case = post(srv.url, "/v1/generate", {"labels": [1]}, headers={"Authorization": "bearer alpha"})
+        assert lower_case.status_code == 200  # the scheme is case-insensitive (RFC 7235)
+        assert post(srv.url, "/v1/generate", {"labels": [1]}, headers={"Authorization": "Bearer"}).status_code == 401
     finally:
         srv.stop()
 

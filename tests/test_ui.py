@@ -2,6 +2,7 @@
 
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,13 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
-def server():
-    srv = Server().wait_ready()
+def server(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("gradio")  # the demo's temporary files, deleted after 2 s
+    srv = Server(env={"GRADIO_TEMP_DIR": str(cache), "FLOWMAP_UI_CACHE_SECONDS": "2"}).wait_ready()
+    srv.cache = cache
     yield srv
-    srv.stop()
+    log = srv.stop()
+    assert "Traceback" not in log, log  # visitors' bad input never prints a traceback in the server log
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +67,49 @@ def test_api_errors_are_readable_messages(client):
         client.predict("7", 2, 2**63, "1.5", 1, api_name="/generate")  # a seed past the allowed range
     message = str(err.value)
     assert "every seed must lie in 0.." in message and "HTTP 422" in message and "Traceback" not in message
+    with pytest.raises(AppError, match="greater than maximum value 16"):
+        client.predict("7", 100, 0, "1.5", 1, api_name="/generate")  # past the slider's range
+    with pytest.raises(AppError):
+        client.predict("cat", 1, 0, "1.5", 1, api_name="/generate")  # not one of the classes
+
+
+def files_under(folder: Path) -> list[Path]:
+    return [path for path in folder.rglob("*") if path.is_file()]
+
+
+def test_temporary_image_files_do_not_pile_up(server, client):
+    for seed in range(100):  # 100 generations, 200 distinct images
+        client.predict("5", 2, 1000 + 2 * seed, "1.5", 1, api_name="/generate")
+    assert len(files_under(server.cache)) > 0  # Gradio did write them here
+    give_up = time.monotonic() + 15
+    while len(files_under(server.cache)) > 20:  # old files go every 2 s
+        assert time.monotonic() < give_up, f"{len(files_under(server.cache))} files left in {server.cache}"
+        time.sleep(0.5)
+
+
+def test_with_api_keys_the_demo_asks_for_a_key_and_forwards_it():
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    srv = Server(env={"FLOWMAP_API_KEYS": "alpha, beta"}, api_key="alpha").wait_ready()
+    try:
+        anonymous = Client(srv.url + "/ui/", verbose=False)
+        with pytest.raises(AppError, match="a valid API key is required"):
+            anonymous.predict("7", 2, 5, "1.5", 1, api_name="/generate")
+        with pytest.raises(AppError, match="a valid API key is required"):
+            anonymous.predict("3", 256, 200, 0, "1.5", api_name="/search")
+        with pytest.raises(AppError, match="a valid API key is required"):
+            anonymous.predict("7", 2, 5, "1.5", 1, "gamma", api_name="/generate")  # a wrong key typed in
+        gallery, _ = anonymous.predict("7", 2, 5, "1.5", 1, "beta", api_name="/generate")  # the key typed in
+        assert len(gallery) == 2
+        with_header = Client(srv.url + "/ui/", verbose=False, headers={"Authorization": "Bearer alpha"})
+        gallery, _ = with_header.predict("7", 2, 5, "1.5", 1, api_name="/generate")
+        assert len(gallery) == 2
+        refused = sum(srv.metric("flowmap_http_requests_total", route=route, status="401")
+                      for route in ("/v1/generate", "/v1/search"))
+        assert refused == 3  # the API itself turned the demo's keyless calls away
+    finally:
+        srv.stop()
 
 
 @pytest.mark.browser

@@ -1,5 +1,9 @@
 """The Gradio demo. It talks to the HTTP API only (never to engines), so the same page runs mounted
-at /ui inside `flowmap serve` or alone against any server with `flowmap demo --url URL`."""
+at /ui inside `flowmap serve` or alone against any server with `flowmap demo --url URL`.
+
+It holds no privilege of its own: mounted on a server with API keys, it asks the visitor for a key
+(a password box, or the Authorization header of a Gradio API call) and forwards it, so /ui lets in
+exactly whom /v1 lets in."""
 
 from __future__ import annotations
 
@@ -20,17 +24,21 @@ class ApiClient:
     """A thin synchronous client of the flowmap HTTP API (Gradio runs handlers in worker threads)."""
 
     def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 120.0):
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
+        self.api_key = api_key  # the standalone demo's own key (`flowmap demo --api-key`), if any
+        self.http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout_s)
 
-    def post(self, path: str, body: dict) -> dict:
-        response = self.http.post(path, json=body)
+    def _headers(self, api_key: str | None) -> dict:
+        key = api_key or self.api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def post(self, path: str, body: dict, api_key: str | None = None) -> dict:
+        response = self.http.post(path, json=body, headers=self._headers(api_key))
         if response.status_code != 200:
-            raise gr.Error(error_message(response))
+            raise gr.Error(error_message(response), print_exception=False)  # the visitor's error, not ours
         return response.json()
 
     def models(self) -> dict:
-        response = self.http.get("/v1/models")
+        response = self.http.get("/v1/models", headers=self._headers(None))
         if response.status_code != 200:
             raise gr.Error(error_message(response))
         return {m["kind"]: m for m in response.json()["data"]}
@@ -42,6 +50,31 @@ def error_message(response: httpx.Response) -> str:
         return f"{response.json()['error']['message']} (HTTP {response.status_code})"
     except (ValueError, KeyError, TypeError):
         return f"the server answered HTTP {response.status_code}"
+
+
+def quiet(component):
+    """`component`, whose rejected input (a value outside a slider's range, a choice not offered) becomes
+    a message for the visitor instead of a traceback in the server's log."""
+    checked = component.preprocess
+
+    def preprocess(payload):
+        try:
+            return checked(payload)
+        except gr.Error as err:
+            raise gr.Error(err.message, print_exception=False) from None
+
+    component.preprocess = preprocess
+    return component
+
+
+def visitor_key(typed: str | None, request: gr.Request | None) -> str | None:
+    """The visitor's API key: typed into the page, or sent as `Authorization: Bearer` with a Gradio API call."""
+    if typed and typed.strip():
+        return typed.strip()
+    header = request.headers.get("authorization", "") if request is not None else ""
+    if not header.lower().startswith("bearer "):
+        return None
+    return header[7:].strip() or None
 
 
 def decode(b64: str) -> Image.Image:
@@ -58,8 +91,11 @@ def size_for(model: dict) -> str:
     return f"{width * scale}x{height * scale}"
 
 
-def build_demo(url: str, api_key: str | None = None, models: dict | None = None) -> gr.Blocks:
-    """The page. `models` ({kind: card} as /v1/models lists them) is fetched from `url` when not given."""
+def build_demo(url: str, api_key: str | None = None, models: dict | None = None, asks_for_key: bool = False,
+               cache_seconds: int = 300) -> gr.Blocks:
+    """The page. `models` ({kind: card} as /v1/models lists them) is fetched from `url` when not given.
+    With `asks_for_key` the page shows an API key box and forwards the visitor's key with each call.
+    Images Gradio keeps on disk for the page are deleted after `cache_seconds`."""
     client = ApiClient(url, api_key)
     models = models or client.models()
     student, teacher = models["student"], models["teacher"]
@@ -67,12 +103,14 @@ def build_demo(url: str, api_key: str | None = None, models: dict | None = None)
     scales = [f"{s:g}" for s in student["cfg_scales"]]
     size = size_for(student)
 
-    def generate(label: str, count: int, seed: float | None, guidance: str, steps: int):
+    def generate(label: str, count: int, seed: float | None, guidance: str, steps: int, typed_key: str = "",
+                 request: gr.Request = None):
+        key = visitor_key(typed_key, request)
         body = {"labels": [label] * int(count), "steps": int(steps), "guidance": float(guidance), "size": size}
         if seed is not None and seed >= 0:
             body["seeds"] = [int(seed) + i for i in range(int(count))]
         tick = time.perf_counter()
-        result = client.post("/v1/generate", body)
+        result = client.post("/v1/generate", body, key)
         latency_ms = 1000 * (time.perf_counter() - tick)
         gallery = [(decode(png), f"seed {s}") for png, s in zip(result["images"], result["seeds"], strict=True)]
         info = (f"**{len(gallery)} image(s)** of class `{label}` in {int(steps)} step(s) at guidance {guidance}: "
@@ -80,16 +118,18 @@ def build_demo(url: str, api_key: str | None = None, models: dict | None = None)
                 f"Seeds: {', '.join(str(s) for s in result['seeds'])}")
         return gallery, info
 
-    def search(label: str, candidates: int, teacher_steps: int, seed: float | None, guidance: str):
+    def search(label: str, candidates: int, teacher_steps: int, seed: float | None, guidance: str, typed_key: str = "",
+               request: gr.Request = None):
+        key = visitor_key(typed_key, request)
         count, steps, scale = int(candidates), int(teacher_steps), float(guidance)
         base = int(seed) if seed is not None and seed >= 0 else int(np.random.default_rng().integers(0, 2**31))
         result = client.post("/v1/search", {"label": label, "n": count, "top_k": 1, "teacher_steps": steps,
-                                            "seed": base, "guidance": scale, "size": size})
+                                            "seed": base, "guidance": scale, "size": size}, key)
         chosen = result["chosen_seeds"][0]
         # the student's candidates themselves (search returns only the chosen images)
         seeds = [c["seed"] for c in result["candidates"]]
         shown = client.post("/v1/generate", {"labels": [label] * count, "seeds": seeds, "guidance": scale,
-                                             "size": size})["images"]
+                                             "size": size}, key)["images"]
         ranked = sorted(zip(result["candidates"], shown, strict=True), key=lambda pair: -pair[0]["score"])
         gallery = [(outlined(decode(png)) if c["seed"] == chosen else decode(png),
                     f"{'★ chosen, ' if c['seed'] == chosen else ''}seed {c['seed']}: log p = {c['score']:.4g}")
@@ -104,35 +144,37 @@ def build_demo(url: str, api_key: str | None = None, models: dict | None = None)
             random_seed = base + count  # outside the candidates: what the teacher gives without a search
             tick = time.perf_counter()
             baseline = client.post("/v1/generate", {"labels": [label], "seeds": [random_seed], "steps": steps,
-                                                    "model": teacher["id"], "size": size})
+                                                    "model": teacher["id"], "size": size}, key)
             random_image = decode(baseline["images"][0])
             report += (f"\n\n**Random noise** (seed {random_seed}): the teacher alone, {steps} network evaluations "
                        f"in {1000 * (time.perf_counter() - tick):.0f} ms.")
         return gallery, decode(result["images"][0]), random_image, report
 
-    with gr.Blocks(title="flowmap-serve demo") as demo:
+    with gr.Blocks(title="flowmap-serve demo", delete_cache=(cache_seconds, cache_seconds)) as demo:
         gr.Markdown(f"# flowmap-serve: `{student['id']}`\n"
                     f"One-step {student.get('method') or 'flow-map'} student of a flow-matching teacher, served "
                     f"over HTTP from {url}. Guidance scales baked into this bundle: {', '.join(scales)}.")
+        key_box = gr.Textbox("", label="API key (this server requires one)", type="password", visible=asks_for_key,
+                             elem_id="api-key")
         with gr.Tab("Generate"):
             with gr.Row():
-                label = gr.Dropdown(classes, value=classes[min(7, len(classes) - 1)], label="class")
-                count = gr.Slider(1, 16, value=8, step=1, label="images")
-                seed = gr.Number(value=0, label="seed (-1 = random)", precision=0)
-                guidance = gr.Radio(scales, value=scales[0], label="guidance scale")
-                steps = gr.Slider(1, 8, value=1, step=1, label="student steps")
+                label = quiet(gr.Dropdown(classes, value=classes[min(7, len(classes) - 1)], label="class"))
+                count = quiet(gr.Slider(1, 16, value=8, step=1, label="images"))
+                seed = quiet(gr.Number(value=0, label="seed (-1 = random)", precision=0))
+                guidance = quiet(gr.Radio(scales, value=scales[0], label="guidance scale"))
+                steps = quiet(gr.Slider(1, 8, value=1, step=1, label="student steps"))
             run = gr.Button("Generate", variant="primary", elem_id="generate-button")
             gallery = gr.Gallery(label="samples", columns=8, height=360, object_fit="contain", format="png",
                                  elem_id="generate-gallery", elem_classes=["pixelated"])
             info = gr.Markdown()
-            run.click(generate, [label, count, seed, guidance, steps], [gallery, info], api_name="generate")
+            run.click(generate, [label, count, seed, guidance, steps, key_box], [gallery, info], api_name="generate")
         with gr.Tab("Best-of-N"):
             with gr.Row():
-                s_label = gr.Dropdown(classes, value=classes[min(3, len(classes) - 1)], label="class")
-                s_candidates = gr.Slider(2, 256, value=32, step=1, label="N candidates")
-                s_steps = gr.Slider(0, 200, value=50, step=1, label="teacher steps")
-                s_seed = gr.Number(value=0, label="first seed (-1 = random)", precision=0)
-                s_guidance = gr.Radio(scales, value=scales[0], label="guidance scale")
+                s_label = quiet(gr.Dropdown(classes, value=classes[min(3, len(classes) - 1)], label="class"))
+                s_candidates = quiet(gr.Slider(2, 256, value=32, step=1, label="N candidates"))
+                s_steps = quiet(gr.Slider(0, 200, value=50, step=1, label="teacher steps"))
+                s_seed = quiet(gr.Number(value=0, label="first seed (-1 = random)", precision=0))
+                s_guidance = quiet(gr.Radio(scales, value=scales[0], label="guidance scale"))
             s_run = gr.Button("Search", variant="primary", elem_id="search-button")
             s_gallery = gr.Gallery(label="student candidates, best first (chosen outlined)", columns=8, height=360,
                                    object_fit="contain", format="png", elem_classes=["pixelated"])
@@ -140,16 +182,17 @@ def build_demo(url: str, api_key: str | None = None, models: dict | None = None)
                 chosen_out = gr.Image(label="teacher from the chosen noise", format="png", elem_classes=["pixelated"])
                 random_out = gr.Image(label="teacher from a random noise", format="png", elem_classes=["pixelated"])
             s_info = gr.Markdown()
-            s_run.click(search, [s_label, s_candidates, s_steps, s_seed, s_guidance],
+            s_run.click(search, [s_label, s_candidates, s_steps, s_seed, s_guidance, key_box],
                         [s_gallery, chosen_out, random_out, s_info], api_name="search")
     return demo
 
 
 def mount_demo(app, settings, model_cards: list[dict]) -> None:
-    """Mount the demo at /ui of the server app; its handlers call that server over HTTP."""
-    key = settings.api_keys[0] if settings.api_keys else None
-    demo = build_demo(f"http://127.0.0.1:{settings.port}", key, {m["kind"]: m for m in model_cards})
-    gr.mount_gradio_app(app, demo, path="/ui", css=CSS)
+    """Mount the demo at /ui of the server app; its handlers call that server over HTTP with the
+    visitor's key, never the server's own."""
+    demo = build_demo(f"http://127.0.0.1:{settings.port}", None, {m["kind"]: m for m in model_cards},
+                      asks_for_key=bool(settings.api_keys), cache_seconds=settings.ui_cache_seconds)
+    gr.mount_gradio_app(app, demo, path="/ui", css=CSS, max_file_size="1mb")
 
 
 def launch(url: str, host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None) -> None:
