@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint models bench bench-distill clean
+.PHONY: install serve test lint mutants models bench bench-overload bench-distill clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,12 +23,18 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
+# Plausible mistakes in the maths and the serving path, each applied to a copy of the tree: every one
+# must make a test fail (scripts/mutants.py lists them and the tests that see them).
+mutants: $(STAMP)
+	$(PY) scripts/mutants.py
+
 models: $(STAMP)
 	$(PY) -m flowmap.cli pipeline --runs runs/digits --docs docs --bundle models/digits
 	$(PY) -m flowmap.cli readme
 
 bench: $(STAMP)
 	$(PY) -m flowmap.cli bench serve --bundle models/digits --out docs/serving
+	$(PY) -m flowmap.cli bench overload --bundle models/digits --out docs/overload
 	$(PY) -m flowmap.cli readme
 
 # Every method from one teacher (about 22 min), then FSF-DMD's settings from the consistency-distilled

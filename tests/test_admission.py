@@ -200,3 +200,23 @@ def test_no_wait_when_the_estimate_says_room_comes_too_late():
         holder.release()
 
     asyncio.run(scenario())
+
+
+def test_a_small_newcomer_does_not_overtake_a_waiting_request():
+    async def scenario():
+        admission, load, clock = make_admission(max_rows=64, max_wait_s=5.0)
+        for _ in range(4):
+            (await admission.admit([need(16)], clock() + 10)).release()
+        holder = await admission.admit([need(40)], clock() + 10)
+        big = asyncio.ensure_future(admission.admit([need(32)], clock() + 10))  # 40 + 32 > 64: waits
+        await settle()
+        small = asyncio.ensure_future(admission.admit([need(8)], clock() + 10))  # would fit, but must queue
+        await settle()
+        assert not big.done() and not small.done() and load.rows == 40
+        holder.release()
+        await settle()
+        assert big.done() and small.done() and load.rows == 40
+        big.result().release()
+        small.result().release()
+
+    asyncio.run(scenario())

@@ -1,0 +1,160 @@
+"""`make mutants`: does the test suite see wrong maths? Each mutant below is a plausible mistake (a
+dropped term, a flipped sign, a missing stop-gradient, a broken batch split); the script applies it
+to a copy of the tree, runs the tests that should see it, and reports which mutants survive.
+
+    python scripts/mutants.py              # all of them
+    python scripts/mutants.py meanflow     # those whose name contains "meanflow"
+
+Exit status 1 if any mutant survives, or if the chosen tests fail on the unmutated tree.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MATHS = "tests/test_method_maths.py"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str
+    original: str  # must occur exactly once in `path`
+    mutated: str
+    tests: tuple[str, ...]  # the pytest ids that should fail
+
+
+MUTANTS = [
+    Mutant("freeflow: correction term dropped", "distill/freeflow.py",
+           "target_N = lam * delta_N", "target_N = 0 * lam * delta_N",
+           (f"{MATHS}::test_freeflow_correction_moves_a_biased_prediction_towards_the_teacher",)),
+    Mutant("freeflow: prediction error sign flipped", "distill/freeflow.py",
+           "err = v_G - u", "err = u - v_G",
+           ("tests/test_distill_toy.py::test_freeflow_one_step_matches_the_teacher",)),
+    Mutant("meanflow: stop-gradient on dF/dt removed", "distill/meanflow.py",
+           "return F, dF.detach()", "return F, dF",
+           (f"{MATHS}::test_meanflow_gradient_treats_the_target_as_a_constant",)),
+    Mutant("meanflow: target sign flipped", "distill/meanflow.py",
+           "target = velocity_target - bcast(t - s, x_t) * dF_dt",
+           "target = velocity_target + bcast(t - s, x_t) * dF_dt",
+           (f"{MATHS}::test_meanflow_gradient_treats_the_target_as_a_constant",)),
+    Mutant("meanflow: JVP tangent of t dropped", "distill/meanflow.py",
+           "(direction, torch.ones_like(t))", "(direction, torch.zeros_like(t))",
+           (f"{MATHS}::test_meanflow_jvp_and_finite_differences_agree",)),
+    Mutant("guidance: formula around the conditional", "distill/flow.py",
+           "return uncond + scale * (cond - uncond)", "return cond + scale * (cond - uncond)",
+           ("tests/test_flow.py::test_guidance_w1_is_conditional_and_interval_switches_it_off",)),
+    Mutant("flow map: jump sign flipped", "distill/flow.py",
+           "return x - bcast(t - s, x) * average_velocity(x, t, s, *cond)",
+           "return x + bcast(t - s, x) * average_velocity(x, t, s, *cond)",
+           ("tests/test_flow.py::test_student_starts_as_the_teacher",)),
+    Mutant("teacher: flow-matching target reversed", "distill/teacher.py",
+           "t), t, label), eps - x)", "t), t, label), x - eps)",
+           ("tests/test_distill_toy.py::test_teacher_learns_the_toy",)),
+    Mutant("dmd: gradient direction flipped", "distill/fsf_dmd.py",
+           "grad = (denoised_fake - denoised_real)", "grad = (denoised_real - denoised_fake)",
+           (f"{MATHS}::test_dmd_gradient_moves_samples_from_fake_towards_real",)),
+    Mutant("dmd: stop-gradient on the target removed", "distill/fsf_dmd.py",
+           "(x0 - (x0 - grad).detach())", "(x0 - (x0 - grad))",
+           (f"{MATHS}::test_dmd_gradient_moves_samples_from_fake_towards_real",)),
+    Mutant("fgm: online flow not frozen in the generator loss", "distill/fgm.py",
+           "fake.requires_grad_(False)  # ψ", "fake.requires_grad_(True)  # ψ",
+           (f"{MATHS}::test_fgm_generator_gradient_reaches_the_generator_only",)),
+    Mutant("ema: decay used as the step", "distill/trainer.py",
+           "ema_p.lerp_(p, 1 - decay)", "ema_p.lerp_(p, decay)",
+           (f"{MATHS}::test_ema_update_moves_a_fraction_one_minus_decay",)),
+    Mutant("fsf-dmd: fake-side EMA decay used as the step", "distill/fsf_dmd.py",
+           "ema_p.lerp_(p, 1 - self.cfg.fake_ema_decay)", "ema_p.lerp_(p, self.cfg.fake_ema_decay)",
+           ("tests/test_methods.py::test_fsf_dmd_fake_side_is_the_ema_generator",)),
+    Mutant("noise: seed off by one", "server/noise.py",
+           "np.random.PCG64(seed)", "np.random.PCG64(seed + 1)",
+           ("tests/test_batcher.py::test_noise_follows_the_documented_recipe",)),
+    Mutant("batcher: every request gets the first rows back", "server/batcher.py",
+           "set_result(output[offset:offset + item.rows])", "set_result(output[:item.rows])",
+           ("tests/test_batcher.py::test_batches_merge_requests_and_split_them_back",)),
+    Mutant("batcher: rows leave in arrival order, not by deadline", "server/batcher.py",
+           "item = WorkItem(deadline, next(self._arrivals)", "item = WorkItem(now, next(self._arrivals)",
+           ("tests/test_batcher.py::test_rows_leave_earliest_deadline_first",)),
+    Mutant("admission: rows not reserved", "server/admission.py",
+           "load.rows += need.rows", "load.rows += 0",
+           ("tests/test_admission.py::test_rows_stay_reserved_until_the_request_ends",)),
+    Mutant("admission: rows not freed at release", "server/admission.py",
+           "load.rows -= need.rows", "load.rows -= 0",
+           ("tests/test_admission.py::test_rows_stay_reserved_until_the_request_ends",)),
+    Mutant("admission: newcomers overtake the line", "server/admission.py",
+           "if not line and self._fits(needs):", "if self._fits(needs):",
+           ("tests/test_admission.py::test_a_small_newcomer_does_not_overtake_a_waiting_request",)),
+    Mutant("api keys: any bearer token accepted", "server/keys.py",
+           'return scheme.lower() == "bearer" and bool(token) and matched',
+           'return scheme.lower() == "bearer" and bool(token)',
+           ("tests/test_server.py::test_api_keys",)),
+]
+
+
+def copy_tree(destination: Path) -> None:
+    """The files git tracks plus the untracked ones it does not ignore, as they are now."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                            check=True, capture_output=True, text=True).stdout.split("\0")
+    for name in filter(None, listed):
+        source = ROOT / name
+        if source.is_file():
+            target = destination / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+
+
+def run_tests(tree: Path, tests: tuple[str, ...]) -> tuple[bool, list[str], float]:
+    """(passed, ids of the failed tests, seconds) for `tests` run in `tree`."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                            cwd=tree, env=env, capture_output=True, text=True)
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", result.stdout, re.MULTILINE)
+    return result.returncode == 0, failed, time.perf_counter() - started
+
+
+def main(argv: list[str]) -> int:
+    chosen = [m for m in MUTANTS if not argv or any(word in m.name for word in argv)]
+    with tempfile.TemporaryDirectory(prefix="flowmap-mutants-") as folder:
+        tree = Path(folder)
+        copy_tree(tree)
+        for mutant in chosen:
+            if (tree / mutant.path).read_text().count(mutant.original) != 1:
+                print(f"mutant {mutant.name!r}: {mutant.original!r} is not in {mutant.path} exactly once; update "
+                      "the list", file=sys.stderr)
+                return 1
+        every_test = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+        passed, failed, seconds = run_tests(tree, every_test)
+        print(f"unmutated tree: {len(every_test)} tests {'pass' if passed else 'FAIL'} ({seconds:.0f} s)")
+        if not passed:
+            print("  failing: " + ", ".join(failed), file=sys.stderr)
+            return 1
+        survivors = []
+        for mutant in chosen:
+            path = tree / mutant.path
+            original = path.read_text()
+            path.write_text(original.replace(mutant.original, mutant.mutated))
+            try:
+                passed, failed, seconds = run_tests(tree, mutant.tests)
+            finally:
+                path.write_text(original)
+            verdict = "SURVIVED" if passed else "killed by " + ", ".join(failed or ["a test run error"])
+            print(f"{mutant.name:58s} {verdict} ({seconds:.0f} s)")
+            if passed:
+                survivors.append(mutant.name)
+    print(f"{len(chosen) - len(survivors)} of {len(chosen)} mutants killed"
+          + (f"; survivors: {', '.join(survivors)}" if survivors else ""))
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
