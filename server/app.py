@@ -11,7 +11,9 @@ from contextlib import asynccontextmanager
 import numpy as np
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import RedirectResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from export.bundle import read_bundle
 from server.admission import Admission, Overloaded, RequestTooLarge, Ticket
@@ -97,12 +99,18 @@ def create_app(settings: Settings | None = None, mount_ui: bool | None = None) -
         return error_for(err, request.url.path, service)
 
     for kind in (ApiError, RequestValidationError, ValidationError, Overloaded, RequestTooLarge, DeadlineExceeded,
-                 TimeoutError, EngineFailure, ClientDisconnected):
+                 TimeoutError, EngineFailure, ClientDisconnected, StarletteHTTPException):
         app.add_exception_handler(kind, _handle)
 
     app.add_middleware(Gate, service=service, fastapi_app=app)
-    if settings.ui if mount_ui is None else mount_ui:
+    with_ui = settings.ui if mount_ui is None else mount_ui
+    if with_ui:
         from ui.demo import mount_demo
 
         mount_demo(app, settings, service.model_cards())
+
+    @app.get("/", include_in_schema=False)
+    async def home():
+        return RedirectResponse("/ui/" if with_ui else "/docs")
+
     return app

@@ -3,16 +3,15 @@ exceptions to answers that FastAPI's handlers and the gate's fast path share."""
 
 from __future__ import annotations
 
-import json
-
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.admission import Overloaded, RequestTooLarge, retry_after_headers
 from server.batcher import DeadlineExceeded, EngineFailure
 from server.routes import ROUTES
-from server.service import ApiError, ClientDisconnected, Service
+from server.service import ApiError, ClientDisconnected, Service, shown
 
 
 def error_response(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
@@ -27,8 +26,8 @@ def error_for(err: Exception, path: str, service: Service) -> JSONResponse:
         return error_response(err.status, err.message, err.param, err.kind, err.headers)
     if isinstance(err, RequestValidationError | ValidationError):
         fields = ROUTES[path][0].model_fields if path in ROUTES else {}
-        described = [describe_validation_error(e, fields) for e in err.errors()]
-        return error_response(422, "; ".join(message for _, message in described), described[0][0])
+        param, message = describe_validation_errors(err.errors(), fields)
+        return error_response(422, message, param)
     if isinstance(err, Overloaded):
         return error_response(429, str(err), kind="rate_limit_exceeded", headers=retry_after_headers(err.retry_after_s))
     if isinstance(err, RequestTooLarge):
@@ -38,27 +37,58 @@ def error_for(err: Exception, path: str, service: Service) -> JSONResponse:
                                    "(FLOWMAP_REQUEST_TIMEOUT_S)", kind="timeout")
     if isinstance(err, EngineFailure):
         return error_response(500, str(err), kind="engine_error")
+    if isinstance(err, StarletteHTTPException):  # routing: 404 for an unknown path, 405 for a wrong method
+        message = {404: f"no such route: {path}; the API is under /v1 (see /docs)",
+                   405: f"{path} does not take this method (see /docs)"}.get(err.status_code, str(err.detail))
+        return error_response(err.status_code, message, kind="not_found" if err.status_code == 404 else
+                              "invalid_request_error", headers=getattr(err, "headers", None))
     if isinstance(err, ClientDisconnected):
         service.metrics.rejected.labels(reason="disconnected").inc()
         return error_response(499, "the client closed the connection", kind="client_closed")
     raise err
 
 
-def describe_validation_error(error: dict, schema_fields: dict) -> tuple[str, str]:
-    """('n', 'n must lie in 1..64, got 100') from one pydantic error."""
-    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
-    param = ".".join(loc) or "body"
-    field = schema_fields.get(loc[0]) if loc else None
-    bounds = {}
-    for item in getattr(field, "metadata", []) if field is not None else []:
-        for name in ("ge", "le", "gt", "lt", "min_length", "max_length"):
-            if getattr(item, name, None) is not None:
-                bounds[name] = getattr(item, name)
-    got = error.get("input")
-    shown = error.get("type") not in ("missing", "json_invalid") and got is not None
-    got_text = f", got {json.dumps(got, default=str)[:60]}" if shown else ""
-    if "ge" in bounds and "le" in bounds and error.get("type", "").startswith(("greater", "less")):
-        return param, f"{param} must lie in {bounds['ge']}..{bounds['le']}{got_text}"
-    if error.get("type", "").startswith(("too_short", "too_long")) and "max_length" in bounds:
-        return param, f"{param} must have {bounds.get('min_length', 0)}..{bounds['max_length']} items{got_text}"
-    return param, f"{param}: {error.get('msg', 'invalid value')}{got_text}"
+def field_name(loc: tuple) -> tuple[str, list[str]]:
+    """('body', 'labels', 0, 'int') -> ('labels[0]', ['int']): the field as the client wrote it, and the
+    union members pydantic tried (our request bodies are flat, so any name after the first is one)."""
+    name, tried = "", []
+    for part in loc:
+        if part == "body":
+            continue
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif not name:
+            name = part
+        else:
+            tried.append(str(part))
+    return name or "body", tried
+
+
+def describe_validation_errors(errors: list[dict], schema_fields: dict) -> tuple[str, str]:
+    """(the first field, one sentence per field) for pydantic's errors, e.g. 'n must lie in 1..64, got 100'."""
+    by_field: dict[str, list[tuple[dict, list[str]]]] = {}
+    for error in errors:
+        name, tried = field_name(error.get("loc", ()))
+        by_field.setdefault(name, []).append((error, tried))
+    sentences = []
+    for name, found in by_field.items():
+        error, tried = found[0]
+        got = error.get("input")
+        shown_got = f", got {shown(got)}" if error.get("type") not in ("missing", "json_invalid") else ""
+        members = [member for _, tried in found for member in tried]
+        if len(members) > 1:  # every member of a union refused the value
+            sentences.append(f"{name}: expected {' or '.join(members)}{shown_got}")
+            continue
+        field = schema_fields.get(name.split("[")[0])
+        bounds = {key: getattr(item, key) for item in (getattr(field, "metadata", []) if field else [])
+                  for key in ("ge", "le", "min_length", "max_length") if getattr(item, key, None) is not None}
+        kind = error.get("type", "")
+        if "ge" in bounds and "le" in bounds and kind.startswith(("greater", "less")):
+            sentences.append(f"{name} must lie in {bounds['ge']}..{bounds['le']}{shown_got}")
+        elif kind in ("too_short", "too_long") and "max_length" in bounds:
+            sentences.append(f"{name} must have {bounds.get('min_length', 0)}..{bounds['max_length']} items"
+                             f"{shown_got}")
+        else:
+            message = error.get("msg", "invalid value").removeprefix("Value error, ")
+            sentences.append(f"{name}: {message}{shown_got}")
+    return next(iter(by_field)), "; ".join(sentences)

@@ -103,6 +103,9 @@ async def search(body: SearchRequest, request: Request):
         raise ApiError(422, f"model: search draws its candidates from the student {svc.bundle.name!r}", "model")
     label = svc.resolve_label(body.label, "label")
     cfg_scale = svc.resolve_guidance("student", body.guidance)
+    if body.seed is not None and body.seeds is not None:
+        raise ApiError(422, "seeds: give seed (the candidates use seed, seed+1, ...) or seeds (one per candidate), "
+                            "not both", "seeds")
     if body.top_k > body.n:
         raise ApiError(422, f"top_k: must lie in 1..n ({body.n}), got {body.top_k}", "top_k")
     scale = upscale(svc, body.size)

@@ -1,4 +1,9 @@
-"""Request and response bodies. Ranges live here, in one place, and 422 messages quote them."""
+"""Request and response bodies. Ranges live here, in one place, and 422 messages quote them.
+
+Requests are strict: `"2"` or `true` for a number is refused with a 422, never coerced. `steps` has
+no schema range because its range depends on the model (the student takes 1..8 jumps, the teacher
+1..1000 Euler steps): the route checks it and names the right one.
+"""
 
 from __future__ import annotations
 
@@ -10,20 +15,24 @@ from server.noise import MAX_SEED
 
 Seed = Field(default=None, ge=0, le=MAX_SEED, description="noise seed; omitted = random, returned")
 MAX_STUDENT_STEPS, MAX_TEACHER_STEPS = 8, 1000
+DEFAULT_TEACHER_STEPS = 50
+STEPS_HELP = (f"student jumps 1..{MAX_STUDENT_STEPS} (default 1); teacher Euler steps 1..{MAX_TEACHER_STEPS} "
+              f"(default {DEFAULT_TEACHER_STEPS})")
+Model = Field(None, max_length=200, description="the bundle name (student) or <name>-teacher; default the student")
+Size = Field(None, max_length=32, description='native ("8x8") or a whole multiple ("64x64"), nearest-neighbour')
 
 
 class ImagesRequest(BaseModel):
     """OpenAI Images API request; `prompt` names a class. Extras: seed, steps, guidance."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     prompt: str = Field(..., min_length=1, max_length=200, description='a class: "7" or a class name')
-    model: str | None = Field(None, description="the bundle name (student) or <name>-teacher")
+    model: str | None = Model
     n: int = Field(1, ge=1, le=64)
-    size: str | None = Field(None, description='native ("8x8") or a whole multiple ("64x64"), nearest-neighbour')
+    size: str | None = Size
     response_format: Literal["b64_json"] = "b64_json"
     seed: int | None = Seed
-    steps: int | None = Field(None, ge=1, le=MAX_TEACHER_STEPS,
-                              description=f"student jumps 1..{MAX_STUDENT_STEPS}; teacher steps 1..{MAX_TEACHER_STEPS}")
+    steps: int | None = Field(None, description=STEPS_HELP)
     guidance: float | None = Field(None, description="a guidance scale the bundle has baked")
 
 
@@ -41,15 +50,14 @@ class ImagesResponse(BaseModel):
 class GenerateRequest(BaseModel):
     """Native batch form: one image per label."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     labels: list[int | str] = Field(..., min_length=1, max_length=256, description="class indices or names")
     seeds: list[int] | None = Field(None, description="one per label; omitted = random")
-    steps: int = Field(1, ge=1, le=MAX_TEACHER_STEPS,
-                       description=f"student jumps 1..{MAX_STUDENT_STEPS}; teacher steps 1..{MAX_TEACHER_STEPS}")
-    model: str | None = None
+    steps: int | None = Field(None, description=STEPS_HELP)
+    model: str | None = Model
     guidance: float | None = None
     format: Literal["png", "raw"] = Field("png", description="png (base64) or raw float arrays [C, H, W] in [-1, 1]")
-    size: str | None = None
+    size: str | None = Size
 
 
 class GenerateResponse(BaseModel):
@@ -65,18 +73,18 @@ class GenerateResponse(BaseModel):
 class SearchRequest(BaseModel):
     """Best-of-N noise search: N student candidates, verifier scores, top_k, optional teacher."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     label: int | str
     n: int = Field(64, ge=1, le=1024, description="candidates")
     top_k: int = Field(1, ge=1, le=64)
     student_steps: int = Field(1, ge=1, le=MAX_STUDENT_STEPS)
     teacher_steps: int = Field(0, ge=0, le=MAX_TEACHER_STEPS, description="0 = return the student's images")
     seed: int | None = Field(None, ge=0, le=MAX_SEED - 1024, description="candidates use seed, seed+1, ...")
-    seeds: list[int] | None = Field(None, description="explicit candidate seeds (length n)")
-    model: str | None = None
+    seeds: list[int] | None = Field(None, description="explicit candidate seeds (length n); not with seed")
+    model: str | None = Model
     guidance: float | None = None
     return_noise: bool = Field(False, description="include the chosen noise as base64 .npy")
-    size: str | None = None
+    size: str | None = Size
 
 
 class Candidate(BaseModel):
@@ -96,14 +104,3 @@ class SearchResponse(BaseModel):
     stages: list[dict]
     total_nfe: int
     seconds: float
-
-
-class ErrorBody(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody

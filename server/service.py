@@ -4,6 +4,7 @@ request into validated labels, seeds, steps and a guidance scale (or a 4xx namin
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable
 
@@ -16,8 +17,14 @@ from server.batcher import DynamicBatcher
 from server.metrics import Metrics
 from server.noise import MAX_SEED, noise_for
 from server.pipelines import Pipelines, SearchResult
-from server.schemas import MAX_STUDENT_STEPS, MAX_TEACHER_STEPS
+from server.schemas import DEFAULT_TEACHER_STEPS, MAX_STUDENT_STEPS, MAX_TEACHER_STEPS
 from server.settings import Settings
+
+
+def shown(value, limit: int = 60) -> str:
+    """A client's value echoed in a message: as JSON, and cut short."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 class ApiError(Exception):
@@ -65,7 +72,7 @@ class Service:
             return "student"
         if model == self.teacher_name:
             return "teacher"
-        raise ApiError(404, f"{param}: unknown model {model!r}; this server has {self.bundle.name!r} and "
+        raise ApiError(404, f"{param}: unknown model {shown(model)}; this server has {self.bundle.name!r} and "
                             f"{self.teacher_name!r}", param, "model_not_found")
 
     def resolve_label(self, value: int | str, param: str) -> int:
@@ -79,8 +86,8 @@ class Service:
             return classes.index(text)
         if text.isdigit() and int(text) < len(classes):
             return int(text)
-        shown = ", ".join(classes[:20]) + (", ..." if len(classes) > 20 else "")
-        raise ApiError(422, f"{param}: unknown class {text!r}; the classes are {shown} (or their index "
+        listed = ", ".join(classes[:20]) + (", ..." if len(classes) > 20 else "")
+        raise ApiError(422, f"{param}: unknown class {shown(text)}; the classes are {listed} (or their index "
                             f"0..{len(classes) - 1})", param)
 
     def resolve_guidance(self, kind: str, guidance: float | None, param: str = "guidance") -> float:
@@ -105,7 +112,7 @@ class Service:
             if not 1 <= steps <= MAX_STUDENT_STEPS:
                 raise ApiError(422, f"{param}: the student takes 1..{MAX_STUDENT_STEPS} jumps, got {steps}", param)
             return steps
-        steps = 50 if steps is None else steps
+        steps = DEFAULT_TEACHER_STEPS if steps is None else steps
         if not 1 <= steps <= MAX_TEACHER_STEPS:
             raise ApiError(422, f"{param}: the teacher takes 1..{MAX_TEACHER_STEPS} steps, got {steps}", param)
         return steps

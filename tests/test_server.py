@@ -129,7 +129,7 @@ def test_openai_client_round_trip(server):
     assert np.array_equal(big[::8, ::8], native)  # nearest-neighbour upscale of the same image
     with pytest.raises(Exception) as err:
         client.images.generate(model="digits", prompt="seven", n=1)
-    assert "unknown class 'seven'" in str(err.value)
+    assert 'unknown class "seven"' in str(err.value)
 
 
 def test_models_list(server):
@@ -142,20 +142,27 @@ def test_models_list(server):
 
 # -- bad input ------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("path", "body", "status", "needle"), [
-    ("/v1/images/generations", {"prompt": "cat"}, 422, "unknown class 'cat'"),
+    ("/v1/images/generations", {"prompt": "cat"}, 422, 'unknown class "cat"'),
     ("/v1/images/generations", {"prompt": "1", "n": 65}, 422, "n must lie in 1..64"),
     ("/v1/images/generations", {"prompt": "1", "n": 0}, 422, "n must lie in 1..64"),
     ("/v1/images/generations", {"prompt": "1", "steps": 9}, 422, "the student takes 1..8 jumps"),
     ("/v1/images/generations", {"prompt": "1", "guidance": 7.0}, 422, "available: 1.5, 1"),
     ("/v1/images/generations", {"prompt": "1", "size": "60x60"}, 422, "whole multiple"),
-    ("/v1/images/generations", {"prompt": "1", "model": "dalle"}, 404, "unknown model 'dalle'"),
+    ("/v1/images/generations", {"prompt": "1", "model": "dalle"}, 404, 'unknown model "dalle"'),
     ("/v1/images/generations", {"prompt": "1", "response_format": "url"}, 422, "response_format"),
     ("/v1/images/generations", {"n": 1}, 422, "prompt"),
     ("/v1/generate", {"labels": [1, 2], "seeds": [1]}, 422, "expected 2 seeds"),
     ("/v1/generate", {"labels": [10]}, 422, "class index 10 is out of range 0..9"),
     ("/v1/generate", {"labels": []}, 422, "labels must have 1..256 items"),
     ("/v1/generate", {"labels": [1], "seeds": [-1]}, 422, "every seed must lie in"),
-    ("/v1/generate", {"labels": [1], "steps": 1001, "model": "digits-teacher"}, 422, "steps must lie in 1..1000"),
+    ("/v1/generate", {"labels": [1], "steps": 1001, "model": "digits-teacher"}, 422,
+     "steps: the teacher takes 1..1000 steps, got 1001"),
+    ("/v1/generate", {"labels": [1], "steps": 0}, 422, "steps: the student takes 1..8 jumps, got 0"),
+    ("/v1/generate", {"labels": [3.5]}, 422, "labels[0]: expected int or str, got 3.5"),
+    ("/v1/generate", {"labels": [1], "seeds": ["7"]}, 422, "seeds[0]: Input should be a valid integer"),
+    ("/v1/images/generations", {"prompt": "1", "n": "2"}, 422, 'n: Input should be a valid integer, got "2"'),
+    ("/v1/images/generations", {"prompt": "1", "n": True}, 422, "n: Input should be a valid integer, got true"),
+    ("/v1/search", {"label": 1, "n": 4, "seed": 1, "seeds": [1, 2, 3, 4]}, 422, "seeds: give seed"),
     ("/v1/generate", {"labels": [1], "model": "digits-teacher", "guidance": 1.0}, 422, "teacher graph has guidance"),
     ("/v1/generate", {"labels": [1], "colour": "red"}, 422, "colour"),
     ("/v1/search", {"label": 1, "n": 4, "top_k": 5}, 422, "top_k: must lie in 1..n (4)"),
@@ -166,6 +173,23 @@ def test_bad_input_gets_a_clear_4xx(server, path, body, status, needle):
     response = post(server.url, path, body)
     assert response.status_code == status, response.text
     assert needle in response.json()["error"]["message"]
+
+
+def test_echoed_input_is_cut_short(server):
+    for path, body in (("/v1/images/generations", {"prompt": "1", "size": "9" * 900_000}),
+                       ("/v1/images/generations", {"prompt": "1", "model": "m" * 190}),
+                       ("/v1/generate", {"labels": ["x" * 150]})):
+        response = post(server.url, path, body)
+        assert response.status_code in (404, 422) and len(response.json()["error"]["message"]) < 300
+
+
+def test_every_error_has_the_same_shape(server):
+    missing = httpx.get(server.url + "/v2/nothing")
+    assert missing.status_code == 404 and "no such route: /v2/nothing" in missing.json()["error"]["message"]
+    wrong_method = httpx.get(server.url + "/v1/generate")
+    assert wrong_method.status_code == 405 and "does not take this method" in wrong_method.json()["error"]["message"]
+    home = httpx.get(server.url + "/", follow_redirects=False)
+    assert home.status_code == 307 and home.headers["location"] in ("/ui/", "/docs")
 
 
 def test_malformed_and_oversized_bodies(server):
