@@ -2,19 +2,25 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+SERVE_STAMP := $(VENV)/.installed-serve
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint mutants models bench bench-overload bench-distill clean
+.PHONY: install serve test lint mutants models bench bench-recipe bench-distill clean
 
-$(STAMP): pyproject.toml constraints.txt
+# Serving needs only the core install (no torch, Ray or browsers); everything else adds the extras.
+$(SERVE_STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e .
+	touch $(SERVE_STAMP)
+
+$(STAMP): $(SERVE_STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[train,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
-serve: $(STAMP)
+serve: $(SERVE_STAMP)
 	$(VENV)/bin/flowmap serve --bundle models/digits --host 127.0.0.1 --port 8000
 
 lint: $(STAMP)
@@ -35,6 +41,11 @@ models: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m flowmap.cli bench serve --bundle models/digits --out docs/serving
 	$(PY) -m flowmap.cli bench overload --bundle models/digits --out docs/overload
+	$(PY) -m flowmap.cli readme
+
+# Seconds per training step of a few network sizes, to choose one that fits this machine
+bench-recipe: $(STAMP)
+	$(PY) -m flowmap.cli bench recipe --out docs/recipe
 	$(PY) -m flowmap.cli readme
 
 # Every method from one teacher (about 22 min), then FSF-DMD's settings from the consistency-distilled

@@ -6,6 +6,7 @@ Everything becomes a `Dataset` of float32 samples in [-1, 1] with int64 labels i
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,8 +91,29 @@ def toy_gaussians(n: int = 4096, modes: int = 8, radius: float = 0.8, std: float
                    [f"mode{i}" for i in range(modes)])
 
 
+CHANNELS = (1, 3, 4)  # grey, RGB, RGBA
+
+
+def channels_first(images: np.ndarray, where: str) -> np.ndarray:
+    """[N, C, H, W] from NCHW or NHWC (the layout PIL and most image libraries give), or a DataError.
+
+    NHWC is recognised only where it is unambiguous: a last axis of 1, 3 or 4 and a second axis that
+    is not a channel count."""
+    if images.ndim != 4:
+        raise DataError(f"{where}: 'images' must be [N, C, H, W] (or [N, H, W, C]), got shape {images.shape}")
+    if images.shape[1] in CHANNELS:
+        return images
+    if images.shape[-1] in CHANNELS:
+        warnings.warn(f"{where}: 'images' has shape {images.shape}, read as channels-last [N, H, W, C] and "
+                      f"transposed to {images.transpose(0, 3, 1, 2).shape}", stacklevel=3)
+        return images.transpose(0, 3, 1, 2)
+    raise DataError(f"{where}: 'images' of shape {images.shape} has no channel axis of 1, 3 or 4 (expected "
+                    "[N, C, H, W] or [N, H, W, C])")
+
+
 def load_npz(path: str | Path) -> Dataset:
-    """An .npz with `images` [N, C, H, W] (uint8 0..255 or float in [-1, 1]) and `labels` [N].
+    """An .npz with `images` [N, C, H, W] (or channels-last [N, H, W, C]; uint8 0..255 or float in [-1, 1])
+    and `labels` [N] of integers.
 
     Optional `classes` (an array of names); otherwise classes are "0".."K-1" for K = max label + 1.
     """
@@ -102,8 +124,7 @@ def load_npz(path: str | Path) -> Dataset:
             raise DataError(f"{path} must hold arrays 'images' and 'labels', found {sorted(keys)}")
         images, labels = archive["images"], archive["labels"]
         classes = [str(c) for c in archive["classes"]] if "classes" in keys else None
-    if images.ndim != 4:
-        raise DataError(f"{path}: 'images' must be NCHW [N, C, H, W], got shape {images.shape}")
+    images = channels_first(images, str(path))
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{path}: 'labels' must be integers, got {labels.dtype}")
     if images.dtype == np.uint8:

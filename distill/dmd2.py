@@ -20,7 +20,7 @@ from distill.fsf_dmd import dmd_loss
 class DMD2Config:
     ttur: int = 5  # fake-flow updates per generator update
     sim_steps: int = 1  # M of the backward simulation
-    dm_cfg_scale: float = 1.5
+    dm_cfg_scale: float = 1.5  # guidance of the real side of the DMD term
 
 
 def simulate(student, z, label, w, steps: int, generator) -> torch.Tensor:

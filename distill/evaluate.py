@@ -17,15 +17,15 @@ from distill.flow import euler_sample, flow_map_sample, guided_velocity, heun_sa
 
 @dataclass
 class EvalConfig:
-    cfg_scale: float = 1.5
-    teacher_steps: tuple[int, ...] = (1, 2, 4, 8, 100)
-    student_steps: tuple[int, ...] = (1, 2)
+    cfg_scale: float = 1.5  # guidance scale of every sample
+    teacher_steps: tuple[int, ...] = (1, 2, 4, 8, 100)  # Euler step counts of the teacher to score
+    student_steps: tuple[int, ...] = (1, 2)  # flow-map jumps of the student to score
     reference_steps: int = 100  # the teacher run that alignment RMSE is measured against
-    seed: int = 1234
-    batch_size: int = 1024
+    seed: int = 1234  # of the noise every model starts from (shared, so alignment compares like for like)
+    batch_size: int = 1024  # samples per forward pass
     k: int = 3  # k-NN for precision / recall
-    sampler: str = "euler"
-    extra: dict = field(default_factory=dict)
+    sampler: str = "euler"  # the teacher's sampler: "euler" or "heun"
+    extra: dict = field(default_factory=dict)  # recorded with the results
 
 
 def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:

@@ -17,8 +17,8 @@ from distill.flow import guidance_scales, guided_velocity, interpolate, prior_ba
 
 @dataclass
 class FGMConfig:
-    cfg_min: float = 1.0
-    cfg_max: float = 2.0
+    cfg_min: float = 1.0  # guidance scales the student is trained over: from cfg_min ...
+    cfg_max: float = 2.0  # ... to cfg_max, uniformly
     t_min: float = 0.02  # the teacher's velocity is stiff near t = 0; the paper samples t away from it
 
 

@@ -21,18 +21,18 @@ class FreeFlowConfig:
     time: str = "discrete"  # "discrete": N-interval grid (App. A.1); "continuous": δ ∈ (0, 1)
     intervals: int = 8  # N for the discrete grid; the teacher is never queried below t = 1/N
     derivative: str = "fd"  # continuous time only: "jvp" (forward-mode AD) or "fd" (central difference)
-    fd_step: float = 1e-3
+    fd_step: float = 1e-3  # step of the central difference (derivative fd)
     pred_fraction: float = 0.75  # the rest of the batch goes to the correction
     weight_power: float = 1.0  # k in w_G = 1 / (|Δ_G|^2 / d + 1e-4)^k
     alpha: float = 1.0  # correction strength relative to the (weighted) prediction gradient
-    delta_mean: float = 0.0
-    delta_std: float = 1.0
+    delta_mean: float = 0.0  # δ = 1 - s ~ LogitNormal(delta_mean, delta_std) in the prediction
+    delta_std: float = 1.0  # spread of δ's LogitNormal
     delta_zero_fraction: float = 0.1  # anchors F(z, 1, 1) = u(z, 1)
     r_mean: float = 0.8  # LogitNormal(0.8, 1.6): weight on high noise
-    r_std: float = 1.6
+    r_std: float = 1.6  # spread of the correction's noise level r
     correction_guidance_t_hi: float = 0.7  # guidance only for r <= 0.7 in the correction
-    cfg_min: float = 1.0  # guidance scales the student is trained over
-    cfg_max: float = 2.0
+    cfg_min: float = 1.0  # guidance scales the student is trained over: from cfg_min ...
+    cfg_max: float = 2.0  # ... up to cfg_max, uniformly; export bakes scales from this range
 
     def __post_init__(self) -> None:
         if self.time not in ("discrete", "continuous"):

@@ -17,17 +17,17 @@ from distill.flow import bcast, guidance_scales, guided_velocity, interpolate, l
 @dataclass
 class MeanFlowConfig:
     derivative: str = "jvp"  # "jvp" or "fd" (central difference along the flow)
-    fd_step: float = 1e-3
+    fd_step: float = 1e-3  # step of the central difference (derivative fd)
     equal_fraction: float = 0.25  # share of the batch with s = t (plain flow matching on the teacher)
     time_sampling: str = "uniform"  # "uniform" or "logit_normal" for the pair (t, s)
     time_mean: float = -0.4  # logit-normal only
-    time_std: float = 1.0
+    time_std: float = 1.0  # logit-normal only: spread
     endpoint_fraction: float = 0.0  # share of the batch forced to the 1-NFE jump (t, s) = (1, 0)
     # p in the weight 1 / sg(|err|^2 + 0.01)^p. METHODS.md's p = 1 leaves the rare long jumps with
     # almost no weight; p = 0.5 (pseudo-Huber-like) learned the 1-NFE map on the toy (SW 0.03 vs 0.08).
     adaptive_power: float = 0.5
-    cfg_min: float = 1.0
-    cfg_max: float = 2.0
+    cfg_min: float = 1.0  # guidance scales the student is trained over: from cfg_min ...
+    cfg_max: float = 2.0  # ... to cfg_max, uniformly
 
     def __post_init__(self) -> None:
         if self.time_sampling not in ("uniform", "logit_normal"):

@@ -21,13 +21,13 @@ class NetConfig:
     """Architecture of one network. `shape` is the per-sample data shape: (C, H, W) or (D,)."""
 
     arch: str = "dit"  # "dit" or "mlp"
-    shape: tuple[int, ...] = (1, 8, 8)
-    num_classes: int = 10
-    width: int = 128
-    depth: int = 4
+    shape: tuple[int, ...] = (1, 8, 8)  # per sample: (C, H, W) or (D,); set from the data
+    num_classes: int = 10  # set from the data; label num_classes is the null label for guidance
+    width: int = 128  # hidden size (dit: token width)
+    depth: int = 4  # blocks
     heads: int = 4  # dit only
     patch: int = 2  # dit only
-    mlp_ratio: float = 4.0
+    mlp_ratio: float = 4.0  # hidden size of each block's MLP, as a multiple of width
     extras: tuple[str, ...] = field(default_factory=tuple)  # subset of ("s", "w")
 
     def __post_init__(self) -> None:

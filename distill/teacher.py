@@ -16,8 +16,8 @@ from distill.models import Teacher
 class TeacherConfig:
     label_dropout: float = 0.1  # probability of the null label, so the teacher supports guidance
     time_sampling: str = "logit_normal"  # or "uniform"
-    time_mean: float = 0.0
-    time_std: float = 1.0
+    time_mean: float = 0.0  # logit-normal t: location ...
+    time_std: float = 1.0  # ... and spread
 
     def __post_init__(self) -> None:
         if self.time_sampling not in ("logit_normal", "uniform"):

@@ -36,16 +36,16 @@ from distill.checkpoint import CheckpointError, has_checkpoint, load_checkpoint,
 
 @dataclass
 class TrainConfig:
-    steps: int = 4000
-    batch_size: int = 256
-    lr: float = 3e-4
-    ema_decay: float = 0.999
-    grad_clip: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 500
-    log_every: int = 50
+    steps: int = 4000  # optimiser steps in all (a resumed run continues to this count)
+    batch_size: int = 256  # global: split across ranks under torchrun
+    lr: float = 3e-4  # Adam's learning rate
+    ema_decay: float = 0.999  # the result is this EMA of the weights (0 = the live weights)
+    grad_clip: float = 1.0  # gradient-norm clip per module (0 = off)
+    seed: int = 0  # weights, batches and noise all follow from it
+    checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
+    log_every: int = 50  # steps between log.jsonl lines and progress-bar updates
     max_minutes: float | None = None  # stop early (and checkpoint) after this much wall time
-    device: str = "cpu"
+    device: str = "cpu"  # "cpu" or "cuda"
 
 
 class Method(Protocol):
@@ -105,6 +105,37 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
             ema_p.lerp_(p, 1 - decay)
 
 
+# What decides the shapes of a run's tensors: a change here makes its checkpoint unloadable.
+SHAPE_KEYS = ("net", "verifier")
+
+
+def shape_differences(old: dict, new: dict) -> list[str]:
+    """'net.arch: checkpoint 'mlp', now 'dit'' for every shape-deciding setting that differs."""
+    old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))  # as stored: tuples become lists
+    changed = []
+    for key in SHAPE_KEYS:
+        before, now = old.get(key) or {}, new.get(key) or {}
+        for name in sorted(set(before) | set(now)):
+            if before.get(name) != now.get(name):
+                changed.append(f"{key}.{name}: checkpoint {before.get(name)!r}, now {now.get(name)!r}")
+    before, now = (old.get("data") or {}).get("shape"), (new.get("data") or {}).get("shape")
+    if before != now:
+        changed.append(f"data shape: checkpoint {before}, now {now}")
+    return changed
+
+
+ESTIMATE_AFTER_STEPS = 20  # the first steps are timed and an estimate of the whole run is printed
+
+
+def duration(seconds: float) -> str:
+    """'45 s', '12 min', '3.5 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -141,6 +172,11 @@ def train(method: Method, run_dir: str | Path, meta: dict, cfg: TrainConfig, res
         if old_meta.get("kind") != meta.get("kind"):
             raise CheckpointError(f"{run_dir} holds a {old_meta.get('kind')!r} run; refusing to resume it as "
                                   f"{meta.get('kind')!r} (use another --out)")
+        changed = shape_differences(old_meta, meta)
+        if changed:
+            raise CheckpointError(f"{run_dir} holds a run whose networks have another shape, so it cannot be resumed "
+                                  f"with these settings: {'; '.join(changed)}. Resume with the checkpoint's settings, "
+                                  "or start over with --no-resume or another --out")
         restore(old_meta, tensors, modules, optimizers, generator, rank)
         step = old_meta["step"]
 
@@ -178,6 +214,10 @@ def train(method: Method, run_dir: str | Path, meta: dict, cfg: TrainConfig, res
             for key, value in logs.items():
                 running[key] = value if key not in running else 0.95 * running[key] + 0.05 * value
             bar.update(1)
+            if step - first_step == ESTIMATE_AFTER_STEPS and progress and lead and step < cfg.steps:
+                per_step = compute_seconds / ESTIMATE_AFTER_STEPS
+                tqdm.write(f"{meta.get('kind', 'train')}: {per_step:.3g} s/step, so about "
+                           f"{duration(per_step * (cfg.steps - step))} for the remaining {cfg.steps - step} steps")
             if step % cfg.log_every == 0 or step == cfg.steps:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in running.items()})
                 if log_file:

@@ -14,11 +14,11 @@ from distill.data import Dataset
 
 @dataclass
 class VerifierConfig:
-    width: int = 32
-    feature_dim: int = 128
+    width: int = 32  # channels of the first convolution (doubled after)
+    feature_dim: int = 128  # size of the feature vector FD and precision/recall use
     noise_std: float = 0.1  # augmentation: generated samples are never exactly on the data manifold
     max_shift: int = 1  # augmentation: random translation in pixels (images only)
-    val_fraction: float = 0.15
+    val_fraction: float = 0.15  # held out to report accuracy
 
 
 class Verifier(nn.Module):

@@ -4,6 +4,7 @@ batch invariance (a row alone equals the same row inside a batch of 64)."""
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -83,6 +84,9 @@ def export_onnx(graph: nn.Module, inputs: dict[str, torch.Tensor], path: str | P
     path.parent.mkdir(parents=True, exist_ok=True)
     batch = torch.export.Dim("batch", min=1, max=65536)
     graph = graph.eval()
+    # the exporter logs a warning per torchvision operator it cannot register when torchvision is absent;
+    # none of our graphs use them
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(

@@ -21,10 +21,10 @@ PARITY_TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2, "bf16": 1e-1}
 @dataclass
 class TensorRTConfig:
     precision: str = "fp16"  # "fp32", "fp16" or "bf16"
-    min_batch: int = 1
-    opt_batch: int = 64
-    max_batch: int = 256
-    workspace_gb: float = 4.0
+    min_batch: int = 1  # the optimisation profile's smallest batch ...
+    opt_batch: int = 64  # ... the batch it is tuned for ...
+    max_batch: int = 256  # ... and its largest
+    workspace_gb: float = 4.0  # scratch memory the builder may use
     timing_cache: str = "models/.trt_timing.cache"  # shared across builds; git-ignored
 
     def __post_init__(self) -> None:

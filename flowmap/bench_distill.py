@@ -19,18 +19,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass
 class DistillBenchConfig:
-    teacher: str = "runs/digits/teacher"
-    verifier: str = "runs/digits/verifier"
-    runs: str = "runs/bench"
+    teacher: str = "runs/digits/teacher"  # the teacher run every method distils (from make models)
+    verifier: str = "runs/digits/verifier"  # the verifier run the evaluation uses
+    runs: str = "runs/bench"  # where each method's run goes
     minutes: float = 4.0  # wall-time budget per method
-    segments: int = 4
+    segments: int = 4  # FD is measured after each of these equal parts of the budget
     # a method name, or LABEL=METHOD to run one method several times with different options (a study)
     methods: tuple[str, ...] = ("freeflow", "meanflow", "fsf-dmd", "fgm", "dmd2")
-    cfg_scale: float = 1.5
-    out: str = "docs/distillation"
+    cfg_scale: float = 1.5  # guidance scale of the evaluation
+    out: str = "docs/distillation"  # writes OUT.md, OUT.json and OUT.png
     # per-method options on top of each method's defaults, "label:flag=value" (repeatable)
     options: tuple[str, ...] = field(default_factory=tuple)
-    title: str = "Distillation methods side by side"
+    title: str = "Distillation methods side by side"  # the report's heading
 
 
 def parse_entry(entry: str) -> tuple[str, str]:

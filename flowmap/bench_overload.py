@@ -22,17 +22,17 @@ from flowmap.reports import pyplot, save_figure, write_report
 
 @dataclass
 class OverloadBenchConfig:
-    bundle: str = "models/digits"
+    bundle: str = "models/digits"  # the bundle to serve
     capacity_clients: int = 64  # a concurrency the server keeps up with
     overload_clients: int = 256  # 4x that
     max_queue_size: int = 256  # rows admitted per engine
     images: int = 4  # per student request
     steps: int = 2  # student jumps per request
     teacher_clients: int = 8  # in the mixed run, on top of the overload
-    teacher_steps: int = 50
-    request_timeout_s: float = 30.0
-    seconds: float = 8.0
-    out: str = "docs/overload"
+    teacher_steps: int = 50  # per teacher request in the mixed run
+    request_timeout_s: float = 30.0  # the server's deadline per request
+    seconds: float = 8.0  # per run
+    out: str = "docs/overload"  # writes OUT.md, OUT.json and OUT.png
 
 
 def student_bodies(images: int, steps: int) -> list[dict]:

@@ -25,14 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass
 class ServeBenchConfig:
-    bundle: str = "models/digits"
-    levels: tuple[int, ...] = (1, 4, 16, 64, 256)
-    seconds: float = 4.0
-    raw_batches: tuple[int, ...] = (1, 4, 16, 64, 256)
-    max_batch_size: int = 64
-    max_queue_delay_ms: float = 2.0
-    teacher_steps: int = 100
-    out: str = "docs/serving"
+    bundle: str = "models/digits"  # the bundle to serve
+    levels: tuple[int, ...] = (1, 4, 16, 64, 256)  # concurrent clients to measure at
+    seconds: float = 4.0  # per measurement
+    raw_batches: tuple[int, ...] = (1, 4, 16, 64, 256)  # batch sizes of the in-process engine runs
+    max_batch_size: int = 64  # the server's setting
+    max_queue_delay_ms: float = 2.0  # the server's setting
+    teacher_steps: int = 100  # Euler steps of the teacher the student is compared with
+    out: str = "docs/serving"  # writes OUT.md, OUT.json and OUT.png
 
 
 def cpu_seconds(pid: int) -> float:

@@ -6,32 +6,59 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
+import re
 import sys
 import typing
 from pathlib import Path
 
 
+def field_help(cls) -> dict[str, str]:
+    """Each dataclass field's comment, from the class source: the comment on the field's line, or the
+    comment lines right above it (for a subclass, its own fields' comments over its parents')."""
+    notes: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass) or klass is object:
+            continue
+        pending: list[str] = []
+        for line in inspect.getsource(klass).splitlines():
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                pending.append(stripped.lstrip("# "))
+                continue
+            field = re.match(r"(\w+)\s*:[^=]*=.*?(?:#\s*(.*))?$", stripped)
+            if field and not stripped.startswith(("def ", "return")):
+                text = " ".join([*pending, field.group(2) or ""]).strip()
+                if text:
+                    notes[field.group(1)] = text
+            pending = []
+    return notes
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cls, defaults=None, skip=(), title=None) -> None:
-    """One `--field-name` flag per dataclass field, typed and defaulted from `defaults` (an instance)."""
+    """One `--field-name` flag per dataclass field, typed and defaulted from `defaults` (an instance),
+    explained by the field's comment in the source."""
     group = parser.add_argument_group(title or cls.__name__)
-    hints = typing.get_type_hints(cls)
+    hints, notes = typing.get_type_hints(cls), field_help(cls)
     defaults = defaults if defaults is not None else cls()
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         flag, default, kind = "--" + f.name.replace("_", "-"), getattr(defaults, f.name), hints[f.name]
         origin, args = typing.get_origin(kind), typing.get_args(kind)
+        shown = " ".join(map(str, default)) if origin is tuple else default
+        note = notes.get(f.name, "").replace("%", "%%")
+        text = f"{note}; default: {shown}" if note else f"default: {shown}"
         if kind is bool:
-            group.add_argument(flag, dest=f.name, default=default, action=argparse.BooleanOptionalAction)
+            group.add_argument(flag, dest=f.name, default=default, action=argparse.BooleanOptionalAction, help=text)
         elif origin is tuple:
-            group.add_argument(flag, dest=f.name, default=default, nargs="+", type=args[0],
-                               help=f"default: {' '.join(map(str, default))}")
+            group.add_argument(flag, dest=f.name, default=default, nargs="+", type=args[0], help=text)
         elif kind in (int, float, str):
-            group.add_argument(flag, dest=f.name, default=default, type=kind, help=f"default: {default}")
+            group.add_argument(flag, dest=f.name, default=default, type=kind, help=text)
         elif args and type(None) in args:  # Optional[x]
             inner = next(a for a in args if a is not type(None))
-            group.add_argument(flag, dest=f.name, default=default, type=inner, help=f"default: {default}")
+            group.add_argument(flag, dest=f.name, default=default, type=inner, help=text)
 
 
 def config_from(args: argparse.Namespace, cls, defaults=None, **overrides):
@@ -275,7 +302,8 @@ def cmd_serve(argv: list[str]) -> int:
 def cmd_bench(argv: list[str]) -> int:
     benches = {"serve": "HTTP throughput/latency, batching on/off, raw engine, student vs teacher",
                "overload": "goodput, refusals and latency when 4x more clients come than the server keeps up with",
-               "distill": "every distillation method from one teacher, same wall time, same evaluation"}
+               "distill": "every distillation method from one teacher, same wall time, same evaluation",
+               "recipe": "seconds per training step and the projected run time of a few network sizes on your data"}
     if not argv or argv[0] not in benches:
         listing = "\n".join(f"  {name:10s} {text}" for name, text in benches.items())
         print(f"usage: flowmap bench <name> [options]\n\nbenchmarks:\n{listing}", file=sys.stderr)
@@ -288,6 +316,15 @@ def cmd_bench(argv: list[str]) -> int:
         report = run_distill_bench(config_from(parser.parse_args(argv[1:]), DistillBenchConfig))
         print(json.dumps([{k: m[k] for k in ("method", "fd_1nfe", "fd_2nfe", "sec_per_step")}
                           for m in report["methods"]], indent=2))
+        return 0
+    if argv[0] == "recipe":
+        from flowmap.bench_recipe import RecipeBenchConfig, run_recipe_bench
+
+        parser = argparse.ArgumentParser("flowmap bench recipe", description=benches["recipe"]
+                                         + "; writes OUT.md/.json/.png")
+        add_config_flags(parser, RecipeBenchConfig, title="benchmark")
+        report = run_recipe_bench(config_from(parser.parse_args(argv[1:]), RecipeBenchConfig))
+        print(json.dumps(report["presets"], indent=2))
         return 0
     if argv[0] == "overload":
         from flowmap.bench_overload import OverloadBenchConfig, run_overload_bench

@@ -78,7 +78,7 @@ async def run_load(host: str, port: int, path: str, bodies: list[dict], clients:
     latencies: list[float] = []
     ok_latencies: list[float] = []
     statuses: dict[int, int] = {}
-    measuring = {"on": False, "stop": False, "no_hint": 0}
+    measuring = {"on": False, "stop": False, "no_hint": 0, "ends": time.perf_counter() + warmup_s + seconds}
 
     async def client(index: int) -> None:
         reader, writer = await asyncio.open_connection(host, port)
@@ -96,8 +96,8 @@ async def run_load(host: str, port: int, path: str, bodies: list[dict], clients:
                         ok_latencies.append(latencies[-1])
                     elif status in (429, 503) and retry_after is None:
                         measuring["no_hint"] += 1
-                if honour_retry_after and retry_after and status != 200:
-                    await asyncio.sleep(retry_after)
+                if honour_retry_after and retry_after and status != 200:  # (never past the end of the run)
+                    await asyncio.sleep(min(retry_after, max(0.0, measuring["ends"] - time.perf_counter())))
         finally:
             writer.close()
 

@@ -1,6 +1,7 @@
 """Regenerate the README's result tables from the files the pipeline and the benchmarks wrote, so no
 figure in the README is typed by hand: models/digits/manifest.json, docs/pipeline.json,
-docs/distillation.json, docs/fsf_dmd_study.json and docs/serving.json. Blocks sit between `<!-- begin:NAME -->` and
+docs/distillation.json, docs/fsf_dmd_study.json, docs/serving.json, docs/overload.json and docs/recipe.json,
+and the settings table from server/settings.py. Blocks sit between `<!-- begin:NAME -->` and
 `<!-- end:NAME -->` markers."""
 
 from __future__ import annotations
@@ -103,7 +104,60 @@ def serving_block(root: Path) -> str:
     ])
 
 
-BLOCKS = {"distill-results": distill_block, "methods-results": methods_block, "serving-results": serving_block}
+def overload_block(root: Path) -> str:
+    report = _load(root / "docs" / "overload.json")
+    if report is None:
+        return "_No overload benchmark yet: run `make bench`._"
+    config, checks = report["config"], report["checks"]
+    honour, at_once = checks["overload_honouring_retry_after"], checks["overload_retrying_at_once"]
+    teacher = report["phases"]["overload_with_teacher"]["teacher"]
+    return "\n".join([
+        f"Measured by `flowmap bench overload`: {config['overload_clients']} clients against a server that keeps up "
+        f"with {config['capacity_clients']}, {config['images']}-image {config['steps']}-step requests, "
+        f"`--max-queue-size {config['max_queue_size']}` (from [docs/overload.md](docs/overload.md)):",
+        "",
+        "| figure | measured | target |",
+        "|---|---:|---:|",
+        f"| capacity at {config['capacity_clients']} clients | {report['capacity_images_per_s']:.0f} images/s | |",
+        f"| goodput under 4x overload, clients retrying at once | {at_once['goodput_vs_capacity']}x | >= 0.8x |",
+        f"| goodput under 4x overload, clients honouring Retry-After | {honour['goodput_vs_capacity']}x | >= 0.8x |",
+        f"| every answer 200, or 429 with Retry-After | "
+        f"{'yes' if all(c['only_200_or_429_with_retry_hint'] for c in checks.values()) else 'no'} | yes |",
+        f"| teacher requests mixed into the overload, answered 200 | "
+        f"{checks['overload_with_teacher']['teacher_completed']} of {teacher['requests']} | all |",
+    ])
+
+
+def recipe_block(root: Path) -> str:
+    from flowmap.bench_recipe import recipe_table
+
+    report = _load(root / "docs" / "recipe.json")
+    if report is None:
+        return "_No recipe timings yet: run `make bench-recipe`._"
+    return "\n".join([
+        f"Seconds per training step on this machine's {report['machine']['cpus']} CPU cores, {report['data']['name']} "
+        f"{report['data']['shape']}, batch {report['config']['batch_size']}, and the time of a full run (from "
+        "[docs/recipe.md](docs/recipe.md), written by `flowmap bench recipe`; pass `--data your.npz` to time your "
+        "own):",
+        "",
+        *recipe_table(report),
+    ])
+
+
+def settings_block(root: Path) -> str:
+    from server.settings import Settings
+
+    lines = ["| setting | flag | default | what it does |", "|---|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        shown = ",".join(default) if isinstance(default, list) else default
+        lines.append(f"| `FLOWMAP_{name.upper()}` | `--{name.replace('_', '-')}` | `{shown}` | "
+                     f"{field.description} |")
+    return "\n".join(lines)
+
+
+BLOCKS = {"distill-results": distill_block, "methods-results": methods_block, "serving-results": serving_block,
+          "overload-results": overload_block, "recipe-results": recipe_block, "settings": settings_block}
 
 
 def update_readme(root: str | Path = ".") -> bool:

@@ -88,11 +88,14 @@ class EngineLoad:
         return max(self.seconds_alone(need), (self.backlog + need.work) * self.cost.seconds_per_row())
 
     def seconds_to_free(self, rows: int) -> float:
-        """How long until `rows` reserved rows are released, at the measured drain rate."""
+        """How long until `rows` reserved rows are released: at the measured drain rate, or, before
+        there is one, at the engine's speed through the work admitted (the share of it `rows` stand for)."""
         rate = self.drain.rows_per_s()
-        if rate > 0:
+        if rate:
             return rows / rate
-        return self.backlog * self.cost.seconds_per_row() if self.cost.measured else 1.0
+        if not self.cost.measured:
+            return 1.0
+        return self.backlog * self.cost.seconds_per_row() * min(1.0, rows / max(self.rows, 1))
 
 
 class Ticket:
@@ -138,6 +141,8 @@ class Admission:
         self.loads, self.max_queue_rows, self.timeout_s = loads, max_queue_rows, timeout_s
         self.max_wait_s, self.metrics, self.clock = max_wait_s, metrics, clock
         self._lines: dict[tuple[str, ...], deque[Waiter]] = {}
+        if metrics:
+            metrics.watch_admission(loads)
 
     @classmethod
     def for_batchers(cls, batchers: dict, settings, metrics=None) -> Admission:
@@ -168,30 +173,39 @@ class Admission:
             self._refused("queue_full")
             raise Overloaded(f"the {self._fullest(needs)} queue is full ({self.max_queue_rows} rows admitted, "
                              f"more waiting); room in about {wait:.3g} s", wait)
-        waiter = Waiter(needs, deadline, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        waiter = Waiter(needs, deadline, loop.create_future())
         line.append(waiter)
         self._waiting(needs, +1)
+        timer = loop.call_later(self.max_wait_s, self._give_up, line, waiter)
         try:
-            await asyncio.wait({waiter.admitted}, timeout=self.max_wait_s)
+            return await waiter.admitted
         except asyncio.CancelledError:  # the client left while waiting
             self._leave(line, waiter)
             raise
-        if not waiter.admitted.done():
-            self._leave(line, waiter)
-            self._refused("queue_full")
-            wait = self._wait_estimate(needs)
-            raise Overloaded(f"the {self._fullest(needs)} queue had no room within {self.max_wait_s:g} s "
-                             f"(FLOWMAP_MAX_ADMISSION_WAIT_S); room in about {wait:.3g} s", wait)
-        return waiter.admitted.result()
+        finally:
+            timer.cancel()
+
+    def _give_up(self, line: deque[Waiter], waiter: Waiter) -> None:
+        """The longest wait has passed with no room: out of the line, and a 429."""
+        if waiter.admitted.done():
+            return
+        line.remove(waiter)
+        self._waiting(waiter.needs, -1)
+        self._refused("queue_full")
+        wait = self._wait_estimate(waiter.needs)
+        waiter.admitted.set_exception(Overloaded(
+            f"the {self._fullest(waiter.needs)} queue had no room within {self.max_wait_s:g} s "
+            f"(FLOWMAP_MAX_ADMISSION_WAIT_S); room in about {wait:.3g} s", wait))
 
     def _leave(self, line: deque[Waiter], waiter: Waiter) -> None:
-        """A waiter gives up: out of its line, or released if it was admitted in the meantime."""
-        if not waiter.admitted.done():
-            waiter.admitted.cancel()
+        """A waiter's client left: out of its line, or its ticket released if it was admitted meanwhile."""
+        if waiter in line:
             line.remove(waiter)
             self._waiting(waiter.needs, -1)
-        elif not waiter.admitted.exception():
-            waiter.admitted.result().release()
+        admitted = waiter.admitted
+        if admitted.done() and not admitted.cancelled() and admitted.exception() is None:
+            admitted.result().release()
 
     def released(self, needs: tuple[Need, ...], work_left: dict[str, int]) -> None:
         """A request ended: free its rows and work, then admit whoever waits first in each line."""
@@ -204,11 +218,12 @@ class Admission:
             while line and self._fits(line[0].needs):
                 waiter = line.popleft()
                 self._waiting(waiter.needs, -1)
+                if waiter.admitted.done():  # its client left; _leave finds it gone from the line
+                    continue
                 try:
                     waiter.admitted.set_result(self._reserve(waiter.needs, waiter.deadline))
                 except Overloaded as err:
                     waiter.admitted.set_exception(err)
-        self.publish()
 
     def _check_size(self, needs: tuple[Need, ...]) -> None:
         for need in needs:
@@ -259,14 +274,7 @@ class Admission:
             load = self.loads[need.engine]
             load.rows += need.rows
             load.backlog += need.work
-        self.publish()
         return Ticket(deadline, needs, self)
-
-    def publish(self) -> None:
-        if self.metrics:
-            for name, load in self.loads.items():
-                self.metrics.admitted_rows.labels(engine=name).set(load.rows)
-                self.metrics.waiting_rows.labels(engine=name).set(load.waiting)
 
     def _refused(self, reason: str) -> None:
         if self.metrics:

@@ -16,7 +16,7 @@ import heapq
 import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,14 +33,13 @@ class EngineFailure(Exception):
     pass
 
 
-@dataclass(order=True)
+@dataclass
 class WorkItem:
+    feeds: dict[str, np.ndarray]
+    rows: int
+    future: asyncio.Future
+    enqueued: float
     deadline: float
-    order: int  # arrival order among equal deadlines (a request's chunks stay together)
-    feeds: dict[str, np.ndarray] = field(compare=False)
-    rows: int = field(compare=False)
-    future: asyncio.Future = field(compare=False)
-    enqueued: float = field(compare=False)
 
 
 class DynamicBatcher:
@@ -50,8 +49,10 @@ class DynamicBatcher:
         self.max_batch_size = min(max_batch_size, engine.max_batch)
         self.max_delay_s = max_queue_delay_ms / 1000
         self.metrics = metrics
+        self.engine_metrics = metrics.engine(engine.name) if metrics else None
         self.cost = BatchCost()  # seconds per run by batch size, for admission's estimates
-        self._items: list[WorkItem] = []  # a heap: earliest deadline first
+        # a heap of (deadline, arrival, item): earliest deadline first, a request's chunks in order
+        self._items: list[tuple[float, int, WorkItem]] = []
         self._arrivals = itertools.count()
         self._queued_rows = 0
         self._wakeup = asyncio.Event()
@@ -82,9 +83,8 @@ class DynamicBatcher:
         futures = []
         for start in range(0, rows, self.max_batch_size):
             chunk = {k: v[start:start + self.max_batch_size] for k, v in feeds.items()}
-            item = WorkItem(deadline, next(self._arrivals), chunk, next(iter(chunk.values())).shape[0],
-                            loop.create_future(), now)
-            heapq.heappush(self._items, item)
+            item = WorkItem(chunk, next(iter(chunk.values())).shape[0], loop.create_future(), now, deadline)
+            heapq.heappush(self._items, (deadline, next(self._arrivals), item))
             self._queued_rows += item.rows
             futures.append(item.future)
         self._set_depth()
@@ -96,7 +96,7 @@ class DynamicBatcher:
 
     def _set_depth(self) -> None:
         if self.metrics:
-            self.metrics.queue_depth.labels(engine=self.engine.name).set(self._queued_rows)
+            self.engine_metrics.queue_depth.set(self._queued_rows)
 
     async def _loop(self) -> None:
         while True:
@@ -105,7 +105,7 @@ class DynamicBatcher:
                 await self._wakeup.wait()
                 continue
             # Wait for a full batch or until the most urgent row has waited max_queue_delay_ms.
-            close_at = self._items[0].enqueued + self.max_delay_s
+            close_at = self._items[0][2].enqueued + self.max_delay_s
             while self._queued_rows < self.max_batch_size and (remaining := close_at - time.monotonic()) > 0:
                 self._wakeup.clear()
                 try:
@@ -113,8 +113,8 @@ class DynamicBatcher:
                 except TimeoutError:
                     break
             batch, rows = [], 0
-            while self._items and rows + self._items[0].rows <= self.max_batch_size:
-                item = heapq.heappop(self._items)
+            while self._items and rows + self._items[0][2].rows <= self.max_batch_size:
+                item = heapq.heappop(self._items)[2]
                 self._queued_rows -= item.rows
                 if self._admit(item):
                     batch.append(item)
@@ -153,7 +153,7 @@ class DynamicBatcher:
                 if not item.future.done():
                     item.future.set_exception(failure)
             if self.metrics:
-                self.metrics.engine_errors.labels(engine=self.engine.name).inc()
+                self.engine_metrics.engine_errors.inc()
             return
         finished = time.monotonic()
         self.cost.observe(size, finished - started)
@@ -163,4 +163,4 @@ class DynamicBatcher:
                 item.future.set_result(output[offset:offset + item.rows])
             offset += item.rows
         if self.metrics:
-            self.metrics.observe_batch(self.engine.name, batch, rows, started, finished)
+            self.engine_metrics.observe_batch(batch, rows, started, finished)

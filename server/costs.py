@@ -23,6 +23,7 @@ class BatchCost:
     def __init__(self, smoothing: float = 0.2):
         self.smoothing = smoothing
         self._seconds: dict[int, float] = {}
+        self._answers: dict[int, float] = {}  # seconds() by bucket since the last observation
 
     @property
     def measured(self) -> bool:
@@ -30,30 +31,37 @@ class BatchCost:
 
     def reset(self) -> None:
         self._seconds.clear()
+        self._answers.clear()
 
     def observe(self, rows: int, seconds: float) -> None:
         key = bucket(rows)
         old = self._seconds.get(key)
         self._seconds[key] = seconds if old is None else (1 - self.smoothing) * old + self.smoothing * seconds
+        self._answers.clear()
 
     def seconds(self, rows: int) -> float:
         key = bucket(rows)
-        above = [b for b in self._seconds if b >= key]
-        if above:
-            return self._seconds[min(above)]
-        largest = max(self._seconds)
-        return self._seconds[largest] * key / largest
+        if key not in self._answers:  # asked per request, learnt per batch: remember the answer in between
+            above = [b for b in self._seconds if b >= key]
+            largest = max(self._seconds)
+            self._answers[key] = self._seconds[min(above)] if above else self._seconds[largest] * key / largest
+        return self._answers[key]
 
     def seconds_per_row(self) -> float:
         """The cheapest measured cost of one row: the engine's speed when its batches are full."""
-        return min(seconds / b for b, seconds in self._seconds.items())
+        if 0 not in self._answers:
+            self._answers[0] = min(seconds / b for b, seconds in self._seconds.items())
+        return self._answers[0]
 
 
 class DrainMeter:
-    """Rows released per second over the last `window_s` seconds: how fast a full queue empties."""
+    """Rows released per second over the last `window_s` seconds: how fast a full queue empties.
 
-    def __init__(self, window_s: float = 2.0, clock=time.monotonic):
-        self.window_s, self.clock = window_s, clock
+    The rate is measured over the span the releases in the window actually cover, and only once there
+    are `min_events` of them: a few releases just after an idle spell say little about the rate."""
+
+    def __init__(self, window_s: float = 2.0, min_events: int = 8, clock=time.monotonic):
+        self.window_s, self.min_events, self.clock = window_s, min_events, clock
         self._events: deque[tuple[float, int]] = deque()
         self._rows = 0
 
@@ -62,9 +70,12 @@ class DrainMeter:
         self._rows += rows
         self._trim()
 
-    def rows_per_s(self) -> float:
+    def rows_per_s(self) -> float | None:
+        """The measured rate, or None while too few releases were seen to measure it."""
         self._trim()
-        return self._rows / self.window_s
+        if len(self._events) < self.min_events:
+            return None
+        return self._rows / max(self.clock() - self._events[0][0], 1e-3)
 
     def _trim(self) -> None:
         horizon = self.clock() - self.window_s

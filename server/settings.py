@@ -11,31 +11,36 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLOWMAP_", extra="ignore")
 
-    bundle: str = "models/digits"
-    host: str = "127.0.0.1"
-    port: int = 8000
+    bundle: str = Field("models/digits", description="the bundle folder to serve (manifest.json and graphs)")
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for every interface)")
+    port: int = Field(8000, ge=1, le=65535, description="port to listen on")
     backend: str = Field("onnxruntime", description="onnxruntime, tensorrt (native engines) or torch (development)")
     providers: str = Field("cpu", description="onnxruntime providers: cpu, cuda or tensorrt")
     trt_cache_dir: str = Field("models/.ort_trt_cache", description="engine cache of the TensorRT provider")
-    cuda_graphs: bool = False  # tensorrt backend: replay each batch size as a CUDA graph
+    cuda_graphs: bool = Field(False, description="tensorrt backend: replay each batch size as a CUDA graph")
     intra_op_threads: int = Field(0, ge=0, description="threads per engine run; 0 = onnxruntime's default")
-    max_batch_size: int = Field(64, ge=1, le=4096)
-    max_queue_delay_ms: float = Field(2.0, ge=0, le=10_000)
+    max_batch_size: int = Field(64, ge=1, le=4096, description="rows per engine run, 1..4096")
+    max_queue_delay_ms: float = Field(2.0, ge=0, le=10_000, description="how long the first row of a batch waits "
+                                      "for company before the batch runs, 0..10000 ms")
     max_queue_size: int = Field(4096, ge=1, description="rows of admitted requests per engine; beyond it new "
-                                "requests get 429 (at least max_batch_size)")
+                                "requests wait or get 429 (at least max_batch_size)")
     max_admission_wait_s: float = Field(1.0, ge=0, description="how long a request may wait at the door, first come "
-                                        "first served, for room in a full queue before 429")
-    request_timeout_s: float = Field(30.0, gt=0)
-    max_body_bytes: int = Field(1 << 20, ge=1024)
+                                        "first served, for room in a full queue before 429; 0 = refuse at once")
+    request_timeout_s: float = Field(30.0, gt=0, description="a request's deadline, from arrival; work that cannot "
+                                     "finish by it is refused up front")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body accepted (413 beyond)")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long queued work may take")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list,
-                                                     description="comma-separated bearer tokens")
+                                                     description="comma-separated bearer tokens; when set, /v1, "
+                                                                 "/metrics and the demo's calls need one")
     ui: bool = Field(True, description="mount the Gradio demo at /ui (with api_keys set it asks visitors for a key)")
     ui_cache_seconds: int = Field(300, ge=1, description="the demo's temporary image files are deleted after "
                                   "this many seconds")
-    fast_path: bool = True  # dispatch the generation routes straight from ASGI (same handlers, less CPU)
-    access_log: bool = False  # uvicorn's per-request log line costs ~4% of a core under load
-    verify_bundle: bool = True  # check every file's sha256 at start
+    fast_path: bool = Field(True, description="dispatch the generation routes straight from ASGI (same handlers "
+                            "and errors, less CPU per request)")
+    access_log: bool = Field(False, description="uvicorn's per-request log line (costs about 4 percent of a core "
+                             "under load)")
+    verify_bundle: bool = Field(True, description="check every file's sha256 at start")
 
     @field_validator("api_keys", mode="before")
     @classmethod

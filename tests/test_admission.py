@@ -61,21 +61,37 @@ def test_release_returns_the_work_not_done_and_is_idempotent():
     assert load.rows == 0 and load.backlog == 0
 
 
+def drain(admission, clock, releases: int, rows: int, every_s: float) -> None:
+    """`releases` requests of `rows` rows end `every_s` apart."""
+    for _ in range(releases):
+        admit(admission, [need(rows)], clock() + 10).release()
+        clock.now += every_s
+
+
 def test_retry_after_follows_the_measured_drain_rate():
     admission, load, clock = make_admission(max_rows=64)
-    for _ in range(10):  # 10 requests of 32 rows ended within the last 2 s: 160 rows/s
-        admit(admission, [need(32)], clock() + 10).release()
+    drain(admission, clock, 10, 32, 0.1)  # 320 rows over the 1 s since the first release
     holder = admit(admission, [need(64)], clock() + 10)
     with pytest.raises(Overloaded) as refused:
         admit(admission, [need(16)], clock() + 10)
-    assert refused.value.retry_after_s == pytest.approx(16 / 160)
+    assert refused.value.retry_after_s == pytest.approx(16 / 320)
     holder.release()
-    clock.now += 5  # nothing drained lately: the estimate falls back to the backlog's own time
-    holder = admit(admission, [need(64)], clock() + 10)
+    clock.now += 5  # nothing drained lately: the estimate falls back to the engine's speed through
+    holder = admit(admission, [need(64)], clock() + 10)  # the admitted work (2 steps of 64 rows, 1 ms a row)
     with pytest.raises(Overloaded) as refused:
         admit(admission, [need(16)], clock() + 10)
-    assert refused.value.retry_after_s == pytest.approx(64 * 2 * 0.001)
+    assert refused.value.retry_after_s == pytest.approx(64 * 2 * 0.001 * 16 / 64)
     holder.release()
+
+
+def test_a_few_releases_after_an_idle_spell_are_not_taken_for_the_rate():
+    meter = DrainMeter(window_s=2.0, min_events=8, clock=Clock())
+    for _ in range(7):
+        meter.record(4)
+    assert meter.rows_per_s() is None
+    meter.clock.now += 0.5
+    meter.record(4)
+    assert meter.rows_per_s() == pytest.approx(32 / 0.5)
 
 
 def test_a_request_larger_than_the_queue_is_413_not_429():
@@ -143,8 +159,9 @@ async def settle():
 def test_a_full_queue_makes_requests_wait_in_arrival_order():
     async def scenario():
         admission, load, clock = make_admission(max_rows=64, max_wait_s=5.0)
-        for _ in range(4):  # a drain rate to estimate the wait from
+        for _ in range(8):  # a drain rate to estimate the wait from
             (await admission.admit([need(16)], clock() + 10)).release()
+            clock.now += 0.01
         holders = [await admission.admit([need(32)], clock() + 10) for _ in range(2)]
         waiting = [asyncio.ensure_future(admission.admit([need(32)], clock() + 10)) for _ in range(3)]
         await settle()
@@ -172,8 +189,9 @@ def test_a_full_queue_makes_requests_wait_in_arrival_order():
 def test_a_waiter_refused_after_the_longest_wait_and_one_that_leaves_takes_nothing():
     async def scenario():
         admission, load, clock = make_admission(max_rows=64, max_wait_s=0.3)
-        for _ in range(4):
+        for _ in range(8):
             (await admission.admit([need(16)], clock() + 10)).release()
+            clock.now += 0.01
         holder = await admission.admit([need(64)], clock() + 10)
         with pytest.raises(Overloaded, match="had no room within 0.3 s"):
             await admission.admit([need(8)], clock() + 10)
@@ -191,11 +209,13 @@ def test_a_waiter_refused_after_the_longest_wait_and_one_that_leaves_takes_nothi
 def test_no_wait_when_the_estimate_says_room_comes_too_late():
     async def scenario():
         admission, load, clock = make_admission(max_rows=64, max_wait_s=0.5)
-        (await admission.admit([need(1)], clock() + 10)).release()  # 1 row drained in 2 s: 0.5 rows/s
+        for _ in range(8):  # 8 rows over 2 s: 4 rows/s
+            (await admission.admit([need(1)], clock() + 10)).release()
+            clock.now += 0.25
         holder = await admission.admit([need(64)], clock() + 10)
         with pytest.raises(Overloaded, match="queue is full") as refused:
             await admission.admit([need(8)], clock() + 10)
-        assert refused.value.retry_after_s == pytest.approx(8 / 0.5)
+        assert refused.value.retry_after_s == pytest.approx(8 / 4)
         assert load.waiting == 0
         holder.release()
 
@@ -205,8 +225,9 @@ def test_no_wait_when_the_estimate_says_room_comes_too_late():
 def test_a_small_newcomer_does_not_overtake_a_waiting_request():
     async def scenario():
         admission, load, clock = make_admission(max_rows=64, max_wait_s=5.0)
-        for _ in range(4):
+        for _ in range(8):
             (await admission.admit([need(16)], clock() + 10)).release()
+            clock.now += 0.01
         holder = await admission.admit([need(40)], clock() + 10)
         big = asyncio.ensure_future(admission.admit([need(32)], clock() + 10))  # 40 + 32 > 64: waits
         await settle()

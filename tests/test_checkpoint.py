@@ -70,3 +70,13 @@ def test_loaded_teacher_is_frozen_and_matches_its_ema(tmp_path):
     ema = module_state(load_checkpoint(tmp_path)[1], "ema")
     assert all(torch.equal(v, ema[k]) for k, v in teacher.state_dict().items())
     assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_resuming_with_another_network_says_what_differs(tmp_path):
+    data, quick = toy_gaussians(256), TrainConfig(steps=2, batch_size=16)
+    train_teacher(data, NET, TeacherConfig(), quick, tmp_path / "run", progress=False)
+    other = NetConfig(arch="mlp", width=48, depth=2, mlp_ratio=2.0)
+    with pytest.raises(CheckpointError, match=r"net.width: checkpoint 32, now 48.*--no-resume"):
+        train_teacher(data, other, TeacherConfig(), TrainConfig(steps=4, batch_size=16), tmp_path / "run",
+                      progress=False)
+    train_teacher(data, other, TeacherConfig(), quick, tmp_path / "run", progress=False, resume=False)  # starts over

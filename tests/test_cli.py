@@ -59,3 +59,28 @@ def test_bench_distill_entries_carry_their_own_options():
         assert "unknown method 'consistency'" in str(err)
     else:
         raise AssertionError("an unknown method must be refused")
+
+
+def test_every_config_flag_says_what_it_means():
+    import dataclasses
+
+    from distill.evaluate import EvalConfig
+    from distill.methods import METHODS
+    from distill.nets import NetConfig
+    from distill.teacher import TeacherConfig
+    from distill.trainer import TrainConfig
+    from distill.verifier import VerifierConfig
+    from export.tensorrt import TensorRTConfig
+    from flowmap.bench_distill import DistillBenchConfig
+    from flowmap.bench_overload import OverloadBenchConfig
+    from flowmap.bench_recipe import RecipeBenchConfig
+    from flowmap.bench_serve import ServeBenchConfig
+    from flowmap.cli import field_help
+
+    configs = [spec.config for spec in METHODS.values()] + [
+        NetConfig, TeacherConfig, TrainConfig, VerifierConfig, EvalConfig, TensorRTConfig, ServeBenchConfig,
+        DistillBenchConfig, OverloadBenchConfig, RecipeBenchConfig]
+    for config in configs:
+        notes = field_help(config)
+        silent = [f.name for f in dataclasses.fields(config) if not notes.get(f.name)]
+        assert not silent, f"{config.__name__}: fields without a comment for --help: {silent}"

@@ -26,7 +26,8 @@ def test_npz_round_trip_uint8_and_float(tmp_path):
 @pytest.mark.parametrize(
     ("images", "labels", "message"),
     [
-        (np.zeros((5, 8, 8), np.float32), np.zeros(5, np.int64), "NCHW"),
+        (np.zeros((5, 8, 8), np.float32), np.zeros(5, np.int64), r"must be \[N, C, H, W\]"),
+        (np.zeros((5, 8, 8, 8), np.float32), np.zeros(5, np.int64), "no channel axis of 1, 3 or 4"),
         (np.zeros((5, 1, 8, 8), np.float32), np.zeros(4, np.int64), "one label per sample"),
         (np.zeros((5, 1, 8, 8), np.float32), np.full(5, 0.5), "labels' must be integers"),
         (np.full((5, 1, 8, 8), 3.0, np.float32), np.zeros(5, np.int64), r"\[-1, 1\]"),
@@ -38,6 +39,15 @@ def test_bad_npz_is_refused_with_a_message(tmp_path, images, labels, message):
     np.savez(tmp_path / "bad.npz", images=images, labels=labels, **extra)
     with pytest.raises(DataError, match=message):
         load_npz(tmp_path / "bad.npz")
+
+
+def test_channels_last_images_are_transposed_with_a_warning(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (256, 16, 16, 1), dtype=np.uint8)
+    np.savez(tmp_path / "nhwc.npz", images=pixels, labels=np.zeros(256, np.int64))
+    with pytest.warns(UserWarning, match=r"read as channels-last \[N, H, W, C\]"):
+        data = load_npz(tmp_path / "nhwc.npz")
+    assert data.shape == (1, 16, 16)
+    assert np.allclose(data.samples[3, 0].numpy(), pixels[3, :, :, 0] / 127.5 - 1, atol=1e-6)
 
 
 def test_npz_missing_arrays(tmp_path):
