@@ -299,49 +299,35 @@ def cmd_serve(argv: list[str]) -> int:
     return 0
 
 
+# name: (what it measures, module, config class, run function, what to print of the report)
+BENCHES = {
+    "serve": ("HTTP throughput/latency, batching on/off, raw engine, student vs teacher",
+              "flowmap.bench_serve", "ServeBenchConfig", "run_serve_bench", lambda report: report["ratios"]),
+    "overload": ("goodput, refusals and latency when 4x more clients come than the server keeps up with",
+                 "flowmap.bench_overload", "OverloadBenchConfig", "run_overload_bench", lambda r: r["checks"]),
+    "distill": ("every distillation method from one teacher, same wall time, same evaluation",
+                "flowmap.bench_distill", "DistillBenchConfig", "run_distill_bench",
+                lambda report: [{k: m[k] for k in ("method", "fd_1nfe", "fd_2nfe", "sec_per_step")}
+                                for m in report["methods"]]),
+    "recipe": ("seconds per training step and the projected run time of a few network sizes on your data",
+               "flowmap.bench_recipe", "RecipeBenchConfig", "run_recipe_bench", lambda report: report["presets"]),
+}
+
+
 def cmd_bench(argv: list[str]) -> int:
-    benches = {"serve": "HTTP throughput/latency, batching on/off, raw engine, student vs teacher",
-               "overload": "goodput, refusals and latency when 4x more clients come than the server keeps up with",
-               "distill": "every distillation method from one teacher, same wall time, same evaluation",
-               "recipe": "seconds per training step and the projected run time of a few network sizes on your data"}
-    if not argv or argv[0] not in benches:
-        listing = "\n".join(f"  {name:10s} {text}" for name, text in benches.items())
+    if not argv or argv[0] not in BENCHES:
+        listing = "\n".join(f"  {name:10s} {entry[0]}" for name, entry in BENCHES.items())
         print(f"usage: flowmap bench <name> [options]\n\nbenchmarks:\n{listing}", file=sys.stderr)
         return 2
-    if argv[0] == "distill":
-        from flowmap.bench_distill import DistillBenchConfig, run_distill_bench
+    import importlib
 
-        parser = argparse.ArgumentParser("flowmap bench distill", description=benches["distill"])
-        add_config_flags(parser, DistillBenchConfig, title="benchmark")
-        report = run_distill_bench(config_from(parser.parse_args(argv[1:]), DistillBenchConfig))
-        print(json.dumps([{k: m[k] for k in ("method", "fd_1nfe", "fd_2nfe", "sec_per_step")}
-                          for m in report["methods"]], indent=2))
-        return 0
-    if argv[0] == "recipe":
-        from flowmap.bench_recipe import RecipeBenchConfig, run_recipe_bench
-
-        parser = argparse.ArgumentParser("flowmap bench recipe", description=benches["recipe"]
-                                         + "; writes OUT.md/.json/.png")
-        add_config_flags(parser, RecipeBenchConfig, title="benchmark")
-        report = run_recipe_bench(config_from(parser.parse_args(argv[1:]), RecipeBenchConfig))
-        print(json.dumps(report["presets"], indent=2))
-        return 0
-    if argv[0] == "overload":
-        from flowmap.bench_overload import OverloadBenchConfig, run_overload_bench
-
-        parser = argparse.ArgumentParser("flowmap bench overload", description=benches["overload"]
-                                         + "; writes OUT.md/.json/.png")
-        add_config_flags(parser, OverloadBenchConfig, title="benchmark")
-        report = run_overload_bench(config_from(parser.parse_args(argv[1:]), OverloadBenchConfig))
-        print(json.dumps(report["checks"], indent=2))
-        return 0
-    from flowmap.bench_serve import ServeBenchConfig, run_serve_bench
-
-    parser = argparse.ArgumentParser("flowmap bench serve", description=benches["serve"] + "; writes OUT.md/.json/.png")
-    add_config_flags(parser, ServeBenchConfig, title="benchmark")
-    args = parser.parse_args(argv[1:])
-    report = run_serve_bench(config_from(args, ServeBenchConfig))
-    print(json.dumps(report["ratios"], indent=2))
+    text, module_name, config_name, run_name, summary = BENCHES[argv[0]]
+    module = importlib.import_module(module_name)
+    config_cls = getattr(module, config_name)
+    parser = argparse.ArgumentParser(f"flowmap bench {argv[0]}", description=f"{text}; writes OUT.md/.json/.png")
+    add_config_flags(parser, config_cls, title="benchmark")
+    report = getattr(module, run_name)(config_from(parser.parse_args(argv[1:]), config_cls))
+    print(json.dumps(summary(report), indent=2))
     return 0
 
 
