@@ -47,6 +47,11 @@ class Dataset:
         return self.samples[index], self.labels[index]
 
 
+def data_meta(data: Dataset) -> dict:
+    """What checkpoints record of their data: its name, per-sample shape and class names."""
+    return {"name": data.name, "shape": list(data.shape), "classes": data.classes}
+
+
 def validate(samples: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
     """Raise DataError naming what is wrong with a dataset."""
     if samples.dim() not in (2, 4):

@@ -207,3 +207,8 @@ class FlowNet(nn.Module):
             h = block(h, cond)
         out = self.final(h, cond).reshape(batch, gh, gw, channels, patch, patch)
         return out.permute(0, 3, 1, 4, 2, 5).reshape(batch, channels, height, width)
+
+
+# The MLP member of the backbone family, the one the embedded digits bundle uses: on 2 CPU cores the DiT
+# learns digits far slower per minute (docs/recipe.md); width 192 keeps that bundle near 16 MB.
+DIGITS_NET = NetConfig(arch="mlp", width=192, depth=4, mlp_ratio=2.0)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill.checkpoint import load_checkpoint, module_state
 from distill.data import Dataset
 
 
@@ -88,3 +90,11 @@ class VerifierTraining:
 @torch.no_grad()
 def accuracy(verifier: Verifier, x: torch.Tensor, labels: torch.Tensor) -> float:
     return (verifier(x).argmax(-1) == labels).float().mean().item()
+
+
+def load_verifier(run_dir: str | Path, device: str = "cpu") -> Verifier:
+    """The verifier of a run directory, from its EMA weights, frozen and in eval mode."""
+    meta, tensors = load_checkpoint(run_dir, kind="verifier")
+    verifier = Verifier(tuple(meta["data"]["shape"]), len(meta["data"]["classes"]), VerifierConfig(**meta["verifier"]))
+    verifier.load_state_dict(module_state(tensors, "ema"))
+    return verifier.to(device).eval().requires_grad_(False)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from distill.checkpoint import load_checkpoint
 from distill.models import load_student, load_teacher
-from distill.pipeline import load_verifier
+from distill.verifier import load_verifier
 from export.bundle import FORMAT, MANIFEST, read_bundle, sha256_of
 from export.onnx_export import StudentGraph, TeacherGraph, VerifierGraph, check_graph, example_inputs, export_onnx
 

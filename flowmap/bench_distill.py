@@ -75,7 +75,7 @@ def run_distill_bench(cfg: DistillBenchConfig, progress: bool = True) -> dict:
     from distill.data import load_dataset
     from distill.evaluate import EvalConfig, Scorer, evaluate, sample_student
     from distill.models import load_student, load_teacher
-    from distill.pipeline import load_verifier
+    from distill.verifier import load_verifier
 
     say = print if progress else (lambda *a, **k: None)
     entries = [parse_entry(entry) for entry in cfg.methods]

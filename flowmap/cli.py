@@ -80,9 +80,10 @@ def _train_flags(parser, defaults) -> None:
 def cmd_teacher(argv: list[str]) -> int:
     from distill.data import load_dataset
     from distill.nets import NetConfig
-    from distill.pipeline import Recipe, train_teacher
+    from distill.pipeline import train_teacher
     from distill.teacher import TeacherConfig
     from distill.trainer import TrainConfig
+    from flowmap.recipe import Recipe
 
     recipe = Recipe()
     parser = argparse.ArgumentParser("flowmap teacher", description="Train a flow-matching teacher (METHODS §1).")
@@ -101,9 +102,10 @@ def cmd_teacher(argv: list[str]) -> int:
 
 def cmd_verifier(argv: list[str]) -> int:
     from distill.data import load_dataset
-    from distill.pipeline import Recipe, train_verifier
+    from distill.pipeline import train_verifier
     from distill.trainer import TrainConfig
     from distill.verifier import VerifierConfig
+    from flowmap.recipe import Recipe
 
     recipe = Recipe()
     parser = argparse.ArgumentParser("flowmap verifier", description="Train the classifier used by evaluation "
@@ -122,8 +124,9 @@ def cmd_verifier(argv: list[str]) -> int:
 
 def cmd_distill(argv: list[str]) -> int:
     from distill.methods import METHODS, get_method
-    from distill.pipeline import Recipe, distill_student
+    from distill.pipeline import distill_student
     from distill.trainer import TrainConfig
+    from flowmap.recipe import Recipe
 
     recipe = Recipe()
     pre = argparse.ArgumentParser(add_help=False)
@@ -174,7 +177,7 @@ def cmd_evaluate(argv: list[str]) -> int:
 
 
 def cmd_pipeline(argv: list[str]) -> int:
-    from distill.pipeline import Recipe, run_pipeline
+    from flowmap.recipe import Recipe, run_pipeline
 
     parser = argparse.ArgumentParser("flowmap pipeline", description="The digits recipe end to end: teacher, "
                                      "verifier, FreeFlow, evaluation, export (what `make models` runs).")

@@ -118,7 +118,7 @@ def _engine_for(graph: Graph, name: str, bundle: Bundle, settings) -> Engine:
 
 def _torch_engines(bundle: Bundle, settings) -> dict[str, Engine]:
     from distill.models import load_student, load_teacher
-    from distill.pipeline import load_verifier
+    from distill.verifier import load_verifier
     from export.onnx_export import StudentGraph, TeacherGraph, VerifierGraph
 
     runs = Path(os.environ.get("FLOWMAP_TORCH_RUNS", "runs/digits"))

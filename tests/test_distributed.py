@@ -92,7 +92,7 @@ def test_torchrun_entry_point_checkpoints_on_rank_0_and_resumes(tmp_path):
     out = tmp_path / "teacher"
 
     def launch(steps: int) -> dict:
-        command = [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "distill", "teacher",
+        command = [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "flowmap.cli", "teacher",
                    "--data", "toy", "--arch", "mlp", "--width", "32", "--depth", "1", "--steps", str(steps),
                    "--batch-size", "64", "--checkpoint-every", "1000", "--out", str(out), "--quiet"]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
