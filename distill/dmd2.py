@@ -13,14 +13,16 @@ import torch
 import torch.nn.functional as F
 
 from distill.flow import bcast, guided_velocity, interpolate, prior_batch, time_grid
-from distill.fsf_dmd import dmd_loss
+from distill.losses import dmd_loss
+from distill.models import FakeFlow
+from distill.trainer import Setup
 
 
 @dataclass
 class DMD2Config:
     ttur: int = 5  # fake-flow updates per generator update
     sim_steps: int = 1  # M of the backward simulation
-    dm_cfg_scale: float = 1.5  # guidance of the real side of the DMD term
+    dm_guidance_scale: float = 1.5  # guidance of the real side of the DMD term
 
 
 def simulate(student, z, label, w, steps: int, generator) -> torch.Tensor:
@@ -44,23 +46,23 @@ class DMD2:
 
     ema_name = "student"
 
-    def __init__(self, student, teacher, fake, shape, cfg: DMD2Config, batch_size: int, device="cpu"):
-        self.trainable = {"student": student, "fake": fake}
-        self.teacher, self.shape, self.cfg = teacher, tuple(shape), cfg
-        self.batch_size, self.device = batch_size, torch.device(device)
+    def __init__(self, setup: Setup):
+        self.trainable = {"student": setup.student, "fake": FakeFlow.from_teacher(setup.teacher)}
+        self.teacher, self.shape, self.config = setup.teacher, setup.shape, setup.config
+        self.batch_size, self.device = setup.batch_size, torch.device(setup.device)
         self.fake_updates = 0  # counted for the TTUR test
 
     def _conditions(self, generator):
         batch = self.batch_size
         z, label = prior_batch(batch, self.shape, self.teacher.num_classes, generator, self.device)
-        return z, label, torch.full((batch,), self.cfg.dm_cfg_scale, device=self.device)
+        return z, label, torch.full((batch,), self.config.dm_guidance_scale, device=self.device)
 
     def losses(self, generator, logs):
         student, fake = self.trainable["student"], self.trainable["fake"]
-        for _ in range(self.cfg.ttur):
+        for _ in range(self.config.ttur):
             z, label, w = self._conditions(generator)
             with torch.no_grad():
-                x0 = simulate(student, z, label, w, self.cfg.sim_steps, generator)
+                x0 = simulate(student, z, label, w, self.config.sim_steps, generator)
             noise = torch.randn(x0.shape, generator=generator).to(x0)
             t = torch.rand(x0.shape[0], generator=generator).to(x0)
             fake_loss = F.mse_loss(fake.velocity(interpolate(x0, noise, t), t, label, w), noise - x0)
@@ -68,7 +70,7 @@ class DMD2:
             self.fake_updates += 1
             yield "fake", fake_loss
         z, label, w = self._conditions(generator)
-        x0 = simulate(student, z, label, w, self.cfg.sim_steps, generator)
+        x0 = simulate(student, z, label, w, self.config.sim_steps, generator)
         t = torch.rand(x0.shape[0], generator=generator).clamp(min=1e-3).to(x0)
         x_t = interpolate(x0.detach(), torch.randn(x0.shape, generator=generator).to(x0), t)
         with torch.no_grad():

@@ -17,7 +17,7 @@ from distill.flow import euler_sample, flow_map_sample, guided_velocity, heun_sa
 
 @dataclass
 class EvalConfig:
-    cfg_scale: float = 1.5  # guidance scale of every sample
+    guidance_scale: float = 1.5  # guidance scale of every sample
     teacher_steps: tuple[int, ...] = (1, 2, 4, 8, 100)  # Euler step counts of the teacher to score
     student_steps: tuple[int, ...] = (1, 2)  # flow-map jumps of the student to score
     reference_steps: int = 100  # the teacher run that alignment RMSE is measured against
@@ -63,24 +63,24 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[fl
 
 
 @torch.no_grad()
-def sample_teacher(teacher, eps, label, cfg_scale: float, steps: int, batch_size: int = 1024,
+def sample_teacher(teacher, eps, label, guidance_scale: float, steps: int, batch_size: int = 1024,
                    sampler: str = "euler") -> torch.Tensor:
     solve = {"euler": euler_sample, "heun": heun_sample}[sampler]
     out = []
     for start in range(0, eps.shape[0], batch_size):
         chunk_label = label[start:start + batch_size]
-        velocity = lambda x, t, c=chunk_label: guided_velocity(teacher.velocity, x, t, c, cfg_scale,
+        velocity = lambda x, t, c=chunk_label: guided_velocity(teacher.velocity, x, t, c, guidance_scale,
                                                                teacher.num_classes)
         out.append(solve(velocity, eps[start:start + batch_size], steps))
     return torch.cat(out)
 
 
 @torch.no_grad()
-def sample_student(student, eps, label, cfg_scale: float, steps: int, batch_size: int = 1024) -> torch.Tensor:
+def sample_student(student, eps, label, guidance_scale: float, steps: int, batch_size: int = 1024) -> torch.Tensor:
     out = []
     for start in range(0, eps.shape[0], batch_size):
         chunk_label = label[start:start + batch_size]
-        w = torch.full((chunk_label.shape[0],), float(cfg_scale))
+        w = torch.full((chunk_label.shape[0],), float(guidance_scale))
         out.append(flow_map_sample(student.average_velocity, eps[start:start + batch_size], steps, chunk_label, w))
     return torch.cat(out)
 
@@ -112,29 +112,30 @@ class Scorer:
         }
 
 
-def evaluate(teacher, student, verifier, data: Dataset, cfg: EvalConfig, progress: bool = True) -> dict:
+def evaluate(teacher, student, verifier, data: Dataset, config: EvalConfig, progress: bool = True) -> dict:
     """Score the teacher at every `teacher_steps` and the student at every `student_steps`.
 
     All runs share one set of noise and labels (the data's own labels, so class frequencies match),
     which is what makes the alignment RMSE against the teacher's reference run meaningful.
     """
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(config.seed)
     eps = torch.randn((len(data), *data.shape), generator=generator)
     label = data.labels.clone()
-    scorer = Scorer(data, verifier, cfg.k)
-    runs = [("teacher", s) for s in sorted(set(cfg.teacher_steps) | {cfg.reference_steps})]
-    runs += [("student", s) for s in cfg.student_steps] if student is not None else []
+    scorer = Scorer(data, verifier, config.k)
+    runs = [("teacher", s) for s in sorted(set(config.teacher_steps) | {config.reference_steps})]
+    runs += [("student", s) for s in config.student_steps] if student is not None else []
     rows, reference = [], None
     for model, steps in runs:
         tick = time.perf_counter()
         if model == "teacher":
-            samples = sample_teacher(teacher, eps, label, cfg.cfg_scale, steps, cfg.batch_size, cfg.sampler)
+            samples = sample_teacher(teacher, eps, label, config.guidance_scale, steps, config.batch_size,
+                                     config.sampler)
         else:
-            samples = sample_student(student, eps, label, cfg.cfg_scale, steps, cfg.batch_size)
+            samples = sample_student(student, eps, label, config.guidance_scale, steps, config.batch_size)
         seconds = time.perf_counter() - tick
-        if model == "teacher" and steps == cfg.reference_steps:
+        if model == "teacher" and steps == config.reference_steps:
             reference = samples
-        row = {"model": model, "steps": steps, "cfg_scale": cfg.cfg_scale, **scorer.score(samples, label),
+        row = {"model": model, "steps": steps, "guidance_scale": config.guidance_scale, **scorer.score(samples, label),
                "sample_seconds": round(seconds, 3), "_samples": samples}
         rows.append(row)
         if progress:
@@ -142,19 +143,19 @@ def evaluate(teacher, student, verifier, data: Dataset, cfg: EvalConfig, progres
     for row in rows:
         samples = row.pop("_samples")
         row["alignment_rmse"] = (samples - reference).pow(2).mean().sqrt().item()
-    rows = [r for r in rows if r["model"] == "student" or r["steps"] in cfg.teacher_steps]
-    ref_fd = next(r["fd_pixels"] for r in rows if r["model"] == "teacher" and r["steps"] == cfg.reference_steps) \
-        if cfg.reference_steps in cfg.teacher_steps else None
+    rows = [r for r in rows if r["model"] == "student" or r["steps"] in config.teacher_steps]
+    ref_fd = next(r["fd_pixels"] for r in rows if r["model"] == "teacher" and r["steps"] == config.reference_steps) \
+        if config.reference_steps in config.teacher_steps else None
     for row in rows:
         row["fd_vs_teacher_ref"] = row["fd_pixels"] / ref_fd if ref_fd else None
-    return {"config": asdict(cfg), "num_samples": len(data), "dataset": data.name, "rows": rows}
+    return {"config": asdict(config), "num_samples": len(data), "dataset": data.name, "rows": rows}
 
 
 def to_markdown(result: dict) -> str:
     """A results table: one row per (model, steps)."""
     ref = result["config"]["reference_steps"]
     lines = [
-        f"Guidance w = {result['config']['cfg_scale']}, {result['num_samples']} samples against "
+        f"Guidance w = {result['config']['guidance_scale']}, {result['num_samples']} samples against "
         f"the {result['dataset']} data; alignment = RMSE to the teacher's {ref}-step sample from the same noise.",
         "",
         "| model | steps | FD pixels | FD / teacher@" + str(ref) + " | FD features | precision | recall "

@@ -12,13 +12,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from distill.flow import guidance_scales, guided_velocity, interpolate, prior_batch
+from distill.flow import draw_guidance_scales, guided_velocity, interpolate, prior_batch
+from distill.models import FakeFlow
+from distill.trainer import Setup
 
 
 @dataclass
 class FGMConfig:
-    cfg_min: float = 1.0  # guidance scales the student is trained over: from cfg_min ...
-    cfg_max: float = 2.0  # ... to cfg_max, uniformly
+    guidance_min: float = 1.0  # guidance scales the student is trained over: from guidance_min ...
+    guidance_max: float = 2.0  # ... to guidance_max, uniformly
     t_min: float = 0.02  # the teacher's velocity is stiff near t = 0; the paper samples t away from it
 
 
@@ -39,22 +41,22 @@ class FGM:
 
     ema_name = "student"
 
-    def __init__(self, student, teacher, fake, shape, cfg: FGMConfig, batch_size: int, device="cpu"):
-        self.trainable = {"student": student, "fake": fake}
-        self.teacher, self.shape, self.cfg = teacher, tuple(shape), cfg
-        self.batch_size, self.device = batch_size, torch.device(device)
+    def __init__(self, setup: Setup):
+        self.trainable = {"student": setup.student, "fake": FakeFlow.from_teacher(setup.teacher)}
+        self.teacher, self.shape, self.config = setup.teacher, setup.shape, setup.config
+        self.batch_size, self.device = setup.batch_size, torch.device(setup.device)
 
     def _draw(self, generator):
         batch = self.batch_size
         noise = torch.randn((batch, *self.shape), generator=generator).to(self.device)
-        t = (self.cfg.t_min + (1 - self.cfg.t_min) * torch.rand(batch, generator=generator)).to(self.device)
+        t = (self.config.t_min + (1 - self.config.t_min) * torch.rand(batch, generator=generator)).to(self.device)
         return noise, t
 
     def losses(self, generator, logs):
-        cfg, batch = self.cfg, self.batch_size
+        config, batch = self.config, self.batch_size
         student, fake = self.trainable["student"], self.trainable["fake"]
         z, label = prior_batch(batch, self.shape, self.teacher.num_classes, generator, self.device)
-        w = guidance_scales(batch, cfg.cfg_min, cfg.cfg_max, generator).to(self.device)
+        w = draw_guidance_scales(batch, config.guidance_min, config.guidance_max, generator).to(self.device)
         one, zero = torch.ones(batch, device=self.device), torch.zeros(batch, device=self.device)
         x0 = student.jump(z, one, zero, label, w)
         noise, t = self._draw(generator)

@@ -31,9 +31,10 @@ def logit_normal(n: int, mean: float, std: float, generator: torch.Generator | N
     return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
 
 
-def guidance_scales(batch: int, cfg_min: float, cfg_max: float, generator: torch.Generator) -> torch.Tensor:
-    """Guidance scales drawn uniformly from [cfg_min, cfg_max], one per sample."""
-    return cfg_min + (cfg_max - cfg_min) * torch.rand(batch, generator=generator)
+def draw_guidance_scales(batch: int, guidance_min: float, guidance_max: float,
+                         generator: torch.Generator) -> torch.Tensor:
+    """Guidance scales drawn uniformly from [guidance_min, guidance_max], one per sample."""
+    return guidance_min + (guidance_max - guidance_min) * torch.rand(batch, generator=generator)
 
 
 def prior_batch(batch: int, shape: tuple[int, ...], num_classes: int, generator: torch.Generator,
@@ -48,24 +49,24 @@ def prior_batch(batch: int, shape: tuple[int, ...], num_classes: int, generator:
 class Guidance:
     """Classifier-free guidance u_w = u(∅) + w (u(c) - u(∅)), applied only for t in [t_lo, t_hi]."""
 
-    cfg_scale: float = 1.0
+    guidance_scale: float = 1.0
     t_lo: float = 0.0
     t_hi: float = 1.0
 
 
 def guided_velocity(velocity: Velocity, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor,
-                    cfg_scale: float | torch.Tensor, null_label: int, t_lo: float = 0.0,
+                    guidance_scale: float | torch.Tensor, null_label: int, t_lo: float = 0.0,
                     t_hi: float = 1.0) -> torch.Tensor:
     """u_w(x, t, c); the conditional and unconditional passes run as one batch of 2B.
 
-    `cfg_scale` may be a float or a per-sample [B] tensor. Outside [t_lo, t_hi] the result is the
+    `guidance_scale` may be a float or a per-sample [B] tensor. Outside [t_lo, t_hi] the result is the
     conditional velocity u(x, t, c).
     """
     batch = x.shape[0]
     null = torch.full_like(label, null_label)
     both = velocity(torch.cat([x, x]), torch.cat([t, t]), torch.cat([label, null]))
     cond, uncond = both[:batch], both[batch:]
-    scale = torch.as_tensor(cfg_scale, dtype=x.dtype, device=x.device)
+    scale = torch.as_tensor(guidance_scale, dtype=x.dtype, device=x.device)
     if scale.dim() == 1:
         scale = bcast(scale, x)
     inside = bcast(((t >= t_lo) & (t <= t_hi)).to(x.dtype), x)

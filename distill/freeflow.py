@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from distill.flow import bcast, guidance_scales, guided_velocity, interpolate, logit_normal, prior_batch
+from distill.flow import bcast, draw_guidance_scales, guided_velocity, interpolate, logit_normal, prior_batch
+from distill.models import FakeFlow
+from distill.trainer import Setup
 
 
 @dataclass
@@ -31,8 +33,8 @@ class FreeFlowConfig:
     r_mean: float = 0.8  # LogitNormal(0.8, 1.6): weight on high noise
     r_std: float = 1.6  # spread of the correction's noise level r
     correction_guidance_t_hi: float = 0.7  # guidance only for r <= 0.7 in the correction
-    cfg_min: float = 1.0  # guidance scales the student is trained over: from cfg_min ...
-    cfg_max: float = 2.0  # ... up to cfg_max, uniformly; export bakes scales from this range
+    guidance_min: float = 1.0  # guidance scales the student is trained over: from guidance_min ...
+    guidance_max: float = 2.0  # ... up to guidance_max, uniformly; export bakes scales from this range
 
     def __post_init__(self) -> None:
         if self.time not in ("discrete", "continuous"):
@@ -43,8 +45,8 @@ class FreeFlowConfig:
             raise ValueError(f"derivative must be 'jvp' or 'fd', got {self.derivative!r}")
         if not 0 < self.pred_fraction < 1:
             raise ValueError(f"pred_fraction must be in (0, 1), got {self.pred_fraction}")
-        if self.cfg_min > self.cfg_max:
-            raise ValueError(f"cfg_min {self.cfg_min} exceeds cfg_max {self.cfg_max}")
+        if self.guidance_min > self.guidance_max:
+            raise ValueError(f"guidance_min {self.guidance_min} exceeds guidance_max {self.guidance_max}")
 
 
 def generating_velocity(student, z, delta, label, w, derivative: str = "fd", fd_step: float = 1e-3):
@@ -73,42 +75,42 @@ def discrete_generating_velocity(student, z, delta_a, delta_b, label, w):
     return F_b, v_G, z - bcast(delta_a, z) * F_a
 
 
-def prediction_target(student, teacher, z, delta, label, w, cfg: FreeFlowConfig):
+def prediction_target(student, teacher, z, delta, label, w, config: FreeFlowConfig):
     """(F, w_G Δ_G, |Δ_G|^2/d): the student output and its detached, power-law weighted error.
 
     Continuous time compares v_G(δ) with u at x(δ), 1 - δ. Discrete time takes the interval
     [δ_a, δ_b] of the N-grid that contains δ and compares the student's difference quotient with the
     teacher's velocity at the interval's start (an Euler step), so the teacher is never asked at t < 1/N.
     """
-    if cfg.time == "discrete":
-        index = (delta * cfg.intervals).floor().clamp(max=cfg.intervals - 1)
-        delta_a, delta_b = index / cfg.intervals, (index + 1) / cfg.intervals
+    if config.time == "discrete":
+        index = (delta * config.intervals).floor().clamp(max=config.intervals - 1)
+        delta_a, delta_b = index / config.intervals, (index + 1) / config.intervals
         F_out, v_G, x_query = discrete_generating_velocity(student, z, delta_a, delta_b, label, w)
         t_query = 1 - delta_a
     else:
-        F_out, v_G = generating_velocity(student, z, delta, label, w, cfg.derivative, cfg.fd_step)
+        F_out, v_G = generating_velocity(student, z, delta, label, w, config.derivative, config.fd_step)
         x_query, t_query = (z - bcast(delta, z) * F_out).detach(), 1 - delta  # x(δ) = f(z, 1, 1 - δ)
     with torch.no_grad():
         u = guided_velocity(teacher.velocity, x_query, t_query, label, w, teacher.num_classes)
         err = v_G - u
         mse = err.flatten(1).pow(2).mean(1)
-        target = bcast((mse + 1e-4) ** -cfg.weight_power, err) * err
+        target = bcast((mse + 1e-4) ** -config.weight_power, err) * err
     return F_out, target, mse
 
 
-def correction_target(student, teacher, fake, z, label, w, cfg: FreeFlowConfig, generator):
+def correction_target(student, teacher, fake, z, label, w, config: FreeFlowConfig, generator):
     """(F(z,1,0), Δ_N, g, flow-matching target for g): the fake flow's graph is kept for its own update."""
     batch = z.shape[0]
     one, zero = torch.ones(batch).to(z), torch.zeros(batch).to(z)
     F_zero = student.average_velocity(z, one, zero, label, w)
     x0 = (z - F_zero).detach()
     noise = torch.randn(z.shape, generator=generator).to(z)
-    r = logit_normal(batch, cfg.r_mean, cfg.r_std, generator).to(z)
+    r = logit_normal(batch, config.r_mean, config.r_std, generator).to(z)
     x_r = interpolate(x0, noise, r)
     g = fake.velocity(x_r, r, label, w)
     with torch.no_grad():
         u = guided_velocity(teacher.velocity, x_r, r, label, w, teacher.num_classes,
-                            t_hi=cfg.correction_guidance_t_hi)
+                            t_hi=config.correction_guidance_t_hi)
         delta_N = g.detach() - u
     return F_zero, delta_N, g, noise - x0
 
@@ -119,25 +121,25 @@ class FreeFlow:
 
     ema_name = "student"
 
-    def __init__(self, student, teacher, fake, shape, cfg: FreeFlowConfig, batch_size: int, device="cpu"):
-        self.trainable = {"student": student, "fake": fake}
-        self.teacher, self.shape, self.cfg = teacher, tuple(shape), cfg
-        self.batch_size, self.device = batch_size, torch.device(device)
+    def __init__(self, setup: Setup):
+        self.trainable = {"student": setup.student, "fake": FakeFlow.from_teacher(setup.teacher)}
+        self.teacher, self.shape, self.config = setup.teacher, setup.shape, setup.config
+        self.batch_size, self.device = setup.batch_size, torch.device(setup.device)
 
     def losses(self, generator, logs):
-        cfg, batch = self.cfg, self.batch_size
-        n_pred = max(1, min(batch - 1, round(batch * cfg.pred_fraction)))
+        config, batch = self.config, self.batch_size
+        n_pred = max(1, min(batch - 1, round(batch * config.pred_fraction)))
         z, label = prior_batch(batch, self.shape, self.teacher.num_classes, generator, self.device)
-        w = guidance_scales(batch, cfg.cfg_min, cfg.cfg_max, generator).to(self.device)
-        delta = logit_normal(n_pred, cfg.delta_mean, cfg.delta_std, generator)
-        delta = torch.where(torch.rand(n_pred, generator=generator) < cfg.delta_zero_fraction, 0.0, delta)
+        w = draw_guidance_scales(batch, config.guidance_min, config.guidance_max, generator).to(self.device)
+        delta = logit_normal(n_pred, config.delta_mean, config.delta_std, generator)
+        delta = torch.where(torch.rand(n_pred, generator=generator) < config.delta_zero_fraction, 0.0, delta)
         delta = delta.to(self.device)
         student, fake = self.trainable["student"], self.trainable["fake"]
         p, c = slice(0, n_pred), slice(n_pred, batch)
-        F_pred, target_G, mse_G = prediction_target(student, self.teacher, z[p], delta, label[p], w[p], cfg)
+        F_pred, target_G, mse_G = prediction_target(student, self.teacher, z[p], delta, label[p], w[p], config)
         F_corr, delta_N, g, g_target = correction_target(student, self.teacher, fake, z[c], label[c], w[c],
-                                                         cfg, generator)
-        lam = cfg.alpha * target_G.flatten(1).norm(dim=1).mean() / (delta_N.flatten(1).norm(dim=1).mean() + 1e-6)
+                                                         config, generator)
+        lam = config.alpha * target_G.flatten(1).norm(dim=1).mean() / (delta_N.flatten(1).norm(dim=1).mean() + 1e-6)
         target_N = lam * delta_N
         assert not (target_G.requires_grad or target_N.requires_grad), "targets must be stop-gradient"
         student_loss = ((F_pred * target_G).sum() + (F_corr * target_N).sum()) / z.numel()

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from distill.flow import bcast, flow_map, guided_velocity, interpolate, prior_batch, time_grid
+from distill.losses import dmd_loss
 from distill.meanflow import MeanFlowConfig, consistency_batch, meanflow_loss
+from distill.trainer import Setup, ema_update
 
 
 @dataclass
@@ -38,7 +40,7 @@ class FSFDMDConfig(MeanFlowConfig):
     warmup_steps: int = 0
     self_teacher: bool = False  # train without a teacher (consistency training + own guided velocity)
     label_dropout: float = 0.1  # self-teacher: null labels so the network can guide itself
-    dm_cfg_scale: float = 1.5  # guidance of the DMD term (fixed, as the paper does)
+    dm_guidance_scale: float = 1.5  # guidance of the DMD term (fixed, as the paper does)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -66,56 +68,48 @@ def rollout(student, z, label, w, steps: int) -> torch.Tensor:
     return x
 
 
-def dmd_loss(x0: torch.Tensor, denoised_real: torch.Tensor, denoised_fake: torch.Tensor) -> torch.Tensor:
-    """L = ½|x0 - sg(x0 - g)|², g = (x̂_fake - x̂_real) / mean|x0 - x̂_real| per sample."""
-    assert not (denoised_real.requires_grad or denoised_fake.requires_grad), "denoisers must be stop-gradient"
-    norm = (x0.detach() - denoised_real).abs().flatten(1).mean(1)
-    grad = (denoised_fake - denoised_real) / bcast(norm + 1e-6, x0)
-    return 0.5 * (x0 - (x0 - grad).detach()).pow(2).flatten(1).mean(1).mean()
-
-
 class FSFDMD:
     """Trainer method: L = L_CD + λ_DM L_DM, the fake side from an EMA copy of the generator."""
 
     ema_name = "student"
 
-    def __init__(self, student, teacher, data, cfg: FSFDMDConfig, batch_size: int, device="cpu"):
-        if teacher is None and not cfg.self_teacher:
+    def __init__(self, setup: Setup):
+        if setup.teacher is None and not setup.config.self_teacher:
             raise ValueError("FSF-DMD needs a teacher unless --self-teacher is set")
-        self.trainable = {"student": student}
+        self.trainable = {"student": setup.student}
         # Not trained by gradient and not the result: the EMA whose jump is the fake denoiser.
-        self.state = {"fake_ema": copy.deepcopy(student).requires_grad_(False)}
-        self.teacher, self.data, self.cfg = teacher, data, cfg
-        self.num_classes = student.num_classes
-        self.batch_size, self.device, self.step = batch_size, torch.device(device), 0
+        self.state = {"fake_ema": copy.deepcopy(setup.student).requires_grad_(False)}
+        self.teacher, self.data, self.config = setup.teacher, setup.data, setup.config
+        self.num_classes = setup.student.num_classes
+        self.batch_size, self.device, self.step = setup.batch_size, torch.device(setup.device), 0
 
     def real_velocity(self, x, t, label, w):
-        if self.cfg.self_teacher:  # the EMA's own instantaneous velocity F(x, t, t), guided
+        if self.config.self_teacher:  # the EMA's own instantaneous velocity F(x, t, t), guided
             ema = self.state["fake_ema"]
             return guided_velocity(lambda xx, tt, cc: ema.average_velocity(xx, tt, tt, cc, torch.cat([w, w])),
                                    x, t, label, w, self.num_classes)
         return guided_velocity(self.teacher.velocity, x, t, label, w, self.num_classes)
 
     def consistency_loss(self, generator, logs):
-        cfg, batch = self.cfg, self.batch_size
-        x, label, eps, t, s, w, x_t = consistency_batch(self.data, cfg, batch, generator, self.device)
-        if cfg.self_teacher:  # consistency training: the conditional velocity, some labels dropped
-            drop = torch.rand(batch, generator=generator).to(self.device) < cfg.label_dropout
+        config, batch = self.config, self.batch_size
+        x, label, eps, t, s, w, x_t = consistency_batch(self.data, config, batch, generator, self.device)
+        if config.self_teacher:  # consistency training: the conditional velocity, some labels dropped
+            drop = torch.rand(batch, generator=generator).to(self.device) < config.label_dropout
             label = torch.where(drop, torch.full_like(label, self.num_classes), label)
             u_star = eps - x
         else:
             with torch.no_grad():
                 u_star = guided_velocity(self.teacher.velocity, x_t, t, label, w, self.num_classes)
-        loss, mse = meanflow_loss(self.trainable["student"], u_star, x_t, t, s, label, w, cfg)
+        loss, mse = meanflow_loss(self.trainable["student"], u_star, x_t, t, s, label, w, config)
         logs["cd_mse"] = mse
         return loss
 
     def distribution_loss(self, generator, logs):
-        cfg, batch = self.cfg, self.batch_size
+        config, batch = self.config, self.batch_size
         z, label = prior_batch(batch, self.data.shape, self.num_classes, generator, self.device)
-        w = torch.full((batch,), cfg.dm_cfg_scale, device=self.device)
-        x0 = rollout(self.trainable["student"], z, label, w, cfg.sim_steps)
-        t = shift_time(torch.rand(batch, generator=generator), cfg.time_shift).clamp(1e-3, 1.0).to(z)
+        w = torch.full((batch,), config.dm_guidance_scale, device=self.device)
+        x0 = rollout(self.trainable["student"], z, label, w, config.sim_steps)
+        t = shift_time(torch.rand(batch, generator=generator), config.time_shift).clamp(1e-3, 1.0).to(z)
         x_t = interpolate(x0.detach(), torch.randn(z.shape, generator=generator).to(z), t)
         with torch.no_grad():
             real = x_t - bcast(t, x_t) * self.real_velocity(x_t, t, label, w)
@@ -126,14 +120,13 @@ class FSFDMD:
 
     def losses(self, generator, logs):
         student, fake_ema = self.trainable["student"], self.state["fake_ema"]
-        distribution_phase = self.step >= self.cfg.warmup_steps and self.cfg.lambda_dm > 0
+        distribution_phase = self.step >= self.config.warmup_steps and self.config.lambda_dm > 0
         with torch.no_grad():
-            if self.step == self.cfg.warmup_steps > 0:  # the DMD phase begins from the warmed-up flow map
+            if self.step == self.config.warmup_steps > 0:  # the DMD phase begins from the warmed-up flow map
                 fake_ema.load_state_dict(student.state_dict())
             elif distribution_phase:
-                for ema_p, p in zip(fake_ema.parameters(), student.parameters(), strict=True):
-                    ema_p.lerp_(p, 1 - self.cfg.fake_ema_decay)
+                ema_update(fake_ema, student, self.config.fake_ema_decay)
         loss = self.consistency_loss(generator, logs)
         if distribution_phase:
-            loss = loss + self.cfg.lambda_dm * self.distribution_loss(generator, logs)
+            loss = loss + self.config.lambda_dm * self.distribution_loss(generator, logs)
         yield "student", loss

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.flow import bcast, guidance_scales, guided_velocity, interpolate, logit_normal
+from distill.flow import bcast, draw_guidance_scales, guided_velocity, interpolate, logit_normal
+from distill.trainer import Setup
 
 
 @dataclass
@@ -26,8 +27,8 @@ class MeanFlowConfig:
     # p in the weight 1 / sg(|err|^2 + 0.01)^p. METHODS.md's p = 1 leaves the rare long jumps with
     # almost no weight; p = 0.5 (pseudo-Huber-like) learned the 1-NFE map on the toy (SW 0.03 vs 0.08).
     adaptive_power: float = 0.5
-    cfg_min: float = 1.0  # guidance scales the student is trained over: from cfg_min ...
-    cfg_max: float = 2.0  # ... to cfg_max, uniformly
+    guidance_min: float = 1.0  # guidance scales the student is trained over: from guidance_min ...
+    guidance_max: float = 2.0  # ... to guidance_max, uniformly
 
     def __post_init__(self) -> None:
         if self.time_sampling not in ("uniform", "logit_normal"):
@@ -53,36 +54,36 @@ def total_derivative(student, x, t, s, label, w, direction, derivative: str, fd_
     return F, (ahead - behind) / (2 * fd_step)
 
 
-def meanflow_loss(student, velocity_target, x_t, t, s, label, w, cfg: MeanFlowConfig) -> tuple[torch.Tensor, float]:
+def meanflow_loss(student, velocity_target, x_t, t, s, label, w, config: MeanFlowConfig) -> tuple[torch.Tensor, float]:
     """L = w_adapt |F - sg(u* - (t - s) dF/dt)|^2 with u* = `velocity_target` (detached)."""
     assert not velocity_target.requires_grad, "the teacher's velocity must be a stop-gradient target"
-    F, dF_dt = total_derivative(student, x_t, t, s, label, w, velocity_target, cfg.derivative, cfg.fd_step)
+    F, dF_dt = total_derivative(student, x_t, t, s, label, w, velocity_target, config.derivative, config.fd_step)
     target = velocity_target - bcast(t - s, x_t) * dF_dt
     err = (F - target).flatten(1).pow(2).mean(1)
-    weight = (err.detach() + 0.01) ** -cfg.adaptive_power
+    weight = (err.detach() + 0.01) ** -config.adaptive_power
     return (weight * err).mean(), err.mean().item()
 
 
-def sample_times(batch: int, cfg: MeanFlowConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_times(batch: int, config: MeanFlowConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """t >= s: two draws sorted; a fraction of the batch has s = t, another the full jump (1, 0)."""
-    if cfg.time_sampling == "uniform":
+    if config.time_sampling == "uniform":
         a, b = torch.rand(batch, generator=generator), torch.rand(batch, generator=generator)
     else:
-        a = logit_normal(batch, cfg.time_mean, cfg.time_std, generator)
-        b = logit_normal(batch, cfg.time_mean, cfg.time_std, generator)
+        a = logit_normal(batch, config.time_mean, config.time_std, generator)
+        b = logit_normal(batch, config.time_mean, config.time_std, generator)
     t, s = torch.maximum(a, b), torch.minimum(a, b)
     pick = torch.rand(batch, generator=generator)
-    s = torch.where(pick < cfg.equal_fraction, t, s)
-    endpoint = pick > 1 - cfg.endpoint_fraction
+    s = torch.where(pick < config.equal_fraction, t, s)
+    endpoint = pick > 1 - config.endpoint_fraction
     return torch.where(endpoint, 1.0, t), torch.where(endpoint, 0.0, s)
 
 
-def consistency_batch(data, cfg: MeanFlowConfig, batch: int, generator: torch.Generator, device):
+def consistency_batch(data, config: MeanFlowConfig, batch: int, generator: torch.Generator, device):
     """(x, label, eps, t, s, w, x_t): a data batch on its interpolant, with times and guidance scales."""
     x, label = (v.to(device) for v in data.batch(batch, generator))
     eps = torch.randn(x.shape, generator=generator).to(x)
-    t, s = (v.to(x) for v in sample_times(batch, cfg, generator))
-    w = guidance_scales(batch, cfg.cfg_min, cfg.cfg_max, generator).to(x)
+    t, s = (v.to(x) for v in sample_times(batch, config, generator))
+    w = draw_guidance_scales(batch, config.guidance_min, config.guidance_max, generator).to(x)
     return x, label, eps, t, s, w, interpolate(x, eps, t)
 
 
@@ -91,16 +92,16 @@ class MeanFlow:
 
     ema_name = "student"
 
-    def __init__(self, student, teacher, data, cfg: MeanFlowConfig, batch_size: int, device="cpu"):
-        self.trainable = {"student": student}
-        self.teacher, self.data, self.cfg = teacher, data, cfg
-        self.batch_size, self.device = batch_size, torch.device(device)
+    def __init__(self, setup: Setup):
+        self.trainable = {"student": setup.student}
+        self.teacher, self.data, self.config = setup.teacher, setup.data, setup.config
+        self.batch_size, self.device = setup.batch_size, torch.device(setup.device)
 
     def losses(self, generator, logs):
-        cfg = self.cfg
-        x, label, eps, t, s, w, x_t = consistency_batch(self.data, cfg, self.batch_size, generator, self.device)
+        config = self.config
+        x, label, eps, t, s, w, x_t = consistency_batch(self.data, config, self.batch_size, generator, self.device)
         with torch.no_grad():
             u_star = guided_velocity(self.teacher.velocity, x_t, t, label, w, self.teacher.num_classes)
-        loss, mse = meanflow_loss(self.trainable["student"], u_star, x_t, t, s, label, w, cfg)
+        loss, mse = meanflow_loss(self.trainable["student"], u_star, x_t, t, s, label, w, config)
         logs["cd_mse"] = mse
         yield "student", loss

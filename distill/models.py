@@ -21,20 +21,20 @@ class _Wrapped(nn.Module):
     """A FlowNet behind a role-specific interface."""
 
     @property
-    def cfg(self) -> NetConfig:
-        return self.net.cfg
+    def config(self) -> NetConfig:
+        return self.net.config
 
     @property
     def num_classes(self) -> int:
-        return self.net.cfg.num_classes
+        return self.net.config.num_classes
 
 
 class Teacher(_Wrapped):
     """A flow-matching model: u(x, t, c) ≈ E[eps - x | x_t, c]."""
 
-    def __init__(self, cfg: NetConfig):
+    def __init__(self, config: NetConfig):
         super().__init__()
-        self.net = FlowNet(cfg)
+        self.net = FlowNet(config)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         return self.net(x, t, label)
@@ -43,14 +43,14 @@ class Teacher(_Wrapped):
 class Student(_Wrapped):
     """A flow map f(x, t, s) = x - (t - s) F(x, t, s, c, w), guidance scale w as an input."""
 
-    def __init__(self, cfg: NetConfig):
+    def __init__(self, config: NetConfig):
         super().__init__()
-        self.net = FlowNet(cfg.with_extras("s", "w"))
+        self.net = FlowNet(config.with_extras("s", "w"))
 
     @classmethod
     def from_teacher(cls, teacher: Teacher) -> Student:
         """Copy the teacher's weights; the zero-initialised s and w embeddings make F(x, t, t) = u(x, t)."""
-        student = cls(teacher.cfg)
+        student = cls(teacher.config)
         missing, unexpected = student.net.load_state_dict(teacher.net.state_dict(), strict=False)
         assert not unexpected and all(k.startswith("extra_embed.") for k in missing), (missing, unexpected)
         return student
@@ -65,15 +65,16 @@ class Student(_Wrapped):
 class FakeFlow(_Wrapped):
     """An online flow g(x, t, c, w) that learns the student's noising velocity (FreeFlow, DMD2, FGM)."""
 
-    def __init__(self, cfg: NetConfig):
+    def __init__(self, config: NetConfig):
         super().__init__()
-        self.net = FlowNet(cfg.with_extras("w"))
+        self.net = FlowNet(config.with_extras("w"))
 
     @classmethod
     def from_teacher(cls, teacher: Teacher) -> FakeFlow:
-        fake = cls(teacher.cfg)
+        """Starts as the teacher (the w embedding, which the teacher lacks, at zero), trainable."""
+        fake = cls(teacher.config)
         fake.net.load_state_dict(teacher.net.state_dict(), strict=False)
-        return fake
+        return fake.requires_grad_(True)
 
     def velocity(self, x, t, label, w) -> torch.Tensor:
         return self.net(x, t, label, w=w)

@@ -152,27 +152,27 @@ class FinalLayer(nn.Module):
 class FlowNet(nn.Module):
     """v = net(x, t, label, s=None, w=None): the shared backbone of every model in the project."""
 
-    def __init__(self, cfg: NetConfig):
+    def __init__(self, config: NetConfig):
         super().__init__()
-        self.cfg = cfg
-        width = cfg.width
+        self.config = config
+        width = config.width
         self.t_embed = ScalarEmbedder(width)
-        self.y_embed = nn.Embedding(cfg.num_classes + 1, width)  # last index is the null label
+        self.y_embed = nn.Embedding(config.num_classes + 1, width)  # last index is the null label
         nn.init.normal_(self.y_embed.weight, std=0.02)
-        self.extra_embed = nn.ModuleDict({name: ScalarEmbedder(width, zero_init=True) for name in cfg.extras})
-        if cfg.arch == "dit":
-            channels, height, img_width = cfg.shape
-            self.grid = (height // cfg.patch, img_width // cfg.patch)
-            patch_dim = channels * cfg.patch * cfg.patch
+        self.extra_embed = nn.ModuleDict({name: ScalarEmbedder(width, zero_init=True) for name in config.extras})
+        if config.arch == "dit":
+            channels, height, img_width = config.shape
+            self.grid = (height // config.patch, img_width // config.patch)
+            patch_dim = channels * config.patch * config.patch
             self.patch_in = nn.Linear(patch_dim, width)
             self.pos = nn.Parameter(torch.randn(1, self.grid[0] * self.grid[1], width) * 0.02)
             out_dim = patch_dim
         else:
-            dim = math.prod(cfg.shape)
+            dim = math.prod(config.shape)
             self.x_in = nn.Linear(dim, width)
             out_dim = dim
         self.blocks = nn.ModuleList(
-            Block(width, cfg.heads, cfg.mlp_ratio, attention=cfg.arch == "dit") for _ in range(cfg.depth)
+            Block(width, config.heads, config.mlp_ratio, attention=config.arch == "dit") for _ in range(config.depth)
         )
         self.final = FinalLayer(width, out_dim)
 
@@ -191,7 +191,7 @@ class FlowNet(nn.Module):
 
     def forward(self, x, t, label, s=None, w=None) -> torch.Tensor:
         cond = self.condition(t, label, s, w)
-        if self.cfg.arch == "mlp":
+        if self.config.arch == "mlp":
             h = self.x_in(x.reshape(x.shape[0], -1))
             for block in self.blocks:
                 h = block(h, cond)
@@ -200,7 +200,7 @@ class FlowNet(nn.Module):
 
     def _dit(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
-        patch, (gh, gw) = self.cfg.patch, self.grid
+        patch, (gh, gw) = self.config.patch, self.grid
         tokens = x.reshape(batch, channels, gh, patch, gw, patch).permute(0, 2, 4, 1, 3, 5)
         h = self.patch_in(tokens.reshape(batch, gh * gw, channels * patch * patch)) + self.pos
         for block in self.blocks:

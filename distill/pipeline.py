@@ -14,37 +14,37 @@ from distill.methods import get_method, initial_student
 from distill.models import Student, Teacher, load_student, load_teacher
 from distill.nets import DIGITS_NET, NetConfig
 from distill.teacher import TeacherConfig, TeacherTraining
-from distill.trainer import TrainConfig, local_batch_size, seeded, train
+from distill.trainer import Setup, TrainConfig, local_batch_size, seeded, train
 from distill.verifier import Verifier, VerifierConfig, VerifierTraining, accuracy, load_verifier, split
 
 
-def train_teacher(data: Dataset, net: NetConfig, cfg: TeacherConfig, train_cfg: TrainConfig, out: str | Path,
+def train_teacher(data: Dataset, net: NetConfig, config: TeacherConfig, train_config: TrainConfig, out: str | Path,
                   progress: bool = True, resume: bool = True) -> dict:
     """Flow-matching teacher on `data`; the network's shape and classes come from the data."""
     net = NetConfig(**{**net.to_dict(), "shape": data.shape, "num_classes": data.num_classes})
-    with seeded(train_cfg.seed):
+    with seeded(train_config.seed):
         teacher = Teacher(net)
-    meta = {"kind": "teacher", "net": net.to_dict(), "teacher": asdict(cfg), "data": data_meta(data)}
-    method = TeacherTraining(teacher, data, cfg, local_batch_size(train_cfg.batch_size), train_cfg.device)
-    return train(method, out, meta, train_cfg, resume=resume, progress=progress)
+    meta = {"kind": "teacher", "net": net.to_dict(), "teacher": asdict(config), "data": data_meta(data)}
+    method = TeacherTraining(teacher, data, config, local_batch_size(train_config.batch_size), train_config.device)
+    return train(method, out, meta, train_config, resume=resume, progress=progress)
 
 
-def train_verifier(data: Dataset, cfg: VerifierConfig, train_cfg: TrainConfig, out: str | Path,
+def train_verifier(data: Dataset, config: VerifierConfig, train_config: TrainConfig, out: str | Path,
                    progress: bool = True, resume: bool = True) -> dict:
     """Classifier for evaluation features and Best-of-N; reports accuracy on a held-out split."""
-    with seeded(train_cfg.seed):
-        verifier = Verifier(data.shape, data.num_classes, cfg)
-    meta = {"kind": "verifier", "verifier": asdict(cfg), "data": data_meta(data)}
-    summary = train(VerifierTraining(verifier, data, cfg, local_batch_size(train_cfg.batch_size)), out, meta, train_cfg,
-                    resume=resume, progress=progress)
+    with seeded(train_config.seed):
+        verifier = Verifier(data.shape, data.num_classes, config)
+    meta = {"kind": "verifier", "verifier": asdict(config), "data": data_meta(data)}
+    method = VerifierTraining(verifier, data, config, local_batch_size(train_config.batch_size))
+    summary = train(method, out, meta, train_config, resume=resume, progress=progress)
     verifier = load_verifier(out)
-    _, val = split(data, cfg.val_fraction)
+    _, val = split(data, config.val_fraction)
     summary["val_accuracy"] = accuracy(verifier, data.samples[val], data.labels[val])
     Path(out, "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def distill_student(method: str, teacher_spec: str | None, method_cfg, train_cfg: TrainConfig, out: str | Path,
+def distill_student(method: str, teacher_spec: str | None, method_config, train_config: TrainConfig, out: str | Path,
                     progress: bool = True, resume: bool = True, data: Dataset | None = None,
                     net: NetConfig | None = None, init: str | Path | None = None) -> dict:
     """Distil the teacher into a flow-map student with `method` (see distill.methods).
@@ -54,16 +54,16 @@ def distill_student(method: str, teacher_spec: str | None, method_cfg, train_cfg
     another student's EMA weights (a flow map from consistency distillation or FreeFlow).
     """
     spec = get_method(method)
-    if not isinstance(method_cfg, spec.config):
-        raise TypeError(f"method {method!r} takes a {spec.config.__name__}, got {type(method_cfg).__name__}")
-    self_taught = getattr(method_cfg, "self_teacher", False)
+    if not isinstance(method_config, spec.config):
+        raise TypeError(f"method {method!r} takes a {spec.config.__name__}, got {type(method_config).__name__}")
+    self_taught = getattr(method_config, "self_teacher", False)
     if teacher_spec is None and not self_taught:
         raise ValueError(f"method {method!r} needs --teacher")
-    teacher = None if self_taught else load_teacher(teacher_spec, train_cfg.device)
+    teacher = None if self_taught else load_teacher(teacher_spec, train_config.device)
     teacher_meta = load_checkpoint(teacher_spec)[0] if teacher is not None and Path(teacher_spec).is_dir() else {}
     if data is None and (spec.needs_data or teacher is None):
         data = load_dataset((teacher_meta.get("data") or {}).get("name", "digits"))
-    with seeded(train_cfg.seed):
+    with seeded(train_config.seed):
         if teacher is None:
             base = net or DIGITS_NET
             student = Student(NetConfig(**{**base.to_dict(), "shape": data.shape, "num_classes": data.num_classes}))
@@ -72,20 +72,21 @@ def distill_student(method: str, teacher_spec: str | None, method_cfg, train_cfg
             student = load_student(init)[0].requires_grad_(True)
         else:
             student = initial_student(teacher)
-        trainer_method = spec.build(student, teacher, method_cfg, data, student.cfg.shape,
-                                    local_batch_size(train_cfg.batch_size), train_cfg.device)
+        trainer_method = spec.method(Setup(student, teacher, method_config, data,
+                                           local_batch_size(train_config.batch_size), train_config.device))
     data_info = teacher_meta.get("data") or (data_meta(data) if data is not None else None)
-    meta = {"kind": "student", "method": method, "method_config": asdict(method_cfg), "net": student.cfg.to_dict(),
+    meta = {"kind": "student", "method": method, "method_config": asdict(method_config),
+            "net": student.config.to_dict(),
             "teacher": str(teacher_spec) if teacher is not None else None, "data": data_info,
             "init": str(init) if init is not None else None}
-    return train(trainer_method, out, meta, train_cfg, resume=resume, progress=progress)
+    return train(trainer_method, out, meta, train_config, resume=resume, progress=progress)
 
 
 def run_evaluation(teacher_spec: str, student_dir: str | Path | None, verifier_dir: str | Path, data: Dataset,
-                   cfg: EvalConfig, out: str | Path | None = None, progress: bool = True) -> dict:
+                   config: EvalConfig, out: str | Path | None = None, progress: bool = True) -> dict:
     teacher = load_teacher(teacher_spec)
     student = load_student(student_dir)[0] if student_dir else None
-    result = evaluate(teacher, student, load_verifier(verifier_dir), data, cfg, progress=progress)
+    result = evaluate(teacher, student, load_verifier(verifier_dir), data, config, progress=progress)
     if student_dir:
         result["student"] = {"run": str(student_dir), **{k: v for k, v in load_checkpoint(student_dir)[0].items()
                                                           if k in ("method", "method_config", "step")}}

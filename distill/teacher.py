@@ -24,17 +24,17 @@ class TeacherConfig:
             raise ValueError(f"time_sampling must be 'logit_normal' or 'uniform', got {self.time_sampling!r}")
 
 
-def flow_matching_loss(teacher: Teacher, x: torch.Tensor, label: torch.Tensor, cfg: TeacherConfig,
+def flow_matching_loss(teacher: Teacher, x: torch.Tensor, label: torch.Tensor, config: TeacherConfig,
                        generator: torch.Generator) -> torch.Tensor:
     """L = E |u(x_t, t, c~) - (eps - x)|^2 with c~ = null with probability `label_dropout`."""
     batch = x.shape[0]
     eps = torch.randn(x.shape, generator=generator).to(x)
-    if cfg.time_sampling == "uniform":
+    if config.time_sampling == "uniform":
         t = torch.rand(batch, generator=generator)
     else:
-        t = logit_normal(batch, cfg.time_mean, cfg.time_std, generator)
+        t = logit_normal(batch, config.time_mean, config.time_std, generator)
     t = t.to(x)
-    drop = torch.rand(batch, generator=generator).to(x.device) < cfg.label_dropout
+    drop = torch.rand(batch, generator=generator).to(x.device) < config.label_dropout
     label = torch.where(drop, torch.full_like(label, teacher.num_classes), label)
     return F.mse_loss(teacher.velocity(interpolate(x, eps, t), t, label), eps - x)
 
@@ -44,13 +44,13 @@ class TeacherTraining:
 
     ema_name = "teacher"
 
-    def __init__(self, teacher: Teacher, data: Dataset, cfg: TeacherConfig, batch_size: int, device="cpu"):
+    def __init__(self, teacher: Teacher, data: Dataset, config: TeacherConfig, batch_size: int, device="cpu"):
         self.trainable = {"teacher": teacher}
-        self.data, self.cfg, self.batch_size, self.device = data, cfg, batch_size, device
+        self.data, self.config, self.batch_size, self.device = data, config, batch_size, device
 
     def losses(self, generator, logs):
         x, label = self.data.batch(self.batch_size, generator)
         loss = flow_matching_loss(self.trainable["teacher"], x.to(self.device), label.to(self.device),
-                                  self.cfg, generator)
+                                  self.config, generator)
         logs["loss"] = loss.item()
         yield "teacher", loss

@@ -48,6 +48,23 @@ class TrainConfig:
     device: str = "cpu"  # "cpu" or "cuda"
 
 
+@dataclass
+class Setup:
+    """What every distillation method is built from: one signature, `Method(setup)`, for all of them."""
+
+    student: nn.Module
+    teacher: nn.Module | None  # None for a teacher-free run (fsf-dmd --self-teacher)
+    config: object  # the method's own config dataclass
+    data: object | None = None  # a distill.data.Dataset, for the methods that use data
+    batch_size: int = 256  # this rank's share of the batch
+    device: str = "cpu"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The per-sample data shape, as the student sees it."""
+        return tuple(self.student.config.shape)
+
+
 class Method(Protocol):
     trainable: dict[str, nn.Module]
     ema_name: str
@@ -100,6 +117,7 @@ def average_gradients(module: nn.Module, world: int) -> None:
 
 
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
     with torch.no_grad():
         for ema_p, p in zip(ema.parameters(), model.parameters(), strict=True):
             ema_p.lerp_(p, 1 - decay)
@@ -141,7 +159,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train(method: Method, run_dir: str | Path, meta: dict, cfg: TrainConfig, resume: bool = True,
+def train(method: Method, run_dir: str | Path, meta: dict, config: TrainConfig, resume: bool = True,
           progress: bool = True) -> dict:
     """Train `method` into `run_dir`, resuming from its checkpoint if one is there.
 
@@ -149,11 +167,11 @@ def train(method: Method, run_dir: str | Path, meta: dict, cfg: TrainConfig, res
     seconds per step and peak memory; the same figures go to `run_dir/summary.json`.
     """
     run_dir = Path(run_dir)
-    rank, world = join_process_group(cfg.device)
+    rank, world = join_process_group(config.device)
     lead = rank == 0  # writes checkpoints, logs and the progress bar
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if world > 1 and cfg.device == "cuda"
-                          else cfg.device)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if world > 1 and config.device == "cuda"
+                          else config.device)
     for module in method.trainable.values():
         module.to(device).train()
         if world > 1:  # every rank starts from rank 0's weights
@@ -161,11 +179,11 @@ def train(method: Method, run_dir: str | Path, meta: dict, cfg: TrainConfig, res
                 dist.broadcast(tensor, src=0)
     for module in getattr(method, "state", {}).values():
         module.to(device)
-    optimizers = {name: torch.optim.Adam(m.parameters(), lr=cfg.lr) for name, m in method.trainable.items()}
+    optimizers = {name: torch.optim.Adam(m.parameters(), lr=config.lr) for name, m in method.trainable.items()}
     ema = copy.deepcopy(method.trainable[method.ema_name]).eval().requires_grad_(False)
-    generator = torch.Generator(device="cpu").manual_seed(rank_seed(cfg.seed, rank))
+    generator = torch.Generator(device="cpu").manual_seed(rank_seed(config.seed, rank))
     modules = {**method.trainable, "ema": ema, **getattr(method, "state", {})}
-    meta = {**meta, "train": asdict(cfg), "world_size": world}
+    meta = {**meta, "train": asdict(config), "world_size": world}
     step = 0
     if resume and has_checkpoint(run_dir):
         old_meta, tensors = load_checkpoint(run_dir)
@@ -191,11 +209,11 @@ def train(method: Method, run_dir: str | Path, meta: dict, cfg: TrainConfig, res
     log_file = (run_dir / "log.jsonl").open("a") if lead else None  # noqa: SIM115 (closed in finally)
     running: dict[str, float] = {}
     start, compute_seconds, first_step = time.perf_counter(), 0.0, step
-    bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and lead), desc=meta.get("kind", "train"),
+    bar = tqdm(total=config.steps, initial=step, disable=not (progress and lead), desc=meta.get("kind", "train"),
                dynamic_ncols=True)
     try:
-        while step < cfg.steps:
-            if cfg.max_minutes is not None and time.perf_counter() - start > 60 * cfg.max_minutes:
+        while step < config.steps:
+            if config.max_minutes is not None and time.perf_counter() - start > 60 * config.max_minutes:
                 break
             tick = time.perf_counter()
             logs: dict[str, float] = {}
@@ -205,26 +223,27 @@ def train(method: Method, run_dir: str | Path, meta: dict, cfg: TrainConfig, res
                 loss.backward()
                 if world > 1:
                     average_gradients(method.trainable[name], world)
-                if cfg.grad_clip:
-                    nn.utils.clip_grad_norm_(method.trainable[name].parameters(), cfg.grad_clip)
+                if config.grad_clip:
+                    nn.utils.clip_grad_norm_(method.trainable[name].parameters(), config.grad_clip)
                 optimizers[name].step()
-            ema_update(ema, method.trainable[method.ema_name], cfg.ema_decay)
+            ema_update(ema, method.trainable[method.ema_name], config.ema_decay)
             compute_seconds += time.perf_counter() - tick
             step += 1
             for key, value in logs.items():
                 running[key] = value if key not in running else 0.95 * running[key] + 0.05 * value
             bar.update(1)
-            if step - first_step == ESTIMATE_AFTER_STEPS and progress and lead and step < cfg.steps:
+            if step - first_step == ESTIMATE_AFTER_STEPS and progress and lead and step < config.steps:
                 per_step = compute_seconds / ESTIMATE_AFTER_STEPS
+                left = config.steps - step
                 tqdm.write(f"{meta.get('kind', 'train')}: {per_step:.3g} s/step, so about "
-                           f"{duration(per_step * (cfg.steps - step))} for the remaining {cfg.steps - step} steps")
-            if step % cfg.log_every == 0 or step == cfg.steps:
+                           f"{duration(per_step * left)} for the remaining {left} steps")
+            if step % config.log_every == 0 or step == config.steps:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in running.items()})
                 if log_file:
                     log_file.write(json.dumps({"step": step, "seconds": round(time.perf_counter() - start, 3),
                                                **logs}) + "\n")
                     log_file.flush()
-            if step % cfg.checkpoint_every == 0:
+            if step % config.checkpoint_every == 0:
                 checkpoint()
     finally:
         bar.close()

@@ -26,25 +26,26 @@ class VerifierConfig:
 class Verifier(nn.Module):
     """logits = head(features(x)); the penultimate `features` are what FD and precision/recall use."""
 
-    def __init__(self, shape: tuple[int, ...], num_classes: int, cfg: VerifierConfig | None = None):
+    def __init__(self, shape: tuple[int, ...], num_classes: int, config: VerifierConfig | None = None):
         super().__init__()
-        cfg = cfg or VerifierConfig()
+        config = config or VerifierConfig()
         self.shape, self.num_classes = tuple(shape), num_classes
         if len(self.shape) == 3:
             channels, height, width = self.shape
             self.body = nn.Sequential(
-                nn.Conv2d(channels, cfg.width, 3, padding=1), nn.SiLU(),
-                nn.Conv2d(cfg.width, 2 * cfg.width, 3, padding=1, stride=2), nn.SiLU(),
-                nn.Conv2d(2 * cfg.width, 2 * cfg.width, 3, padding=1), nn.SiLU(),
+                nn.Conv2d(channels, config.width, 3, padding=1), nn.SiLU(),
+                nn.Conv2d(config.width, 2 * config.width, 3, padding=1, stride=2), nn.SiLU(),
+                nn.Conv2d(2 * config.width, 2 * config.width, 3, padding=1), nn.SiLU(),
                 nn.Flatten(),
-                nn.Linear(2 * cfg.width * math.ceil(height / 2) * math.ceil(width / 2), cfg.feature_dim), nn.SiLU(),
+                nn.Linear(2 * config.width * math.ceil(height / 2) * math.ceil(width / 2), config.feature_dim),
+                nn.SiLU(),
             )
         else:
             self.body = nn.Sequential(
-                nn.Flatten(), nn.Linear(math.prod(self.shape), 4 * cfg.width), nn.SiLU(),
-                nn.Linear(4 * cfg.width, cfg.feature_dim), nn.SiLU(),
+                nn.Flatten(), nn.Linear(math.prod(self.shape), 4 * config.width), nn.SiLU(),
+                nn.Linear(4 * config.width, config.feature_dim), nn.SiLU(),
             )
-        self.head = nn.Linear(cfg.feature_dim, num_classes)
+        self.head = nn.Linear(config.feature_dim, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -60,13 +61,13 @@ def split(data: Dataset, val_fraction: float, seed: int = 0) -> tuple[torch.Tens
     return order[n_val:], order[:n_val]
 
 
-def augment(x: torch.Tensor, cfg: VerifierConfig, generator: torch.Generator) -> torch.Tensor:
-    if x.dim() == 4 and cfg.max_shift:
-        shifts = torch.randint(-cfg.max_shift, cfg.max_shift + 1, (2,), generator=generator).tolist()
-        padded = F.pad(x, [cfg.max_shift] * 4, value=-1.0)
-        top, left = cfg.max_shift + shifts[0], cfg.max_shift + shifts[1]
+def augment(x: torch.Tensor, config: VerifierConfig, generator: torch.Generator) -> torch.Tensor:
+    if x.dim() == 4 and config.max_shift:
+        shifts = torch.randint(-config.max_shift, config.max_shift + 1, (2,), generator=generator).tolist()
+        padded = F.pad(x, [config.max_shift] * 4, value=-1.0)
+        top, left = config.max_shift + shifts[0], config.max_shift + shifts[1]
         x = padded[..., top:top + x.shape[-2], left:left + x.shape[-1]]
-    return x + cfg.noise_std * torch.randn(x.shape, generator=generator)
+    return x + config.noise_std * torch.randn(x.shape, generator=generator)
 
 
 class VerifierTraining:
@@ -74,14 +75,14 @@ class VerifierTraining:
 
     ema_name = "verifier"
 
-    def __init__(self, verifier: Verifier, data: Dataset, cfg: VerifierConfig, batch_size: int):
+    def __init__(self, verifier: Verifier, data: Dataset, config: VerifierConfig, batch_size: int):
         self.trainable = {"verifier": verifier}
-        self.data, self.cfg, self.batch_size = data, cfg, batch_size
-        self.train_index, _ = split(data, cfg.val_fraction)
+        self.data, self.config, self.batch_size = data, config, batch_size
+        self.train_index, _ = split(data, config.val_fraction)
 
     def losses(self, generator, logs):
         pick = self.train_index[torch.randint(0, len(self.train_index), (self.batch_size,), generator=generator)]
-        x = augment(self.data.samples[pick], self.cfg, generator)
+        x = augment(self.data.samples[pick], self.config, generator)
         loss = F.cross_entropy(self.trainable["verifier"](x), self.data.labels[pick])
         logs["loss"] = loss.item()
         yield "verifier", loss

@@ -22,7 +22,7 @@ class Graph:
 
     path: Path
     sha256: str
-    cfg_scale: float | None = None
+    guidance_scale: float | None = None
 
 
 @dataclass(frozen=True)
@@ -64,17 +64,17 @@ class Bundle:
         return (self.channels, self.height, self.width)
 
     @property
-    def cfg_scales(self) -> tuple[float, ...]:
-        return tuple(g.cfg_scale for g in self.students)
+    def guidance_scales(self) -> tuple[float, ...]:
+        return tuple(g.guidance_scale for g in self.students)
 
-    def student_for(self, cfg_scale: float | None) -> Graph:
+    def student_for(self, guidance_scale: float | None) -> Graph:
         """The student graph with this baked guidance scale (the first one when None)."""
-        if cfg_scale is None:
+        if guidance_scale is None:
             return self.students[0]
         for graph in self.students:
-            if abs(graph.cfg_scale - cfg_scale) < 1e-6:
+            if abs(graph.guidance_scale - guidance_scale) < 1e-6:
                 return graph
-        raise KeyError(cfg_scale)
+        raise KeyError(guidance_scale)
 
 
 def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -110,8 +110,8 @@ def _graph(root: Path, entry: dict, where: str, verify: bool, scaled: bool) -> G
         if actual != expected:
             raise BundleError(f"bundle {root}: {name} fails its sha256 check (manifest {expected[:12]}..., "
                               f"file {actual[:12]}...); the file was changed after export")
-    cfg_scale = float(_require(entry, "cfg_scale", where, (int, float))) if scaled else None
-    return Graph(path, expected, cfg_scale)
+    guidance_scale = float(_require(entry, "cfg_scale", where, (int, float))) if scaled else None
+    return Graph(path, expected, guidance_scale)
 
 
 def read_bundle(root: str | Path, verify: bool = True) -> Bundle:
@@ -139,7 +139,7 @@ def read_bundle(root: str | Path, verify: bool = True) -> Bundle:
     if not student_entries:
         raise BundleError("manifest: 'student' lists no graphs")
     students = tuple(_graph(root, e, f"student[{i}]", verify, scaled=True) for i, e in enumerate(student_entries))
-    scales = [g.cfg_scale for g in students]
+    scales = [g.guidance_scale for g in students]
     if len(set(scales)) != len(scales):
         raise BundleError(f"manifest: student guidance scales repeat: {scales}")
     teacher = _graph(root, _require(manifest, "teacher", "the manifest", dict), "teacher", verify, scaled=True)

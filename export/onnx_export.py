@@ -30,12 +30,12 @@ class StudentGraph(nn.Module):
     input_names = ("x", "t", "s", "label")
     output_name = "x_s"
 
-    def __init__(self, student: nn.Module, cfg_scale: float):
+    def __init__(self, student: nn.Module, guidance_scale: float):
         super().__init__()
-        self.student, self.cfg_scale = student, float(cfg_scale)
+        self.student, self.guidance_scale = student, float(guidance_scale)
 
     def forward(self, x, t, s, label):
-        return self.student.jump(x, t, s, label, torch.full_like(t, self.cfg_scale))
+        return self.student.jump(x, t, s, label, torch.full_like(t, self.guidance_scale))
 
 
 class TeacherGraph(nn.Module):
@@ -44,12 +44,12 @@ class TeacherGraph(nn.Module):
     input_names = ("x", "t", "label")
     output_name = "velocity"
 
-    def __init__(self, teacher: nn.Module, cfg_scale: float, t_lo: float = 0.0, t_hi: float = 1.0):
+    def __init__(self, teacher: nn.Module, guidance_scale: float, t_lo: float = 0.0, t_hi: float = 1.0):
         super().__init__()
-        self.teacher, self.cfg_scale, self.t_lo, self.t_hi = teacher, float(cfg_scale), t_lo, t_hi
+        self.teacher, self.guidance_scale, self.t_lo, self.t_hi = teacher, float(guidance_scale), t_lo, t_hi
 
     def forward(self, x, t, label):
-        return guided_velocity(self.teacher.velocity, x, t, label, self.cfg_scale, self.teacher.num_classes,
+        return guided_velocity(self.teacher.velocity, x, t, label, self.guidance_scale, self.teacher.num_classes,
                                self.t_lo, self.t_hi)
 
 

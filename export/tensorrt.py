@@ -50,7 +50,7 @@ def _keep_norms_in_fp32(trt, network) -> int:
     return pinned
 
 
-def build_engine(onnx_path: str | Path, engine_path: str | Path, cfg: TensorRTConfig) -> dict:
+def build_engine(onnx_path: str | Path, engine_path: str | Path, config: TensorRTConfig) -> dict:
     """Build and serialize one engine; returns its manifest entry (without the sha256)."""
     trt, _ = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -60,31 +60,31 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, cfg: TensorRTCo
     if not parser.parse(Path(onnx_path).read_bytes()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ExportError(f"TensorRT cannot parse {onnx_path}: {errors}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(cfg.workspace_gb * (1 << 30)))
+    builder_config = builder.create_builder_config()
+    builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace_gb * (1 << 30)))
     pinned = 0
-    if cfg.precision in ("fp16", "bf16"):
-        config.set_flag(trt.BuilderFlag.FP16 if cfg.precision == "fp16" else trt.BuilderFlag.BF16)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    if config.precision in ("fp16", "bf16"):
+        builder_config.set_flag(trt.BuilderFlag.FP16 if config.precision == "fp16" else trt.BuilderFlag.BF16)
+        builder_config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
         pinned = _keep_norms_in_fp32(trt, network)
     profile = builder.create_optimization_profile()
     for index in range(network.num_inputs):
         tensor = network.get_input(index)
         rest = tuple(tensor.shape)[1:]
-        profile.set_shape(tensor.name, (cfg.min_batch, *rest), (cfg.opt_batch, *rest), (cfg.max_batch, *rest))
-    config.add_optimization_profile(profile)
-    cache_path = Path(cfg.timing_cache)
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    serialized = builder.build_serialized_network(network, config)
+        profile.set_shape(tensor.name, (config.min_batch, *rest), (config.opt_batch, *rest), (config.max_batch, *rest))
+    builder_config.add_optimization_profile(profile)
+    cache_path = Path(config.timing_cache)
+    cache = builder_config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    builder_config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, builder_config)
     if serialized is None:
         raise ExportError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
     Path(engine_path).write_bytes(bytes(serialized))
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    cache_path.write_bytes(bytes(builder_config.get_timing_cache().serialize()))
     device_name = _device_name()
-    return {"file": Path(engine_path).name, "source": Path(onnx_path).name, "precision": cfg.precision,
-            "min_batch": cfg.min_batch, "opt_batch": cfg.opt_batch, "max_batch": cfg.max_batch,
+    return {"file": Path(engine_path).name, "source": Path(onnx_path).name, "precision": config.precision,
+            "min_batch": config.min_batch, "opt_batch": config.opt_batch, "max_batch": config.max_batch,
             "fp32_norm_layers": pinned, "device_name": device_name, "tensorrt_version": trt.__version__}
 
 
@@ -95,7 +95,7 @@ def _device_name() -> str:
     return name.decode().rstrip("\x00") if isinstance(name, bytes) else str(name)
 
 
-def engine_parity(onnx_path: str | Path, engine_path: str | Path, feeds_for, cfg: TensorRTConfig) -> float:
+def engine_parity(onnx_path: str | Path, engine_path: str | Path, feeds_for, config: TensorRTConfig) -> float:
     """Max abs difference between the engine and onnxruntime (CPU) over a few batch sizes."""
     import onnxruntime as ort
 
@@ -103,15 +103,15 @@ def engine_parity(onnx_path: str | Path, engine_path: str | Path, feeds_for, cfg
     runner = TrtRunner(engine_path)
     try:
         worst = 0.0
-        for batch in sorted({cfg.min_batch, min(7, cfg.max_batch), cfg.opt_batch, cfg.max_batch}):
+        for batch in sorted({config.min_batch, min(7, config.max_batch), config.opt_batch, config.max_batch}):
             feeds = feeds_for(batch)
             expected = session.run(None, feeds)[0]
             worst = max(worst, float(np.abs(runner.run(feeds) - expected).max()))
     finally:
         runner.close()
-    tolerance = PARITY_TOLERANCE[cfg.precision]
+    tolerance = PARITY_TOLERANCE[config.precision]
     if not worst <= tolerance:
-        raise ExportError(f"TensorRT engine {Path(engine_path).name} ({cfg.precision}) differs from onnxruntime "
+        raise ExportError(f"TensorRT engine {Path(engine_path).name} ({config.precision}) differs from onnxruntime "
                           f"by {worst:.3g} > {tolerance:g}")
     return worst
 
@@ -132,7 +132,7 @@ def random_feeds(session_inputs, batch: int, num_classes: int, seed: int = 0) ->
     return feeds
 
 
-def add_tensorrt_engines(bundle_dir: str | Path, cfg: TensorRTConfig, progress: bool = True) -> list[dict]:
+def add_tensorrt_engines(bundle_dir: str | Path, config: TensorRTConfig, progress: bool = True) -> list[dict]:
     """Build an engine for every ONNX graph of a bundle, check parity, and list them in the manifest."""
     import onnxruntime as ort
 
@@ -140,19 +140,19 @@ def add_tensorrt_engines(bundle_dir: str | Path, cfg: TensorRTConfig, progress: 
     bundle = read_bundle(bundle_dir)
     entries = []
     for graph in (*bundle.students, bundle.teacher, bundle.verifier):
-        engine_path = graph.path.with_name(f"{graph.path.stem}.{cfg.precision}.engine")
-        entry = build_engine(graph.path, engine_path, cfg)
+        engine_path = graph.path.with_name(f"{graph.path.stem}.{config.precision}.engine")
+        entry = build_engine(graph.path, engine_path, config)
         inputs = ort.InferenceSession(str(graph.path), providers=["CPUExecutionProvider"]).get_inputs()
         entry["parity_max_abs_err"] = engine_parity(
-            graph.path, engine_path, lambda b, i=inputs: random_feeds(i, b, bundle.num_classes, seed=b), cfg)
+            graph.path, engine_path, lambda b, i=inputs: random_feeds(i, b, bundle.num_classes, seed=b), config)
         entry["sha256"] = sha256_of(engine_path)
         entries.append(entry)
         if progress:
             print(f"  built {engine_path.name}: parity {entry['parity_max_abs_err']:.2e}", flush=True)
     manifest = json.loads((Path(bundle_dir) / MANIFEST).read_text())
-    kept = [e for e in manifest.get("tensorrt", []) if e.get("precision") != cfg.precision]
+    kept = [e for e in manifest.get("tensorrt", []) if e.get("precision") != config.precision]
     manifest["tensorrt"] = kept + entries
-    manifest.setdefault("provenance", {})["tensorrt_config"] = asdict(cfg)
+    manifest.setdefault("provenance", {})["tensorrt_config"] = asdict(config)
     (Path(bundle_dir) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     read_bundle(bundle_dir)
     return entries

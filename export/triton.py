@@ -55,12 +55,12 @@ def _tensor_block(name: str, dtype: str, dims: list[int]) -> str:
     return f'  {{ name: "{name}" data_type: {dtype} dims: [ 1 ] reshape: {{ shape: [ ] }} }}'
 
 
-def model_config(name: str, platform: str, inputs, outputs, cfg: TritonConfig) -> str:
-    preferred = ", ".join(str(b) for b in cfg.preferred_batch_sizes)
+def model_config(name: str, platform: str, inputs, outputs, config: TritonConfig) -> str:
+    preferred = ", ".join(str(b) for b in config.preferred_batch_sizes)
     return "\n".join([
         f'name: "{name}"',
         f'platform: "{platform}"',
-        f"max_batch_size: {cfg.max_batch_size}",
+        f"max_batch_size: {config.max_batch_size}",
         "input [",
         ",\n".join(_tensor_block(*row) for row in inputs),
         "]",
@@ -69,36 +69,36 @@ def model_config(name: str, platform: str, inputs, outputs, cfg: TritonConfig) -
         "]",
         "dynamic_batching {",
         f"  preferred_batch_size: [ {preferred} ]",
-        f"  max_queue_delay_microseconds: {cfg.max_queue_delay_us}",
-        f"  preserve_ordering: {str(cfg.preserve_ordering).lower()}",
+        f"  max_queue_delay_microseconds: {config.max_queue_delay_us}",
+        f"  preserve_ordering: {str(config.preserve_ordering).lower()}",
         "}",
-        f"instance_group [ {{ count: {cfg.instances} kind: {cfg.kind} }} ]",
+        f"instance_group [ {{ count: {config.instances} kind: {config.kind} }} ]",
         "",
     ])
 
 
-def write_triton_repository(bundle_dir: str | Path, out: str | Path, cfg: TritonConfig | None = None) -> list[Path]:
+def write_triton_repository(bundle_dir: str | Path, out: str | Path, config: TritonConfig | None = None) -> list[Path]:
     """Write one Triton model per bundle graph into `out`; returns the config paths."""
-    cfg = cfg or TritonConfig()
+    config = config or TritonConfig()
     bundle = read_bundle(bundle_dir)
     out = Path(out)
-    graphs = [(f"{bundle.name}_student_w{g.cfg_scale:g}", g) for g in bundle.students]
+    graphs = [(f"{bundle.name}_student_w{g.guidance_scale:g}", g) for g in bundle.students]
     graphs += [(f"{bundle.name}_teacher", bundle.teacher), (f"{bundle.name}_verifier", bundle.verifier)]
-    plans = {p.source: p for p in bundle.tensorrt if p.precision == cfg.tensorrt_precision}
+    plans = {p.source: p for p in bundle.tensorrt if p.precision == config.tensorrt_precision}
     written = []
     for name, graph in graphs:
         model_dir = out / name.replace(".", "_")
         version = model_dir / "1"
         version.mkdir(parents=True, exist_ok=True)
         inputs, outputs = graph_signature(graph.path)
-        if cfg.tensorrt_precision:
+        if config.tensorrt_precision:
             if graph.path.name not in plans:
-                raise ValueError(f"the bundle has no {cfg.tensorrt_precision} TensorRT engine for {graph.path.name}")
+                raise ValueError(f"the bundle has no {config.tensorrt_precision} TensorRT engine for {graph.path.name}")
             shutil.copyfile(plans[graph.path.name].path, version / "model.plan")
             platform = "tensorrt_plan"
         else:
             shutil.copyfile(graph.path, version / "model.onnx")
             platform = "onnxruntime_onnx"
-        (model_dir / "config.pbtxt").write_text(model_config(model_dir.name, platform, inputs, outputs, cfg))
+        (model_dir / "config.pbtxt").write_text(model_config(model_dir.name, platform, inputs, outputs, config))
         written.append(model_dir / "config.pbtxt")
     return written

@@ -31,22 +31,22 @@ def source_commit(repo: str | Path = ".") -> str:
         return "unknown"
 
 
-def scale_tag(cfg_scale: float) -> str:
-    return f"{cfg_scale:g}"
+def scale_tag(guidance_scale: float) -> str:
+    return f"{guidance_scale:g}"
 
 
 def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str | Path, out: str | Path,
-                  cfg_scales: tuple[float, ...] = (1.5,), teacher_cfg_scale: float | None = None,
+                  guidance_scales: tuple[float, ...] = (1.5,), teacher_guidance_scale: float | None = None,
                   name: str | None = None, metrics: dict | None = None, progress: bool = True) -> dict:
     """Export and check all graphs into `out`, then write `manifest.json` and re-read it.
 
-    `teacher_cfg_scale` defaults to the first student scale. `metrics` (an evaluation result) goes into
+    `teacher_guidance_scale` defaults to the first student scale. `metrics` (an evaluation result) goes into
     the provenance so the README's tables can be generated from the shipped bundle.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if not cfg_scales:
-        raise ValueError("at least one guidance scale must be baked (--cfg-scales)")
+    if not guidance_scales:
+        raise ValueError("at least one guidance scale must be baked (--guidance-scales)")
     student, student_meta = load_student(student_dir)
     teacher = load_teacher(teacher_spec)
     verifier = load_verifier(verifier_dir)
@@ -54,7 +54,7 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
     image_shape, classes = tuple(data_meta["shape"]), list(data_meta["classes"])
     if len(image_shape) != 3:
         raise ValueError(f"bundles serve images [C, H, W]; this model's data shape is {image_shape}")
-    teacher_cfg_scale = float(teacher_cfg_scale if teacher_cfg_scale is not None else cfg_scales[0])
+    teacher_guidance_scale = float(teacher_guidance_scale if teacher_guidance_scale is not None else guidance_scales[0])
     checks, entries = {}, []
 
     def build(graph, filename, label):
@@ -65,12 +65,13 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
             print(f"  exported {filename}: parity and batch invariance within tolerance", flush=True)
         return {"file": filename, "sha256": sha256_of(path)}
 
-    for cfg_scale in cfg_scales:
-        entry = build(StudentGraph(student, cfg_scale), f"student_w{scale_tag(cfg_scale)}.onnx",
-                      f"student graph (w={cfg_scale:g})")
-        entries.append({**entry, "cfg_scale": float(cfg_scale)})
-    teacher_entry = build(TeacherGraph(teacher, teacher_cfg_scale), f"teacher_w{scale_tag(teacher_cfg_scale)}.onnx",
-                          f"teacher graph (w={teacher_cfg_scale:g})")
+    for guidance_scale in guidance_scales:
+        entry = build(StudentGraph(student, guidance_scale), f"student_w{scale_tag(guidance_scale)}.onnx",
+                      f"student graph (w={guidance_scale:g})")
+        entries.append({**entry, "cfg_scale": float(guidance_scale)})
+    teacher_entry = build(TeacherGraph(teacher, teacher_guidance_scale),
+                          f"teacher_w{scale_tag(teacher_guidance_scale)}.onnx",
+                          f"teacher graph (w={teacher_guidance_scale:g})")
     verifier_entry = build(VerifierGraph(verifier), "verifier.onnx", "verifier graph")
 
     manifest = {
@@ -79,7 +80,7 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
         "image": {"channels": image_shape[0], "height": image_shape[1], "width": image_shape[2], "range": [-1, 1]},
         "classes": classes,
         "student": entries,
-        "teacher": {**teacher_entry, "cfg_scale": teacher_cfg_scale},
+        "teacher": {**teacher_entry, "cfg_scale": teacher_guidance_scale},
         "verifier": verifier_entry,
         "tensorrt": [],
         "provenance": {

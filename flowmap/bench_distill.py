@@ -26,7 +26,7 @@ class DistillBenchConfig:
     segments: int = 4  # FD is measured after each of these equal parts of the budget
     # a method name, or LABEL=METHOD to run one method several times with different options (a study)
     methods: tuple[str, ...] = ("freeflow", "meanflow", "fsf-dmd", "fgm", "dmd2")
-    cfg_scale: float = 1.5  # guidance scale of the evaluation
+    guidance_scale: float = 1.5  # guidance scale of the evaluation
     out: str = "docs/distillation"  # writes OUT.md, OUT.json and OUT.png
     # per-method options on top of each method's defaults, "label:flag=value" (repeatable)
     options: tuple[str, ...] = field(default_factory=tuple)
@@ -58,18 +58,18 @@ def method_flags(label: str, options: tuple[str, ...]) -> list[str]:
     return flags
 
 
-def train_segment(label: str, method: str, cfg: DistillBenchConfig, run_dir: Path, minutes_so_far: float) -> dict:
+def train_segment(label: str, method: str, config: DistillBenchConfig, run_dir: Path, minutes_so_far: float) -> dict:
     """Run `flowmap distill` for one segment in a fresh process; resumes from the previous segment."""
-    command = [sys.executable, "-m", "flowmap.cli", "distill", "--method", method, "--teacher", cfg.teacher,
-               "--out", str(run_dir), "--steps", "1000000", "--max-minutes", str(cfg.minutes / cfg.segments),
-               "--checkpoint-every", "1000000", "--quiet", *method_flags(label, cfg.options)]
+    command = [sys.executable, "-m", "flowmap.cli", "distill", "--method", method, "--teacher", config.teacher,
+               "--out", str(run_dir), "--steps", "1000000", "--max-minutes", str(config.minutes / config.segments),
+               "--checkpoint-every", "1000000", "--quiet", *method_flags(label, config.options)]
     subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     summary = json.loads((run_dir / "summary.json").read_text())
     summary["minutes"] = round(minutes_so_far + summary["seconds"] / 60, 3)
     return summary
 
 
-def run_distill_bench(cfg: DistillBenchConfig, progress: bool = True) -> dict:
+def run_distill_bench(config: DistillBenchConfig, progress: bool = True) -> dict:
     import torch
 
     from distill.data import load_dataset
@@ -78,32 +78,33 @@ def run_distill_bench(cfg: DistillBenchConfig, progress: bool = True) -> dict:
     from distill.verifier import load_verifier
 
     say = print if progress else (lambda *a, **k: None)
-    entries = [parse_entry(entry) for entry in cfg.methods]
-    teacher, verifier = load_teacher(cfg.teacher), load_verifier(cfg.verifier)
+    entries = [parse_entry(entry) for entry in config.methods]
+    teacher, verifier = load_teacher(config.teacher), load_verifier(config.verifier)
     data = load_dataset("digits")
     scorer = Scorer(data, verifier)
-    eval_cfg = EvalConfig(cfg_scale=cfg.cfg_scale)
-    generator = torch.Generator().manual_seed(eval_cfg.seed)
+    eval_config = EvalConfig(guidance_scale=config.guidance_scale)
+    generator = torch.Generator().manual_seed(eval_config.seed)
     eps = torch.randn((len(data), *data.shape), generator=generator)
     say("[bench distill] teacher rows")
-    teacher_rows = [r for r in evaluate(teacher, None, verifier, data, eval_cfg, progress=False)["rows"]]
+    teacher_rows = [r for r in evaluate(teacher, None, verifier, data, eval_config, progress=False)["rows"]]
     results = []
     for label, method in entries:
-        run_dir = Path(cfg.runs) / label
+        run_dir = Path(config.runs) / label
         if run_dir.exists():
             subprocess.run(["rm", "-rf", str(run_dir)], check=True)
         curve, summaries, minutes = [], [], 0.0
-        for segment in range(cfg.segments):
-            say(f"[bench distill] {label}: segment {segment + 1}/{cfg.segments}")
-            summary = train_segment(label, method, cfg, run_dir, minutes)
+        for segment in range(config.segments):
+            say(f"[bench distill] {label}: segment {segment + 1}/{config.segments}")
+            summary = train_segment(label, method, config, run_dir, minutes)
             minutes = summary["minutes"]
             summaries.append(summary)
             student, _ = load_student(run_dir)
-            fd = scorer.score(sample_student(student, eps, data.labels, cfg.cfg_scale, 1), data.labels)["fd_pixels"]
+            samples = sample_student(student, eps, data.labels, config.guidance_scale, 1)
+            fd = scorer.score(samples, data.labels)["fd_pixels"]
             curve.append({"minutes": minutes, "step": summary["step"], "fd_1nfe": fd})
         student, meta = load_student(run_dir)
-        scores = {steps: scorer.score(sample_student(student, eps, data.labels, cfg.cfg_scale, steps), data.labels)
-                  for steps in (1, 2)}
+        scores = {steps: scorer.score(sample_student(student, eps, data.labels, config.guidance_scale, steps),
+                                      data.labels) for steps in (1, 2)}
         per_step = [s["sec_per_step"] for s in summaries if s["sec_per_step"]]
         # everything a method must hold to train: networks, optimiser states, EMA copies (the checkpoint)
         state_mb = (run_dir / "checkpoint.safetensors").stat().st_size / 2**20
@@ -120,9 +121,9 @@ def run_distill_bench(cfg: DistillBenchConfig, progress: bool = True) -> dict:
             "method_config": meta["method_config"], "curve": curve,
         })
         say(f"  {label}: FD 1-NFE {scores[1]['fd_pixels']:.4f}, 2-NFE {scores[2]['fd_pixels']:.4f}")
-    report = {"config": asdict(cfg), "teacher": teacher_rows, "methods": results, "num_samples": len(data),
+    report = {"config": asdict(config), "teacher": teacher_rows, "methods": results, "num_samples": len(data),
               "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-    write_report(report, cfg.out, _plot, render_distill_markdown)
+    write_report(report, config.out, _plot, render_distill_markdown)
     return report
 
 
@@ -145,15 +146,16 @@ def _plot(report: dict, path: Path) -> None:
 
 
 def render_distill_markdown(report: dict, plot_name: str) -> str:
-    cfg, methods = report["config"], report["methods"]
+    config, methods = report["config"], report["methods"]
     teacher = {r["steps"]: r for r in report["teacher"]}
     by = {m["method"]: m for m in methods}
     lines = [
-        f"# {cfg.get('title', 'Distillation methods side by side')}",
+        f"# {config.get('title', 'Distillation methods side by side')}",
         "",
-        f"Written by `flowmap bench distill`: every entry distils the same teacher ({cfg['teacher']}) and "
-        f"trains for {cfg['minutes']:g} minutes of wall time on this machine, evaluated at guidance "
-        f"{cfg['cfg_scale']} against all {report['num_samples']} digits (FD in pixels and in verifier features; "
+        f"Written by `flowmap bench distill`: every entry distils the same teacher ({config['teacher']}) and "
+        f"trains for {config['minutes']:g} minutes of wall time on this machine, evaluated at guidance "
+        f"{config['guidance_scale']} against all {report['num_samples']} digits (FD in pixels and in verifier "
+        "features; "
         "precision/recall at k = 3 in verifier features). Peak RSS is the whole training process; training state "
         "is what the method holds besides activations: networks, optimiser states and EMA copies.",
         "",
@@ -162,7 +164,7 @@ def render_distill_markdown(report: dict, plot_name: str) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m in methods:
-        options = " ".join(entry_settings(m["method"], cfg["options"])) or "-"
+        options = " ".join(entry_settings(m["method"], config["options"])) or "-"
         lines.append(f"| {m['method']} | {options} | {m['steps']} | {m['sec_per_step']} | {m['peak_rss_mb']:.0f} "
                      f"| {m['state_mb']:.1f} "
                      f"| {m['fd_1nfe']:.4f} | {m['fd_2nfe']:.4f} | {m['fd_feat_1nfe']:.2f} | {m['precision']:.3f} "

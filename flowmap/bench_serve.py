@@ -169,49 +169,49 @@ def encoding_cost_ms(bundle_dir: str, images: int = 2000) -> float:
     return 1000 * (time.perf_counter() - started) / images
 
 
-def run_serve_bench(cfg: ServeBenchConfig, progress: bool = True) -> dict:
+def run_serve_bench(config: ServeBenchConfig, progress: bool = True) -> dict:
     say = print if progress else (lambda *a, **k: None)
     say("[bench serve] raw engine throughput")
-    raw = raw_engine(cfg.bundle, cfg.raw_batches, cfg.teacher_steps)
+    raw = raw_engine(config.bundle, config.raw_batches, config.teacher_steps)
     single = [{"labels": [i % 10], "seeds": [i]} for i in range(64)]
     sixteen = [{"labels": [(i + j) % 10 for j in range(16)], "seeds": list(range(16 * i, 16 * i + 16))}
                for i in range(64)]
-    modes = {"batching": ["--max-batch-size", str(cfg.max_batch_size), "--max-queue-delay-ms",
-                          str(cfg.max_queue_delay_ms)],
+    modes = {"batching": ["--max-batch-size", str(config.max_batch_size), "--max-queue-delay-ms",
+                          str(config.max_queue_delay_ms)],
              "no_batching": ["--max-batch-size", "1", "--max-queue-delay-ms", "0"]}
     curves: dict[str, list[dict]] = {}
     port = 8700
     results: dict = {}
     for mode, flags in modes.items():
-        server = ServerProcess(cfg.bundle, port, "--max-queue-size", "100000", *flags)
+        server = ServerProcess(config.bundle, port, "--max-queue-size", "100000", *flags)
         try:
             curves[mode] = []
-            for clients in cfg.levels:
+            for clients in config.levels:
                 say(f"[bench serve] {mode}: {clients} single-image clients")
-                curves[mode].append(measure(server, "/v1/generate", single, clients, cfg.seconds, 1, "student@1.5"))
+                curves[mode].append(measure(server, "/v1/generate", single, clients, config.seconds, 1, "student@1.5"))
             if mode == "batching":
                 say("[bench serve] 16-image requests at saturation")
                 results["sixteen_image_requests"] = max(
-                    (measure(server, "/v1/generate", sixteen, clients, cfg.seconds, 16, "student@1.5")
+                    (measure(server, "/v1/generate", sixteen, clients, config.seconds, 16, "student@1.5")
                      for clients in (4, 16, 64)), key=lambda r: r["images_per_s"])
-                say(f"[bench serve] teacher at {cfg.teacher_steps} steps")
-                teacher_body = [{**b, "steps": cfg.teacher_steps, "model": f"{Path(cfg.bundle).name}-teacher"}
+                say(f"[bench serve] teacher at {config.teacher_steps} steps")
+                teacher_body = [{**b, "steps": config.teacher_steps, "model": f"{Path(config.bundle).name}-teacher"}
                                 for b in sixteen]
                 results["teacher_served"] = measure(server, "/v1/generate", teacher_body, 16,
-                                                    max(cfg.seconds, 8.0), 16, "teacher")
+                                                    max(config.seconds, 8.0), 16, "teacher")
         finally:
             server.stop()
         port += 1
     by_level = {mode: {r["clients"]: r for r in rows} for mode, rows in curves.items()}
     at64_on, at64_off = by_level["batching"].get(64), by_level["no_batching"].get(64)
-    encoding_ms = encoding_cost_ms(cfg.bundle)
+    encoding_ms = encoding_cost_ms(config.bundle)
     for mode in curves:
         for run in curves[mode]:
             run["cpu_account_ms"] = account(run, raw, encoding_ms, 1)
     results["sixteen_image_requests"]["cpu_account_ms"] = account(results["sixteen_image_requests"], raw,
                                                                   encoding_ms, 16)
     report = {
-        "config": asdict(cfg),
+        "config": asdict(config),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "curves": curves,
         "raw_engine": raw,
@@ -224,7 +224,8 @@ def run_serve_bench(cfg: ServeBenchConfig, progress: bool = True) -> dict:
                                                         / raw["student_saturation_images_per_s"], 3),
             "sixteen_image_served_vs_raw_engine_at_max_batch": round(
                 results["sixteen_image_requests"]["images_per_s"]
-                / raw["student_images_per_s"][str(max(b for b in cfg.raw_batches if b <= cfg.max_batch_size))], 3),
+                / raw["student_images_per_s"][str(max(b for b in config.raw_batches
+                                                      if b <= config.max_batch_size))], 3),
             # like for like: both served with 16-image requests, each at its best client count
             "student_vs_teacher_served": round(results["sixteen_image_requests"]["images_per_s"]
                                                / max(results["teacher_served"]["images_per_s"], 1e-9), 1),
@@ -232,7 +233,7 @@ def run_serve_bench(cfg: ServeBenchConfig, progress: bool = True) -> dict:
                                                    / raw["teacher_images_per_s_at_steps"], 1),
         },
     }
-    write_report(report, cfg.out, _plot, render_serve_markdown)
+    write_report(report, config.out, _plot, render_serve_markdown)
     return report
 
 

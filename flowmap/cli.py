@@ -36,6 +36,11 @@ def field_help(cls) -> dict[str, str]:
     return notes
 
 
+# Earlier spellings of renamed flags, still accepted (`cfg` meant classifier-free guidance).
+FLAG_ALIASES = {"guidance_min": "--cfg-min", "guidance_max": "--cfg-max", "guidance_scale": "--cfg-scale",
+                "dm_guidance_scale": "--dm-cfg-scale"}
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cls, defaults=None, skip=(), title=None) -> None:
     """One `--field-name` flag per dataclass field, typed and defaulted from `defaults` (an instance),
     explained by the field's comment in the source."""
@@ -46,19 +51,20 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, defaults=None, skip=(
         if f.name in skip:
             continue
         flag, default, kind = "--" + f.name.replace("_", "-"), getattr(defaults, f.name), hints[f.name]
+        flags = (flag, *([FLAG_ALIASES[f.name]] if f.name in FLAG_ALIASES else []))
         origin, args = typing.get_origin(kind), typing.get_args(kind)
         shown = " ".join(map(str, default)) if origin is tuple else default
         note = notes.get(f.name, "").replace("%", "%%")
         text = f"{note}; default: {shown}" if note else f"default: {shown}"
         if kind is bool:
-            group.add_argument(flag, dest=f.name, default=default, action=argparse.BooleanOptionalAction, help=text)
+            group.add_argument(*flags, dest=f.name, default=default, action=argparse.BooleanOptionalAction, help=text)
         elif origin is tuple:
-            group.add_argument(flag, dest=f.name, default=default, nargs="+", type=args[0], help=text)
+            group.add_argument(*flags, dest=f.name, default=default, nargs="+", type=args[0], help=text)
         elif kind in (int, float, str):
-            group.add_argument(flag, dest=f.name, default=default, type=kind, help=text)
+            group.add_argument(*flags, dest=f.name, default=default, type=kind, help=text)
         elif args and type(None) in args:  # Optional[x]
             inner = next(a for a in args if a is not type(None))
-            group.add_argument(flag, dest=f.name, default=default, type=inner, help=text)
+            group.add_argument(*flags, dest=f.name, default=default, type=inner, help=text)
 
 
 def config_from(args: argparse.Namespace, cls, defaults=None, **overrides):
@@ -201,9 +207,12 @@ def cmd_export(argv: list[str]) -> int:
     parser.add_argument("--verifier", help="verifier run directory")
     parser.add_argument("--out", required=True, help="bundle directory, e.g. models/digits")
     parser.add_argument("--name", default=None, help="bundle name (default: the folder name)")
-    parser.add_argument("--cfg-scales", type=float, nargs="+", default=[1.5],
+    parser.add_argument("--guidance-scales", "--cfg-scales", dest="guidance_scales", type=float, nargs="+",
+                        default=[1.5],
                         help="guidance scales to bake, one student graph each (default: 1.5)")
-    parser.add_argument("--teacher-cfg-scale", type=float, default=None, help="default: the first --cfg-scales")
+    parser.add_argument("--teacher-guidance-scale", "--teacher-cfg-scale", dest="teacher_guidance_scale", type=float,
+                        default=None, help="the guidance scale baked into the teacher graph; default: the first "
+                        "--guidance-scales")
     parser.add_argument("--metrics", default=None, help="an evaluation JSON to record in the provenance")
     parser.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (needs a GPU)")
     parser.add_argument("--triton", default=None, metavar="DIR", help="also write a Triton model repository to DIR")
@@ -231,8 +240,8 @@ def cmd_export(argv: list[str]) -> int:
             parser.error("--student, --teacher and --verifier are required unless --skip-onnx reuses a bundle")
 
         metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
-        export_bundle(args.student, args.teacher, args.verifier, args.out, tuple(args.cfg_scales),
-                      args.teacher_cfg_scale, args.name, metrics)
+        export_bundle(args.student, args.teacher, args.verifier, args.out, tuple(args.guidance_scales),
+                      args.teacher_guidance_scale, args.name, metrics)
     if args.tensorrt:
         from export.tensorrt import add_tensorrt_engines
 
@@ -240,9 +249,9 @@ def cmd_export(argv: list[str]) -> int:
     if args.triton:
         from export.triton import TritonConfig, write_triton_repository
 
-        cfg = TritonConfig(max_batch_size=args.triton_max_batch, instances=args.triton_instances,
+        config = TritonConfig(max_batch_size=args.triton_max_batch, instances=args.triton_instances,
                            kind=args.triton_kind, tensorrt_precision=args.triton_plans)
-        for path in write_triton_repository(args.out, args.triton, cfg):
+        for path in write_triton_repository(args.out, args.triton, config):
             print(f"  wrote {path}")
     print(f"bundle {'updated' if args.skip_onnx else 'written'}: {args.out}")
     return 0

@@ -17,6 +17,11 @@ def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _guidance(config: dict) -> float:
+    """The guidance scale a report's config records (reports written before the rename say cfg_scale)."""
+    return config["guidance_scale"] if "guidance_scale" in config else config["cfg_scale"]
+
+
 def distill_block(root: Path) -> str:
     manifest = _load(root / "models" / "digits" / "manifest.json")
     pipeline = _load(root / "docs" / "pipeline.json")
@@ -27,7 +32,7 @@ def distill_block(root: Path) -> str:
     ref = next(r for r in rows if r["model"] == "teacher" and r["steps"] == metrics["config"]["reference_steps"])
     lines = [
         f"FreeFlow student of the embedded `digits` bundle against its teacher, guidance w = "
-        f"{metrics['config']['cfg_scale']}, {metrics['num_samples']} samples, FD against all of the data "
+        f"{_guidance(metrics['config'])}, {metrics['num_samples']} samples, FD against all of the data "
         "(from `models/digits/manifest.json`, written by `make models`):",
         "",
         "| model | steps (NFE) | FD pixels | vs teacher@100 | FD features | precision | recall | class acc. "
@@ -49,11 +54,11 @@ def methods_block(root: Path) -> str:
     report = _load(root / "docs" / "distillation.json")
     if report is None:
         return "_No method comparison yet: run `flowmap bench distill`._"
-    cfg = report["config"]
+    config = report["config"]
     teacher = {r["steps"]: r["fd_pixels"] for r in report["teacher"]}
     lines = [
-        f"Every method from the same teacher, {cfg['minutes']:g} minutes of wall time each on this machine, "
-        f"guidance w = {cfg['cfg_scale']} (from [docs/distillation.md](docs/distillation.md), written by "
+        f"Every method from the same teacher, {config['minutes']:g} minutes of wall time each on this machine, "
+        f"guidance w = {_guidance(config)} (from [docs/distillation.md](docs/distillation.md), written by "
         "`flowmap bench distill`). Teacher FD in pixels: "
         + ", ".join(f"{steps} steps {fd:.3f}" for steps, fd in sorted(teacher.items())) + ".",
         "",

@@ -36,7 +36,7 @@ class Recipe:
     method_config: FreeFlowConfig = field(default_factory=FreeFlowConfig)
     distill_train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=8000, lr=2e-4, ema_decay=0.999))
     evaluation: EvalConfig = field(default_factory=EvalConfig)
-    cfg_scales: tuple[float, ...] = (1.5, 1.0)  # baked into the bundle, one student graph each
+    guidance_scales: tuple[float, ...] = (1.5, 1.0)  # baked into the bundle, one student graph each
 
 
 def run_pipeline(recipe: Recipe, runs: str | Path, docs: str | Path, bundle: str | Path | None = None,
@@ -68,7 +68,7 @@ def run_pipeline(recipe: Recipe, runs: str | Path, docs: str | Path, bundle: str
                                                       data, recipe.evaluation, docs / "evaluation", progress))
     if bundle is not None:
         stage("export", lambda: export_bundle(runs / recipe.method, str(runs / "teacher"), runs / "verifier", bundle,
-                                              recipe.cfg_scales, name=Path(bundle).name, metrics=result,
+                                              recipe.guidance_scales, name=Path(bundle).name, metrics=result,
                                               progress=progress))
     report = {
         "recipe": asdict(recipe),

@@ -40,8 +40,8 @@ async def warm_up(service: Service) -> None:
         for rows in (1, service.settings.max_batch_size):
             noise = np.zeros((rows, *bundle.image_shape), np.float32)
             labels = np.zeros(rows, np.int64)
-            for cfg_scale in bundle.cfg_scales:
-                await service.pipelines.student(noise, labels, 1, cfg_scale, far)
+            for guidance_scale in bundle.guidance_scales:
+                await service.pipelines.student(noise, labels, 1, guidance_scale, far)
             await service.pipelines.teacher(noise, labels, 1, far)
             await service.pipelines.scores(noise, labels, far)
     service.ready = True

@@ -125,11 +125,12 @@ def _torch_engines(bundle: Bundle, settings) -> dict[str, Engine]:
     method = bundle.provenance.get("method", "freeflow")
     student, _ = load_student(runs / method)
     engines: dict[str, Engine] = {
-        f"student@{g.cfg_scale:g}": TorchEngine(StudentGraph(student, g.cfg_scale), f"student@{g.cfg_scale:g}",
-                                                StudentGraph.input_names, settings.max_batch_size)
+        f"student@{g.guidance_scale:g}": TorchEngine(StudentGraph(student, g.guidance_scale),
+                                                     f"student@{g.guidance_scale:g}", StudentGraph.input_names,
+                                                     settings.max_batch_size)
         for g in bundle.students
     }
-    engines["teacher"] = TorchEngine(TeacherGraph(load_teacher(str(runs / "teacher")), bundle.teacher.cfg_scale),
+    engines["teacher"] = TorchEngine(TeacherGraph(load_teacher(str(runs / "teacher")), bundle.teacher.guidance_scale),
                                      "teacher", TeacherGraph.input_names, settings.max_batch_size)
     engines["verifier"] = TorchEngine(VerifierGraph(load_verifier(runs / "verifier")), "verifier",
                                       VerifierGraph.input_names, settings.max_batch_size)
@@ -140,7 +141,7 @@ def build_engines(bundle: Bundle, settings) -> dict[str, Engine]:
     """One engine per graph: `student@<w>` for each baked scale, `teacher`, `verifier`."""
     if settings.backend == "torch":
         return _torch_engines(bundle, settings)
-    engines = {f"student@{g.cfg_scale:g}": _engine_for(g, f"student@{g.cfg_scale:g}", bundle, settings)
+    engines = {f"student@{g.guidance_scale:g}": _engine_for(g, f"student@{g.guidance_scale:g}", bundle, settings)
                for g in bundle.students}
     engines["teacher"] = _engine_for(bundle.teacher, "teacher", bundle, settings)
     engines["verifier"] = _engine_for(bundle.verifier, "verifier", bundle, settings)

@@ -54,18 +54,18 @@ class Pipelines:
         self.batchers, self.metrics = batchers, metrics
 
     @staticmethod
-    def student_engine(cfg_scale: float) -> str:
-        return f"student@{cfg_scale:g}"
+    def student_engine(guidance_scale: float) -> str:
+        return f"student@{guidance_scale:g}"
 
     async def _call(self, engine: str, feeds: dict[str, np.ndarray], ticket: Ticket) -> np.ndarray:
         output = await self.batchers[engine].infer(feeds, ticket.deadline)
         ticket.advance(engine, len(output))
         return output
 
-    async def student(self, noise: np.ndarray, labels: np.ndarray, steps: int, cfg_scale: float,
+    async def student(self, noise: np.ndarray, labels: np.ndarray, steps: int, guidance_scale: float,
                       ticket: Ticket) -> np.ndarray:
         """M flow-map jumps x <- f(x, tau_i, tau_{i+1}); M = 1 is the one-step sample f(eps, 1, 0)."""
-        engine, times, x = self.student_engine(cfg_scale), grid(steps), noise
+        engine, times, x = self.student_engine(guidance_scale), grid(steps), noise
         rows = len(labels)
         for t_now, t_next in zip(times[:-1], times[1:], strict=True):
             x = await self._call(engine, {"x": x, "t": np.full(rows, t_now, np.float32),
@@ -92,14 +92,14 @@ class Pipelines:
         return log_softmax(logits.astype(np.float64))[np.arange(len(labels)), labels]
 
     async def search(self, noise: np.ndarray, seeds: list[int], label: int, top_k: int, student_steps: int,
-                     teacher_steps: int, cfg_scale: float, ticket: Ticket) -> SearchResult:
+                     teacher_steps: int, guidance_scale: float, ticket: Ticket) -> SearchResult:
         """Best-of-N: N candidates from the student (one batched call per jump), verifier scores, the
         best `top_k` seeds, then optionally the teacher from the chosen noise."""
         count = len(seeds)
         labels = np.full(count, label, np.int64)
         stages = []
         tick = time.perf_counter()
-        candidates = await self.student(noise, labels, student_steps, cfg_scale, ticket)
+        candidates = await self.student(noise, labels, student_steps, guidance_scale, ticket)
         stages.append(Stage("student", count * student_steps, time.perf_counter() - tick))
         tick = time.perf_counter()
         scores = await self.scores(candidates, labels, ticket)

@@ -56,12 +56,12 @@ async def images_generations(body: ImagesRequest, request: Request):
     svc.check_ready()
     kind = svc.resolve_model(body.model)
     label = svc.resolve_label(body.prompt, "prompt")
-    cfg_scale = svc.resolve_guidance(kind, body.guidance)
+    guidance_scale = svc.resolve_guidance(kind, body.guidance)
     steps = svc.resolve_steps(kind, body.steps)
     scale = upscale(svc, body.size)
     seeds = consecutive_seeds(body.seed, body.n)
     deadline = svc.deadline()
-    images = await until_disconnect(request, svc.generate(kind, [label] * body.n, seeds, steps, cfg_scale, "n",
+    images = await until_disconnect(request, svc.generate(kind, [label] * body.n, seeds, steps, guidance_scale, "n",
                                                           deadline), deadline)
     name = svc.bundle.classes[label]
     return fast_json({"created": int(time.time()), "data": [
@@ -76,18 +76,18 @@ async def generate(body: GenerateRequest, request: Request):
     svc.check_ready()
     kind = svc.resolve_model(body.model)
     labels = [svc.resolve_label(value, f"labels[{i}]") for i, value in enumerate(body.labels)]
-    cfg_scale = svc.resolve_guidance(kind, body.guidance)
+    guidance_scale = svc.resolve_guidance(kind, body.guidance)
     steps = svc.resolve_steps(kind, body.steps)
     scale = upscale(svc, body.size)
     seeds = svc.check_seeds(body.seeds, len(labels)) if body.seeds is not None else random_seeds(len(labels))
     tick = time.perf_counter()
     deadline = svc.deadline()
-    images = await until_disconnect(request, svc.generate(kind, labels, seeds, steps, cfg_scale, "labels", deadline),
-                                    deadline)
+    work = svc.generate(kind, labels, seeds, steps, guidance_scale, "labels", deadline)
+    images = await until_disconnect(request, work, deadline)
     seconds = time.perf_counter() - tick
     model = svc.bundle.name if kind == "student" else svc.teacher_name
     timing = {"seconds": round(seconds, 6), "nfe": len(labels) * steps}
-    body_out = {"model": model, "guidance": cfg_scale, "steps": steps, "seeds": seeds, "timings": timing}
+    body_out = {"model": model, "guidance": guidance_scale, "steps": steps, "seeds": seeds, "timings": timing}
     if body.format == "raw":
         return fast_json({**body_out, "arrays": images.clip(-1, 1)})
     return fast_json({**body_out, "images": b64_png(images, scale)})
@@ -102,7 +102,7 @@ async def search(body: SearchRequest, request: Request):
     if svc.resolve_model(body.model) != "student":
         raise ApiError(422, f"model: search draws its candidates from the student {svc.bundle.name!r}", "model")
     label = svc.resolve_label(body.label, "label")
-    cfg_scale = svc.resolve_guidance("student", body.guidance)
+    guidance_scale = svc.resolve_guidance("student", body.guidance)
     if body.seed is not None and body.seeds is not None:
         raise ApiError(422, "seeds: give seed (the candidates use seed, seed+1, ...) or seeds (one per candidate), "
                             "not both", "seeds")
@@ -113,11 +113,11 @@ async def search(body: SearchRequest, request: Request):
     tick = time.perf_counter()
     deadline = svc.deadline()
     result, noise = await until_disconnect(request, svc.search(
-        seeds, label, body.top_k, body.student_steps, body.teacher_steps, cfg_scale, deadline), deadline)
+        seeds, label, body.top_k, body.student_steps, body.teacher_steps, guidance_scale, deadline), deadline)
     chosen_seeds = [seeds[i] for i in result.chosen]
     svc.metrics.images.labels(model="search").inc(len(chosen_seeds))
     answer = {
-        "model": svc.bundle.name, "label": label, "guidance": cfg_scale, "chosen_seeds": chosen_seeds,
+        "model": svc.bundle.name, "label": label, "guidance": guidance_scale, "chosen_seeds": chosen_seeds,
         "images": b64_png(result.images, scale), "final_scores": result.final_scores,
         "candidates": [{"seed": s, "score": c} for s, c in zip(seeds, result.candidate_scores, strict=True)],
         "stages": [s.as_dict() for s in result.stages], "total_nfe": sum(s.nfe for s in result.stages),

@@ -59,9 +59,9 @@ class Service:
         common = {"object": "model", "created": created, "owned_by": "flowmap-serve",
                   "classes": list(bundle.classes), "image": list(bundle.image_shape)}
         return [
-            {"id": bundle.name, **common, "kind": "student", "cfg_scales": list(bundle.cfg_scales),
+            {"id": bundle.name, **common, "kind": "student", "cfg_scales": list(bundle.guidance_scales),
              "steps": [1, MAX_STUDENT_STEPS], "method": bundle.provenance.get("method")},
-            {"id": self.teacher_name, **common, "kind": "teacher", "cfg_scales": [bundle.teacher.cfg_scale],
+            {"id": self.teacher_name, **common, "kind": "teacher", "cfg_scales": [bundle.teacher.guidance_scale],
              "steps": [1, MAX_TEACHER_STEPS]},
         ]
 
@@ -92,17 +92,17 @@ class Service:
 
     def resolve_guidance(self, kind: str, guidance: float | None, param: str = "guidance") -> float:
         if kind == "teacher":
-            scale = self.bundle.teacher.cfg_scale
+            scale = self.bundle.teacher.guidance_scale
             if guidance is not None and abs(guidance - scale) > 1e-6:
                 raise ApiError(422, f"{param}: the teacher graph has guidance {scale:g} baked in; got {guidance:g}",
                                param)
             return scale
         if guidance is None:
-            return self.bundle.students[0].cfg_scale
+            return self.bundle.students[0].guidance_scale
         try:
-            return self.bundle.student_for(guidance).cfg_scale
+            return self.bundle.student_for(guidance).guidance_scale
         except KeyError:
-            offered = ", ".join(f"{s:g}" for s in self.bundle.cfg_scales)
+            offered = ", ".join(f"{s:g}" for s in self.bundle.guidance_scales)
             raise ApiError(422, f"{param}: no student graph has guidance {guidance:g} baked in; available: "
                                 f"{offered}", param) from None
 
@@ -139,43 +139,44 @@ class Service:
         return time.monotonic() + self.settings.request_timeout_s
 
     @staticmethod
-    def generation_needs(kind: str, rows: int, steps: int, cfg_scale: float, rows_param: str) -> list[Need]:
+    def generation_needs(kind: str, rows: int, steps: int, guidance_scale: float, rows_param: str) -> list[Need]:
         """A generation request: `rows` images, each through `steps` calls of one engine."""
-        engine = "teacher" if kind == "teacher" else Pipelines.student_engine(cfg_scale)
+        engine = "teacher" if kind == "teacher" else Pipelines.student_engine(guidance_scale)
         return [Need(engine, rows, steps, rows_param)]
 
     @staticmethod
-    def search_needs(count: int, student_steps: int, top_k: int, teacher_steps: int, cfg_scale: float) -> list[Need]:
+    def search_needs(count: int, student_steps: int, top_k: int, teacher_steps: int,
+                     guidance_scale: float) -> list[Need]:
         """A Best-of-N search: the candidates, their scores, and the teacher's finish."""
-        needs = [Need(Pipelines.student_engine(cfg_scale), count, student_steps, "n", "student_steps"),
+        needs = [Need(Pipelines.student_engine(guidance_scale), count, student_steps, "n", "student_steps"),
                  Need("verifier", count, 2 if teacher_steps else 1, "n")]
         if teacher_steps:
             needs.append(Need("teacher", top_k, teacher_steps, "top_k", "teacher_steps"))
         return needs
 
     # -- running work -----------------------------------------------------------------------------
-    async def generate(self, kind: str, labels: list[int], seeds: list[int], steps: int, cfg_scale: float,
+    async def generate(self, kind: str, labels: list[int], seeds: list[int], steps: int, guidance_scale: float,
                        rows_param: str, deadline: float) -> np.ndarray:
         """Admit the request whole, then run it: noise from the seeds, student jumps or teacher steps."""
-        needs = self.generation_needs(kind, len(labels), steps, cfg_scale, rows_param)
+        needs = self.generation_needs(kind, len(labels), steps, guidance_scale, rows_param)
         async with self.admission.admitted(needs, deadline) as ticket:
             noise = noise_for(seeds, self.bundle.image_shape)
             label_array = np.asarray(labels, dtype=np.int64)
             if kind == "teacher":
                 images = await self.pipelines.teacher(noise, label_array, steps, ticket)
             else:
-                images = await self.pipelines.student(noise, label_array, steps, cfg_scale, ticket)
+                images = await self.pipelines.student(noise, label_array, steps, guidance_scale, ticket)
         self.metrics.images.labels(model=kind).inc(len(labels))
         return images
 
     async def search(self, seeds: list[int], label: int, top_k: int, student_steps: int, teacher_steps: int,
-                     cfg_scale: float, deadline: float) -> tuple[SearchResult, np.ndarray]:
+                     guidance_scale: float, deadline: float) -> tuple[SearchResult, np.ndarray]:
         """Admit a Best-of-N search whole, then run it; returns the result and the candidates' noise."""
-        needs = self.search_needs(len(seeds), student_steps, top_k, teacher_steps, cfg_scale)
+        needs = self.search_needs(len(seeds), student_steps, top_k, teacher_steps, guidance_scale)
         async with self.admission.admitted(needs, deadline) as ticket:
             noise = noise_for(seeds, self.bundle.image_shape)
-            result = await self.pipelines.search(noise, seeds, label, top_k, student_steps, teacher_steps, cfg_scale,
-                                                 ticket)
+            result = await self.pipelines.search(noise, seeds, label, top_k, student_steps, teacher_steps,
+                                                 guidance_scale, ticket)
         return result, noise
 
 

@@ -25,7 +25,7 @@ def test_round_trip_restores_modules_optimizer_and_rng(tmp_path):
     torch.rand(3, generator=generator)
     save_checkpoint(tmp_path, {"kind": "teacher", "step": 1}, {"m": model}, {"m": optimizer}, generator)
 
-    other = Teacher(model.cfg)
+    other = Teacher(model.config)
     other_opt = torch.optim.Adam(other.parameters(), lr=1e-3)
     other_gen = torch.Generator()
     meta, tensors = load_checkpoint(tmp_path, kind="teacher")
@@ -50,10 +50,10 @@ def test_wrong_kind_and_missing_checkpoint_are_clear(tmp_path):
 def test_resuming_continues_the_same_run(tmp_path):
     data = toy_gaussians(512)
     straight, split = tmp_path / "straight", tmp_path / "split"
-    cfg = lambda steps: TrainConfig(steps=steps, batch_size=64, lr=1e-3, checkpoint_every=1000)
-    train_teacher(data, NET, TeacherConfig(), cfg(40), straight, progress=False)
-    train_teacher(data, NET, TeacherConfig(), cfg(25), split, progress=False)
-    summary = train_teacher(data, NET, TeacherConfig(), cfg(40), split, progress=False)  # resumes at 25
+    config = lambda steps: TrainConfig(steps=steps, batch_size=64, lr=1e-3, checkpoint_every=1000)
+    train_teacher(data, NET, TeacherConfig(), config(40), straight, progress=False)
+    train_teacher(data, NET, TeacherConfig(), config(25), split, progress=False)
+    summary = train_teacher(data, NET, TeacherConfig(), config(40), split, progress=False)  # resumes at 25
     assert summary["steps_this_run"] == 15 and summary["step"] == 40
     a, b = load_checkpoint(straight)[1], load_checkpoint(split)[1]
     assert a.keys() == b.keys()

@@ -23,7 +23,8 @@ def test_unknown_command():
 def test_method_options_are_flags():
     result = run("distill", "--method", "freeflow", "--help")
     assert result.returncode == 0
-    for flag in ("--alpha", "--weight-power", "--derivative", "--intervals", "--cfg-min", "--steps", "--max-minutes"):
+    for flag in ("--alpha", "--weight-power", "--derivative", "--intervals", "--guidance-min", "--cfg-min", "--steps",
+                 "--max-minutes"):
         assert flag in result.stdout, flag
 
 

@@ -43,8 +43,8 @@ def test_freeflow_one_step_matches_the_teacher(toy_teacher, shared_noise, tmp_pa
     one_step_teacher = sliced_wasserstein(sample_teacher(teacher, eps, label, 1.0, 1), reference)
     assert one_step_teacher > 2 * SW_BOUND  # the bound has teeth: the student's starting point misses it
 
-    cfg = FreeFlowConfig(cfg_min=1.0, cfg_max=1.0)
-    distill_student("freeflow", str(toy_teacher), cfg, TrainConfig(steps=500, lr=1e-3, ema_decay=0.99),
+    config = FreeFlowConfig(guidance_min=1.0, guidance_max=1.0)
+    distill_student("freeflow", str(toy_teacher), config, TrainConfig(steps=500, lr=1e-3, ema_decay=0.99),
                     tmp_path / "student", progress=False)
     student, meta = load_student(tmp_path / "student")
     assert meta["method"] == "freeflow" and meta["step"] == 500

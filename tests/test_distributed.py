@@ -16,13 +16,13 @@ from distill.models import Student, load_teacher
 from distill.nets import NetConfig
 from distill.pipeline import train_teacher
 from distill.teacher import TeacherConfig
-from distill.trainer import TrainConfig, rank_seed, seeded, train
+from distill.trainer import Setup, TrainConfig, rank_seed, seeded, train
 
 from serving import ROOT, free_port
 
 NET = NetConfig(arch="mlp", width=32, depth=1, mlp_ratio=2.0)
 GLOBAL_BATCH, SEED = 64, 3
-CFG = MeanFlowConfig(derivative="jvp", cfg_min=1.0, cfg_max=1.5)  # the JVP path: gradients still synchronised
+CFG = MeanFlowConfig(derivative="jvp", guidance_min=1.0, guidance_max=1.5)  # the JVP path: gradients still synchronised
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def fresh_method(teacher_dir, batch: int) -> MeanFlow:
     teacher = load_teacher(str(teacher_dir))
     with seeded(SEED):  # the same initial student in every process, as distill_student builds it
         student = Student.from_teacher(teacher).requires_grad_(True)
-    return MeanFlow(student, teacher, toy_gaussians(1024), CFG, batch)
+    return MeanFlow(Setup(student, teacher, CFG, toy_gaussians(1024), batch))
 
 
 def _worker(rank: int, world: int, port: int, teacher_dir, out_dir, steps: int) -> None:

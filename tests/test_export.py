@@ -64,7 +64,7 @@ def test_manifest_and_checks(bundle):
         assert len(errors) == 3 and max(errors) <= PARITY_TOLERANCE, name
         assert checks["batch_invariance_max_abs_err"] <= PARITY_TOLERANCE
     loaded = read_bundle(bundle)
-    assert loaded.cfg_scales == (1.5, 3.0) and loaded.num_classes == 10
+    assert loaded.guidance_scales == (1.5, 3.0) and loaded.num_classes == 10
 
 
 def test_graph_signatures_have_a_dynamic_batch(bundle):

@@ -38,9 +38,9 @@ def gpu_bundle(tmp_path_factory):
     copy = tmp_path_factory.mktemp("gpu") / "digits"
     shutil.copytree(BUNDLE, copy)
     for precision in ("fp32", "fp16"):
-        cfg = TensorRTConfig(precision=precision, min_batch=1, opt_batch=32, max_batch=128,
+        config = TensorRTConfig(precision=precision, min_batch=1, opt_batch=32, max_batch=128,
                              timing_cache=str(copy.parent / "timing.cache"))
-        add_tensorrt_engines(copy, cfg, progress=False)
+        add_tensorrt_engines(copy, config, progress=False)
     return copy
 
 

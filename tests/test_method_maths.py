@@ -125,7 +125,7 @@ def test_freeflow_correction_moves_a_biased_prediction_towards_the_teacher(toy_t
     student's own samples) can pull the student towards the teacher's distribution."""
     eps, label, reference, euler = guided_reference
     assert euler > 0.5  # the biased fixed point is far from the reference at this guidance
-    config = FreeFlowConfig(intervals=1, alpha=4.0, cfg_min=GUIDANCE, cfg_max=GUIDANCE)
+    config = FreeFlowConfig(intervals=1, alpha=4.0, guidance_min=GUIDANCE, guidance_max=GUIDANCE)
     distill_student("freeflow", str(toy_teacher), config, TrainConfig(steps=200, lr=1e-3, ema_decay=0.99),
                     tmp_path / "freeflow", progress=False)
     student, _ = load_student(tmp_path / "freeflow")
@@ -139,7 +139,7 @@ def test_meanflow_learns_the_guided_teacher(toy_teacher, tmp_path):
     eps, label = torch.randn(3000, 2, generator=gen), torch.randint(0, 8, (3000,), generator=gen)
     teacher = load_teacher(str(toy_teacher))
     reference = sample_teacher(teacher, eps, label, guidance, 100)
-    config = MeanFlowConfig(cfg_min=guidance, cfg_max=guidance)
+    config = MeanFlowConfig(guidance_min=guidance, guidance_max=guidance)
     distill_student("meanflow", str(toy_teacher), config, TrainConfig(steps=400, lr=1e-3, ema_decay=0.99),
                     tmp_path / "meanflow", progress=False, data=toy_gaussians())
     student, _ = load_student(tmp_path / "meanflow")

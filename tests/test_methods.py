@@ -16,7 +16,7 @@ from distill.methods import METHODS
 from distill.models import FakeFlow, Student, load_student, load_teacher
 from distill.nets import NetConfig
 from distill.pipeline import distill_student
-from distill.trainer import TrainConfig
+from distill.trainer import Setup, TrainConfig
 
 from toy import SW_BOUND, sliced_wasserstein
 
@@ -33,11 +33,11 @@ def reference(toy_teacher):
 # value means nothing; for them what must fall is the distance to the teacher itself, from the
 # starting point (the teacher's one Euler step, > 2x the bound) to below the bound.
 CASES = {
-    "freeflow": (FreeFlowConfig(cfg_min=1.0, cfg_max=1.0), 500, "pred_mse"),
-    "meanflow": (MeanFlowConfig(cfg_min=1.0, cfg_max=1.0), 600, "cd_mse"),
-    "fsf-dmd": (FSFDMDConfig(cfg_min=1.0, cfg_max=1.0, dm_cfg_scale=1.0, lambda_dm=0.05), 800, "cd_mse"),
-    "fgm": (FGMConfig(cfg_min=1.0, cfg_max=1.0), 500, None),
-    "dmd2": (DMD2Config(ttur=2, dm_cfg_scale=1.0), 300, None),
+    "freeflow": (FreeFlowConfig(guidance_min=1.0, guidance_max=1.0), 500, "pred_mse"),
+    "meanflow": (MeanFlowConfig(guidance_min=1.0, guidance_max=1.0), 600, "cd_mse"),
+    "fsf-dmd": (FSFDMDConfig(guidance_min=1.0, guidance_max=1.0, dm_guidance_scale=1.0, lambda_dm=0.05), 800, "cd_mse"),
+    "fgm": (FGMConfig(guidance_min=1.0, guidance_max=1.0), 500, None),
+    "dmd2": (DMD2Config(ttur=2, dm_guidance_scale=1.0), 300, None),
 }
 
 
@@ -47,12 +47,12 @@ def test_every_method_is_tested():
 
 @pytest.mark.parametrize("method", sorted(CASES))
 def test_method_matches_the_teacher_in_one_step(method, toy_teacher, reference, tmp_path):
-    cfg, steps, falling = CASES[method]
+    config, steps, falling = CASES[method]
     eps, label, ref = reference
     start = sliced_wasserstein(sample_student(Student.from_teacher(load_teacher(str(toy_teacher))), eps, label,
                                               1.0, 1), ref)
     assert start > 2 * SW_BOUND
-    distill_student(method, str(toy_teacher), cfg, TrainConfig(steps=steps, lr=1e-3, ema_decay=0.99, log_every=25),
+    distill_student(method, str(toy_teacher), config, TrainConfig(steps=steps, lr=1e-3, ema_decay=0.99, log_every=25),
                     tmp_path / method, progress=False, data=toy_gaussians())
     student, meta = load_student(tmp_path / method)
     assert meta["method"] == method
@@ -69,7 +69,7 @@ def test_method_matches_the_teacher_in_one_step(method, toy_teacher, reference, 
 def test_fsf_dmd_fake_side_is_the_ema_generator(toy_teacher):
     teacher = load_teacher(str(toy_teacher))
     student = Student.from_teacher(teacher).requires_grad_(True)
-    method = FSFDMD(student, teacher, toy_gaussians(256), FSFDMDConfig(), batch_size=16)
+    method = FSFDMD(Setup(student, teacher, FSFDMDConfig(), toy_gaussians(256), batch_size=16))
     # no extra network: the only trainable module is the generator, the only state its EMA copy
     assert set(method.trainable) == {"student"} and set(method.state) == {"fake_ema"}
     ema = method.state["fake_ema"]
@@ -85,7 +85,7 @@ def test_fsf_dmd_fake_side_is_the_ema_generator(toy_teacher):
     method.step = 0
     loss = next(method.losses(torch.Generator().manual_seed(0), {}))[1]
     loss.backward()
-    decay = method.cfg.fake_ema_decay
+    decay = method.config.fake_ema_decay
     for old, new, live in zip(before, ema.parameters(), student.parameters(), strict=True):
         assert torch.allclose(new, decay * old + (1 - decay) * live.detach(), atol=1e-6)
 
@@ -93,7 +93,7 @@ def test_fsf_dmd_fake_side_is_the_ema_generator(toy_teacher):
 def test_fsf_dmd_warm_up_hands_over_to_the_warmed_flow_map(toy_teacher):
     teacher = load_teacher(str(toy_teacher))
     student = Student.from_teacher(teacher).requires_grad_(True)
-    method = FSFDMD(student, teacher, toy_gaussians(256), FSFDMDConfig(warmup_steps=3), batch_size=16)
+    method = FSFDMD(Setup(student, teacher, FSFDMDConfig(warmup_steps=3), toy_gaussians(256), batch_size=16))
     ema = method.state["fake_ema"]
     with torch.no_grad():
         for p in student.parameters():
@@ -121,19 +121,18 @@ def test_dmd2_updates_its_fake_network_k_times_per_generator_step(toy_teacher, t
 
 def test_dmd2_counts_its_critic_updates(toy_teacher):
     teacher = load_teacher(str(toy_teacher))
-    method = DMD2(Student.from_teacher(teacher).requires_grad_(True), teacher,
-                  FakeFlow.from_teacher(teacher).requires_grad_(True), (2,), DMD2Config(ttur=4), batch_size=8)
+    method = DMD2(Setup(Student.from_teacher(teacher).requires_grad_(True), teacher, DMD2Config(ttur=4), batch_size=8))
     names = [name for name, _ in method.losses(torch.Generator().manual_seed(0), {})]
     assert names == ["fake"] * 4 + ["student"] and method.fake_updates == 4
 
 
 def test_self_teacher_runs_with_no_teacher_at_all(tmp_path):
-    cfg = FSFDMDConfig(self_teacher=True, cfg_min=1.0, cfg_max=1.0, dm_cfg_scale=1.0)
+    config = FSFDMDConfig(self_teacher=True, guidance_min=1.0, guidance_max=1.0, dm_guidance_scale=1.0)
     net = NetConfig(arch="mlp", width=32, depth=1, mlp_ratio=2.0)
-    summary = distill_student("fsf-dmd", None, cfg, TrainConfig(steps=20, batch_size=32, log_every=5),
+    summary = distill_student("fsf-dmd", None, config, TrainConfig(steps=20, batch_size=32, log_every=5),
                               tmp_path / "self", progress=False, data=toy_gaussians(512), net=net)
     student, meta = load_student(tmp_path / "self")
     assert meta["teacher"] is None and summary["step"] == 20
     assert torch.isfinite(sample_student(student, torch.randn(16, 2), torch.zeros(16, dtype=torch.long), 1.0, 1)).all()
     with pytest.raises(ValueError, match="needs a teacher unless --self-teacher"):
-        FSFDMD(student, None, toy_gaussians(64), FSFDMDConfig(), batch_size=4)
+        FSFDMD(Setup(student, None, FSFDMDConfig(), toy_gaussians(64), batch_size=4))

@@ -18,8 +18,8 @@ NUMPY_OF = {model_config_pb2.TYPE_FP32: "tensor(float)", model_config_pb2.TYPE_I
 
 
 def test_every_config_parses_and_matches_its_onnx_graph(tmp_path):
-    cfg = TritonConfig(max_batch_size=128, preferred_batch_sizes=(8, 32), max_queue_delay_us=500, instances=2)
-    configs = write_triton_repository(BUNDLE, tmp_path, cfg)
+    config = TritonConfig(max_batch_size=128, preferred_batch_sizes=(8, 32), max_queue_delay_us=500, instances=2)
+    configs = write_triton_repository(BUNDLE, tmp_path, config)
     bundle = read_bundle(BUNDLE)
     assert len(configs) == len(bundle.students) + 2
     for path in configs:
