@@ -7,7 +7,6 @@ Teachers are anything with `velocity(x, t, label) -> v`; students anything with
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
@@ -43,15 +42,6 @@ def prior_batch(batch: int, shape: tuple[int, ...], num_classes: int, generator:
     z = torch.randn((batch, *shape), generator=generator).to(device)
     label = torch.randint(0, num_classes, (batch,), generator=generator).to(device)
     return z, label
-
-
-@dataclass(frozen=True)
-class Guidance:
-    """Classifier-free guidance u_w = u(∅) + w (u(c) - u(∅)), applied only for t in [t_lo, t_hi]."""
-
-    guidance_scale: float = 1.0
-    t_lo: float = 0.0
-    t_hi: float = 1.0
 
 
 def guided_velocity(velocity: Velocity, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor,

@@ -1,5 +1,9 @@
-"""Read and validate a bundle (`models/<name>/manifest.json` + graphs). Imports neither torch nor onnx:
-the server depends on this module alone."""
+"""The bundle (`models/<name>/manifest.json` + graphs), the contract between export and server.
+
+`Manifest` is the one model of manifest.json: export writes it (`save`), the TensorRT builder adds its
+engines to it, and the server reads it (`read_bundle`, which also resolves and hash-checks every file).
+Imports neither torch nor onnx: the server depends on this module alone.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +14,119 @@ from pathlib import Path
 
 FORMAT = "flowmap-bundle/1"
 MANIFEST = "manifest.json"
+VALUE_RANGE = [-1, 1]  # every image a bundle produces lies in [-1, 1] (the convention)
 
 
 class BundleError(ValueError):
     """A bundle is missing a file, fails a hash check, or has a manifest we cannot read."""
 
 
+def _require(mapping: dict, key: str, where: str, kind=None):
+    if key not in mapping:
+        raise BundleError(f"manifest: {where} has no '{key}'")
+    value = mapping[key]
+    if kind is not None and not isinstance(value, kind):
+        raise BundleError(f"manifest: {where}.{key} must be {kind.__name__ if isinstance(kind, type) else kind}, "
+                          f"got {type(value).__name__}")
+    return value
+
+
+@dataclass
+class GraphEntry:
+    """One graph file as the manifest lists it."""
+
+    file: str
+    sha256: str
+    guidance_scale: float | None = None  # the baked guidance; the format's key is "cfg_scale"
+
+    @classmethod
+    def parse(cls, entry, where: str, scaled: bool) -> GraphEntry:
+        if not isinstance(entry, dict):
+            raise BundleError(f"manifest: {where} must be an object")
+        name = _require(entry, "file", where, str)
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise BundleError(f"manifest: {where}.file must be a plain name inside the bundle, got {name!r}")
+        scale = float(_require(entry, "cfg_scale", where, (int, float))) if scaled else None
+        return cls(name, _require(entry, "sha256", where, str), scale)
+
+    def to_json(self) -> dict:
+        entry = {"file": self.file, "sha256": self.sha256}
+        if self.guidance_scale is not None:
+            entry["cfg_scale"] = self.guidance_scale
+        return entry
+
+
+@dataclass
+class Manifest:
+    """manifest.json, field by field. `tensorrt` entries are device-specific and keep whatever their
+    builder recorded; `provenance` is free-form (method, steps, source commit, configs, metrics)."""
+
+    name: str
+    image_shape: tuple[int, int, int]  # (channels, height, width)
+    classes: list[str]
+    students: list[GraphEntry]
+    teacher: GraphEntry
+    verifier: GraphEntry
+    tensorrt: list[dict] = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, root: str | Path) -> Manifest:
+        """Read and validate `root/manifest.json` (file hashes are read_bundle's job)."""
+        path = Path(root) / MANIFEST
+        if not path.is_file():
+            raise BundleError(f"no bundle at {root}: {MANIFEST} is missing")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise BundleError(f"{path} is not valid JSON: {err}") from err
+        if not isinstance(raw, dict):
+            raise BundleError(f"{path} must hold a JSON object")
+        if raw.get("format") != FORMAT:
+            raise BundleError(f"{path}: unknown format {raw.get('format')!r}; this server reads {FORMAT!r}")
+        image = _require(raw, "image", "the manifest", dict)
+        shape = tuple(int(_require(image, key, "image", int)) for key in ("channels", "height", "width"))
+        if list(image.get("range", VALUE_RANGE)) != VALUE_RANGE:
+            raise BundleError(f"manifest: image.range must be {VALUE_RANGE} (bundles produce images in [-1, 1]), "
+                              f"got {image.get('range')}")
+        classes = [str(c) for c in _require(raw, "classes", "the manifest", list)]
+        if not classes:
+            raise BundleError("manifest: 'classes' is empty")
+        student_entries = _require(raw, "student", "the manifest", list)
+        if not student_entries:
+            raise BundleError("manifest: 'student' lists no graphs")
+        students = [GraphEntry.parse(e, f"student[{i}]", scaled=True) for i, e in enumerate(student_entries)]
+        scales = [s.guidance_scale for s in students]
+        if len(set(scales)) != len(scales):
+            raise BundleError(f"manifest: student guidance scales repeat: {scales}")
+        return cls(name=str(raw.get("name", Path(root).name)), image_shape=shape, classes=classes, students=students,
+                   teacher=GraphEntry.parse(_require(raw, "teacher", "the manifest", dict), "teacher", scaled=True),
+                   verifier=GraphEntry.parse(_require(raw, "verifier", "the manifest", dict), "verifier", scaled=False),
+                   tensorrt=list(raw.get("tensorrt", [])), provenance=dict(raw.get("provenance", {})))
+
+    def to_json(self) -> dict:
+        channels, height, width = self.image_shape
+        return {
+            "format": FORMAT,
+            "name": self.name,
+            "image": {"channels": channels, "height": height, "width": width, "range": VALUE_RANGE},
+            "classes": self.classes,
+            "student": [s.to_json() for s in self.students],
+            "teacher": self.teacher.to_json(),
+            "verifier": self.verifier.to_json(),
+            "tensorrt": self.tensorrt,
+            "provenance": self.provenance,
+        }
+
+    def save(self, root: str | Path) -> Path:
+        path = Path(root) / MANIFEST
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+
 @dataclass(frozen=True)
 class Graph:
-    """One graph file of the bundle."""
+    """One graph file of a read bundle: its path, checked hash and baked guidance scale."""
 
     path: Path
     sha256: str
@@ -41,19 +149,26 @@ class EnginePlan:
 
 @dataclass(frozen=True)
 class Bundle:
+    """A bundle as the server uses it: the manifest with every file resolved under `root`."""
+
     root: Path
-    name: str
-    channels: int
-    height: int
-    width: int
-    value_range: tuple[float, float]
-    classes: tuple[str, ...]
+    manifest: Manifest
     students: tuple[Graph, ...]
     teacher: Graph
     verifier: Graph
     tensorrt: tuple[EnginePlan, ...] = ()
-    provenance: dict = field(default_factory=dict)
-    manifest: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.manifest.classes)
+
+    @property
+    def provenance(self) -> dict:
+        return self.manifest.provenance
 
     @property
     def num_classes(self) -> int:
@@ -61,7 +176,7 @@ class Bundle:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return (self.channels, self.height, self.width)
+        return self.manifest.image_shape
 
     @property
     def guidance_scales(self) -> tuple[float, ...]:
@@ -85,73 +200,31 @@ def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _require(mapping: dict, key: str, where: str, kind=None):
-    if key not in mapping:
-        raise BundleError(f"manifest: {where} has no '{key}'")
-    value = mapping[key]
-    if kind is not None and not isinstance(value, kind):
-        raise BundleError(f"manifest: {where}.{key} must be {kind.__name__ if isinstance(kind, type) else kind}, "
-                          f"got {type(value).__name__}")
-    return value
-
-
-def _graph(root: Path, entry: dict, where: str, verify: bool, scaled: bool) -> Graph:
-    if not isinstance(entry, dict):
-        raise BundleError(f"manifest: {where} must be an object")
-    name = _require(entry, "file", where, str)
-    if Path(name).is_absolute() or ".." in Path(name).parts:
-        raise BundleError(f"manifest: {where}.file must be a plain name inside the bundle, got {name!r}")
-    expected = _require(entry, "sha256", where, str)
-    path = root / name
+def _resolve(root: Path, entry: GraphEntry, where: str, verify: bool) -> Graph:
+    path = root / entry.file
     if not path.is_file():
-        raise BundleError(f"bundle {root}: {where} file {name} is missing")
+        raise BundleError(f"bundle {root}: {where} file {entry.file} is missing")
     if verify:
         actual = sha256_of(path)
-        if actual != expected:
-            raise BundleError(f"bundle {root}: {name} fails its sha256 check (manifest {expected[:12]}..., "
+        if actual != entry.sha256:
+            raise BundleError(f"bundle {root}: {entry.file} fails its sha256 check (manifest {entry.sha256[:12]}..., "
                               f"file {actual[:12]}...); the file was changed after export")
-    guidance_scale = float(_require(entry, "cfg_scale", where, (int, float))) if scaled else None
-    return Graph(path, expected, guidance_scale)
+    return Graph(path, entry.sha256, entry.guidance_scale)
 
 
 def read_bundle(root: str | Path, verify: bool = True) -> Bundle:
     """Load and validate `root/manifest.json`; with `verify`, check every file's sha256."""
     root = Path(root)
-    manifest_path = root / MANIFEST
-    if not manifest_path.is_file():
-        raise BundleError(f"no bundle at {root}: {MANIFEST} is missing")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
-        raise BundleError(f"{manifest_path} is not valid JSON: {err}") from err
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{manifest_path} must hold a JSON object")
-    fmt = manifest.get("format")
-    if fmt != FORMAT:
-        raise BundleError(f"{manifest_path}: unknown format {fmt!r}; this server reads {FORMAT!r}")
-    image = _require(manifest, "image", "the manifest", dict)
-    channels, height, width = (int(_require(image, k, "image", int)) for k in ("channels", "height", "width"))
-    value_range = tuple(float(v) for v in image.get("range", [-1, 1]))
-    classes = tuple(str(c) for c in _require(manifest, "classes", "the manifest", list))
-    if not classes:
-        raise BundleError("manifest: 'classes' is empty")
-    student_entries = _require(manifest, "student", "the manifest", list)
-    if not student_entries:
-        raise BundleError("manifest: 'student' lists no graphs")
-    students = tuple(_graph(root, e, f"student[{i}]", verify, scaled=True) for i, e in enumerate(student_entries))
-    scales = [g.guidance_scale for g in students]
-    if len(set(scales)) != len(scales):
-        raise BundleError(f"manifest: student guidance scales repeat: {scales}")
-    teacher = _graph(root, _require(manifest, "teacher", "the manifest", dict), "teacher", verify, scaled=True)
-    verifier = _graph(root, _require(manifest, "verifier", "the manifest", dict), "verifier", verify, scaled=False)
+    manifest = Manifest.load(root)
     engines = []
-    for i, entry in enumerate(manifest.get("tensorrt", [])):
-        graph = _graph(root, entry, f"tensorrt[{i}]", verify, scaled=False)
-        engines.append(EnginePlan(graph.path, graph.sha256, str(entry.get("source", "")),
-                                  str(entry.get("precision", "fp32")), int(entry.get("min_batch", 1)),
-                                  int(entry.get("opt_batch", 1)), int(entry.get("max_batch", 1)),
-                                  str(entry.get("device_name", ""))))
-    return Bundle(root=root, name=str(manifest.get("name", root.name)), channels=channels, height=height,
-                  width=width, value_range=(value_range[0], value_range[1]), classes=classes, students=students,
-                  teacher=teacher, verifier=verifier, tensorrt=tuple(engines),
-                  provenance=dict(manifest.get("provenance", {})), manifest=manifest)
+    for i, raw in enumerate(manifest.tensorrt):
+        where = f"tensorrt[{i}]"
+        graph = _resolve(root, GraphEntry.parse(raw, where, scaled=False), where, verify)
+        engines.append(EnginePlan(graph.path, graph.sha256, str(raw.get("source", "")),
+                                  str(raw.get("precision", "fp32")), int(raw.get("min_batch", 1)),
+                                  int(raw.get("opt_batch", 1)), int(raw.get("max_batch", 1)),
+                                  str(raw.get("device_name", ""))))
+    return Bundle(root=root, manifest=manifest,
+                  students=tuple(_resolve(root, s, f"student[{i}]", verify) for i, s in enumerate(manifest.students)),
+                  teacher=_resolve(root, manifest.teacher, "teacher", verify),
+                  verifier=_resolve(root, manifest.verifier, "verifier", verify), tensorrt=tuple(engines))

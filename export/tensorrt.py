@@ -4,13 +4,12 @@ check of every engine against onnxruntime on the same inputs."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from export.bundle import MANIFEST, read_bundle, sha256_of
+from export.bundle import Manifest, read_bundle, sha256_of
 from export.onnx_export import ExportError
 from export.trt_runtime import TrtRunner, import_tensorrt
 
@@ -149,10 +148,9 @@ def add_tensorrt_engines(bundle_dir: str | Path, config: TensorRTConfig, progres
         entries.append(entry)
         if progress:
             print(f"  built {engine_path.name}: parity {entry['parity_max_abs_err']:.2e}", flush=True)
-    manifest = json.loads((Path(bundle_dir) / MANIFEST).read_text())
-    kept = [e for e in manifest.get("tensorrt", []) if e.get("precision") != config.precision]
-    manifest["tensorrt"] = kept + entries
-    manifest.setdefault("provenance", {})["tensorrt_config"] = asdict(config)
-    (Path(bundle_dir) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    manifest = Manifest.load(bundle_dir)
+    manifest.tensorrt = [e for e in manifest.tensorrt if e.get("precision") != config.precision] + entries
+    manifest.provenance["tensorrt_config"] = asdict(config)
+    manifest.save(bundle_dir)
     read_bundle(bundle_dir)
     return entries

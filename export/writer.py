@@ -3,14 +3,13 @@ manifest with shapes, classes, hashes and provenance. Every graph is checked bef
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
 from distill.checkpoint import load_checkpoint
 from distill.models import load_student, load_teacher
 from distill.verifier import load_verifier
-from export.bundle import FORMAT, MANIFEST, read_bundle, sha256_of
+from export.bundle import GraphEntry, Manifest, read_bundle, sha256_of
 from export.onnx_export import StudentGraph, TeacherGraph, VerifierGraph, check_graph, example_inputs, export_onnx
 
 
@@ -37,7 +36,7 @@ def scale_tag(guidance_scale: float) -> str:
 
 def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str | Path, out: str | Path,
                   guidance_scales: tuple[float, ...] = (1.5,), teacher_guidance_scale: float | None = None,
-                  name: str | None = None, metrics: dict | None = None, progress: bool = True) -> dict:
+                  name: str | None = None, metrics: dict | None = None, progress: bool = True) -> Manifest:
     """Export and check all graphs into `out`, then write `manifest.json` and re-read it.
 
     `teacher_guidance_scale` defaults to the first student scale. `metrics` (an evaluation result) goes into
@@ -55,35 +54,26 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
     if len(image_shape) != 3:
         raise ValueError(f"bundles serve images [C, H, W]; this model's data shape is {image_shape}")
     teacher_guidance_scale = float(teacher_guidance_scale if teacher_guidance_scale is not None else guidance_scales[0])
-    checks, entries = {}, []
+    checks = {}
 
-    def build(graph, filename, label):
+    def build(graph, filename, label, guidance_scale=None) -> GraphEntry:
         make = lambda batch, g=graph: example_inputs(g, batch, image_shape, len(classes), seed=batch)
         path = export_onnx(graph, make(2), out / filename)
         checks[filename] = check_graph(graph, path, make, label)
         if progress:
             print(f"  exported {filename}: parity and batch invariance within tolerance", flush=True)
-        return {"file": filename, "sha256": sha256_of(path)}
+        return GraphEntry(filename, sha256_of(path), guidance_scale)
 
-    for guidance_scale in guidance_scales:
-        entry = build(StudentGraph(student, guidance_scale), f"student_w{scale_tag(guidance_scale)}.onnx",
-                      f"student graph (w={guidance_scale:g})")
-        entries.append({**entry, "cfg_scale": float(guidance_scale)})
+    students = [build(StudentGraph(student, scale), f"student_w{scale_tag(scale)}.onnx",
+                      f"student graph (w={scale:g})", float(scale)) for scale in guidance_scales]
     teacher_entry = build(TeacherGraph(teacher, teacher_guidance_scale),
                           f"teacher_w{scale_tag(teacher_guidance_scale)}.onnx",
-                          f"teacher graph (w={teacher_guidance_scale:g})")
+                          f"teacher graph (w={teacher_guidance_scale:g})", teacher_guidance_scale)
     verifier_entry = build(VerifierGraph(verifier), "verifier.onnx", "verifier graph")
 
-    manifest = {
-        "format": FORMAT,
-        "name": name or out.name,
-        "image": {"channels": image_shape[0], "height": image_shape[1], "width": image_shape[2], "range": [-1, 1]},
-        "classes": classes,
-        "student": entries,
-        "teacher": {**teacher_entry, "cfg_scale": teacher_guidance_scale},
-        "verifier": verifier_entry,
-        "tensorrt": [],
-        "provenance": {
+    manifest = Manifest(
+        name=name or out.name, image_shape=image_shape, classes=classes, students=students, teacher=teacher_entry,
+        verifier=verifier_entry, provenance={
             "method": student_meta.get("method"),
             "steps": student_meta.get("step"),
             "source_commit": source_commit(),
@@ -92,9 +82,8 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
             "verifier": {k: v for k, v in load_checkpoint(verifier_dir)[0].items() if k in ("verifier", "train")},
             "checks": checks,
             "metrics": metrics or {},
-        },
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        })
+    manifest.save(out)
     read_bundle(out)  # the bundle we wrote must pass the server's own reader
     return manifest
 

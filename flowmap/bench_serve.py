@@ -170,7 +170,11 @@ def encoding_cost_ms(bundle_dir: str, images: int = 2000) -> float:
 
 
 def run_serve_bench(config: ServeBenchConfig, progress: bool = True) -> dict:
+    from export.bundle import read_bundle
+    from server.engines import student_engine
+
     say = print if progress else (lambda *a, **k: None)
+    student = student_engine(read_bundle(config.bundle).students[0].guidance_scale)  # the default student
     say("[bench serve] raw engine throughput")
     raw = raw_engine(config.bundle, config.raw_batches, config.teacher_steps)
     single = [{"labels": [i % 10], "seeds": [i]} for i in range(64)]
@@ -188,11 +192,11 @@ def run_serve_bench(config: ServeBenchConfig, progress: bool = True) -> dict:
             curves[mode] = []
             for clients in config.levels:
                 say(f"[bench serve] {mode}: {clients} single-image clients")
-                curves[mode].append(measure(server, "/v1/generate", single, clients, config.seconds, 1, "student@1.5"))
+                curves[mode].append(measure(server, "/v1/generate", single, clients, config.seconds, 1, student))
             if mode == "batching":
                 say("[bench serve] 16-image requests at saturation")
                 results["sixteen_image_requests"] = max(
-                    (measure(server, "/v1/generate", sixteen, clients, config.seconds, 16, "student@1.5")
+                    (measure(server, "/v1/generate", sixteen, clients, config.seconds, 16, student)
                      for clients in (4, 16, 64)), key=lambda r: r["images_per_s"])
                 say(f"[bench serve] teacher at {config.teacher_steps} steps")
                 teacher_body = [{**b, "steps": config.teacher_steps, "model": f"{Path(config.bundle).name}-teacher"}

@@ -20,6 +20,15 @@ class Engine(Protocol):
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray: ...
 
 
+# Batch sizes the GPU backends prefer (padding targets, CUDA-graph shapes) and the metrics' histogram buckets.
+POWERS_OF_TWO = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def student_engine(guidance_scale: float) -> str:
+    """The engine name of the student graph with this baked guidance scale: `student@1.5`."""
+    return f"student@{guidance_scale:g}"
+
+
 def padded_size(rows: int, buckets: tuple[int, ...]) -> int:
     """The smallest bucket that holds `rows`, or `rows` itself when there are no buckets."""
     return next((b for b in buckets if b >= rows), rows)
@@ -49,7 +58,7 @@ class OnnxRuntimeEngine:
         self.session = ort.InferenceSession(str(path), options, providers=chosen)
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         if providers != "cpu":  # the TensorRT/CUDA providers prefer the batch sizes they were tuned for
-            self.buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if b <= max_batch)
+            self.buckets = tuple(b for b in POWERS_OF_TWO if b <= max_batch)
 
     @staticmethod
     def _providers(ort, providers: str, trt_cache_dir: str | None, max_batch: int) -> list:
@@ -62,7 +71,9 @@ class OnnxRuntimeEngine:
                                "install onnxruntime-gpu (the gpu extra) on a CUDA machine or use --providers cpu")
         if providers != "tensorrt":
             return wanted
-        cache = Path(trt_cache_dir or "models/.ort_trt_cache")
+        if trt_cache_dir is None:
+            raise ValueError("the TensorRT provider needs an engine cache folder (--trt-cache-dir)")
+        cache = Path(trt_cache_dir)
         cache.mkdir(parents=True, exist_ok=True)
         trt_options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
                        "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
@@ -83,8 +94,7 @@ class TensorRTEngine:
         self.runner = TrtRunner(path, cuda_graphs=cuda_graphs)
         self.name, self.max_batch = name, self.runner.max_batch
         # Each CUDA graph is captured per shape: keep the set of shapes small.
-        self.buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-                             if self.runner.min_batch <= b <= self.runner.max_batch)
+        self.buckets = tuple(b for b in POWERS_OF_TWO if self.runner.min_batch <= b <= self.runner.max_batch)
         self.input_names = tuple(self.runner.inputs)
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -125,9 +135,9 @@ def _torch_engines(bundle: Bundle, settings) -> dict[str, Engine]:
     method = bundle.provenance.get("method", "freeflow")
     student, _ = load_student(runs / method)
     engines: dict[str, Engine] = {
-        f"student@{g.guidance_scale:g}": TorchEngine(StudentGraph(student, g.guidance_scale),
-                                                     f"student@{g.guidance_scale:g}", StudentGraph.input_names,
-                                                     settings.max_batch_size)
+        student_engine(g.guidance_scale): TorchEngine(StudentGraph(student, g.guidance_scale),
+                                                      student_engine(g.guidance_scale), StudentGraph.input_names,
+                                                      settings.max_batch_size)
         for g in bundle.students
     }
     engines["teacher"] = TorchEngine(TeacherGraph(load_teacher(str(runs / "teacher")), bundle.teacher.guidance_scale),
@@ -141,7 +151,7 @@ def build_engines(bundle: Bundle, settings) -> dict[str, Engine]:
     """One engine per graph: `student@<w>` for each baked scale, `teacher`, `verifier`."""
     if settings.backend == "torch":
         return _torch_engines(bundle, settings)
-    engines = {f"student@{g.guidance_scale:g}": _engine_for(g, f"student@{g.guidance_scale:g}", bundle, settings)
+    engines = {student_engine(g.guidance_scale): _engine_for(g, student_engine(g.guidance_scale), bundle, settings)
                for g in bundle.students}
     engines["teacher"] = _engine_for(bundle.teacher, "teacher", bundle, settings)
     engines["verifier"] = _engine_for(bundle.verifier, "verifier", bundle, settings)

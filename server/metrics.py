@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
+from server.engines import POWERS_OF_TWO
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class Metrics:
@@ -31,7 +32,7 @@ class Metrics:
                                           "Per batch: engine run time", ["engine"],
                                           buckets=LATENCY_BUCKETS, registry=reg)
         self.batch_size = Histogram("flowmap_inference_batch_size", "Rows per executed batch (before padding)",
-                                    ["engine"], buckets=BATCH_BUCKETS, registry=reg)
+                                    ["engine"], buckets=POWERS_OF_TWO, registry=reg)
         self.inference_count = Counter("flowmap_inference_count", "Rows computed", ["engine"], registry=reg)
         self.exec_count = Counter("flowmap_inference_exec_count", "Batches executed", ["engine"], registry=reg)
         self.queue_depth = Gauge("flowmap_inference_queue_depth_rows", "Rows waiting", ["engine"], registry=reg)

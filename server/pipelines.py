@@ -14,6 +14,7 @@ import numpy as np
 
 from server.admission import Ticket
 from server.batcher import DynamicBatcher
+from server.engines import student_engine
 from server.metrics import Metrics
 
 
@@ -53,10 +54,6 @@ class Pipelines:
     def __init__(self, batchers: dict[str, DynamicBatcher], metrics: Metrics | None = None):
         self.batchers, self.metrics = batchers, metrics
 
-    @staticmethod
-    def student_engine(guidance_scale: float) -> str:
-        return f"student@{guidance_scale:g}"
-
     async def _call(self, engine: str, feeds: dict[str, np.ndarray], ticket: Ticket) -> np.ndarray:
         output = await self.batchers[engine].infer(feeds, ticket.deadline)
         ticket.advance(engine, len(output))
@@ -65,7 +62,7 @@ class Pipelines:
     async def student(self, noise: np.ndarray, labels: np.ndarray, steps: int, guidance_scale: float,
                       ticket: Ticket) -> np.ndarray:
         """M flow-map jumps x <- f(x, tau_i, tau_{i+1}); M = 1 is the one-step sample f(eps, 1, 0)."""
-        engine, times, x = self.student_engine(guidance_scale), grid(steps), noise
+        engine, times, x = student_engine(guidance_scale), grid(steps), noise
         rows = len(labels)
         for t_now, t_next in zip(times[:-1], times[1:], strict=True):
             x = await self._call(engine, {"x": x, "t": np.full(rows, t_now, np.float32),

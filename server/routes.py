@@ -36,7 +36,8 @@ def service(request: Request) -> Service:
 
 def upscale(svc: Service, size: str | None) -> int:
     try:
-        return parse_size(size, svc.bundle.height, svc.bundle.width)
+        _, height, width = svc.bundle.image_shape
+        return parse_size(size, height, width)
     except ValueError as err:
         raise ApiError(422, f"size: {err}", "size") from None
 

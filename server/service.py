@@ -14,6 +14,7 @@ from starlette.requests import Request
 from export.bundle import Bundle
 from server.admission import Admission, Need
 from server.batcher import DynamicBatcher
+from server.engines import student_engine
 from server.metrics import Metrics
 from server.noise import MAX_SEED, noise_for
 from server.pipelines import Pipelines, SearchResult
@@ -141,14 +142,14 @@ class Service:
     @staticmethod
     def generation_needs(kind: str, rows: int, steps: int, guidance_scale: float, rows_param: str) -> list[Need]:
         """A generation request: `rows` images, each through `steps` calls of one engine."""
-        engine = "teacher" if kind == "teacher" else Pipelines.student_engine(guidance_scale)
+        engine = "teacher" if kind == "teacher" else student_engine(guidance_scale)
         return [Need(engine, rows, steps, rows_param)]
 
     @staticmethod
     def search_needs(count: int, student_steps: int, top_k: int, teacher_steps: int,
                      guidance_scale: float) -> list[Need]:
         """A Best-of-N search: the candidates, their scores, and the teacher's finish."""
-        needs = [Need(Pipelines.student_engine(guidance_scale), count, student_steps, "n", "student_steps"),
+        needs = [Need(student_engine(guidance_scale), count, student_steps, "n", "student_steps"),
                  Need("verifier", count, 2 if teacher_steps else 1, "n")]
         if teacher_steps:
             needs.append(Need("teacher", top_k, teacher_steps, "top_k", "teacher_steps"))

@@ -158,3 +158,11 @@ def test_torch_backend_serves_the_same_images_as_onnxruntime(runs, bundle):
             srv.stop()
     assert outputs["torch"].shape == (2, 1, 8, 8)
     assert np.abs(outputs["torch"] - outputs["onnxruntime"]).max() <= PARITY_TOLERANCE
+
+
+def test_the_manifest_model_writes_the_committed_manifest_back_byte_for_byte(tmp_path):
+    from export.bundle import Manifest
+
+    committed = ROOT / "models" / "digits"
+    Manifest.load(committed).save(tmp_path)
+    assert (tmp_path / "manifest.json").read_bytes() == (committed / "manifest.json").read_bytes()

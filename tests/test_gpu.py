@@ -50,7 +50,7 @@ def test_engines_are_listed_and_parity_checked(gpu_bundle):
     assert len(bundle.tensorrt) == 2 * graphs
     for plan in bundle.tensorrt:
         assert plan.max_batch == 128 and plan.device_name
-    manifest = bundle.manifest["tensorrt"]
+    manifest = bundle.manifest.tensorrt
     assert all(e["parity_max_abs_err"] <= {"fp32": 1e-3, "fp16": 3e-2}[e["precision"]] for e in manifest)
     assert any(e["fp32_norm_layers"] > 0 for e in manifest if e["precision"] == "fp16")
 
