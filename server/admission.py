@@ -101,7 +101,7 @@ class EngineLoad:
 class Ticket:
     """An admitted request: its deadline, and the work it still holds on each engine.
 
-    The pipelines report each finished call (`advance`), and the route releases the ticket when the
+    Each engine call of the request's stages reports what it did (`advance`), and the ticket is released when the
     request ends, however it ends (`async with admission.admitted(...)`).
     """
 

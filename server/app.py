@@ -1,5 +1,5 @@
-"""The FastAPI app: bundle -> engines -> batchers -> pipelines -> routes, behind the gate, with a
-warm-up before /health/ready turns true."""
+"""The FastAPI app: bundle -> engines -> batchers -> admission -> routes (planning each request's
+stages), behind the gate, with a warm-up before /health/ready turns true."""
 
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ from server.engines import build_engines
 from server.errors import error_for
 from server.gate import Gate
 from server.metrics import Metrics
-from server.pipelines import Pipelines
 from server.routes import router
 from server.service import ApiError, ClientDisconnected, Service
 from server.settings import Settings
+from server.stages import Noise, Score, State, StudentJumps, TeacherSteps, run_stages
 
 log = logging.getLogger("flowmap.serve")
 
@@ -38,12 +38,9 @@ async def warm_up(service: Service) -> None:
         for batcher in service.batchers.values():
             batcher.cost.reset()
         for rows in (1, service.settings.max_batch_size):
-            noise = np.zeros((rows, *bundle.image_shape), np.float32)
-            labels = np.zeros(rows, np.int64)
-            for guidance_scale in bundle.guidance_scales:
-                await service.pipelines.student(noise, labels, 1, guidance_scale, far)
-            await service.pipelines.teacher(noise, labels, 1, far)
-            await service.pipelines.scores(noise, labels, far)
+            students = [StudentJumps(1, rows, "rows", guidance_scale=scale) for scale in bundle.guidance_scales]
+            stages = [Noise(bundle.image_shape), *students, TeacherSteps(1, rows, "rows"), Score(rows, "rows")]
+            await run_stages(stages, State([0] * rows, np.zeros(rows, np.int64)), service.call, far)
     service.ready = True
     log.info("warm: every engine ran at batch 1 and %d; ready", service.settings.max_batch_size)
 
@@ -77,7 +74,6 @@ def create_app(settings: Settings | None = None, mount_ui: bool | None = None) -
         service.admission = Admission.for_batchers(service.batchers, settings, service.metrics)
         for batcher in service.batchers.values():
             batcher.start()
-        service.pipelines = Pipelines(service.batchers, service.metrics)
         warming = asyncio.create_task(warm_up_or_stop(service, app.state.stop))
         try:
             yield

@@ -40,10 +40,12 @@ class Metrics:
                                      registry=reg)
         self.rejected = Counter("flowmap_inference_rejected", "Work refused or dropped", ["reason"], registry=reg)
         self.images = Counter("flowmap_images_generated", "Images returned", ["model"], registry=reg)
-        self.nfe = Counter("flowmap_nfe", "Network function evaluations (rows x steps)", ["model"], registry=reg)
+        self.nfe = Counter("flowmap_nfe", "Network function evaluations (rows x steps) by request stage", ["stage"],
+                           registry=reg)
+        self.stage_duration = Histogram("flowmap_stage_duration_seconds", "Per request stage (noise, student, "
+                                        "teacher, verifier, encode, ...): its time within one request", ["stage"],
+                                        buckets=LATENCY_BUCKETS, registry=reg)
         self.search_candidates = Counter("flowmap_search_candidates", "Best-of-N candidates scored", registry=reg)
-        self.teacher_steps = Counter("flowmap_teacher_steps", "Teacher Euler steps run (per request)",
-                                     registry=reg)
 
     def engine(self, name: str) -> EngineMetrics:
         """The per-engine series, bound to their label once (a label lookup per row costs more than the row)."""

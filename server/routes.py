@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
+import numpy as np
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.imaging import b64_npy, b64_png, parse_size
+from server.imaging import b64_npy, parse_size
 from server.noise import MAX_SEED, random_seeds
 from server.schemas import (
     GenerateRequest,
@@ -20,6 +22,7 @@ from server.schemas import (
     SearchResponse,
 )
 from server.service import ApiError, Service, until_disconnect
+from server.stages import EncodePNG, State, plan_generation, plan_search
 
 router = APIRouter()
 
@@ -50,48 +53,64 @@ def consecutive_seeds(seed: int | None, count: int, param: str = "seed") -> list
     return [seed + i for i in range(count)]
 
 
+@dataclass
+class Generation:
+    """A generation request, checked: the one planning step both generation routes share."""
+
+    kind: str  # "student" or "teacher"
+    guidance_scale: float
+    steps: int
+    upscale: int
+
+    @classmethod
+    def resolve(cls, svc: Service, model: str | None, guidance: float | None, steps: int | None,
+                size: str | None) -> Generation:
+        svc.check_ready()
+        kind = svc.resolve_model(model)
+        return cls(kind, svc.resolve_guidance(kind, guidance), svc.resolve_steps(kind, steps), upscale(svc, size))
+
+    async def run(self, svc: Service, request: Request, labels: list[int], seeds: list[int], rows_param: str,
+                  encode: bool = True) -> State:
+        """Plan the stages, admit them, run them; the state holds the images (and their PNGs)."""
+        stages = plan_generation(svc.bundle.image_shape, self.kind, self.guidance_scale, self.steps, len(labels),
+                                 rows_param, EncodePNG(self.upscale) if encode else None)
+        state = State(seeds, np.asarray(labels, dtype=np.int64))
+        deadline = svc.deadline()
+        await until_disconnect(request, svc.execute(stages, state, deadline), deadline)
+        svc.metrics.images.labels(model=self.kind).inc(len(labels))
+        return state
+
+
 @router.post("/v1/images/generations", response_model=ImagesResponse, tags=["generation"])
 async def images_generations(body: ImagesRequest, request: Request):
     """OpenAI Images API: `prompt` names a class; `n` images from consecutive seeds."""
     svc = service(request)
-    svc.check_ready()
-    kind = svc.resolve_model(body.model)
+    generation = Generation.resolve(svc, body.model, body.guidance, body.steps, body.size)
     label = svc.resolve_label(body.prompt, "prompt")
-    guidance_scale = svc.resolve_guidance(kind, body.guidance)
-    steps = svc.resolve_steps(kind, body.steps)
-    scale = upscale(svc, body.size)
     seeds = consecutive_seeds(body.seed, body.n)
-    deadline = svc.deadline()
-    images = await until_disconnect(request, svc.generate(kind, [label] * body.n, seeds, steps, guidance_scale, "n",
-                                                          deadline), deadline)
+    state = await generation.run(svc, request, [label] * body.n, seeds, "n")
     name = svc.bundle.classes[label]
     return fast_json({"created": int(time.time()), "data": [
         {"b64_json": png, "revised_prompt": name, "seed": seed}
-        for png, seed in zip(b64_png(images, scale), seeds, strict=True)]})
+        for png, seed in zip(state.encoded, seeds, strict=True)]})
 
 
 @router.post("/v1/generate", response_model=GenerateResponse, response_model_exclude_none=True, tags=["generation"])
 async def generate(body: GenerateRequest, request: Request):
     """Native batch form: one image per label, from the given or random seeds."""
     svc = service(request)
-    svc.check_ready()
-    kind = svc.resolve_model(body.model)
+    generation = Generation.resolve(svc, body.model, body.guidance, body.steps, body.size)
     labels = [svc.resolve_label(value, f"labels[{i}]") for i, value in enumerate(body.labels)]
-    guidance_scale = svc.resolve_guidance(kind, body.guidance)
-    steps = svc.resolve_steps(kind, body.steps)
-    scale = upscale(svc, body.size)
     seeds = svc.check_seeds(body.seeds, len(labels)) if body.seeds is not None else random_seeds(len(labels))
     tick = time.perf_counter()
-    deadline = svc.deadline()
-    work = svc.generate(kind, labels, seeds, steps, guidance_scale, "labels", deadline)
-    images = await until_disconnect(request, work, deadline)
-    seconds = time.perf_counter() - tick
-    model = svc.bundle.name if kind == "student" else svc.teacher_name
-    timing = {"seconds": round(seconds, 6), "nfe": len(labels) * steps}
-    body_out = {"model": model, "guidance": guidance_scale, "steps": steps, "seeds": seeds, "timings": timing}
+    state = await generation.run(svc, request, labels, seeds, "labels", encode=body.format == "png")
+    model = svc.bundle.name if generation.kind == "student" else svc.teacher_name
+    timing = {"seconds": round(time.perf_counter() - tick, 6), "nfe": len(labels) * generation.steps}
+    answer = {"model": model, "guidance": generation.guidance_scale, "steps": generation.steps, "seeds": seeds,
+              "timings": timing}
     if body.format == "raw":
-        return fast_json({**body_out, "arrays": images.clip(-1, 1)})
-    return fast_json({**body_out, "images": b64_png(images, scale)})
+        return fast_json({**answer, "arrays": state.x.clip(-1, 1)})
+    return fast_json({**answer, "images": state.encoded})
 
 
 @router.post("/v1/search", response_model=SearchResponse, response_model_exclude_none=True, tags=["search"])
@@ -109,22 +128,23 @@ async def search(body: SearchRequest, request: Request):
                             "not both", "seeds")
     if body.top_k > body.n:
         raise ApiError(422, f"top_k: must lie in 1..n ({body.n}), got {body.top_k}", "top_k")
-    scale = upscale(svc, body.size)
     seeds = svc.check_seeds(body.seeds, body.n) if body.seeds is not None else consecutive_seeds(body.seed, body.n)
-    tick = time.perf_counter()
-    deadline = svc.deadline()
-    result, noise = await until_disconnect(request, svc.search(
-        seeds, label, body.top_k, body.student_steps, body.teacher_steps, guidance_scale, deadline), deadline)
-    chosen_seeds = [seeds[i] for i in result.chosen]
+    stages = plan_search(svc.bundle.image_shape, guidance_scale, body.n, body.student_steps, body.top_k,
+                         body.teacher_steps, EncodePNG(upscale(svc, body.size)))
+    state = State(seeds, np.full(body.n, label, np.int64))
+    tick, deadline = time.perf_counter(), svc.deadline()
+    timings = await until_disconnect(request, svc.execute(stages, state, deadline), deadline)
+    chosen_seeds = [seeds[i] for i in state.chosen]
     svc.metrics.images.labels(model="search").inc(len(chosen_seeds))
+    svc.metrics.search_candidates.inc(body.n)
     answer = {
         "model": svc.bundle.name, "label": label, "guidance": guidance_scale, "chosen_seeds": chosen_seeds,
-        "images": b64_png(result.images, scale), "final_scores": result.final_scores,
-        "candidates": [{"seed": s, "score": c} for s, c in zip(seeds, result.candidate_scores, strict=True)],
-        "stages": [s.as_dict() for s in result.stages], "total_nfe": sum(s.nfe for s in result.stages),
+        "images": state.encoded, "final_scores": [float(s) for s in state.scores],
+        "candidates": [{"seed": s, "score": c} for s, c in zip(seeds, state.candidate_scores, strict=True)],
+        "stages": [t.as_dict() for t in timings], "total_nfe": sum(t.nfe for t in timings),
         "seconds": round(time.perf_counter() - tick, 6)}
     if body.return_noise:
-        answer["noise"] = [b64_npy(noise[i]) for i in result.chosen]
+        answer["noise"] = [b64_npy(row) for row in state.noise]
     return fast_json(answer)
 
 

@@ -1,5 +1,6 @@
-"""What the routes share: the loaded bundle, its batchers and pipelines, and the checks that turn a
-request into validated labels, seeds, steps and a guidance scale (or a 4xx naming the field)."""
+"""What the routes share: the loaded bundle, its batchers and admission, the checks that turn a request
+into validated labels, seeds, steps and a guidance scale (or a 4xx naming the field), and `execute`,
+which admits a planned request and runs its stages."""
 
 from __future__ import annotations
 
@@ -12,14 +13,13 @@ import numpy as np
 from starlette.requests import Request
 
 from export.bundle import Bundle
-from server.admission import Admission, Need
+from server.admission import Admission, Ticket
 from server.batcher import DynamicBatcher
-from server.engines import student_engine
 from server.metrics import Metrics
-from server.noise import MAX_SEED, noise_for
-from server.pipelines import Pipelines, SearchResult
+from server.noise import MAX_SEED
 from server.schemas import DEFAULT_TEACHER_STEPS, MAX_STUDENT_STEPS, MAX_TEACHER_STEPS
 from server.settings import Settings
+from server.stages import Stage, State, Timing, needs_of, run_stages
 
 
 def shown(value, limit: int = 60) -> str:
@@ -45,7 +45,6 @@ class Service:
     def __init__(self, settings: Settings, bundle: Bundle, metrics: Metrics):
         self.settings, self.bundle, self.metrics = settings, bundle, metrics
         self.batchers: dict[str, DynamicBatcher] = {}
-        self.pipelines: Pipelines | None = None
         self.admission: Admission | None = None
         self.ready = False
         self.failure: str | None = None  # why the warm-up failed, if it did
@@ -135,50 +134,20 @@ class Service:
             raise ApiError(503, "the server is warming up its engines; retry shortly", kind="unavailable",
                            headers={"Retry-After": "1"})
 
-    # -- admission ----------------------------------------------------------------------------------
+    # -- running work -----------------------------------------------------------------------------
     def deadline(self) -> float:
         return time.monotonic() + self.settings.request_timeout_s
 
-    @staticmethod
-    def generation_needs(kind: str, rows: int, steps: int, guidance_scale: float, rows_param: str) -> list[Need]:
-        """A generation request: `rows` images, each through `steps` calls of one engine."""
-        engine = "teacher" if kind == "teacher" else student_engine(guidance_scale)
-        return [Need(engine, rows, steps, rows_param)]
+    async def call(self, engine: str, feeds: dict[str, np.ndarray], ticket: Ticket) -> np.ndarray:
+        """One batched call of an engine, counted against the request's admission ticket."""
+        output = await self.batchers[engine].infer(feeds, ticket.deadline)
+        ticket.advance(engine, len(output))
+        return output
 
-    @staticmethod
-    def search_needs(count: int, student_steps: int, top_k: int, teacher_steps: int,
-                     guidance_scale: float) -> list[Need]:
-        """A Best-of-N search: the candidates, their scores, and the teacher's finish."""
-        needs = [Need(student_engine(guidance_scale), count, student_steps, "n", "student_steps"),
-                 Need("verifier", count, 2 if teacher_steps else 1, "n")]
-        if teacher_steps:
-            needs.append(Need("teacher", top_k, teacher_steps, "top_k", "teacher_steps"))
-        return needs
-
-    # -- running work -----------------------------------------------------------------------------
-    async def generate(self, kind: str, labels: list[int], seeds: list[int], steps: int, guidance_scale: float,
-                       rows_param: str, deadline: float) -> np.ndarray:
-        """Admit the request whole, then run it: noise from the seeds, student jumps or teacher steps."""
-        needs = self.generation_needs(kind, len(labels), steps, guidance_scale, rows_param)
-        async with self.admission.admitted(needs, deadline) as ticket:
-            noise = noise_for(seeds, self.bundle.image_shape)
-            label_array = np.asarray(labels, dtype=np.int64)
-            if kind == "teacher":
-                images = await self.pipelines.teacher(noise, label_array, steps, ticket)
-            else:
-                images = await self.pipelines.student(noise, label_array, steps, guidance_scale, ticket)
-        self.metrics.images.labels(model=kind).inc(len(labels))
-        return images
-
-    async def search(self, seeds: list[int], label: int, top_k: int, student_steps: int, teacher_steps: int,
-                     guidance_scale: float, deadline: float) -> tuple[SearchResult, np.ndarray]:
-        """Admit a Best-of-N search whole, then run it; returns the result and the candidates' noise."""
-        needs = self.search_needs(len(seeds), student_steps, top_k, teacher_steps, guidance_scale)
-        async with self.admission.admitted(needs, deadline) as ticket:
-            noise = noise_for(seeds, self.bundle.image_shape)
-            result = await self.pipelines.search(noise, seeds, label, top_k, student_steps, teacher_steps,
-                                                 guidance_scale, ticket)
-        return result, noise
+    async def execute(self, stages: list[Stage], state: State, deadline: float) -> list[Timing]:
+        """Admit the request whole (what all its stages need), then run its stages in order."""
+        async with self.admission.admitted(needs_of(stages), deadline) as ticket:
+            return await run_stages(stages, state, self.call, ticket, self.metrics)
 
 
 # Requests that finish within this long never start a disconnect watcher: most requests, and a client

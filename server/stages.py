@@ -1,0 +1,239 @@
+"""A request is a list of stages: conditioning -> denoising steps -> decoding -> scoring -> encoding.
+
+The planning step (`plan_generation`, `plan_search`) turns a checked request into its stages; each
+stage that runs a network names its engine (its batcher, its metrics label) and the rows and calls
+admission must reserve for it; `run_stages` carries the request's `State` through them in order and
+times each. Every network call goes through its engine's batcher one step at a time, so concurrent
+requests share batches at every step, whatever their step counts.
+
+Digits is the case with a label table for conditioning (resolved before planning) and no decoder:
+its stages are denoise -> score -> encode. Text encoders and a VAE decoder plug in as more stages.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from server.admission import Need, Ticket
+from server.engines import student_engine
+from server.imaging import b64_png
+from server.noise import noise_for
+
+
+@dataclass
+class State:
+    """What a request carries from stage to stage."""
+
+    seeds: list[int]
+    labels: np.ndarray  # conditioning: class ids
+    noise: np.ndarray | None = None  # [rows, C, H, W], one row per seed (made by the Noise stage)
+    x: np.ndarray | None = None  # the current sample
+    scores: np.ndarray | None = None  # the last scoring stage's log p(label | image)
+    candidate_scores: list[float] = field(default_factory=list)  # search: every candidate's score
+    chosen: list[int] = field(default_factory=list)  # search: indices of the kept candidates, best first
+    encoded: list[str] = field(default_factory=list)  # base64 PNGs
+
+
+@dataclass
+class Timing:
+    """One stage of a request as the response reports it: its network evaluations and seconds."""
+
+    name: str
+    nfe: int
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return {"stage": self.name, "nfe": self.nfe, "seconds": round(self.seconds, 6)}
+
+
+class Stage(Protocol):
+    name: str  # as the response and the stage metrics name it
+
+    def needs(self) -> list[Need]: ...
+
+    async def run(self, state: State, call, ticket: Ticket) -> int:
+        """Advance `state`; return the network evaluations spent. `call(engine, feeds, ticket)` runs
+        one batched engine call."""
+
+
+def grid(steps: int) -> np.ndarray:
+    """1 = t_0 > ... > t_steps = 0 in float32 (identical in every request, so results are too)."""
+    return np.linspace(1.0, 0.0, steps + 1, dtype=np.float32)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+@dataclass
+class Noise:
+    """Each seed's noise (server/noise.py's recipe), made after admission so a refusal costs nothing."""
+
+    shape: tuple[int, ...]
+    name: str = "noise"
+
+    def needs(self) -> list[Need]:
+        return []
+
+    async def run(self, state: State, call, ticket: Ticket) -> int:
+        state.noise = state.x = noise_for(state.seeds, self.shape)
+        return 0
+
+
+@dataclass
+class Denoise:
+    """Sequential calls of one denoising engine on `rows` rows; admission reserves them all."""
+
+    steps: int
+    rows: int
+    rows_param: str  # the request fields that set rows and steps, named in refusals
+    steps_param: str = "steps"
+
+    @property
+    def engine(self) -> str:
+        raise NotImplementedError
+
+    def needs(self) -> list[Need]:
+        return [Need(self.engine, self.rows, self.steps, self.rows_param, self.steps_param)]
+
+
+@dataclass
+class StudentJumps(Denoise):
+    """M flow-map jumps x <- f(x, tau_i, tau_{i+1}); M = 1 is the one-step sample f(eps, 1, 0)."""
+
+    guidance_scale: float = 1.0  # which baked student graph
+    name: str = "student"
+
+    @property
+    def engine(self) -> str:
+        return student_engine(self.guidance_scale)
+
+    async def run(self, state: State, call, ticket: Ticket) -> int:
+        times, rows = grid(self.steps), len(state.labels)
+        for t_now, t_next in zip(times[:-1], times[1:], strict=True):
+            state.x = await call(self.engine, {"x": state.x, "t": np.full(rows, t_now, np.float32),
+                                               "s": np.full(rows, t_next, np.float32), "label": state.labels}, ticket)
+        return rows * self.steps
+
+
+@dataclass
+class TeacherSteps(Denoise):
+    """K Euler steps of the guided teacher (guidance baked into its graph), from the state's noise."""
+
+    name: str = "teacher"
+    engine = "teacher"
+
+    async def run(self, state: State, call, ticket: Ticket) -> int:
+        times, rows, x = grid(self.steps), len(state.labels), state.noise
+        for t_now, t_next in zip(times[:-1], times[1:], strict=True):
+            velocity = await call(self.engine, {"x": x, "t": np.full(rows, t_now, np.float32),
+                                                "label": state.labels}, ticket)
+            x = x - (t_now - t_next) * velocity
+        state.x = x
+        return rows * self.steps
+
+
+@dataclass
+class Score:
+    """The verifier's log-probability of each image's requested class."""
+
+    rows: int
+    rows_param: str
+    name: str = "verifier"
+
+    def needs(self) -> list[Need]:
+        return [Need("verifier", self.rows, 1, self.rows_param)]
+
+    async def run(self, state: State, call, ticket: Ticket) -> int:
+        logits = await call("verifier", {"image": np.clip(state.x, -1, 1)}, ticket)
+        state.scores = log_softmax(logits.astype(np.float64))[np.arange(len(state.labels)), state.labels]
+        return len(state.labels)
+
+
+@dataclass
+class KeepBest:
+    """Best-of-N: keep the `top_k` best-scored candidates, best first; the teacher, if one follows,
+    starts from their noise."""
+
+    top_k: int
+    name: str = "choose"
+
+    def needs(self) -> list[Need]:
+        return []
+
+    async def run(self, state: State, call, ticket: Ticket) -> int:
+        state.candidate_scores = [float(s) for s in state.scores]
+        state.chosen = [int(i) for i in np.argsort(-state.scores, kind="stable")[:self.top_k]]
+        state.noise, state.labels = state.noise[state.chosen], state.labels[state.chosen]
+        state.x, state.scores = state.x[state.chosen], state.scores[state.chosen]
+        return 0
+
+
+@dataclass
+class EncodePNG:
+    """The images as base64 PNGs, upscaled by pixel repetition."""
+
+    upscale: int = 1
+    name: str = "encode"
+
+    def needs(self) -> list[Need]:
+        return []
+
+    async def run(self, state: State, call, ticket: Ticket) -> int:
+        state.encoded = b64_png(state.x, self.upscale)
+        return 0
+
+
+def plan_generation(shape: tuple[int, ...], kind: str, guidance_scale: float, steps: int, rows: int,
+                    rows_param: str, encode: EncodePNG | None) -> list[Stage]:
+    """Generation: noise, denoise with the student or the teacher, then encode (unless raw arrays are
+    asked for)."""
+    denoise = (TeacherSteps(steps, rows, rows_param) if kind == "teacher"
+               else StudentJumps(steps, rows, rows_param, guidance_scale=guidance_scale))
+    return [Noise(shape), denoise, *([encode] if encode else [])]
+
+
+def plan_search(shape: tuple[int, ...], guidance_scale: float, count: int, student_steps: int, top_k: int,
+                teacher_steps: int, encode: EncodePNG) -> list[Stage]:
+    """Best-of-N: noise, N student candidates, their scores, the best top_k, optionally the teacher
+    from their noise and its scores, then encode the kept images."""
+    stages = [Noise(shape), StudentJumps(student_steps, count, "n", "student_steps", guidance_scale=guidance_scale),
+              Score(count, "n"), KeepBest(top_k)]
+    if teacher_steps:
+        stages += [TeacherSteps(teacher_steps, top_k, "top_k", "teacher_steps"),
+                   Score(top_k, "top_k", name="verifier_final")]
+    return [*stages, encode]
+
+
+def needs_of(stages: list[Stage]) -> list[Need]:
+    """What admission reserves for the stages: per engine, the most rows any of them holds at once and
+    all their calls."""
+    merged: dict[str, Need] = {}
+    for stage in stages:
+        for need in stage.needs():
+            held = merged.get(need.engine)
+            merged[need.engine] = need if held is None else Need(
+                need.engine, max(held.rows, need.rows), held.steps + need.steps, held.rows_param, held.steps_param)
+    return list(merged.values())
+
+
+async def run_stages(stages: list[Stage], state: State, call, ticket: Ticket, metrics=None) -> list[Timing]:
+    """Run the stages in order on `state`, timing each (network stages are reported; the stage
+    duration metric covers all of them)."""
+    timings = []
+    for stage in stages:
+        tick = time.perf_counter()
+        nfe = await stage.run(state, call, ticket)
+        seconds = time.perf_counter() - tick
+        if metrics:
+            metrics.stage_duration.labels(stage=stage.name).observe(seconds)
+            if nfe:
+                metrics.nfe.labels(stage=stage.name).inc(nfe)
+        if stage.needs():
+            timings.append(Timing(stage.name, nfe, seconds))
+    return timings
