@@ -1,5 +1,5 @@
 """The FastAPI app: bundle -> engines -> batchers -> admission -> routes (planning each request's
-stages), behind the gate, with a warm-up before /health/ready turns true."""
+stages), behind the request metrics, the door and the fast path, with a warm-up before /health/ready turns true."""
 
 from __future__ import annotations
 
@@ -18,9 +18,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from export.bundle import read_bundle
 from server.admission import Admission, Overloaded, RequestTooLarge, Ticket
 from server.batcher import DeadlineExceeded, DynamicBatcher, EngineFailure
+from server.door import Door
 from server.engines import build_engines
 from server.errors import error_for
-from server.gate import Gate
+from server.fast_path import FastPath
+from server.http_metrics import HttpMetrics
 from server.metrics import Metrics
 from server.routes import router
 from server.service import ApiError, ClientDisconnected, Service
@@ -98,7 +100,10 @@ def create_app(settings: Settings | None = None, mount_ui: bool | None = None) -
                  TimeoutError, EngineFailure, ClientDisconnected, StarletteHTTPException):
         app.add_exception_handler(kind, _handle)
 
-    app.add_middleware(Gate, service=service, fastapi_app=app)
+    # innermost first: the fast path, then the door's refusals, then the request metrics around all of it
+    app.add_middleware(FastPath, service=service, fastapi_app=app)
+    app.add_middleware(Door, service=service)
+    app.add_middleware(HttpMetrics, service=service, fastapi_app=app)
     with_ui = settings.ui if mount_ui is None else mount_ui
     if with_ui:
         from ui.demo import mount_demo

@@ -1,5 +1,5 @@
 """Errors in one format, OpenAI style: {"error": {"message", "type", "param"}}, from one mapping of
-exceptions to answers that FastAPI's handlers and the gate's fast path share."""
+exceptions to answers that FastAPI's handlers and the fast path share."""
 
 from __future__ import annotations
 

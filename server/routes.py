@@ -148,7 +148,7 @@ async def search(body: SearchRequest, request: Request):
     return fast_json(answer)
 
 
-# The generation routes, by path: their request model and handler (the gate's fast path uses these).
+# The generation routes, by path: their request model and handler (server/fast_path.py uses these).
 ROUTES = {
     "/v1/images/generations": (ImagesRequest, images_generations),
     "/v1/generate": (GenerateRequest, generate),

@@ -126,10 +126,15 @@ class Service:
                 raise ApiError(422, f"{param}: every seed must lie in 0..{MAX_SEED}, got {seed}", param)
         return seeds
 
+    @staticmethod
+    def unavailable() -> ApiError:
+        """The answer to a /v1 request while the server drains."""
+        return ApiError(503, "the server is shutting down; retry on another replica", kind="unavailable",
+                        headers={"Retry-After": "1"})
+
     def check_ready(self) -> None:
         if self.draining:
-            raise ApiError(503, "the server is shutting down; retry on another replica", kind="unavailable",
-                           headers={"Retry-After": "1"})
+            raise self.unavailable()
         if not self.ready:
             raise ApiError(503, "the server is warming up its engines; retry shortly", kind="unavailable",
                            headers={"Retry-After": "1"})

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(not (BUNDLE / "manifest.json").is_file(), reason
 
 @pytest.fixture(scope="module", params=["fast-path", "fastapi"])
 def server(request):
-    """Every test runs twice: through the gate's fast path and through FastAPI's own routing."""
+    """Every test runs twice: through the fast path and through FastAPI's own routing."""
     flag = "--fast-path" if request.param == "fast-path" else "--no-fast-path"
     srv = Server("--max-queue-delay-ms", "10", flag).wait_ready()
     yield srv
@@ -190,6 +190,9 @@ def test_every_error_has_the_same_shape(server):
     assert wrong_method.status_code == 405 and "does not take this method" in wrong_method.json()["error"]["message"]
     home = httpx.get(server.url + "/", follow_redirects=False)
     assert home.status_code == 307 and home.headers["location"] in ("/ui/", "/docs")
+    # request metrics label routes by the router's own paths; anything else is "other"
+    assert server.metric("flowmap_http_requests_total", route="other", status="404") >= 1
+    assert server.metric("flowmap_http_requests_total", route="/v1/generate", status="405") >= 1
 
 
 def test_malformed_and_oversized_bodies(server):

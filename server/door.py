@@ -1,0 +1,44 @@
+"""The door every HTTP request passes before any route runs: the body limit (413), API keys (401 on
+/v1 and /metrics when keys are set) and draining (503 on /v1 during a shutdown), in that order."""
+
+from __future__ import annotations
+
+from server.errors import error_for, error_response
+from server.keys import authorized, guarded
+from server.limits import declared_too_large, read_within, streams_a_body
+from server.service import Service
+
+
+class Door:
+    """Pure ASGI middleware (it must not break client-disconnect detection)."""
+
+    def __init__(self, app, service: Service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        settings, path = self.service.settings, scope["path"]
+        refusal = None
+        if declared_too_large(scope, settings.max_body_bytes):
+            refusal = self._too_large()
+        elif settings.api_keys and guarded(path) and not authorized(self._header(scope, b"authorization"),
+                                                                     settings.api_keys):
+            refusal = error_response(401, "a valid API key is required: Authorization: Bearer <key>",
+                                     kind="authentication_error", headers={"WWW-Authenticate": "Bearer"})
+        elif path.startswith("/v1/") and self.service.draining:
+            refusal = error_for(self.service.unavailable(), path, self.service)
+        elif streams_a_body(scope):
+            receive = await read_within(receive, settings.max_body_bytes)
+            refusal = self._too_large() if receive is None else None
+        if refusal is not None:
+            return await refusal(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def _too_large(self):
+        return error_response(413, f"the request body exceeds {self.service.settings.max_body_bytes} bytes "
+                                   "(FLOWMAP_MAX_BODY_BYTES)", kind="request_too_large")
+
+    @staticmethod
+    def _header(scope, name: bytes) -> str:
+        return next((value.decode() for key, value in scope.get("headers", []) if key.lower() == name), "")
