@@ -1,4 +1,4 @@
-"""DMD2: distribution matching with a fake velocity network (METHODS.md §6), the baseline.
+"""DMD2: distribution matching with a fake velocity network (docs/methods.md §6), the baseline.
 
 A fake flow g_ψ (initialised from the teacher) tracks the generator's samples by flow matching,
 k updates per generator update (TTUR); x̂_fake = x_t - t g_ψ(x_t, t). Backward simulation runs the

@@ -1,4 +1,4 @@
-"""Evaluation (METHODS.md §7): FD in pixels and verifier features, precision/recall, class accuracy,
+"""Evaluation (docs/methods.md §7): FD in pixels and verifier features, precision/recall, class accuracy,
 and the student-teacher alignment from shared noise."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""FGM: flow generator matching, one step (METHODS.md §5). Data-free.
+"""FGM: flow generator matching, one step (docs/methods.md §5). Data-free.
 
 An online flow v_ψ learns the generator's flow on detached samples; the generator then follows
 L₂ = E[2 (u_w(x_t) - v_ψ(x_t)) · (v_ψ(x_t) - (n - x₀))] with ψ frozen but gradients flowing through

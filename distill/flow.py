@@ -1,4 +1,4 @@
-"""Flow math in METHODS.md's convention: t = 1 is noise, t = 0 is data, v = eps - x.
+"""Flow math in the convention of docs/methods.md §0: t = 1 is noise, t = 0 is data, v = eps - x.
 
 Teachers are anything with `velocity(x, t, label) -> v`; students anything with
 `average_velocity(x, t, s, label, w) -> F`, so that the flow map is f(x, t, s) = x - (t - s) F.

@@ -1,4 +1,4 @@
-"""FreeFlow: data-free flow-map distillation by prediction and correction (METHODS.md §3).
+"""FreeFlow: data-free flow-map distillation by prediction and correction (docs/methods.md §3).
 
 Only prior samples z ~ N(0, I) are used. The prediction aligns the student's generating velocity
 v_G = F + δ ∂_δF with the teacher at the student's own state x(δ) = f(z, 1, 1 - δ); the correction

@@ -1,4 +1,4 @@
-"""FSF-DMD: distribution matching without a fake-score network (METHODS.md §4).
+"""FSF-DMD: distribution matching without a fake-score network (docs/methods.md §4).
 
 The fake side of DMD is the generator's own EMA jump to data, x̂_fake = f_ema(x_t, t, 0): under the
 generator's ODE coupling the endpoint posterior collapses to a point. No fake network, no TTUR.

@@ -1,4 +1,4 @@
-"""MeanFlow / consistency distillation (METHODS.md §2): uses data.
+"""MeanFlow / consistency distillation (docs/methods.md §2): uses data.
 
 On a data point's interpolant x_t, the teacher gives u* = u_w(x_t, t); the MeanFlow identity
 F(x_t, t, s) = u* - (t - s) dF/dt, with dF/dt the total derivative along the teacher's flow
@@ -24,7 +24,7 @@ class MeanFlowConfig:
     time_mean: float = -0.4  # logit-normal only
     time_std: float = 1.0  # logit-normal only: spread
     endpoint_fraction: float = 0.0  # share of the batch forced to the 1-NFE jump (t, s) = (1, 0)
-    # p in the weight 1 / sg(|err|^2 + 0.01)^p. METHODS.md's p = 1 leaves the rare long jumps with
+    # p in the weight 1 / sg(|err|^2 + 0.01)^p. The paper's p = 1 leaves the rare long jumps with
     # almost no weight; p = 0.5 (pseudo-Huber-like) learned the 1-NFE map on the toy (SW 0.03 vs 0.08).
     adaptive_power: float = 0.5
     guidance_min: float = 1.0  # guidance scales the student is trained over: from guidance_min ...

@@ -1,4 +1,4 @@
-"""Teacher training by conditional flow matching (METHODS.md §1)."""
+"""Teacher training by conditional flow matching (docs/methods.md §1)."""
 
 from __future__ import annotations
 
