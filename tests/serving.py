@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
 import sys
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -67,3 +69,22 @@ class Server:
             if all(f'{k}="{v}"' in series for k, v in labels.items()):
                 total += float(value)
         return total
+
+
+@asynccontextmanager
+async def in_process(bundle: Path = BUNDLE, **settings):
+    """The app in this process, its lifespan running, reached through httpx's ASGI transport: for
+    tests where a real uvicorn adds nothing. Yields (client, service)."""
+    from server.app import create_app
+    from server.settings import Settings
+
+    app = create_app(Settings(bundle=str(bundle), **settings), mount_ui=False)
+    async with app.router.lifespan_context(app):
+        service = app.state.service
+        give_up = time.monotonic() + 60
+        while not service.ready:
+            assert time.monotonic() < give_up and not service.failure, service.failure or "never warm"
+            await asyncio.sleep(0.02)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://in-process", timeout=120) as client:
+            yield client, service

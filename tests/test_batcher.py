@@ -1,4 +1,5 @@
-"""The dynamic batcher over a real onnxruntime engine, in process."""
+"""The dynamic batcher's contract, against a small fake engine (milliseconds), and once against the
+real onnxruntime engine of the committed bundle."""
 
 import asyncio
 import time
@@ -12,112 +13,159 @@ from server.metrics import Metrics
 
 from serving import BUNDLE
 
-pytestmark = pytest.mark.skipif(not (BUNDLE / "manifest.json").is_file(), reason=f"no bundle at {BUNDLE}")
+
+class FakeEngine:
+    """Each output row is its input row's tag times 10 plus the batch size it ran in, so a test sees
+    both which row came back and in which batch; a tag of -1 makes the whole batch fail."""
+
+    name, max_batch = "fake", 64
+
+    def __init__(self, buckets=()):
+        self.buckets, self.batches = buckets, []
+
+    def run(self, feeds):
+        tags = feeds["tag"]
+        self.batches.append(tags.tolist())
+        if (tags == -1).any():
+            raise RuntimeError("a poisoned row")
+        return tags * 10 + len(tags)
 
 
-def rows(labels, seed=0):
-    rng = np.random.default_rng(seed)
-    n = len(labels)
-    return {"x": rng.standard_normal((n, 1, 8, 8), dtype=np.float32), "t": np.ones(n, np.float32),
-            "s": np.zeros(n, np.float32), "label": np.asarray(labels, np.int64)}
-
-
-@pytest.fixture(scope="module")
-def engine():
-    return OnnxRuntimeEngine(BUNDLE / "student_w1.5.onnx", "student", max_batch=64)
+def tagged(*tags):
+    return {"tag": np.asarray(tags, np.float64)}
 
 
 def run(coro):
     return asyncio.run(coro)
 
 
-def test_an_engine_error_fails_only_its_batch(engine):
+async def started(engine, max_batch_size=64, delay_ms=1.0, metrics=None):
+    batcher = DynamicBatcher(engine, max_batch_size, delay_ms, metrics)
+    batcher.start()
+    return batcher
+
+
+def far():
+    return time.monotonic() + 30
+
+
+def test_requests_share_a_batch_and_each_gets_its_own_rows_back():
+    engine = FakeEngine()
+
     async def scenario():
-        metrics = Metrics()
-        batcher = DynamicBatcher(engine, 8, 1.0, metrics)
-        batcher.start()
-        far = time.monotonic() + 30
-        # label 99 is outside the embedding table: onnxruntime raises for the whole batch
-        bad = asyncio.ensure_future(batcher.infer(rows([3, 99]), far))
-        with pytest.raises(EngineFailure, match="failed on a batch of 2 rows"):
-            await bad
-        good = await batcher.infer(rows([3, 4]), far)  # the next batch succeeds
+        batcher = await started(engine, delay_ms=20.0)
+        outputs = await asyncio.gather(*(batcher.infer(tagged(*range(i * 3, i * 3 + 1 + i % 3)), far())
+                                         for i in range(6)))
         await batcher.stop()
-        return good, metrics.engine_errors.labels(engine="student")._value.get()
+        return outputs
 
-    good, errors = run(scenario())
-    assert good.shape == (2, 1, 8, 8) and np.isfinite(good).all() and errors == 1
+    outputs = run(scenario())
+    assert len(engine.batches) == 1  # six requests, one engine run
+    size = len(engine.batches[0])
+    for i, out in enumerate(outputs):
+        assert out.tolist() == [10 * tag + size for tag in range(i * 3, i * 3 + 1 + i % 3)]
 
 
-def test_batches_merge_requests_and_split_them_back(engine):
+def test_a_large_request_is_split_into_max_batch_chunks_and_joined_back():
+    engine = FakeEngine()
+
     async def scenario():
-        metrics = Metrics()
-        batcher = DynamicBatcher(engine, 64, 50.0, metrics)
-        batcher.start()
-        far = time.monotonic() + 30
-        requests = [rows([i % 10] * (1 + i % 3), seed=i) for i in range(12)]
-        outputs = await asyncio.gather(*(batcher.infer(r, far) for r in requests))
+        batcher = await started(engine, max_batch_size=16)
+        out = await batcher.infer(tagged(*range(50)), far())
         await batcher.stop()
-        return requests, outputs, metrics
+        return out
 
-    requests, outputs, metrics = run(scenario())
-    for request, output in zip(requests, outputs, strict=True):
-        alone = engine.run(request)
-        assert output.shape == alone.shape
-        assert np.abs(output - alone).max() <= 1e-5  # each request got its own rows back
-    assert metrics.exec_count.labels(engine="student")._value.get() < 12
+    out = run(scenario())
+    assert [len(b) for b in engine.batches] == [16, 16, 16, 2]
+    assert out.tolist() == [10 * tag + (16 if tag < 48 else 2) for tag in range(50)]
 
 
-def test_large_requests_are_chunked_to_the_max_batch(engine):
+def test_batches_are_padded_to_the_engine_buckets_and_the_padding_is_dropped():
+    engine = FakeEngine(buckets=(8, 16, 32, 64))
+
     async def scenario():
-        batcher = DynamicBatcher(engine, 16, 1.0)
-        batcher.start()
-        request = rows(list(range(10)) * 5)
-        out = await batcher.infer(request, time.monotonic() + 30)
+        batcher = await started(engine)
+        out = await batcher.infer(tagged(4, 5, 6), far())
         await batcher.stop()
-        return request, out
+        return out
 
-    request, out = run(scenario())
-    assert out.shape[0] == 50 and np.abs(out - engine.run(request)).max() <= 1e-5
-
-
-class RecordingEngine:
-    """A fake engine that returns its input and records the rows of every batch it ran."""
-
-    name, max_batch, buckets = "fake", 64, ()
-
-    def __init__(self):
-        self.batches = []
-
-    def run(self, feeds):
-        self.batches.append(feeds["x"][:, 0].tolist())
-        return feeds["x"]
+    out = run(scenario())
+    assert engine.batches == [[4, 5, 6, 6, 6, 6, 6, 6]]  # the last row repeated up to the bucket
+    assert out.tolist() == [48, 58, 68]
+    assert padded_size(5, (1, 2, 4, 8, 16)) == 8 and padded_size(16, (1, 2, 4, 8, 16)) == 16
+    assert padded_size(5, ()) == 5
 
 
 def test_rows_leave_earliest_deadline_first():
-    engine = RecordingEngine()
+    engine = FakeEngine()
 
     async def scenario():
-        batcher = DynamicBatcher(engine, 2, 50.0)  # batches of 2 rows, a long wait so all four are queued
-        batcher.start()
+        batcher = await started(engine, max_batch_size=2, delay_ms=50.0)  # all four queued before the first batch
         now = time.monotonic()
-        # arrivals: late deadlines first, then an older request's next step (earlier deadline)
-        calls = [batcher.infer({"x": np.full((1, 1), tag, np.float32)}, now + deadline)
+        calls = [batcher.infer(tagged(tag), now + deadline)
                  for tag, deadline in ((1, 40.0), (2, 30.0), (3, 10.0), (4, 20.0))]
         outputs = await asyncio.gather(*calls)
         await batcher.stop()
         return outputs
 
     outputs = run(scenario())
-    assert [o[0, 0] for o in outputs] == [1, 2, 3, 4]  # every caller got its own row back
+    assert [o[0] for o in outputs] == [12, 22, 32, 42]  # every caller got its own row back
     assert engine.batches == [[3, 4], [2, 1]]
 
 
-def test_the_batcher_learns_what_each_batch_size_costs(engine):
+def test_expired_rows_are_dropped_before_they_run():
+    engine = FakeEngine()
+
     async def scenario():
-        batcher = DynamicBatcher(engine, 64, 1.0)
-        batcher.start()
-        await batcher.infer(rows(list(range(10)) * 3), time.monotonic() + 30)
+        batcher = await started(engine, delay_ms=100.0)
+        with pytest.raises(DeadlineExceeded):
+            await batcher.infer(tagged(1), time.monotonic() + 0.01)  # expires while the batch gathers
+        await batcher.stop()
+
+    run(scenario())
+    assert engine.batches == []
+
+
+def test_rows_of_a_cancelled_request_are_skipped():
+    engine = FakeEngine()
+
+    async def scenario():
+        metrics = Metrics()
+        batcher = await started(engine, delay_ms=50.0, metrics=metrics)
+        gone = asyncio.ensure_future(batcher.infer(tagged(1, 2), far()))
+        kept = asyncio.ensure_future(batcher.infer(tagged(3), far()))
+        await asyncio.sleep(0)
+        gone.cancel()  # the client left while its rows waited
+        out = await kept
+        await batcher.stop()
+        return out, metrics.rejected.labels(reason="cancelled")._value.get()
+
+    out, skipped = run(scenario())
+    assert engine.batches == [[3]] and out.tolist() == [31] and skipped == 1
+
+
+def test_an_engine_error_fails_only_its_batch():
+    engine = FakeEngine()
+
+    async def scenario():
+        metrics = Metrics()
+        batcher = await started(engine, max_batch_size=2, delay_ms=20.0, metrics=metrics)
+        bad = asyncio.ensure_future(batcher.infer(tagged(-1, 5), far()))
+        good = asyncio.ensure_future(batcher.infer(tagged(7, 8), far()))  # the next batch
+        with pytest.raises(EngineFailure, match="failed on a batch of 2 rows"):
+            await bad
+        out = await good
+        await batcher.stop()
+        return out, metrics.engine(engine.name).engine_errors._value.get()
+
+    out, errors = run(scenario())
+    assert out.tolist() == [72, 82] and errors == 1
+
+
+def test_the_batcher_learns_what_each_batch_size_costs():
+    async def scenario():
+        batcher = await started(FakeEngine())
+        await batcher.infer(tagged(*range(30)), far())
         await batcher.stop()
         return batcher.cost
 
@@ -125,37 +173,26 @@ def test_the_batcher_learns_what_each_batch_size_costs(engine):
     assert cost.measured and cost.seconds(30) > 0 and cost.seconds_per_row() > 0
 
 
-def test_expired_rows_are_dropped_before_they_run(engine):
-    async def scenario():
-        batcher = DynamicBatcher(engine, 64, 100.0)
-        batcher.start()
-        with pytest.raises(DeadlineExceeded):
-            await batcher.infer(rows([1]), time.monotonic() + 0.01)  # expires while the batch gathers
-        await batcher.stop()
-
-    run(scenario())
-
-
-def test_padding_to_buckets():
-    assert padded_size(5, (1, 2, 4, 8, 16)) == 8
-    assert padded_size(16, (1, 2, 4, 8, 16)) == 16
-    assert padded_size(5, ()) == 5
-
-
-def test_padded_batches_return_the_right_rows():
+@pytest.mark.skipif(not (BUNDLE / "manifest.json").is_file(), reason=f"no bundle at {BUNDLE}")
+def test_the_real_engine_batched_equals_the_real_engine_alone():
     engine = OnnxRuntimeEngine(BUNDLE / "student_w1.5.onnx", "student", max_batch=64)
-    engine.buckets = (8, 16, 32, 64)  # as the TensorRT provider would ask for
+    rng = np.random.default_rng(0)
+
+    def rows(n, seed):
+        generator = np.random.default_rng(seed)
+        return {"x": generator.standard_normal((n, 1, 8, 8), dtype=np.float32), "t": np.ones(n, np.float32),
+                "s": np.zeros(n, np.float32), "label": generator.integers(0, 10, n)}
+
+    requests = [rows(int(rng.integers(1, 4)), seed) for seed in range(12)]
 
     async def scenario():
-        batcher = DynamicBatcher(engine, 64, 1.0)
-        batcher.start()
-        request = rows([1, 2, 3], seed=5)
-        out = await batcher.infer(request, time.monotonic() + 30)
+        batcher = await started(engine, delay_ms=50.0)
+        outputs = await asyncio.gather(*(batcher.infer(r, far()) for r in requests))
         await batcher.stop()
-        return request, out
+        return outputs
 
-    request, out = run(scenario())
-    assert out.shape[0] == 3 and np.abs(out - engine.run(request)).max() <= 1e-5
+    for request, output in zip(requests, run(scenario()), strict=True):
+        assert np.abs(output - engine.run(request)).max() <= 1e-5
 
 
 def test_noise_follows_the_documented_recipe():

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving import BUNDLE, ROOT, Server
+from serving import BUNDLE, ROOT, Server, in_process
 
 pytestmark = pytest.mark.skipif(not (BUNDLE / "manifest.json").is_file(), reason=f"no bundle at {BUNDLE}")
 
@@ -221,86 +221,87 @@ def test_a_disconnected_client_has_its_work_dropped(server):
 
 
 # -- overload, deadlines, keys --------------------------------------------------------------------
-def teacher_rows_computed(srv: Server) -> float:
-    return srv.metric("flowmap_inference_count_total", engine="teacher")
+def teacher_rows_computed(service) -> float:
+    return service.metrics.engine("teacher").inference_count._value.get()
 
 
-def crowd_of(srv: Server, body: dict, count: int) -> list[httpx.Response]:
-    async def crowd():
-        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=count)) as client:
-            return await asyncio.gather(*(client.post(srv.url + "/v1/generate", json=body) for _ in range(count)))
+async def crowd_of(client, body: dict, count: int) -> list[httpx.Response]:
+    return await asyncio.gather(*(client.post("/v1/generate", json=body) for _ in range(count)))
 
-    return asyncio.run(crowd())
+
+TEACHER_CROWD = {"labels": [1, 2, 3, 4], "steps": 30, "model": "digits-teacher"}
 
 
 def test_admission_is_per_request_and_refusals_cost_no_engine_work():
-    # no waiting at the door: a full queue refuses at once
-    srv = Server("--max-queue-size", "8", "--max-batch-size", "4", "--max-queue-delay-ms", "20",
-                 "--max-admission-wait-s", "0").wait_ready()
-    try:
-        before = teacher_rows_computed(srv)
-        body = {"labels": [1, 2, 3, 4], "steps": 30, "model": "digits-teacher"}
-        responses = crowd_of(srv, body, 40)
-        codes = [r.status_code for r in responses]
-        assert set(codes) <= {200, 429} and codes.count(429) > 0 and codes.count(200) > 0
-        for r in responses:
-            if r.status_code == 429:
-                assert int(r.headers["Retry-After"]) >= 1 and "queue is full" in r.json()["error"]["message"]
-            else:
-                assert len(r.json()["images"]) == 4
-        # every teacher row the engine ran belongs to an answered request: nothing was refused half-way
-        assert teacher_rows_computed(srv) - before == codes.count(200) * 4 * 30
-        # a request larger than the whole queue can never be admitted: 413 naming the field, no Retry-After
-        too_big = post(srv.url, "/v1/generate", {"labels": [1] * 9})
-        assert too_big.status_code == 413 and "Retry-After" not in too_big.headers
-        assert too_big.json()["error"]["param"] == "labels"
-        assert "9 rows exceed the whole student@1.5 queue of 8 rows" in too_big.json()["error"]["message"]
-    finally:
-        srv.stop()
+    async def scenario():  # no waiting at the door: a full queue refuses at once
+        async with in_process(max_queue_size=8, max_batch_size=4, max_queue_delay_ms=20,
+                              max_admission_wait_s=0) as (client, service):
+            before = teacher_rows_computed(service)
+            responses = await crowd_of(client, TEACHER_CROWD, 40)
+            computed = teacher_rows_computed(service) - before
+            too_big = await client.post("/v1/generate", json={"labels": [1] * 9})
+            return responses, computed, too_big
+
+    responses, computed, too_big = asyncio.run(scenario())
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 429} and codes.count(429) > 0 and codes.count(200) > 0
+    for r in responses:
+        if r.status_code == 429:
+            assert int(r.headers["Retry-After"]) >= 1 and "queue is full" in r.json()["error"]["message"]
+        else:
+            assert len(r.json()["images"]) == 4
+    # every teacher row the engine ran belongs to an answered request: nothing was refused half-way
+    assert computed == codes.count(200) * 4 * 30
+    # a request larger than the whole queue can never be admitted: 413 naming the field, no Retry-After
+    assert too_big.status_code == 413 and "Retry-After" not in too_big.headers
+    assert too_big.json()["error"]["param"] == "labels"
+    assert "9 rows exceed the whole student@1.5 queue of 8 rows" in too_big.json()["error"]["message"]
 
 
 def test_a_full_queue_makes_requests_wait_their_turn_instead_of_failing():
-    srv = Server("--max-queue-size", "8", "--max-batch-size", "4", "--max-admission-wait-s", "20").wait_ready()
-    try:
-        before = teacher_rows_computed(srv)
-        responses = crowd_of(srv, {"labels": [1, 2, 3, 4], "steps": 30, "model": "digits-teacher"}, 40)
-        assert [r.status_code for r in responses] == [200] * 40
-        assert teacher_rows_computed(srv) - before == 40 * 4 * 30
-    finally:
-        srv.stop()
+    async def scenario():
+        async with in_process(max_queue_size=8, max_batch_size=4, max_admission_wait_s=20) as (client, service):
+            before = teacher_rows_computed(service)
+            responses = await crowd_of(client, TEACHER_CROWD, 40)
+            return responses, teacher_rows_computed(service) - before
+
+    responses, computed = asyncio.run(scenario())
+    assert [r.status_code for r in responses] == [200] * 40
+    assert computed == 40 * 4 * 30
 
 
 def test_concurrent_teacher_requests_are_admitted_only_if_they_can_finish():
     """Requests that together cannot finish by the deadline: some are refused at the door, and every
     admitted one finishes (sharing the engine fairly would have made all of them miss)."""
-    srv = Server("--request-timeout-s", "4", "--max-admission-wait-s", "0").wait_ready()
-    try:
-        body = {"labels": list(range(10)) * 25, "steps": 20, "model": "digits-teacher"}
-        tick = time.perf_counter()
-        assert post(srv.url, "/v1/generate", body).status_code == 200
-        per_step = (time.perf_counter() - tick) / 20
-        body["steps"] = max(20, min(1000, int(1.6 / per_step)))  # about 1.6 s alone: 40% of the deadline
-        responses = crowd_of(srv, body, 4)
-        codes = [r.status_code for r in responses]
-        assert set(codes) <= {200, 429} and 200 in codes, codes
-        for r in responses:
-            if r.status_code == 429:
-                assert "deadline" in r.json()["error"]["message"] and int(r.headers["Retry-After"]) >= 1
-    finally:
-        srv.stop()
+    async def scenario():
+        async with in_process(request_timeout_s=4, max_admission_wait_s=0) as (client, _):
+            body = {"labels": list(range(10)) * 25, "steps": 20, "model": "digits-teacher"}
+            tick = time.perf_counter()
+            assert (await client.post("/v1/generate", json=body)).status_code == 200
+            per_step = (time.perf_counter() - tick) / 20
+            body["steps"] = max(20, min(1000, int(1.6 / per_step)))  # about 1.6 s alone: 40% of the deadline
+            return await crowd_of(client, body, 4)
+
+    responses = asyncio.run(scenario())
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 429} and 200 in codes, codes
+    for r in responses:
+        if r.status_code == 429:
+            assert "deadline" in r.json()["error"]["message"] and int(r.headers["Retry-After"]) >= 1
 
 
 def test_work_that_cannot_finish_within_the_timeout_is_refused_up_front():
-    srv = Server("--request-timeout-s", "0.3").wait_ready()
-    try:
-        response = post(srv.url, "/v1/generate", {"labels": list(range(10)) * 6, "steps": 1000,
-                                                  "model": "digits-teacher"})
-        error = response.json()["error"]
-        assert response.status_code == 422 and error["param"] == "steps"
-        assert "more than the 0.3 s request timeout" in error["message"]
-        assert post(srv.url, "/v1/generate", {"labels": [1]}).status_code == 200  # and the server is fine
-    finally:
-        srv.stop()
+    async def scenario():
+        async with in_process(request_timeout_s=0.3) as (client, _):
+            refused = await client.post("/v1/generate", json={"labels": list(range(10)) * 6, "steps": 1000,
+                                                              "model": "digits-teacher"})
+            return refused, await client.post("/v1/generate", json={"labels": [1]})
+
+    refused, fine = asyncio.run(scenario())
+    error = refused.json()["error"]
+    assert refused.status_code == 422 and error["param"] == "steps"
+    assert "more than the 0.3 s request timeout" in error["message"]
+    assert fine.status_code == 200  # and the server is fine
 
 
 def test_a_queue_smaller_than_a_batch_is_refused_at_start():
