@@ -95,7 +95,21 @@ def export_onnx(graph: nn.Module, inputs: dict[str, torch.Tensor], path: str | P
             external_data=False, verbose=False,
         )
         program.save(str(path), external_data=False)
+    strip_source_metadata(path)
     return path
+
+
+def strip_source_metadata(path: Path) -> None:
+    """Drop what the exporter records of our source (stack traces with file paths and line numbers,
+    FX node text): the graph then depends only on the weights and the operations, so the same
+    training run gives byte-identical bundles whatever the checkout's path or later code edits."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        del node.metadata_props[:]
+    del model.metadata_props[:]
+    onnx.save(model, str(path))
 
 
 def _session(path: Path):
