@@ -92,7 +92,8 @@ def cmd_teacher(argv: list[str]) -> int:
     from flowmap.recipe import Recipe
 
     recipe = Recipe()
-    parser = argparse.ArgumentParser("flowmap teacher", description="Train a flow-matching teacher (docs/methods.md §1).")
+    parser = argparse.ArgumentParser("flowmap teacher",
+                                     description="Train a flow-matching teacher (docs/methods.md §1).")
     parser.add_argument("--data", default="digits", help="'digits', 'toy', an .npz or a folder of class folders")
     parser.add_argument("--out", required=True, help="run directory (resumed if it holds a checkpoint)")
     add_config_flags(parser, NetConfig, recipe.net, skip=("shape", "num_classes", "extras"), title="network")
