@@ -1,0 +1,85 @@
+"""Images out, in the format a request asks for (OpenAI Images: `output_format` png | jpeg | webp,
+`output_compression` 0-100), encoded off the event loop in a bounded thread pool.
+
+The encoders are the fastest `flowmap bench stages` measured here (docs/stages.md): simplejpeg for
+JPEG, Pillow for WebP, and for PNG our own writer for the small images of class bundles (it beats
+Pillow there) and Pillow with fast compression above 64x64. All of them release the GIL while they
+encode, so threads run them in parallel. A format's bytes depend only on the pixels and the settings:
+the same seed gives the same bytes in any batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.imaging import png_bytes, to_uint8
+
+FORMATS = ("png", "jpeg", "webp")
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+# OpenAI's default: 100 is the least compression (the best quality) for jpeg and webp
+DEFAULT_COMPRESSION = 100
+OWN_PNG_MAX_PIXELS = 64 * 64  # our PNG writer wins up to about this size, Pillow's beyond
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    format: str = "png"
+    compression: int = DEFAULT_COMPRESSION  # jpeg/webp quality 0-100; ignored by png, which is lossless
+    upscale: int = 1  # whole-number nearest-neighbour upscaling before encoding
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"output_format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if not 0 <= self.compression <= 100:
+            raise ValueError(f"output_compression must lie in 0..100, got {self.compression}")
+
+
+def encode_image(pixels: np.ndarray, output: OutputFormat) -> bytes:
+    """One [H, W, C] uint8 image (C = 1 or 3) as bytes of `output.format`."""
+    if output.upscale > 1:
+        pixels = pixels.repeat(output.upscale, axis=0).repeat(output.upscale, axis=1)
+    if output.format == "png" and pixels.shape[0] * pixels.shape[1] <= OWN_PNG_MAX_PIXELS:
+        return png_bytes(pixels)
+    if output.format == "jpeg":
+        import simplejpeg
+
+        colorspace = "GRAY" if pixels.shape[2] == 1 else "RGB"
+        return simplejpeg.encode_jpeg(np.ascontiguousarray(pixels), quality=max(1, output.compression),
+                                      colorspace=colorspace, colorsubsampling="444" if colorspace == "GRAY"
+                                      else "420")
+    from PIL import Image
+
+    image = Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels)
+    buffer = io.BytesIO()
+    if output.format == "png":
+        image.save(buffer, format="PNG", compress_level=1)
+    else:
+        image.save(buffer, format="WEBP", quality=output.compression, method=0)
+    return buffer.getvalue()
+
+
+def encode_b64(images: np.ndarray, output: OutputFormat) -> list[str]:
+    """[N, C, H, W] images in [-1, 1] -> base64 strings of the encoded images."""
+    return [base64.b64encode(encode_image(pixels, output)).decode() for pixels in to_uint8(images)]
+
+
+class Encoder:
+    """A bounded pool of encoding threads: a request's images are encoded in one job, at most
+    `workers` jobs at a time, and the event loop never waits on an encoder."""
+
+    def __init__(self, workers: int):
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="encode")
+        self.slots = asyncio.Semaphore(workers)
+
+    async def encode(self, images: np.ndarray, output: OutputFormat) -> list[str]:
+        async with self.slots:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, encode_b64, images, output)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
