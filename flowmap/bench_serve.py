@@ -160,12 +160,12 @@ def account(run: dict, raw: dict, encoding_ms: float, images_per_request: int) -
 def encoding_cost_ms(bundle_dir: str, images: int = 2000) -> float:
     """Milliseconds of PNG + base64 encoding per image, in process."""
     from export.bundle import read_bundle
-    from server.imaging import b64_png
+    from server.encoding import OutputFormat, encode_b64
 
     shape = read_bundle(bundle_dir).image_shape
     batch = np.random.default_rng(0).uniform(-1, 1, (images, *shape)).astype(np.float32)
     started = time.perf_counter()
-    b64_png(batch)
+    encode_b64(batch, OutputFormat())
     return 1000 * (time.perf_counter() - started) / images
 
 

@@ -322,6 +322,8 @@ BENCHES = {
                 "flowmap.bench_distill", "DistillBenchConfig", "run_distill_bench",
                 lambda report: [{k: m[k] for k in ("method", "fd_1nfe", "fd_2nfe", "sec_per_step")}
                                 for m in report["methods"]]),
+    "stages": ("what each request stage costs at real sizes: denoisers, VAE decoders, image encoders",
+               "flowmap.bench_stages", "StagesBenchConfig", "run_stages_bench", lambda r: r["encoders"]),
     "recipe": ("seconds per training step and the projected run time of a few network sizes on your data",
                "flowmap.bench_recipe", "RecipeBenchConfig", "run_recipe_bench", lambda report: report["presets"]),
 }

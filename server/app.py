@@ -19,6 +19,7 @@ from export.bundle import read_bundle
 from server.admission import Admission, Overloaded, RequestTooLarge, Ticket
 from server.batcher import DeadlineExceeded, DynamicBatcher, EngineFailure
 from server.door import Door
+from server.encoding import Encoder
 from server.engines import build_engines
 from server.errors import error_for
 from server.fast_path import FastPath
@@ -74,6 +75,7 @@ def create_app(settings: Settings | None = None, mount_ui: bool | None = None) -
                                                  service.metrics)
                             for name, engine in engines.items()}
         service.admission = Admission.for_batchers(service.batchers, settings, service.metrics)
+        service.encoder = Encoder(settings.encode_workers)
         for batcher in service.batchers.values():
             batcher.start()
         warming = asyncio.create_task(warm_up_or_stop(service, app.state.stop))
@@ -83,6 +85,7 @@ def create_app(settings: Settings | None = None, mount_ui: bool | None = None) -
             service.draining = True
             warming.cancel()
             await asyncio.gather(*(b.stop() for b in service.batchers.values()))
+            service.encoder.close()
 
     # telemetry off: our own Prometheus metrics cover the routes, and its per-request checks cost CPU
     app = FastAPI(title="flowmap-serve", version="0.1.0", lifespan=lifespan,

@@ -1,11 +1,14 @@
 """Images out, in the format a request asks for (OpenAI Images: `output_format` png | jpeg | webp,
 `output_compression` 0-100), encoded off the event loop in a bounded thread pool.
 
-The encoders are the fastest `flowmap bench stages` measured here (docs/stages.md): simplejpeg for
-JPEG, Pillow for WebP, and for PNG our own writer for the small images of class bundles (it beats
-Pillow there) and Pillow with fast compression above 64x64. All of them release the GIL while they
-encode, so threads run them in parallel. A format's bytes depend only on the pixels and the settings:
-the same seed gives the same bytes in any batch.
+The encoders are what `flowmap bench stages` measured fastest on a photograph (docs/stages.md): for
+JPEG simplejpeg with 4:2:0 subsampling (as fast as PyTurboJPEG, which needs a system libjpeg-turbo 3,
+and unlike Pillow it releases the GIL); for WebP Pillow at method 0 (2.5x faster than its default for
+about 10% more bytes); for PNG our own writer up to 128x128 (three times Pillow's speed on the
+small images class bundles serve) and Pillow at compression level 1 above (as fast as ours there, and
+smaller). Large requests are encoded in a bounded thread pool, since those encoders release the GIL;
+small ones inline, where the hop to a thread would cost more than the encoding. A format's bytes
+depend only on the pixels and the settings: the same seed gives the same bytes in any batch.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ FORMATS = ("png", "jpeg", "webp")
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 # OpenAI's default: 100 is the least compression (the best quality) for jpeg and webp
 DEFAULT_COMPRESSION = 100
-OWN_PNG_MAX_PIXELS = 64 * 64  # our PNG writer wins up to about this size, Pillow's beyond
+OWN_PNG_MAX_PIXELS = 128 * 128  # our PNG writer wins up to this size, Pillow's level 1 beyond
+INLINE_MAX_PIXELS = 128 * 128  # a request with fewer pixels in all is encoded on the event loop
 
 
 @dataclass(frozen=True)
@@ -51,8 +55,7 @@ def encode_image(pixels: np.ndarray, output: OutputFormat) -> bytes:
 
         colorspace = "GRAY" if pixels.shape[2] == 1 else "RGB"
         return simplejpeg.encode_jpeg(np.ascontiguousarray(pixels), quality=max(1, output.compression),
-                                      colorspace=colorspace, colorsubsampling="444" if colorspace == "GRAY"
-                                      else "420")
+                                      colorspace=colorspace, colorsubsampling="420")
     from PIL import Image
 
     image = Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels)
@@ -71,13 +74,15 @@ def encode_b64(images: np.ndarray, output: OutputFormat) -> list[str]:
 
 class Encoder:
     """A bounded pool of encoding threads: a request's images are encoded in one job, at most
-    `workers` jobs at a time, and the event loop never waits on an encoder."""
+    `workers` jobs at a time (the rest wait their turn), so the event loop never waits on an encoder."""
 
     def __init__(self, workers: int):
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="encode")
         self.slots = asyncio.Semaphore(workers)
 
     async def encode(self, images: np.ndarray, output: OutputFormat) -> list[str]:
+        if images[0, 0].size * output.upscale ** 2 * len(images) <= INLINE_MAX_PIXELS:
+            return encode_b64(images, output)
         async with self.slots:
             return await asyncio.get_running_loop().run_in_executor(self.pool, encode_b64, images, output)
 

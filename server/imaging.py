@@ -39,10 +39,6 @@ def png_bytes(pixels: np.ndarray, scale: int = 1) -> bytes:
             + _chunk(b"IEND", b""))
 
 
-def b64_png(images: np.ndarray, scale: int = 1) -> list[str]:
-    return [base64.b64encode(png_bytes(p, scale)).decode() for p in to_uint8(images)]
-
-
 def b64_npy(array: np.ndarray) -> str:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)

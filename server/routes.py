@@ -11,18 +11,20 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from server.encoding import DEFAULT_COMPRESSION, OutputFormat
 from server.imaging import b64_npy, parse_size
 from server.noise import MAX_SEED, random_seeds
 from server.schemas import (
     GenerateRequest,
     GenerateResponse,
+    ImageOutput,
     ImagesRequest,
     ImagesResponse,
     SearchRequest,
     SearchResponse,
 )
 from server.service import ApiError, Service, until_disconnect
-from server.stages import EncodePNG, State, plan_generation, plan_search
+from server.stages import EncodeImages, State, plan_generation, plan_search
 
 router = APIRouter()
 
@@ -53,6 +55,12 @@ def consecutive_seeds(seed: int | None, count: int, param: str = "seed") -> list
     return [seed + i for i in range(count)]
 
 
+def output_of(svc: Service, body: ImageOutput) -> OutputFormat:
+    """The encoding a request asks for (format, quality, upscaling to its `size`)."""
+    return OutputFormat(body.output_format, DEFAULT_COMPRESSION if body.output_compression is None
+                        else body.output_compression, upscale(svc, body.size))
+
+
 @dataclass
 class Generation:
     """A generation request, checked: the one planning step both generation routes share."""
@@ -60,20 +68,20 @@ class Generation:
     kind: str  # "student" or "teacher"
     guidance_scale: float
     steps: int
-    upscale: int
+    output: OutputFormat
 
     @classmethod
-    def resolve(cls, svc: Service, model: str | None, guidance: float | None, steps: int | None,
-                size: str | None) -> Generation:
+    def resolve(cls, svc: Service, body: ImagesRequest | GenerateRequest) -> Generation:
         svc.check_ready()
-        kind = svc.resolve_model(model)
-        return cls(kind, svc.resolve_guidance(kind, guidance), svc.resolve_steps(kind, steps), upscale(svc, size))
+        kind = svc.resolve_model(body.model)
+        return cls(kind, svc.resolve_guidance(kind, body.guidance), svc.resolve_steps(kind, body.steps),
+                   output_of(svc, body))
 
     async def run(self, svc: Service, request: Request, labels: list[int], seeds: list[int], rows_param: str,
                   encode: bool = True) -> State:
-        """Plan the stages, admit them, run them; the state holds the images (and their PNGs)."""
+        """Plan the stages, admit them, run them; the state holds the images (and their encodings)."""
         stages = plan_generation(svc.bundle.image_shape, self.kind, self.guidance_scale, self.steps, len(labels),
-                                 rows_param, EncodePNG(self.upscale) if encode else None)
+                                 rows_param, EncodeImages(svc.encoder, self.output) if encode else None)
         state = State(seeds, np.asarray(labels, dtype=np.int64))
         deadline = svc.deadline()
         await until_disconnect(request, svc.execute(stages, state, deadline), deadline)
@@ -85,21 +93,21 @@ class Generation:
 async def images_generations(body: ImagesRequest, request: Request):
     """OpenAI Images API: `prompt` names a class; `n` images from consecutive seeds."""
     svc = service(request)
-    generation = Generation.resolve(svc, body.model, body.guidance, body.steps, body.size)
+    generation = Generation.resolve(svc, body)
     label = svc.resolve_label(body.prompt, "prompt")
     seeds = consecutive_seeds(body.seed, body.n)
     state = await generation.run(svc, request, [label] * body.n, seeds, "n")
     name = svc.bundle.classes[label]
-    return fast_json({"created": int(time.time()), "data": [
-        {"b64_json": png, "revised_prompt": name, "seed": seed}
-        for png, seed in zip(state.encoded, seeds, strict=True)]})
+    return fast_json({"created": int(time.time()), "output_format": body.output_format, "data": [
+        {"b64_json": image, "revised_prompt": name, "seed": seed}
+        for image, seed in zip(state.encoded, seeds, strict=True)]})
 
 
 @router.post("/v1/generate", response_model=GenerateResponse, response_model_exclude_none=True, tags=["generation"])
 async def generate(body: GenerateRequest, request: Request):
     """Native batch form: one image per label, from the given or random seeds."""
     svc = service(request)
-    generation = Generation.resolve(svc, body.model, body.guidance, body.steps, body.size)
+    generation = Generation.resolve(svc, body)
     labels = [svc.resolve_label(value, f"labels[{i}]") for i, value in enumerate(body.labels)]
     seeds = svc.check_seeds(body.seeds, len(labels)) if body.seeds is not None else random_seeds(len(labels))
     tick = time.perf_counter()
@@ -110,7 +118,7 @@ async def generate(body: GenerateRequest, request: Request):
               "timings": timing}
     if body.format == "raw":
         return fast_json({**answer, "arrays": state.x.clip(-1, 1)})
-    return fast_json({**answer, "images": state.encoded})
+    return fast_json({**answer, "images": state.encoded, "output_format": body.output_format})
 
 
 @router.post("/v1/search", response_model=SearchResponse, response_model_exclude_none=True, tags=["search"])
@@ -130,7 +138,7 @@ async def search(body: SearchRequest, request: Request):
         raise ApiError(422, f"top_k: must lie in 1..n ({body.n}), got {body.top_k}", "top_k")
     seeds = svc.check_seeds(body.seeds, body.n) if body.seeds is not None else consecutive_seeds(body.seed, body.n)
     stages = plan_search(svc.bundle.image_shape, guidance_scale, body.n, body.student_steps, body.top_k,
-                         body.teacher_steps, EncodePNG(upscale(svc, body.size)))
+                         body.teacher_steps, EncodeImages(svc.encoder, output_of(svc, body)))
     state = State(seeds, np.full(body.n, label, np.int64))
     tick, deadline = time.perf_counter(), svc.deadline()
     timings = await until_disconnect(request, svc.execute(stages, state, deadline), deadline)
@@ -139,7 +147,7 @@ async def search(body: SearchRequest, request: Request):
     svc.metrics.search_candidates.inc(body.n)
     answer = {
         "model": svc.bundle.name, "label": label, "guidance": guidance_scale, "chosen_seeds": chosen_seeds,
-        "images": state.encoded, "final_scores": [float(s) for s in state.scores],
+        "images": state.encoded, "output_format": body.output_format, "final_scores": [float(s) for s in state.scores],
         "candidates": [{"seed": s, "score": c} for s, c in zip(seeds, state.candidate_scores, strict=True)],
         "stages": [t.as_dict() for t in timings], "total_nfe": sum(t.nfe for t in timings),
         "seconds": round(time.perf_counter() - tick, 6)}

@@ -22,7 +22,15 @@ Model = Field(None, max_length=200, description="the bundle name (student) or <n
 Size = Field(None, max_length=32, description='native ("8x8") or a whole multiple ("64x64"), nearest-neighbour')
 
 
-class ImagesRequest(BaseModel):
+class ImageOutput(BaseModel):
+    """How the images come back, as the OpenAI Images API asks for them."""
+
+    output_format: Literal["png", "jpeg", "webp"] = Field("png", description="the images' encoding")
+    output_compression: int | None = Field(None, ge=0, le=100, description="jpeg and webp quality, 0..100 (100, "
+                                           "the default, compresses least); png is lossless and ignores it")
+
+
+class ImagesRequest(ImageOutput):
     """OpenAI Images API request; `prompt` names a class. Extras: seed, steps, guidance."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
@@ -45,9 +53,10 @@ class ImageData(BaseModel):
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
+    output_format: str
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(ImageOutput):
     """Native batch form: one image per label."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -56,7 +65,8 @@ class GenerateRequest(BaseModel):
     steps: int | None = Field(None, description=STEPS_HELP)
     model: str | None = Model
     guidance: float | None = None
-    format: Literal["png", "raw"] = Field("png", description="png (base64) or raw float arrays [C, H, W] in [-1, 1]")
+    format: Literal["png", "raw"] = Field("png", description="encoded images (base64, in output_format) or raw "
+                                          "float arrays [C, H, W] in [-1, 1]")
     size: str | None = Size
 
 
@@ -66,11 +76,12 @@ class GenerateResponse(BaseModel):
     steps: int
     seeds: list[int]
     images: list[str] | None = None
+    output_format: str | None = None
     arrays: list[list[list[list[float]]]] | None = None
     timings: dict[str, float]
 
 
-class SearchRequest(BaseModel):
+class SearchRequest(ImageOutput):
     """Best-of-N noise search: N student candidates, verifier scores, top_k, optional teacher."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -98,6 +109,7 @@ class SearchResponse(BaseModel):
     guidance: float
     chosen_seeds: list[int]
     images: list[str]
+    output_format: str
     final_scores: list[float]
     candidates: list[Candidate]
     noise: list[str] | None = None

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from export.bundle import Bundle
 from server.admission import Admission, Ticket
 from server.batcher import DynamicBatcher
+from server.encoding import Encoder
 from server.metrics import Metrics
 from server.noise import MAX_SEED
 from server.schemas import DEFAULT_TEACHER_STEPS, MAX_STUDENT_STEPS, MAX_TEACHER_STEPS
@@ -46,6 +47,7 @@ class Service:
         self.settings, self.bundle, self.metrics = settings, bundle, metrics
         self.batchers: dict[str, DynamicBatcher] = {}
         self.admission: Admission | None = None
+        self.encoder: Encoder | None = None
         self.ready = False
         self.failure: str | None = None  # why the warm-up failed, if it did
         self.draining = False

@@ -19,8 +19,8 @@ from typing import Protocol
 import numpy as np
 
 from server.admission import Need, Ticket
+from server.encoding import Encoder, OutputFormat
 from server.engines import student_engine
-from server.imaging import b64_png
 from server.noise import noise_for
 
 
@@ -175,22 +175,23 @@ class KeepBest:
 
 
 @dataclass
-class EncodePNG:
-    """The images as base64 PNGs, upscaled by pixel repetition."""
+class EncodeImages:
+    """The images as base64 bytes of the requested format, off the event loop (server/encoding.py)."""
 
-    upscale: int = 1
+    encoder: Encoder
+    output: OutputFormat
     name: str = "encode"
 
     def needs(self) -> list[Need]:
         return []
 
     async def run(self, state: State, call, ticket: Ticket) -> int:
-        state.encoded = b64_png(state.x, self.upscale)
+        state.encoded = await self.encoder.encode(state.x, self.output)
         return 0
 
 
 def plan_generation(shape: tuple[int, ...], kind: str, guidance_scale: float, steps: int, rows: int,
-                    rows_param: str, encode: EncodePNG | None) -> list[Stage]:
+                    rows_param: str, encode: EncodeImages | None) -> list[Stage]:
     """Generation: noise, denoise with the student or the teacher, then encode (unless raw arrays are
     asked for)."""
     denoise = (TeacherSteps(steps, rows, rows_param) if kind == "teacher"
@@ -199,7 +200,7 @@ def plan_generation(shape: tuple[int, ...], kind: str, guidance_scale: float, st
 
 
 def plan_search(shape: tuple[int, ...], guidance_scale: float, count: int, student_steps: int, top_k: int,
-                teacher_steps: int, encode: EncodePNG) -> list[Stage]:
+                teacher_steps: int, encode: EncodeImages) -> list[Stage]:
     """Best-of-N: noise, N student candidates, their scores, the best top_k, optionally the teacher
     from their noise and its scores, then encode the kept images."""
     stages = [Noise(shape), StudentJumps(student_steps, count, "n", "student_steps", guidance_scale=guidance_scale),

@@ -74,6 +74,33 @@ def test_raw_format_matches_png(server):
     assert np.array_equal(png_pixels(png["images"][0]), expected)
 
 
+@pytest.mark.parametrize(("output_format", "pil_format"), [("jpeg", "JPEG"), ("webp", "WEBP"), ("png", "PNG")])
+def test_output_formats_decode_to_the_same_image(server, output_format, pil_format):
+    size, seeds = "128x128", [31, 32]
+    reference = post(server.url, "/v1/generate", {"labels": [2, 5], "seeds": seeds, "format": "raw"}).json()
+    body = {"prompt": "2", "n": 1, "seed": 31, "size": size, "output_format": output_format}
+    answer = post(server.url, "/v1/images/generations", body).json()
+    assert answer["output_format"] == output_format
+    image = Image.open(io.BytesIO(base64.b64decode(answer["data"][0]["b64_json"])))
+    assert image.format == pil_format and image.size == (128, 128)
+    expected = np.rint((np.asarray(reference["arrays"][0][0]) + 1) * 127.5).repeat(16, 0).repeat(16, 1)
+    error = np.abs(np.asarray(image.convert("L"), np.float64) - expected)
+    assert error.mean() <= (0 if output_format == "png" else 6), f"{output_format}: mean error {error.mean():.2f}"
+    # the same seed gives the same bytes inside a batch of other seeds
+    batch = post(server.url, "/v1/generate", {"labels": [7, 2, 9], "seeds": [5, 31, 6], "size": size,
+                                               "output_format": output_format}).json()
+    assert batch["output_format"] == output_format and batch["images"][1] == answer["data"][0]["b64_json"]
+
+
+def test_lower_compression_makes_smaller_jpegs(server):
+    def size_at(compression):
+        body = {"labels": [8], "seeds": [3], "size": "128x128", "output_format": "jpeg",
+                "output_compression": compression}
+        return len(base64.b64decode(post(server.url, "/v1/generate", body).json()["images"][0]))
+
+    assert size_at(20) < size_at(100)
+
+
 # -- load -----------------------------------------------------------------------------------------
 def test_200_concurrent_requests_are_all_answered_in_shared_batches(server):
     rows_before = server.metric("flowmap_inference_count_total", engine="student@1.5")
@@ -163,6 +190,9 @@ def test_models_list(server):
     ("/v1/images/generations", {"prompt": "1", "n": "2"}, 422, 'n: Input should be a valid integer, got "2"'),
     ("/v1/images/generations", {"prompt": "1", "n": True}, 422, "n: Input should be a valid integer, got true"),
     ("/v1/search", {"label": 1, "n": 4, "seed": 1, "seeds": [1, 2, 3, 4]}, 422, "seeds: give seed"),
+    ("/v1/images/generations", {"prompt": "1", "output_format": "gif"}, 422, "output_format: Input should be"),
+    ("/v1/generate", {"labels": [1], "output_compression": 101}, 422, "output_compression must lie in 0..100"),
+    ("/v1/generate", {"labels": [1], "output_compression": -1}, 422, "output_compression must lie in 0..100"),
     ("/v1/generate", {"labels": [1], "model": "digits-teacher", "guidance": 1.0}, 422, "teacher graph has guidance"),
     ("/v1/generate", {"labels": [1], "colour": "red"}, 422, "colour"),
     ("/v1/search", {"label": 1, "n": 4, "top_k": 5}, 422, "top_k: must lie in 1..n (4)"),

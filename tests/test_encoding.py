@@ -1,0 +1,59 @@
+"""Image encodings: each format decodes to the pixels it was given (exactly for png), settings are
+checked, and the thread pool gives the same bytes as encoding inline."""
+
+import asyncio
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from server.encoding import Encoder, OutputFormat, encode_b64, encode_image
+
+
+def smooth_image(side: int, channels: int) -> np.ndarray:
+    ramp = np.linspace(0, 255, side, dtype=np.float64)
+    image = (ramp[:, None] + ramp[None, :]) / 2
+    return np.repeat(image[..., None], channels, axis=2).astype(np.uint8)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize(("fmt", "tolerance"), [("png", 0), ("jpeg", 3), ("webp", 3)])
+@pytest.mark.parametrize("side", [8, 256])
+def test_every_format_decodes_to_its_pixels(channels, fmt, tolerance, side):
+    pixels = smooth_image(side, channels)
+    decoded = np.asarray(Image.open(io.BytesIO(encode_image(pixels, OutputFormat(fmt)))).convert(
+        "L" if channels == 1 else "RGB"), np.float64)
+    error = np.abs(decoded - (pixels[..., 0] if channels == 1 else pixels)).mean()
+    assert error <= tolerance, f"{fmt}: mean error {error:.2f}"
+
+
+def test_upscaling_repeats_pixels():
+    pixels = smooth_image(8, 1)
+    decoded = np.asarray(Image.open(io.BytesIO(encode_image(pixels, OutputFormat("png", upscale=4)))))
+    assert decoded.shape == (32, 32) and np.array_equal(decoded[::4, ::4], pixels[..., 0])
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="output_format must be one of png, jpeg, webp"):
+        OutputFormat("gif")
+    with pytest.raises(ValueError, match="output_compression must lie in 0..100"):
+        OutputFormat("jpeg", 101)
+
+
+def test_the_pool_and_inline_encoding_give_the_same_bytes():
+    images = np.random.default_rng(0).uniform(-1, 1, (3, 3, 256, 256)).astype(np.float32)
+    small = images[:, :1, :8, :8]
+    output = OutputFormat("jpeg", 90)
+
+    async def scenario():
+        encoder = Encoder(2)
+        try:
+            return await encoder.encode(images, output), await encoder.encode(small, output)
+        finally:
+            encoder.close()
+
+    pooled, inline = asyncio.run(scenario())
+    assert pooled == encode_b64(images, output) and inline == encode_b64(small, output)
+    assert base64.b64decode(pooled[0])[:2] == b"\xff\xd8"  # a JPEG
