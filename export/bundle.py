@@ -3,6 +3,10 @@
 `Manifest` is the one model of manifest.json: export writes it (`save`), the TensorRT builder adds its
 engines to it, and the server reads it (`read_bundle`, which also resolves and hash-checks every file).
 Imports neither torch nor onnx: the server depends on this module alone.
+
+Format 1: the denoisers work on the images themselves. Format 2 adds an optional `decoder` graph:
+the denoisers work on latents (`latent`: their shape) that the decoder turns into images (`image`).
+A bundle without a decoder is written as format 1, which both formats' readers load.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 FORMAT = "flowmap-bundle/1"
+FORMAT_2 = "flowmap-bundle/2"
 MANIFEST = "manifest.json"
 VALUE_RANGE = [-1, 1]  # every image a bundle produces lies in [-1, 1] (the convention)
 
@@ -62,13 +67,20 @@ class Manifest:
     builder recorded; `provenance` is free-form (method, steps, source commit, configs, metrics)."""
 
     name: str
-    image_shape: tuple[int, int, int]  # (channels, height, width)
+    image_shape: tuple[int, int, int]  # (channels, height, width) of the images served and scored
     classes: list[str]
     students: list[GraphEntry]
     teacher: GraphEntry
     verifier: GraphEntry
     tensorrt: list[dict] = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
+    decoder: GraphEntry | None = None  # format 2: latent -> image
+    latent_shape: tuple[int, int, int] | None = None  # format 2: what the denoisers work on
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """What noise, the student and the teacher work on: the latent, or the image itself."""
+        return self.latent_shape or self.image_shape
 
     @classmethod
     def load(cls, root: str | Path) -> Manifest:
@@ -82,10 +94,16 @@ class Manifest:
             raise BundleError(f"{path} is not valid JSON: {err}") from err
         if not isinstance(raw, dict):
             raise BundleError(f"{path} must hold a JSON object")
-        if raw.get("format") != FORMAT:
-            raise BundleError(f"{path}: unknown format {raw.get('format')!r}; this server reads {FORMAT!r}")
+        if raw.get("format") not in (FORMAT, FORMAT_2):
+            raise BundleError(f"{path}: unknown format {raw.get('format')!r}; this server reads {FORMAT!r} and "
+                              f"{FORMAT_2!r}")
         image = _require(raw, "image", "the manifest", dict)
         shape = tuple(int(_require(image, key, "image", int)) for key in ("channels", "height", "width"))
+        decoder = latent_shape = None
+        if raw["format"] == FORMAT_2 and "decoder" in raw:
+            decoder = GraphEntry.parse(raw["decoder"], "decoder", scaled=False)
+            latent = _require(raw, "latent", "the manifest", dict)
+            latent_shape = tuple(int(_require(latent, key, "latent", int)) for key in ("channels", "height", "width"))
         if list(image.get("range", VALUE_RANGE)) != VALUE_RANGE:
             raise BundleError(f"manifest: image.range must be {VALUE_RANGE} (bundles produce images in [-1, 1]), "
                               f"got {image.get('range')}")
@@ -102,21 +120,28 @@ class Manifest:
         return cls(name=str(raw.get("name", Path(root).name)), image_shape=shape, classes=classes, students=students,
                    teacher=GraphEntry.parse(_require(raw, "teacher", "the manifest", dict), "teacher", scaled=True),
                    verifier=GraphEntry.parse(_require(raw, "verifier", "the manifest", dict), "verifier", scaled=False),
-                   tensorrt=list(raw.get("tensorrt", [])), provenance=dict(raw.get("provenance", {})))
+                   tensorrt=list(raw.get("tensorrt", [])), provenance=dict(raw.get("provenance", {})),
+                   decoder=decoder, latent_shape=latent_shape)
 
     def to_json(self) -> dict:
         channels, height, width = self.image_shape
-        return {
-            "format": FORMAT,
+        out = {
+            "format": FORMAT if self.decoder is None else FORMAT_2,
             "name": self.name,
             "image": {"channels": channels, "height": height, "width": width, "range": VALUE_RANGE},
+        }
+        if self.decoder is not None:
+            out["latent"] = dict(zip(("channels", "height", "width"), self.latent_shape, strict=True))
+        out.update({
             "classes": self.classes,
             "student": [s.to_json() for s in self.students],
             "teacher": self.teacher.to_json(),
             "verifier": self.verifier.to_json(),
-            "tensorrt": self.tensorrt,
-            "provenance": self.provenance,
-        }
+        })
+        if self.decoder is not None:
+            out["decoder"] = self.decoder.to_json()
+        out.update({"tensorrt": self.tensorrt, "provenance": self.provenance})
+        return out
 
     def save(self, root: str | Path) -> Path:
         path = Path(root) / MANIFEST
@@ -157,6 +182,7 @@ class Bundle:
     teacher: Graph
     verifier: Graph
     tensorrt: tuple[EnginePlan, ...] = ()
+    decoder: Graph | None = None
 
     @property
     def name(self) -> str:
@@ -176,7 +202,13 @@ class Bundle:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
+        """The images served and scored."""
         return self.manifest.image_shape
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """What noise, the student and the teacher work on (latents when the bundle has a decoder)."""
+        return self.manifest.sample_shape
 
     @property
     def guidance_scales(self) -> tuple[float, ...]:
@@ -227,4 +259,5 @@ def read_bundle(root: str | Path, verify: bool = True) -> Bundle:
     return Bundle(root=root, manifest=manifest,
                   students=tuple(_resolve(root, s, f"student[{i}]", verify) for i, s in enumerate(manifest.students)),
                   teacher=_resolve(root, manifest.teacher, "teacher", verify),
-                  verifier=_resolve(root, manifest.verifier, "verifier", verify), tensorrt=tuple(engines))
+                  verifier=_resolve(root, manifest.verifier, "verifier", verify), tensorrt=tuple(engines),
+                  decoder=_resolve(root, manifest.decoder, "decoder", verify) if manifest.decoder else None)

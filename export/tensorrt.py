@@ -138,7 +138,7 @@ def add_tensorrt_engines(bundle_dir: str | Path, config: TensorRTConfig, progres
     import_tensorrt()  # fail early with the install hint
     bundle = read_bundle(bundle_dir)
     entries = []
-    for graph in (*bundle.students, bundle.teacher, bundle.verifier):
+    for graph in (*bundle.students, bundle.teacher, bundle.verifier, *([bundle.decoder] if bundle.decoder else [])):
         engine_path = graph.path.with_name(f"{graph.path.stem}.{config.precision}.engine")
         entry = build_engine(graph.path, engine_path, config)
         inputs = ort.InferenceSession(str(graph.path), providers=["CPUExecutionProvider"]).get_inputs()

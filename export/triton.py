@@ -1,6 +1,7 @@
 """A Triton Inference Server model repository for a bundle's graphs: one model per graph, each with a
 `config.pbtxt` (dynamic batching, max batch size, instance groups) and its ONNX file (or TensorRT
-plan) in version folder 1. Shapes and types are read from the ONNX graphs themselves."""
+plan) in version folder 1. Shapes and types are read from the ONNX graphs themselves. A bundle with a
+decoder also gets an ensemble per student, student -> decoder: noise, times and labels in, images out."""
 
 from __future__ import annotations
 
@@ -84,6 +85,8 @@ def write_triton_repository(bundle_dir: str | Path, out: str | Path, config: Tri
     out = Path(out)
     graphs = [(f"{bundle.name}_student_w{g.guidance_scale:g}", g) for g in bundle.students]
     graphs += [(f"{bundle.name}_teacher", bundle.teacher), (f"{bundle.name}_verifier", bundle.verifier)]
+    if bundle.decoder is not None:
+        graphs.append((f"{bundle.name}_decoder", bundle.decoder))
     plans = {p.source: p for p in bundle.tensorrt if p.precision == config.tensorrt_precision}
     written = []
     for name, graph in graphs:
@@ -101,4 +104,47 @@ def write_triton_repository(bundle_dir: str | Path, out: str | Path, config: Tri
             platform = "onnxruntime_onnx"
         (model_dir / "config.pbtxt").write_text(model_config(model_dir.name, platform, inputs, outputs, config))
         written.append(model_dir / "config.pbtxt")
+    if bundle.decoder is not None:
+        decoder = f"{bundle.name}_decoder"
+        for name, graph in graphs:
+            if "_student_" in name:
+                written.append(write_ensemble(out, name.replace(".", "_"), decoder, graph.path, bundle.decoder.path,
+                                              config))
     return written
+
+
+def write_ensemble(out: Path, student: str, decoder: str, student_path: Path, decoder_path: Path,
+                   config: TritonConfig) -> Path:
+    """`<student>_image`: the student's jump, then the decoder, as one Triton ensemble."""
+    inputs, (jumped,) = graph_signature(student_path)[0], graph_signature(student_path)[1]
+    (latent,), outputs = graph_signature(decoder_path)
+    name = f"{student}_image"
+    model_dir = out / name
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    maps = "\n".join(f'      input_map {{ key: "{n}" value: "{n}" }}' for n, _, _ in inputs)
+    text = "\n".join([
+        f'name: "{name}"',
+        'platform: "ensemble"',
+        f"max_batch_size: {config.max_batch_size}",
+        "input [", ",\n".join(_tensor_block(*row) for row in inputs), "]",
+        "output [", ",\n".join(_tensor_block(*row) for row in outputs), "]",
+        "ensemble_scheduling {",
+        "  step [",
+        "    {",
+        f'      model_name: "{student}"',
+        "      model_version: -1",
+        maps,
+        f'      output_map {{ key: "{jumped[0]}" value: "latent" }}',
+        "    },",
+        "    {",
+        f'      model_name: "{decoder}"',
+        "      model_version: -1",
+        f'      input_map {{ key: "{latent[0]}" value: "latent" }}',
+        f'      output_map {{ key: "{outputs[0][0]}" value: "{outputs[0][0]}" }}',
+        "    }",
+        "  ]",
+        "}",
+        "",
+    ])
+    (model_dir / "config.pbtxt").write_text(text)
+    return model_dir / "config.pbtxt"

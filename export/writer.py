@@ -10,6 +10,7 @@ from distill.checkpoint import load_checkpoint
 from distill.models import load_student, load_teacher
 from distill.verifier import load_verifier
 from export.bundle import GraphEntry, Manifest, read_bundle, sha256_of
+from export.decoder import DECODER_PARITY_BATCHES, DECODER_TOLERANCE, DecoderGraph, load_vae
 from export.onnx_export import StudentGraph, TeacherGraph, VerifierGraph, check_graph, example_inputs, export_onnx
 
 
@@ -36,11 +37,14 @@ def scale_tag(guidance_scale: float) -> str:
 
 def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str | Path, out: str | Path,
                   guidance_scales: tuple[float, ...] = (1.5,), teacher_guidance_scale: float | None = None,
-                  name: str | None = None, metrics: dict | None = None, progress: bool = True) -> Manifest:
+                  name: str | None = None, metrics: dict | None = None, progress: bool = True,
+                  decoder: str | Path | None = None) -> Manifest:
     """Export and check all graphs into `out`, then write `manifest.json` and re-read it.
 
     `teacher_guidance_scale` defaults to the first student scale. `metrics` (an evaluation result) goes into
-    the provenance so the README's tables can be generated from the shipped bundle.
+    the provenance so the README's tables can be generated from the shipped bundle. With `decoder` (a
+    diffusers autoencoder folder), the student and teacher work on latents, the decoder graph turns
+    them into images, and the verifier scores those images (a format 2 bundle).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -50,16 +54,23 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
     teacher = load_teacher(teacher_spec)
     verifier = load_verifier(verifier_dir)
     data_meta = student_meta.get("data") or load_checkpoint(verifier_dir)[0]["data"]
-    image_shape, classes = tuple(data_meta["shape"]), list(data_meta["classes"])
-    if len(image_shape) != 3:
-        raise ValueError(f"bundles serve images [C, H, W]; this model's data shape is {image_shape}")
+    sample_shape, classes = tuple(data_meta["shape"]), list(data_meta["classes"])
+    if len(sample_shape) != 3:
+        raise ValueError(f"bundles serve images [C, H, W]; this model's data shape is {sample_shape}")
+    decoder_graph = DecoderGraph(load_vae(decoder)) if decoder is not None else None
+    image_shape = decoder_graph.image_shape(sample_shape) if decoder_graph else sample_shape
+    verifier_shape = tuple(load_checkpoint(verifier_dir)[0]["data"]["shape"])
+    if verifier_shape != image_shape:
+        decoded = " (the decoder's output)" if decoder_graph else ""
+        raise ValueError(f"the verifier scores the served images, {list(image_shape)}{decoded}, but {verifier_dir} was "
+                         f"trained on {list(verifier_shape)}")
     teacher_guidance_scale = float(teacher_guidance_scale if teacher_guidance_scale is not None else guidance_scales[0])
     checks = {}
 
-    def build(graph, filename, label, guidance_scale=None) -> GraphEntry:
-        make = lambda batch, g=graph: example_inputs(g, batch, image_shape, len(classes), seed=batch)
+    def build(graph, filename, label, guidance_scale=None, shape=sample_shape, **check) -> GraphEntry:
+        make = lambda batch, g=graph: example_inputs(g, batch, shape, len(classes), seed=batch)
         path = export_onnx(graph, make(2), out / filename)
-        checks[filename] = check_graph(graph, path, make, label)
+        checks[filename] = check_graph(graph, path, make, label, **check)
         if progress:
             print(f"  exported {filename}: parity and batch invariance within tolerance", flush=True)
         return GraphEntry(filename, sha256_of(path), guidance_scale)
@@ -69,11 +80,14 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
     teacher_entry = build(TeacherGraph(teacher, teacher_guidance_scale),
                           f"teacher_w{scale_tag(teacher_guidance_scale)}.onnx",
                           f"teacher graph (w={teacher_guidance_scale:g})", teacher_guidance_scale)
-    verifier_entry = build(VerifierGraph(verifier), "verifier.onnx", "verifier graph")
+    verifier_entry = build(VerifierGraph(verifier), "verifier.onnx", "verifier graph", shape=image_shape)
+    decoder_entry = build(decoder_graph, "decoder.onnx", "decoder graph", batches=DECODER_PARITY_BATCHES,
+                          tolerance=DECODER_TOLERANCE) if decoder_graph else None
 
     manifest = Manifest(
         name=name or out.name, image_shape=image_shape, classes=classes, students=students, teacher=teacher_entry,
-        verifier=verifier_entry, provenance={
+        verifier=verifier_entry, decoder=decoder_entry, latent_shape=sample_shape if decoder_graph else None,
+        provenance={
             "method": student_meta.get("method"),
             "steps": student_meta.get("step"),
             "source_commit": source_commit(),
@@ -83,6 +97,9 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
             "checks": checks,
             "metrics": metrics or {},
         })
+    if decoder_graph:
+        manifest.provenance["decoder"] = {"folder": str(decoder), "scale": decoder_graph.scale,
+                                          "shift": decoder_graph.shift}
     manifest.save(out)
     read_bundle(out)  # the bundle we wrote must pass the server's own reader
     return manifest

@@ -215,6 +215,10 @@ def cmd_export(argv: list[str]) -> int:
                         default=None, help="the guidance scale baked into the teacher graph; default: the first "
                         "--guidance-scales")
     parser.add_argument("--metrics", default=None, help="an evaluation JSON to record in the provenance")
+    parser.add_argument("--decoder", default=None, metavar="DIR",
+                        help="a diffusers autoencoder folder (AutoencoderKL, AutoencoderTiny or AutoencoderDC, as "
+                        "save_pretrained writes it, e.g. a pipeline's vae/): the student and teacher then work on "
+                        "its latents and the bundle decodes them (format 2)")
     parser.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (needs a GPU)")
     parser.add_argument("--triton", default=None, metavar="DIR", help="also write a Triton model repository to DIR")
     parser.add_argument("--triton-kind", default="KIND_CPU", choices=["KIND_CPU", "KIND_GPU"])
@@ -242,7 +246,7 @@ def cmd_export(argv: list[str]) -> int:
 
         metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
         export_bundle(args.student, args.teacher, args.verifier, args.out, tuple(args.guidance_scales),
-                      args.teacher_guidance_scale, args.name, metrics)
+                      args.teacher_guidance_scale, args.name, metrics, decoder=args.decoder)
     if args.tensorrt:
         from export.tensorrt import add_tensorrt_engines
 

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from export.bundle import read_bundle
-from server.admission import Admission, Overloaded, RequestTooLarge, Ticket
+from server.admission import Admission, Overloaded, RequestTooLarge
 from server.batcher import DeadlineExceeded, DynamicBatcher, EngineFailure
 from server.door import Door
 from server.encoding import Encoder
@@ -28,24 +28,38 @@ from server.metrics import Metrics
 from server.routes import router
 from server.service import ApiError, ClientDisconnected, Service
 from server.settings import Settings
-from server.stages import Noise, Score, State, StudentJumps, TeacherSteps, run_stages
 
 log = logging.getLogger("flowmap.serve")
 
 
+def warm_feeds(engine: str, rows: int, bundle) -> dict[str, np.ndarray]:
+    """Inputs of the right signature for one engine: zeros, mid-trajectory times, label 0."""
+    sample = np.zeros((rows, *bundle.sample_shape), np.float32)
+    half, label = np.full(rows, 0.5, np.float32), np.zeros(rows, np.int64)
+    if engine == "verifier":
+        return {"image": np.zeros((rows, *bundle.image_shape), np.float32)}
+    if engine == "decoder":
+        return {"latent": sample}
+    if engine == "teacher":
+        return {"x": sample, "t": half, "label": label}
+    return {"x": sample, "t": half, "s": half * 0, "label": label}
+
+
 async def warm_up(service: Service) -> None:
-    """Run every engine at batch 1 and at the largest batch, three times: the first passes pay for
-    one-time allocations, the last measures what admission's first estimates start from. Then turn ready."""
-    bundle, far = service.bundle, Ticket(time.monotonic() + 600)
-    for _pass in range(3):
-        for batcher in service.batchers.values():
+    """Run every engine at batch 1 and at its largest batch, up to three times: the first passes pay
+    for one-time allocations, the last measures what admission's first estimates start from (an
+    engine whose largest batch takes seconds, a VAE decoder on a CPU, is not repeated). Then turn ready."""
+    far = time.monotonic() + 600
+    for name, batcher in service.batchers.items():
+        for _pass in range(3):
             batcher.cost.reset()
-        for rows in (1, service.settings.max_batch_size):
-            students = [StudentJumps(1, rows, "rows", guidance_scale=scale) for scale in bundle.guidance_scales]
-            stages = [Noise(bundle.image_shape), *students, TeacherSteps(1, rows, "rows"), Score(rows, "rows")]
-            await run_stages(stages, State([0] * rows, np.zeros(rows, np.int64)), service.call, far)
+            for rows in (1, batcher.max_batch_size):
+                tick = time.perf_counter()
+                await batcher.infer(warm_feeds(name, rows, service.bundle), far)
+            if time.perf_counter() - tick > 2.0:
+                break
     service.ready = True
-    log.info("warm: every engine ran at batch 1 and %d; ready", service.settings.max_batch_size)
+    log.info("warm: every engine ran at batch 1 and at its largest batch; ready")
 
 
 async def warm_up_or_stop(service: Service, stop) -> None:
@@ -71,7 +85,8 @@ def create_app(settings: Settings | None = None, mount_ui: bool | None = None) -
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engines = build_engines(bundle, settings)
-        service.batchers = {name: DynamicBatcher(engine, settings.max_batch_size, settings.max_queue_delay_ms,
+        service.batchers = {name: DynamicBatcher(engine, settings.decoder_max_batch_size if name == "decoder"
+                                                 else settings.max_batch_size, settings.max_queue_delay_ms,
                                                  service.metrics)
                             for name, engine in engines.items()}
         service.admission = Admission.for_batchers(service.batchers, settings, service.metrics)

@@ -148,11 +148,14 @@ def _torch_engines(bundle: Bundle, settings) -> dict[str, Engine]:
 
 
 def build_engines(bundle: Bundle, settings) -> dict[str, Engine]:
-    """One engine per graph: `student@<w>` for each baked scale, `teacher`, `verifier`."""
+    """One engine per graph: `student@<w>` for each baked scale, `teacher`, `verifier`, and `decoder`
+    when the bundle has one."""
     if settings.backend == "torch":
         return _torch_engines(bundle, settings)
     engines = {student_engine(g.guidance_scale): _engine_for(g, student_engine(g.guidance_scale), bundle, settings)
                for g in bundle.students}
     engines["teacher"] = _engine_for(bundle.teacher, "teacher", bundle, settings)
     engines["verifier"] = _engine_for(bundle.verifier, "verifier", bundle, settings)
+    if bundle.decoder is not None:
+        engines["decoder"] = _engine_for(bundle.decoder, "decoder", bundle, settings)
     return engines

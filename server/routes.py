@@ -80,8 +80,9 @@ class Generation:
     async def run(self, svc: Service, request: Request, labels: list[int], seeds: list[int], rows_param: str,
                   encode: bool = True) -> State:
         """Plan the stages, admit them, run them; the state holds the images (and their encodings)."""
-        stages = plan_generation(svc.bundle.image_shape, self.kind, self.guidance_scale, self.steps, len(labels),
-                                 rows_param, EncodeImages(svc.encoder, self.output) if encode else None)
+        stages = plan_generation(svc.bundle.sample_shape, self.kind, self.guidance_scale, self.steps, len(labels),
+                                 rows_param, EncodeImages(svc.encoder, self.output) if encode else None,
+                                 decode=svc.bundle.decoder is not None)
         state = State(seeds, np.asarray(labels, dtype=np.int64))
         deadline = svc.deadline()
         await until_disconnect(request, svc.execute(stages, state, deadline), deadline)
@@ -137,8 +138,9 @@ async def search(body: SearchRequest, request: Request):
     if body.top_k > body.n:
         raise ApiError(422, f"top_k: must lie in 1..n ({body.n}), got {body.top_k}", "top_k")
     seeds = svc.check_seeds(body.seeds, body.n) if body.seeds is not None else consecutive_seeds(body.seed, body.n)
-    stages = plan_search(svc.bundle.image_shape, guidance_scale, body.n, body.student_steps, body.top_k,
-                         body.teacher_steps, EncodeImages(svc.encoder, output_of(svc, body)))
+    stages = plan_search(svc.bundle.sample_shape, guidance_scale, body.n, body.student_steps, body.top_k,
+                         body.teacher_steps, EncodeImages(svc.encoder, output_of(svc, body)),
+                         decode=svc.bundle.decoder is not None)
     state = State(seeds, np.full(body.n, label, np.int64))
     tick, deadline = time.perf_counter(), svc.deadline()
     timings = await until_disconnect(request, svc.execute(stages, state, deadline), deadline)

@@ -20,6 +20,8 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(False, description="tensorrt backend: replay each batch size as a CUDA graph")
     intra_op_threads: int = Field(0, ge=0, description="threads per engine run; 0 = onnxruntime's default")
     max_batch_size: int = Field(64, ge=1, le=4096, description="rows per engine run, 1..4096")
+    decoder_max_batch_size: int = Field(8, ge=1, le=4096, description="rows per run of the VAE decoder (format 2 "
+                                        "bundles): it costs far more per row than a denoiser step")
     max_queue_delay_ms: float = Field(2.0, ge=0, le=10_000, description="how long the first row of a batch waits "
                                       "for company before the batch runs, 0..10000 ms")
     max_queue_size: int = Field(4096, ge=1, description="rows of admitted requests per engine; beyond it new "

@@ -139,18 +139,38 @@ class TeacherSteps(Denoise):
 
 
 @dataclass
-class Score:
-    """The verifier's log-probability of each image's requested class."""
+class OneCall:
+    """One call of one engine on `rows` rows."""
 
     rows: int
     rows_param: str
-    name: str = "verifier"
+    engine = ""
 
     def needs(self) -> list[Need]:
-        return [Need("verifier", self.rows, 1, self.rows_param)]
+        return [Need(self.engine, self.rows, 1, self.rows_param)]
+
+
+@dataclass
+class Decode(OneCall):
+    """Latents to images with the bundle's decoder (a VAE's, its scaling baked in)."""
+
+    name: str = "decoder"
+    engine = "decoder"
 
     async def run(self, state: State, call, ticket: Ticket) -> int:
-        logits = await call("verifier", {"image": np.clip(state.x, -1, 1)}, ticket)
+        state.x = await call(self.engine, {"latent": state.x}, ticket)
+        return len(state.labels)
+
+
+@dataclass
+class Score(OneCall):
+    """The verifier's log-probability of each image's requested class."""
+
+    name: str = "verifier"
+    engine = "verifier"
+
+    async def run(self, state: State, call, ticket: Ticket) -> int:
+        logits = await call(self.engine, {"image": np.clip(state.x, -1, 1)}, ticket)
         state.scores = log_softmax(logits.astype(np.float64))[np.arange(len(state.labels)), state.labels]
         return len(state.labels)
 
@@ -191,22 +211,26 @@ class EncodeImages:
 
 
 def plan_generation(shape: tuple[int, ...], kind: str, guidance_scale: float, steps: int, rows: int,
-                    rows_param: str, encode: EncodeImages | None) -> list[Stage]:
-    """Generation: noise, denoise with the student or the teacher, then encode (unless raw arrays are
-    asked for)."""
+                    rows_param: str, encode: EncodeImages | None, decode: bool = False) -> list[Stage]:
+    """Generation: noise, denoise with the student or the teacher, decode latents (bundles with a
+    decoder), then encode (unless raw arrays are asked for)."""
     denoise = (TeacherSteps(steps, rows, rows_param) if kind == "teacher"
                else StudentJumps(steps, rows, rows_param, guidance_scale=guidance_scale))
-    return [Noise(shape), denoise, *([encode] if encode else [])]
+    return [Noise(shape), denoise, *([Decode(rows, rows_param)] if decode else []), *([encode] if encode else [])]
 
 
 def plan_search(shape: tuple[int, ...], guidance_scale: float, count: int, student_steps: int, top_k: int,
-                teacher_steps: int, encode: EncodeImages) -> list[Stage]:
-    """Best-of-N: noise, N student candidates, their scores, the best top_k, optionally the teacher
-    from their noise and its scores, then encode the kept images."""
+                teacher_steps: int, encode: EncodeImages, decode: bool = False) -> list[Stage]:
+    """Best-of-N: noise, N student candidates, decoded (bundles with a decoder) and scored, the best
+    top_k, optionally the teacher from their noise, decoded and scored, then encode the kept images.
+    Only what must be scored is decoded: every candidate, and the teacher's finished images."""
+    def decoded(rows: int, param: str) -> list[Stage]:
+        return [Decode(rows, param, name="decoder_final" if param == "top_k" else "decoder")] if decode else []
+
     stages = [Noise(shape), StudentJumps(student_steps, count, "n", "student_steps", guidance_scale=guidance_scale),
-              Score(count, "n"), KeepBest(top_k)]
+              *decoded(count, "n"), Score(count, "n"), KeepBest(top_k)]
     if teacher_steps:
-        stages += [TeacherSteps(teacher_steps, top_k, "top_k", "teacher_steps"),
+        stages += [TeacherSteps(teacher_steps, top_k, "top_k", "teacher_steps"), *decoded(top_k, "top_k"),
                    Score(top_k, "top_k", name="verifier_final")]
     return [*stages, encode]
 

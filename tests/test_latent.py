@@ -1,0 +1,165 @@
+"""Latent bundles (format 2): tiny random diffusers VAEs written with save_pretrained, their decoders
+exported and parity-checked, and a latent bundle served end to end in every output format."""
+
+import asyncio
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from distill.data import Dataset
+from distill.freeflow import FreeFlowConfig
+from distill.nets import NetConfig
+from distill.pipeline import distill_student, train_teacher, train_verifier
+from distill.teacher import TeacherConfig
+from distill.trainer import TrainConfig
+from distill.verifier import VerifierConfig
+from export.bundle import FORMAT_2, read_bundle
+from export.decoder import DECODER_TOLERANCE, DecoderGraph, load_vae
+from export.onnx_export import check_graph, example_inputs, export_onnx
+from export.writer import export_bundle
+
+from serving import in_process
+
+pytest.importorskip("diffusers", reason="diffusers is not installed (the train extra)")
+LATENT, IMAGE, CLASSES = (4, 4, 4), (3, 8, 8), ["a", "b", "c"]
+
+
+def tiny_vae(kind: str, folder):
+    import diffusers
+
+    torch.manual_seed(0)
+    if kind == "AutoencoderKL":
+        vae = diffusers.AutoencoderKL(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
+                                      up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=4,
+                                      scaling_factor=0.5, shift_factor=0.1)
+    else:
+        vae = diffusers.AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                                        num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4)
+    vae.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vaes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vaes")
+    return {kind: tiny_vae(kind, root / kind) for kind in ("AutoencoderKL", "AutoencoderTiny")}
+
+
+@pytest.mark.parametrize("kind", ["AutoencoderKL", "AutoencoderTiny"])
+def test_decoder_exports_with_its_scaling_baked_and_matches_torch(vaes, kind, tmp_path):
+    vae = load_vae(vaes[kind])
+    graph = DecoderGraph(vae)
+    assert graph.image_shape(LATENT) == IMAGE
+    latent = torch.randn(2, *LATENT)
+    with torch.no_grad():  # the graph decodes z / scale + shift, as diffusers pipelines do
+        expected = vae.decode(latent / vae.config.scaling_factor + (vae.config.shift_factor or 0)).sample.clamp(-1, 1)
+        assert torch.allclose(graph(latent), expected)
+    make = lambda batch: example_inputs(graph, batch, LATENT, 3, seed=batch)
+    path = export_onnx(graph, make(2), tmp_path / "decoder.onnx")
+    errors = check_graph(graph, path, make, "decoder", batches=(1, 3), tolerance=DECODER_TOLERANCE)
+    assert errors["parity_max_abs_err_b3"] <= DECODER_TOLERANCE
+
+
+def test_a_folder_that_is_not_a_vae_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        load_vae(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    with pytest.raises(ValueError, match="a 'UNet2DModel' is not a decoder we export"):
+        load_vae(tmp_path)
+
+
+def random_data(shape, count=96, seed=0) -> Dataset:
+    generator = torch.Generator().manual_seed(seed)
+    return Dataset("random", torch.rand((count, *shape), generator=generator) * 2 - 1,
+                   torch.arange(count) % len(CLASSES), CLASSES)
+
+
+@pytest.fixture(scope="module")
+def latent_bundle(vaes, tmp_path_factory):
+    """Teacher and student on 4x4x4 latents, a verifier on the 3x8x8 images the VAE decodes them to."""
+    runs = tmp_path_factory.mktemp("latent-runs")
+    quick = TrainConfig(steps=3, batch_size=16, lr=1e-2, ema_decay=0.0)
+    net = NetConfig(arch="mlp", width=32, depth=1, mlp_ratio=2.0)
+    train_teacher(random_data(LATENT), net, TeacherConfig(), quick, runs / "teacher", progress=False)
+    train_verifier(random_data(IMAGE, seed=1), VerifierConfig(width=8, feature_dim=16), quick, runs / "verifier",
+                   progress=False)
+    distill_student("freeflow", str(runs / "teacher"), FreeFlowConfig(), quick, runs / "freeflow", progress=False,
+                    data=random_data(LATENT))
+    out = tmp_path_factory.mktemp("bundle") / "latent"
+    export_bundle(runs / "freeflow", str(runs / "teacher"), runs / "verifier", out, (1.5,), progress=False,
+                  decoder=vaes["AutoencoderKL"])
+    return out, runs
+
+
+def test_the_latent_bundle_is_format_2(latent_bundle):
+    out, _ = latent_bundle
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format"] == FORMAT_2 and manifest["decoder"]["file"] == "decoder.onnx"
+    assert manifest["latent"] == {"channels": 4, "height": 4, "width": 4}
+    assert manifest["image"]["channels"] == 3 and manifest["image"]["height"] == 8
+    bundle = read_bundle(out)
+    assert bundle.sample_shape == LATENT and bundle.image_shape == IMAGE and bundle.decoder is not None
+
+
+def test_a_verifier_of_the_wrong_shape_is_refused(latent_bundle, vaes, tmp_path):
+    _, runs = latent_bundle
+    quick = TrainConfig(steps=1, batch_size=8)
+    train_verifier(random_data(LATENT), VerifierConfig(width=8, feature_dim=16), quick, tmp_path / "v", progress=False)
+    with pytest.raises(ValueError, match=r"the verifier scores the served images, \[3, 8, 8\] \(the decoder's "
+                                         r"output\), but .* was trained on \[4, 4, 4\]"):
+        export_bundle(runs / "freeflow", str(runs / "teacher"), tmp_path / "v", tmp_path / "x", (1.5,),
+                      progress=False, decoder=vaes["AutoencoderTiny"])
+
+
+def test_a_latent_bundle_serves_decoded_images_in_every_format(latent_bundle):
+    out, _ = latent_bundle
+
+    async def scenario():
+        async with in_process(bundle=out, max_batch_size=4, max_queue_size=64) as (client, service):
+            answers = {}
+            for fmt in ("png", "jpeg", "webp"):
+                answers[fmt] = (await client.post("/v1/generate", json={
+                    "labels": ["a", "b", "c", "a", "b"], "seeds": [1, 2, 3, 4, 5], "output_format": fmt})).json()
+            alone = (await client.post("/v1/generate", json={"labels": ["b"], "seeds": [2]})).json()
+            raw = (await client.post("/v1/generate", json={"labels": ["a"], "seeds": [1], "format": "raw"})).json()
+            search = (await client.post("/v1/search", json={"label": "c", "n": 6, "top_k": 2, "teacher_steps": 2,
+                                                            "seed": 9})).json()
+            decoded_rows = service.metrics.engine("decoder").inference_count._value.get()
+            return answers, alone, raw, search, decoded_rows
+
+    answers, alone, raw, search, decoded_rows = asyncio.run(scenario())
+    for fmt, answer in answers.items():
+        assert answer["output_format"] == fmt and len(answer["images"]) == 5
+        image = Image.open(io.BytesIO(base64.b64decode(answer["images"][0])))
+        assert image.format == {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[fmt] and image.size == (8, 8)
+        assert image.mode == "RGB"
+    assert alone["images"][0] == answers["png"]["images"][1]  # the same seed, the same bytes, in any batch
+    assert np.asarray(raw["arrays"]).shape == (1, *IMAGE)  # raw arrays are the decoded images
+    assert [s["stage"] for s in search["stages"]] == ["student", "decoder", "verifier", "teacher", "decoder_final",
+                                                      "verifier_final"]
+    assert len(search["images"]) == 2
+    assert decoded_rows >= 5 * 3 + 1 + 1 + 6 + 2  # every image served and every candidate scored was decoded
+
+
+def test_the_triton_repository_chains_the_student_and_the_decoder(latent_bundle, tmp_path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from export.triton import write_triton_repository
+
+    out, _ = latent_bundle
+    configs = {path.parent.name: path for path in write_triton_repository(out, tmp_path)}
+    assert set(configs) == {"latent_student_w1_5", "latent_teacher", "latent_verifier", "latent_decoder",
+                            "latent_student_w1_5_image"}
+    ensemble = text_format.Parse(configs["latent_student_w1_5_image"].read_text(), model_config_pb2.ModelConfig())
+    assert ensemble.platform == "ensemble"
+    assert [i.name for i in ensemble.input] == ["x", "t", "s", "label"]
+    assert [o.name for o in ensemble.output] == ["image"] and list(ensemble.output[0].dims) == [3, 8, 8]
+    steps = ensemble.ensemble_scheduling.step
+    assert [s.model_name for s in steps] == ["latent_student_w1_5", "latent_decoder"]
+    assert steps[0].output_map["x_s"] == steps[1].input_map["latent"] == "latent"
