@@ -112,7 +112,8 @@ def load_net(run_dir: str | Path, kind: str, module_cls, weights: str = "ema",
 
 
 def load_teacher(spec: str, device: str | torch.device = "cpu"):
-    """A teacher from a run directory, or from `package.module:factory` (a user's own model).
+    """A teacher from a run directory, a public SiT/DiT checkpoint (`sit:PATH`, see distill/sit.py), or
+    `package.module:factory` (a user's own model).
 
     A factory returns an object with `velocity(x, t, label)` in our convention (wrap others in
     ConventionAdapter) and `num_classes`.
@@ -120,6 +121,12 @@ def load_teacher(spec: str, device: str | torch.device = "cpu"):
     if Path(spec).is_dir():
         teacher, _ = load_net(spec, "teacher", Teacher, device=device)
         return teacher
+    if spec.startswith("sit:"):
+        from distill.sit import load_sit_teacher
+
+        if not Path(spec[4:]).is_file():
+            raise CheckpointError(f"teacher {spec!r}: no checkpoint file at {spec[4:]}")
+        return load_sit_teacher(spec[4:]).to(device)
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
         try:
@@ -132,7 +139,8 @@ def load_teacher(spec: str, device: str | torch.device = "cpu"):
         if isinstance(teacher, nn.Module):
             teacher = teacher.to(device).eval().requires_grad_(False)
         return teacher
-    raise CheckpointError(f"teacher {spec!r} is neither a run directory nor 'package.module:factory'")
+    raise CheckpointError(f"teacher {spec!r} is neither a run directory, 'sit:CHECKPOINT' nor "
+                          "'package.module:factory'")
 
 
 def load_student(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Student, dict]:

@@ -1,6 +1,7 @@
-"""One backbone family for teacher, student and fake flow: a small DiT for images, an MLP for vectors.
+"""One backbone family for teacher, student and fake flow: a small DiT for images, an MLP for vectors,
+and the SiT/DiT transformer of the public class-conditional latent models (`arch="sit"`).
 
-Both take (x, t, label) and optional extra scalar conditions (`s` as the jump length t - s, and the
+All take (x, t, label) and optional extra scalar conditions (`s` as the jump length t - s, and the
 guidance scale `w`). Extras enter through embeddings whose last layer is zero-initialised, so a
 student built from a teacher's weights computes exactly the teacher's velocity until it trains.
 Only plain tensor math is used (no fused attention), so every network exports to ONNX and
@@ -20,27 +21,27 @@ from torch import nn
 class NetConfig:
     """Architecture of one network. `shape` is the per-sample data shape: (C, H, W) or (D,)."""
 
-    arch: str = "dit"  # "dit" or "mlp"
+    arch: str = "dit"  # "dit", "mlp", or "sit" (the SiT/DiT layout; distill/sit.py loads official checkpoints)
     shape: tuple[int, ...] = (1, 8, 8)  # per sample: (C, H, W) or (D,); set from the data
     num_classes: int = 10  # set from the data; label num_classes is the null label for guidance
     width: int = 128  # hidden size (dit: token width)
     depth: int = 4  # blocks
-    heads: int = 4  # dit only
-    patch: int = 2  # dit only
+    heads: int = 4  # dit and sit only
+    patch: int = 2  # dit and sit only
     mlp_ratio: float = 4.0  # hidden size of each block's MLP, as a multiple of width
     extras: tuple[str, ...] = field(default_factory=tuple)  # subset of ("s", "w")
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(v) for v in self.shape)
         self.extras = tuple(self.extras)
-        if self.arch not in ("dit", "mlp"):
-            raise ValueError(f"arch must be 'dit' or 'mlp', got {self.arch!r}")
+        if self.arch not in ("dit", "mlp", "sit"):
+            raise ValueError(f"arch must be 'dit', 'mlp' or 'sit', got {self.arch!r}")
         unknown = set(self.extras) - {"s", "w"}
         if unknown:
             raise ValueError(f"extras may only name 's' and 'w', got {sorted(unknown)}")
-        if self.arch == "dit":
+        if self.arch in ("dit", "sit"):
             if len(self.shape) != 3:
-                raise ValueError(f"the dit backbone needs image data (C, H, W), got shape {self.shape}")
+                raise ValueError(f"the {self.arch} backbone needs image data (C, H, W), got shape {self.shape}")
             _, height, width = self.shape
             if height % self.patch or width % self.patch:
                 raise ValueError(f"patch {self.patch} must divide the image size {height}x{width}")
@@ -71,16 +72,33 @@ def timestep_embedding(values: torch.Tensor, dim: int, max_freq: float = 100.0, 
 class ScalarEmbedder(nn.Module):
     """Sinusoidal features -> MLP. With `zero_init`, the output is exactly zero until trained."""
 
-    def __init__(self, width: int, zero_init: bool = False, freq_dim: int = 128):
+    def __init__(self, width: int, zero_init: bool = False, freq_dim: int = 128, max_freq: float = 100.0,
+                 min_freq: float = 0.1):
         super().__init__()
-        self.freq_dim = freq_dim
+        self.freq_dim, self.max_freq, self.min_freq = freq_dim, max_freq, min_freq
         self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
         if zero_init:
             nn.init.zeros_(self.mlp[2].weight)
             nn.init.zeros_(self.mlp[2].bias)
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(values, self.freq_dim))
+        return self.mlp(timestep_embedding(values, self.freq_dim, self.max_freq, self.min_freq))
+
+
+def sit_time_embedder(width: int) -> ScalarEmbedder:
+    """SiT's (and DiT's) time embedding: 256 features, frequencies 10000^(-k/128) for k = 0..127."""
+    return ScalarEmbedder(width, freq_dim=256, max_freq=1.0, min_freq=10000.0 ** (-127 / 128))
+
+
+def sincos_positions(width: int, grid: int) -> torch.Tensor:
+    """The fixed 2-D sine-cosine position embedding of SiT/DiT (MAE's): [1, grid * grid, width]."""
+    def one_axis(dim: int, positions: torch.Tensor) -> torch.Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+        angles = positions.reshape(-1, 1).double() * omega[None]
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")  # token = row * grid + col
+    return torch.cat([one_axis(width // 2, cols), one_axis(width // 2, rows)], dim=1).float()[None]
 
 
 def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -156,28 +174,31 @@ class FlowNet(nn.Module):
         super().__init__()
         self.config = config
         width = config.width
-        self.t_embed = ScalarEmbedder(width)
+        self.t_embed = sit_time_embedder(width) if config.arch == "sit" else ScalarEmbedder(width)
         self.y_embed = nn.Embedding(config.num_classes + 1, width)  # last index is the null label
         nn.init.normal_(self.y_embed.weight, std=0.02)
         self.extra_embed = nn.ModuleDict({name: ScalarEmbedder(width, zero_init=True) for name in config.extras})
-        if config.arch == "dit":
+        if config.arch in ("dit", "sit"):
             channels, height, img_width = config.shape
             self.grid = (height // config.patch, img_width // config.patch)
             patch_dim = channels * config.patch * config.patch
             self.patch_in = nn.Linear(patch_dim, width)
-            self.pos = nn.Parameter(torch.randn(1, self.grid[0] * self.grid[1], width) * 0.02)
+            self.pos = nn.Parameter(sincos_positions(width, self.grid[0]) if config.arch == "sit" and
+                                    self.grid[0] == self.grid[1] else
+                                    torch.randn(1, self.grid[0] * self.grid[1], width) * 0.02)
             out_dim = patch_dim
         else:
             dim = math.prod(config.shape)
             self.x_in = nn.Linear(dim, width)
             out_dim = dim
         self.blocks = nn.ModuleList(
-            Block(width, config.heads, config.mlp_ratio, attention=config.arch == "dit") for _ in range(config.depth)
+            Block(width, config.heads, config.mlp_ratio, attention=config.arch != "mlp") for _ in range(config.depth)
         )
         self.final = FinalLayer(width, out_dim)
 
     def condition(self, t, label, s=None, w=None) -> torch.Tensor:
-        cond = self.t_embed(t) + self.y_embed(label)
+        # SiT's time runs the other way (t = 1 is data): it sees 1 - t
+        cond = self.t_embed(1 - t if self.config.arch == "sit" else t) + self.y_embed(label)
         if "s" in self.extra_embed:
             if s is None:
                 raise ValueError("this network takes the jump end time s")
@@ -196,6 +217,8 @@ class FlowNet(nn.Module):
             for block in self.blocks:
                 h = block(h, cond)
             return self.final(h, cond).reshape(x.shape)
+        if self.config.arch == "sit":  # SiT predicts x - eps along its own time: minus our velocity
+            return -self._dit(x, cond)
         return self._dit(x, cond)
 
     def _dit(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

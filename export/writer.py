@@ -54,7 +54,8 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
     teacher = load_teacher(teacher_spec)
     verifier = load_verifier(verifier_dir)
     data_meta = student_meta.get("data") or load_checkpoint(verifier_dir)[0]["data"]
-    sample_shape, classes = tuple(data_meta["shape"]), list(data_meta["classes"])
+    # the student's own shape: a data-free student of a latent teacher (SiT) has no data of its own
+    sample_shape, classes = tuple(student.config.shape), list(data_meta["classes"])
     if len(sample_shape) != 3:
         raise ValueError(f"bundles serve images [C, H, W]; this model's data shape is {sample_shape}")
     decoder_graph = DecoderGraph(load_vae(decoder)) if decoder is not None else None
