@@ -122,11 +122,14 @@ def load_teacher(spec: str, device: str | torch.device = "cpu"):
         teacher, _ = load_net(spec, "teacher", Teacher, device=device)
         return teacher
     if spec.startswith("sit:"):
-        from distill.sit import load_sit_teacher
+        from distill.sit import config_of, read_state, to_flownet
 
         if not Path(spec[4:]).is_file():
             raise CheckpointError(f"teacher {spec!r}: no checkpoint file at {spec[4:]}")
-        return load_sit_teacher(spec[4:]).to(device)
+        state = read_state(spec[4:])
+        teacher = Teacher(config_of(state))
+        teacher.net.load_state_dict(to_flownet(state, teacher.config))
+        return teacher.to(device).eval().requires_grad_(False)
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
         try:

@@ -97,13 +97,3 @@ def to_flownet(state: dict[str, torch.Tensor], config: NetConfig) -> dict[str, t
     ours["final.linear.weight"], ours["final.linear.bias"] = weight[order], bias[order]
     return ours
 
-
-def load_sit_teacher(path: str | Path):
-    """A Teacher (our convention) from a SiT/DiT checkpoint file in the public layout."""
-    from distill.models import Teacher
-
-    state = read_state(path)
-    config = config_of(state)
-    teacher = Teacher(config)
-    teacher.net.load_state_dict(to_flownet(state, config))
-    return teacher.eval().requires_grad_(False)
