@@ -43,6 +43,7 @@ class GraphEntry:
     file: str
     sha256: str
     guidance_scale: float | None = None  # the baked guidance; the format's key is "cfg_scale"
+    data: GraphEntry | None = None  # the weights of a graph over 2 GB, in a file of their own
 
     @classmethod
     def parse(cls, entry, where: str, scaled: bool) -> GraphEntry:
@@ -52,12 +53,15 @@ class GraphEntry:
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise BundleError(f"manifest: {where}.file must be a plain name inside the bundle, got {name!r}")
         scale = float(_require(entry, "cfg_scale", where, (int, float))) if scaled else None
-        return cls(name, _require(entry, "sha256", where, str), scale)
+        data = cls.parse(entry["data"], f"{where}.data", scaled=False) if "data" in entry else None
+        return cls(name, _require(entry, "sha256", where, str), scale, data)
 
     def to_json(self) -> dict:
         entry = {"file": self.file, "sha256": self.sha256}
         if self.guidance_scale is not None:
             entry["cfg_scale"] = self.guidance_scale
+        if self.data is not None:
+            entry["data"] = self.data.to_json()
         return entry
 
 
@@ -156,6 +160,7 @@ class Graph:
     path: Path
     sha256: str
     guidance_scale: float | None = None
+    data: Path | None = None  # its external weights (graphs over 2 GB), beside it under the name the graph holds
 
 
 @dataclass(frozen=True)
@@ -241,7 +246,8 @@ def _resolve(root: Path, entry: GraphEntry, where: str, verify: bool) -> Graph:
         if actual != entry.sha256:
             raise BundleError(f"bundle {root}: {entry.file} fails its sha256 check (manifest {entry.sha256[:12]}..., "
                               f"file {actual[:12]}...); the file was changed after export")
-    return Graph(path, entry.sha256, entry.guidance_scale)
+    data = _resolve(root, entry.data, f"{where}.data", verify).path if entry.data is not None else None
+    return Graph(path, entry.sha256, entry.guidance_scale, data)
 
 
 def read_bundle(root: str | Path, verify: bool = True) -> Bundle:

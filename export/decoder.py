@@ -42,6 +42,10 @@ class DecoderGraph(nn.Module):
 
     input_names = ("latent",)
     output_name = "image"
+    # onnxscript's optimizer (0.7) takes any constant within 1e-8 of zero for zero and drops `x + eps`:
+    # SANA's AutoencoderDC divides by `sum + 1e-15` and the graph then makes 0/0 = NaN. diffusers code
+    # is not ours to vet op by op, so its graphs skip that pass (onnxruntime and TensorRT optimise anyway).
+    onnx_optimize = False
 
     def __init__(self, vae: nn.Module):
         super().__init__()

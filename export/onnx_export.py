@@ -18,6 +18,8 @@ from distill.flow import guided_velocity
 OPSET = 18  # torch's exporter implements >= 18; TensorRT 10 and onnxruntime >= 1.16 read it
 PARITY_BATCHES = (1, 7, 64)
 PARITY_TOLERANCE = 1e-4
+# protobuf cannot hold a message over 2 GB: heavier graphs keep their weights in `<file>.data` beside them
+EXTERNAL_DATA_BYTES = 1 << 30
 
 
 class ExportError(RuntimeError):
@@ -39,7 +41,8 @@ class StudentGraph(nn.Module):
 
 
 class TeacherGraph(nn.Module):
-    """(x, t, label) -> u_w(x, t, label): both guidance passes inside one graph, the scale baked in."""
+    """(x, t, label) -> u_w(x, t, label): both guidance passes inside one graph, the scale baked in; at
+    w = 1 guidance is the conditional velocity, so the graph makes the one pass."""
 
     input_names = ("x", "t", "label")
     output_name = "velocity"
@@ -49,6 +52,8 @@ class TeacherGraph(nn.Module):
         self.teacher, self.guidance_scale, self.t_lo, self.t_hi = teacher, float(guidance_scale), t_lo, t_hi
 
     def forward(self, x, t, label):
+        if self.guidance_scale == 1.0:
+            return self.teacher.velocity(x, t, label)
         return guided_velocity(self.teacher.velocity, x, t, label, self.guidance_scale, self.teacher.num_classes,
                                self.t_lo, self.t_hi)
 
@@ -78,10 +83,28 @@ def example_inputs(graph: nn.Module, batch: int, image_shape: tuple[int, ...], n
     return {name: values[name] for name in graph.input_names}
 
 
-def export_onnx(graph: nn.Module, inputs: dict[str, torch.Tensor], path: str | Path) -> Path:
-    """Export with a dynamic batch axis named `batch` on every input and the output."""
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of the parameters and buffers a graph of this module carries."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
+def external_data_file(path: str | Path) -> Path:
+    """Where the exporter puts a graph's weights when they are external: `<file>.data`."""
+    path = Path(path)
+    return path.with_name(path.name + ".data")
+
+
+def export_onnx(graph: nn.Module, inputs: dict[str, torch.Tensor], path: str | Path,
+                external_data: bool | None = None) -> Path:
+    """Export with a dynamic batch axis named `batch` on every input and the output. The weights go to
+    `<file>.data` when `external_data` is set, or (None) when they pass EXTERNAL_DATA_BYTES. A graph
+    class with `onnx_optimize = False` skips the exporter's graph optimizer."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if external_data is None:
+        external_data = weight_bytes(graph) > EXTERNAL_DATA_BYTES
+    external_data_file(path).unlink(missing_ok=True)  # a stale file from an earlier export would mislead
     batch = torch.export.Dim("batch", min=1, max=65536)
     graph = graph.eval()
     # the exporter logs a warning per torchvision operator it cannot register when torchvision is absent;
@@ -92,9 +115,9 @@ def export_onnx(graph: nn.Module, inputs: dict[str, torch.Tensor], path: str | P
         program = torch.onnx.export(
             graph, tuple(inputs.values()), input_names=list(graph.input_names), output_names=[graph.output_name],
             dynamic_shapes={name: {0: batch} for name in graph.input_names}, opset_version=OPSET, dynamo=True,
-            external_data=False, verbose=False,
+            external_data=external_data, optimize=getattr(graph, "onnx_optimize", True), verbose=False,
         )
-        program.save(str(path), external_data=False)
+        program.save(str(path), external_data=external_data)
     strip_source_metadata(path)
     return path
 
@@ -105,7 +128,7 @@ def strip_source_metadata(path: Path) -> None:
     training run gives byte-identical bundles whatever the checkout's path or later code edits."""
     import onnx
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)  # external weights stay where they are
     for node in model.graph.node:
         del node.metadata_props[:]
     del model.metadata_props[:]

@@ -101,6 +101,8 @@ def write_triton_repository(bundle_dir: str | Path, out: str | Path, config: Tri
             platform = "tensorrt_plan"
         else:
             shutil.copyfile(graph.path, version / "model.onnx")
+            if graph.data is not None:  # the graph names its weights file; it must sit beside it
+                shutil.copyfile(graph.data, version / graph.data.name)
             platform = "onnxruntime_onnx"
         (model_dir / "config.pbtxt").write_text(model_config(model_dir.name, platform, inputs, outputs, config))
         written.append(model_dir / "config.pbtxt")

@@ -11,7 +11,15 @@ from distill.models import load_student, load_teacher
 from distill.verifier import load_verifier
 from export.bundle import GraphEntry, Manifest, read_bundle, sha256_of
 from export.decoder import DECODER_PARITY_BATCHES, DECODER_TOLERANCE, DecoderGraph, load_vae
-from export.onnx_export import StudentGraph, TeacherGraph, VerifierGraph, check_graph, example_inputs, export_onnx
+from export.onnx_export import (
+    StudentGraph,
+    TeacherGraph,
+    VerifierGraph,
+    check_graph,
+    example_inputs,
+    export_onnx,
+    external_data_file,
+)
 
 
 def source_commit(repo: str | Path = ".") -> str:
@@ -38,13 +46,15 @@ def scale_tag(guidance_scale: float) -> str:
 def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str | Path, out: str | Path,
                   guidance_scales: tuple[float, ...] = (1.5,), teacher_guidance_scale: float | None = None,
                   name: str | None = None, metrics: dict | None = None, progress: bool = True,
-                  decoder: str | Path | None = None) -> Manifest:
+                  decoder: str | Path | None = None, external_data: bool | None = None) -> Manifest:
     """Export and check all graphs into `out`, then write `manifest.json` and re-read it.
 
     `teacher_guidance_scale` defaults to the first student scale. `metrics` (an evaluation result) goes into
     the provenance so the README's tables can be generated from the shipped bundle. With `decoder` (a
     diffusers autoencoder folder), the student and teacher work on latents, the decoder graph turns
-    them into images, and the verifier scores those images (a format 2 bundle).
+    them into images, and the verifier scores those images (a format 2 bundle). Graphs whose weights
+    pass EXTERNAL_DATA_BYTES keep them in `<graph>.onnx.data` (protobuf holds 2 GB at most); `external_data`
+    forces that on or off.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -70,11 +80,13 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
 
     def build(graph, filename, label, guidance_scale=None, shape=sample_shape, **check) -> GraphEntry:
         make = lambda batch, g=graph: example_inputs(g, batch, shape, len(classes), seed=batch)
-        path = export_onnx(graph, make(2), out / filename)
+        path = export_onnx(graph, make(2), out / filename, external_data)
         checks[filename] = check_graph(graph, path, make, label, **check)
         if progress:
             print(f"  exported {filename}: parity and batch invariance within tolerance", flush=True)
-        return GraphEntry(filename, sha256_of(path), guidance_scale)
+        data = external_data_file(path)
+        data_entry = GraphEntry(data.name, sha256_of(data)) if data.is_file() else None
+        return GraphEntry(filename, sha256_of(path), guidance_scale, data_entry)
 
     students = [build(StudentGraph(student, scale), f"student_w{scale_tag(scale)}.onnx",
                       f"student graph (w={scale:g})", float(scale)) for scale in guidance_scales]

@@ -21,3 +21,12 @@ def toy_teacher(tmp_path_factory):
     train_teacher(toy_gaussians(), TOY_NET, TeacherConfig(), TrainConfig(steps=1500, lr=2e-3, ema_decay=0.99),
                   out, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_latent(tmp_path_factory):
+    """(bundle, runs, VAE folders) of a tiny latent bundle (format 2, with a decoder), built once."""
+    pytest.importorskip("diffusers", reason="diffusers is not installed (the train extra)")
+    from tiny_latent import build_latent_bundle
+
+    return build_latent_bundle(tmp_path_factory.mktemp("tiny-latent"))

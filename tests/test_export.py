@@ -89,6 +89,24 @@ def test_the_guidance_scale_is_baked(bundle):
     assert np.array_equal(low, again)
 
 
+def test_the_teacher_graph_makes_one_pass_at_w1_and_two_above(runs):
+    import torch
+
+    from distill.flow import guided_velocity
+    from distill.models import load_teacher
+    from export.onnx_export import TeacherGraph
+
+    teacher = load_teacher(str(runs / "teacher"))
+    rows = []
+    teacher.net.register_forward_hook(lambda module, args, out: rows.append(len(out)))
+    x, t, label = torch.randn(3, 1, 8, 8), torch.rand(3), torch.tensor([0, 4, 9])
+    with torch.no_grad():
+        for scale in (1.0, 2.0):
+            guided = guided_velocity(teacher.velocity, x, t, label, scale, teacher.num_classes)
+            assert torch.allclose(TeacherGraph(teacher, scale)(x, t, label), guided, atol=1e-6)
+    assert rows == [6, 3, 6, 6]  # guided_velocity always batches both passes; the w=1 graph only one
+
+
 def test_reader_refuses_a_tampered_file(bundle, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(bundle, copy)

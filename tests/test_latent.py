@@ -11,11 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from distill.data import Dataset
-from distill.freeflow import FreeFlowConfig
-from distill.nets import NetConfig
-from distill.pipeline import distill_student, train_teacher, train_verifier
-from distill.teacher import TeacherConfig
+from distill.pipeline import train_verifier
 from distill.trainer import TrainConfig
 from distill.verifier import VerifierConfig
 from export.bundle import FORMAT_2, read_bundle
@@ -24,40 +20,25 @@ from export.onnx_export import check_graph, example_inputs, export_onnx
 from export.writer import export_bundle
 
 from serving import in_process
+from tiny_latent import IMAGE, LATENT, VAE_KINDS, random_data
 
 pytest.importorskip("diffusers", reason="diffusers is not installed (the train extra)")
-LATENT, IMAGE, CLASSES = (4, 4, 4), (3, 8, 8), ["a", "b", "c"]
-
-
-def tiny_vae(kind: str, folder):
-    import diffusers
-
-    torch.manual_seed(0)
-    if kind == "AutoencoderKL":
-        vae = diffusers.AutoencoderKL(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
-                                      up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=4,
-                                      scaling_factor=0.5, shift_factor=0.1)
-    else:
-        vae = diffusers.AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
-                                        num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4)
-    vae.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
-def vaes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vaes")
-    return {kind: tiny_vae(kind, root / kind) for kind in ("AutoencoderKL", "AutoencoderTiny")}
+def vaes(tiny_latent):
+    return tiny_latent[2]
 
 
-@pytest.mark.parametrize("kind", ["AutoencoderKL", "AutoencoderTiny"])
+@pytest.mark.parametrize("kind", VAE_KINDS)
 def test_decoder_exports_with_its_scaling_baked_and_matches_torch(vaes, kind, tmp_path):
     vae = load_vae(vaes[kind])
     graph = DecoderGraph(vae)
     assert graph.image_shape(LATENT) == IMAGE
     latent = torch.randn(2, *LATENT)
     with torch.no_grad():  # the graph decodes z / scale + shift, as diffusers pipelines do
-        expected = vae.decode(latent / vae.config.scaling_factor + (vae.config.shift_factor or 0)).sample.clamp(-1, 1)
+        shift = vae.config.get("shift_factor") or 0  # AutoencoderDC has none
+        expected = vae.decode(latent / vae.config.scaling_factor + shift).sample.clamp(-1, 1)
         assert torch.allclose(graph(latent), expected)
     make = lambda batch: example_inputs(graph, batch, LATENT, 3, seed=batch)
     path = export_onnx(graph, make(2), tmp_path / "decoder.onnx")
@@ -73,27 +54,10 @@ def test_a_folder_that_is_not_a_vae_is_refused(tmp_path):
         load_vae(tmp_path)
 
 
-def random_data(shape, count=96, seed=0) -> Dataset:
-    generator = torch.Generator().manual_seed(seed)
-    return Dataset("random", torch.rand((count, *shape), generator=generator) * 2 - 1,
-                   torch.arange(count) % len(CLASSES), CLASSES)
-
-
 @pytest.fixture(scope="module")
-def latent_bundle(vaes, tmp_path_factory):
+def latent_bundle(tiny_latent):
     """Teacher and student on 4x4x4 latents, a verifier on the 3x8x8 images the VAE decodes them to."""
-    runs = tmp_path_factory.mktemp("latent-runs")
-    quick = TrainConfig(steps=3, batch_size=16, lr=1e-2, ema_decay=0.0)
-    net = NetConfig(arch="mlp", width=32, depth=1, mlp_ratio=2.0)
-    train_teacher(random_data(LATENT), net, TeacherConfig(), quick, runs / "teacher", progress=False)
-    train_verifier(random_data(IMAGE, seed=1), VerifierConfig(width=8, feature_dim=16), quick, runs / "verifier",
-                   progress=False)
-    distill_student("freeflow", str(runs / "teacher"), FreeFlowConfig(), quick, runs / "freeflow", progress=False,
-                    data=random_data(LATENT))
-    out = tmp_path_factory.mktemp("bundle") / "latent"
-    export_bundle(runs / "freeflow", str(runs / "teacher"), runs / "verifier", out, (1.5,), progress=False,
-                  decoder=vaes["AutoencoderKL"])
-    return out, runs
+    return tiny_latent[:2]
 
 
 def test_the_latent_bundle_is_format_2(latent_bundle):
@@ -163,3 +127,33 @@ def test_the_triton_repository_chains_the_student_and_the_decoder(latent_bundle,
     steps = ensemble.ensemble_scheduling.step
     assert [s.model_name for s in steps] == ["latent_student_w1_5", "latent_decoder"]
     assert steps[0].output_map["x_s"] == steps[1].input_map["latent"] == "latent"
+
+
+def test_graphs_with_external_weights_are_listed_checked_and_served_alike(latent_bundle, vaes, tmp_path):
+    from export.bundle import BundleError
+    from export.triton import write_triton_repository
+
+    inline, runs = latent_bundle
+    out = tmp_path / "external"
+    export_bundle(runs / "freeflow", str(runs / "teacher"), runs / "verifier", out, (1.5,), progress=False,
+                  decoder=vaes["AutoencoderKL"], external_data=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["decoder"]["data"]["file"] == "decoder.onnx.data"
+    assert all((out / entry["data"]["file"]).is_file() for entry in [*manifest["student"], manifest["teacher"]])
+    assert (out / "decoder.onnx").stat().st_size < (out / "decoder.onnx.data").stat().st_size
+
+    async def images(bundle):
+        async with in_process(bundle=bundle, max_batch_size=4) as (client, _):
+            body = {"labels": ["a", "c"], "seeds": [3, 4], "steps": 2}
+            return (await client.post("/v1/generate", json=body)).json()["images"]
+
+    assert asyncio.run(images(out)) == asyncio.run(images(inline))
+    configs = write_triton_repository(out, tmp_path / "triton")
+    model = next(config.parent / "1" for config in configs if "decoder" in config.parent.name)
+    assert sorted(f.name for f in model.iterdir()) == ["decoder.onnx.data", "model.onnx"]
+    with open(out / "decoder.onnx.data", "r+b") as handle:  # a flipped byte in the weights is caught
+        first = handle.read(1)
+        handle.seek(0)
+        handle.write(bytes([first[0] ^ 1]))
+    with pytest.raises(BundleError, match="decoder.onnx.data fails its sha256 check"):
+        read_bundle(out)
