@@ -13,6 +13,10 @@ import sys
 import typing
 from pathlib import Path
 
+# the forms distill.models.load_teacher reads
+TEACHER_HELP = ("teacher run directory, sit:FILE (a public SiT/DiT checkpoint, e.g. SiT-XL-2-256x256.pt) or "
+                "package.module:factory")
+
 
 def field_help(cls) -> dict[str, str]:
     """Each dataclass field's comment, from the class source: the comment on the field's line, or the
@@ -143,8 +147,8 @@ def cmd_distill(argv: list[str]) -> int:
     parser = argparse.ArgumentParser("flowmap distill", description="Distil a teacher into a flow-map student. "
                                      + "Methods: " + "; ".join(f"{k}: {v.summary}" for k, v in METHODS.items()))
     parser.add_argument("--method", default="freeflow", choices=sorted(METHODS))
-    parser.add_argument("--teacher", default=None, help="teacher run directory or package.module:factory "
-                        "(required except for fsf-dmd --self-teacher)")
+    parser.add_argument("--teacher", default=None, help=TEACHER_HELP + " (required except for fsf-dmd "
+                        "--self-teacher)")
     parser.add_argument("--data", default=None, help="data for methods that use it (meanflow, fsf-dmd); "
                         "default: the teacher's dataset")
     parser.add_argument("--init", default=None, help="start from this student run's weights instead of the "
@@ -204,7 +208,7 @@ def cmd_export(argv: list[str]) -> int:
     parser = argparse.ArgumentParser("flowmap export", description="Write a servable bundle: ONNX graphs with the "
                                      "guidance scale baked in (parity-checked), optionally TensorRT engines.")
     parser.add_argument("--student", help="student run directory (not needed with --skip-onnx)")
-    parser.add_argument("--teacher", help="teacher run directory or package.module:factory")
+    parser.add_argument("--teacher", help=TEACHER_HELP)
     parser.add_argument("--verifier", help="verifier run directory")
     parser.add_argument("--out", required=True, help="bundle directory, e.g. models/digits")
     parser.add_argument("--name", default=None, help="bundle name (default: the folder name)")
@@ -282,7 +286,7 @@ def cmd_serve(argv: list[str]) -> int:
 
     from export.bundle import BundleError
     from server.main import serve
-    from server.settings import Settings
+    from server.settings import RayOptions, Settings
 
     parser = argparse.ArgumentParser("flowmap serve", description="Serve a bundle over HTTP: OpenAI-style images, "
                                      "batch generation, Best-of-N search, /metrics, OpenAPI docs at /docs.")
@@ -290,8 +294,7 @@ def cmd_serve(argv: list[str]) -> int:
     ray_group = parser.add_argument_group("Ray Serve (with --ray)")
     ray_group.add_argument("--ray", action="store_true", help="deploy the same app on Ray Serve, one engine set "
                            "per replica, behind Ray's HTTP proxy at --host:--port")
-    ray_fields = {"replicas": 2, "autoscale_max": 0, "target_ongoing_requests": 64, "cpus_per_replica": 1.0,
-                  "gpus_per_replica": 0.0}
+    ray_fields = {field.name: field.default for field in dataclasses.fields(RayOptions)}
     for name, default in ray_fields.items():
         ray_group.add_argument("--" + name.replace("_", "-"), dest=name, type=type(default), default=default,
                                help=f"default: {default}")
@@ -305,7 +308,7 @@ def cmd_serve(argv: list[str]) -> int:
         return 2
     try:
         if args.ray:
-            from server.ray_app import RayOptions, run
+            from server.ray_app import run
 
             run(settings, RayOptions(**ray_options))
         else:

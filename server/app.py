@@ -75,16 +75,17 @@ async def warm_up_or_stop(service: Service, stop) -> None:
         stop()
 
 
-def create_app(settings: Settings | None = None, mount_ui: bool | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, mount_ui: bool | None = None, remote_engines=None) -> FastAPI:
     """Build the app. The bundle is read (and every sha256 checked) here, so a tampered bundle stops
-    the server before it listens."""
+    the server before it listens. `remote_engines` (name -> engine) run some graphs elsewhere: under
+    Ray Serve the decoder is a deployment of its own."""
     settings = settings or Settings()
     bundle = read_bundle(settings.bundle, verify=settings.verify_bundle)
     service = Service(settings, bundle, Metrics())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engines = build_engines(bundle, settings)
+        engines = build_engines(bundle, settings, remote_engines() if remote_engines else None)
         service.batchers = {name: DynamicBatcher(engine, settings.decoder_max_batch_size if name == "decoder"
                                                  else settings.max_batch_size, settings.max_queue_delay_ms,
                                                  service.metrics)

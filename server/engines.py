@@ -147,15 +147,16 @@ def _torch_engines(bundle: Bundle, settings) -> dict[str, Engine]:
     return engines
 
 
-def build_engines(bundle: Bundle, settings) -> dict[str, Engine]:
+def build_engines(bundle: Bundle, settings, remote: dict[str, Engine] | None = None) -> dict[str, Engine]:
     """One engine per graph: `student@<w>` for each baked scale, `teacher`, `verifier`, and `decoder`
-    when the bundle has one."""
+    when the bundle has one. `remote` replaces engines by ones that run elsewhere (a Ray deployment)."""
     if settings.backend == "torch":
         return _torch_engines(bundle, settings)
+    remote = remote or {}
     engines = {student_engine(g.guidance_scale): _engine_for(g, student_engine(g.guidance_scale), bundle, settings)
                for g in bundle.students}
     engines["teacher"] = _engine_for(bundle.teacher, "teacher", bundle, settings)
     engines["verifier"] = _engine_for(bundle.verifier, "verifier", bundle, settings)
-    if bundle.decoder is not None:
+    if bundle.decoder is not None and "decoder" not in remote:
         engines["decoder"] = _engine_for(bundle.decoder, "decoder", bundle, settings)
-    return engines
+    return {**engines, **remote}

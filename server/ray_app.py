@@ -4,38 +4,74 @@
 builds its own engines and batchers (in the app's lifespan, which Ray runs), and keeps its own
 metrics. Settings reach the replicas as the usual FLOWMAP_* variables, so one settings object
 configures both ways of serving. Deploy with `flowmap serve --ray`, or `serve run deploy/ray_serve.yaml`.
+
+A bundle with a decoder deploys it apart (`flowmap-decoder`), with its own replicas and CPUs: on a
+CPU the decoder costs far more than the denoiser, so the two scale apart. Each app replica still
+batches decoder rows in its own batcher, and sends each batch to the decoder deployment.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from ray import serve
 from ray.serve.config import AutoscalingConfig
 
-from server.settings import Settings
+from server.settings import RayOptions, Settings
+
+DECODER = "flowmap-decoder"
+
+
+class RemoteDecoder:
+    """An engine whose runs happen in the decoder deployment (called from the batcher's thread)."""
+
+    name, buckets = "decoder", ()
+
+    def __init__(self, handle, max_batch: int):
+        self.handle, self.max_batch = handle, max_batch
+
+    def run(self, feeds):
+        return self.handle.remote(feeds["latent"]).result()
 
 
 def build_replica_app():
     """Runs in the replica: the FastAPI app from FLOWMAP_* settings (the demo stays with `flowmap serve`)."""
+    from export.bundle import read_bundle
     from server.app import create_app
 
-    return create_app(Settings(), mount_ui=False)
+    settings = Settings()
+
+    def remote_engines():
+        if read_bundle(settings.bundle, verify=False).decoder is None:
+            return {}
+        handle = serve.get_deployment_handle(DECODER, app_name="flowmap")
+        return {"decoder": RemoteDecoder(handle, settings.decoder_max_batch_size)}
+
+    return create_app(settings, mount_ui=False, remote_engines=remote_engines)
 
 
 @serve.deployment(name="flowmap", max_ongoing_requests=256, graceful_shutdown_timeout_s=30)
 @serve.ingress(build_replica_app)
 class FlowmapReplica:
-    """One replica: engines, batchers and routes of its own."""
+    """One replica: engines, batchers and routes of its own (the decoder's, if any, is a handle)."""
+
+    def __init__(self, decoder=None):
+        self.decoder = decoder  # bound so that Ray deploys the decoder with the app; reached by name
 
 
-@dataclass
-class RayOptions:
-    replicas: int = 2
-    autoscale_max: int = 0  # > replicas turns on autoscaling between `replicas` and this many
-    target_ongoing_requests: int = 64  # the autoscaler's target per replica
-    cpus_per_replica: float = 1.0
-    gpus_per_replica: float = 0.0
+@serve.deployment(name=DECODER, max_ongoing_requests=64)
+class DecoderDeployment:
+    """The bundle's decoder on its own replicas: latent batch in, image batch out."""
+
+    def __init__(self):
+        from export.bundle import read_bundle
+        from server.engines import OnnxRuntimeEngine
+
+        settings = Settings()
+        bundle = read_bundle(settings.bundle)
+        self.engine = OnnxRuntimeEngine(bundle.decoder.path, "decoder", settings.providers, settings.intra_op_threads,
+                                        settings.decoder_max_batch_size, settings.trt_cache_dir)
+
+    def __call__(self, latent):
+        return self.engine.run({"latent": latent})
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -57,7 +93,14 @@ def application(settings: Settings, options: RayOptions):
         deployment = FlowmapReplica.options(autoscaling_config=scaling, ray_actor_options=actor)
     else:
         deployment = FlowmapReplica.options(num_replicas=options.replicas, ray_actor_options=actor)
-    return deployment.bind()
+    from export.bundle import read_bundle
+
+    if read_bundle(settings.bundle, verify=False).decoder is None:
+        return deployment.bind()
+    decoder = DecoderDeployment.options(num_replicas=options.decoder_replicas, ray_actor_options={
+        "num_cpus": options.cpus_per_decoder, "num_gpus": options.gpus_per_replica,
+        "runtime_env": {"env_vars": settings_env(settings)}})
+    return deployment.bind(decoder.bind())
 
 
 def run(settings: Settings, options: RayOptions) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
@@ -74,3 +75,17 @@ class Settings(BaseSettings):
         if value not in ("cpu", "cuda", "tensorrt"):
             raise ValueError("providers must be cpu, cuda or tensorrt")
         return value
+
+
+@dataclass
+class RayOptions:
+    """How `flowmap serve --ray` deploys: app replicas (or an autoscaling range), their resources, and
+    the decoder deployment's."""
+
+    replicas: int = 2
+    autoscale_max: int = 0  # > replicas turns on autoscaling between `replicas` and this many
+    target_ongoing_requests: int = 64  # the autoscaler's target per replica
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0
+    decoder_replicas: int = 1  # replicas of the decoder deployment (bundles with a decoder)
+    cpus_per_decoder: float = 1.0

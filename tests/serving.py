@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -88,3 +89,33 @@ async def in_process(bundle: Path = BUNDLE, **settings):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://in-process", timeout=120) as client:
             yield client, service
+
+
+def ray_serve(bundle, *flags):
+    """`flowmap serve --ray` on a free port until ready; yields its URL, then stops Ray."""
+    port = free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flowmap.cli", "serve", "--ray", *flags, "--bundle", str(bundle), "--port", str(port)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline, ready_in_a_row = time.monotonic() + 240, 0
+        while ready_in_a_row < 6:  # every replica warm: several ready answers in a row
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "Ray Serve did not become ready"
+            try:
+                ready = httpx.get(url + "/health/ready", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                ready = False
+            ready_in_a_row = ready_in_a_row + 1 if ready else 0
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGINT)  # serve.run shuts Serve and the local Ray down on Ctrl-C
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "stop", "--force"],
+                       capture_output=True, timeout=60)

@@ -1,15 +1,10 @@
 """Ray Serve: two replicas of the same app behind Ray's HTTP proxy."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 
-from serving import BUNDLE, ROOT, Server, free_port
+from serving import BUNDLE, Server, ray_serve
 
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed (the dev extra)")
 pytestmark = [pytest.mark.ray, pytest.mark.skipif(not (BUNDLE / "manifest.json").is_file(),
@@ -18,33 +13,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.skipif(not (BUNDLE / "manifest.json")
 
 @pytest.fixture(scope="module")
 def ray_url():
-    port = free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "flowmap.cli", "serve", "--ray", "--replicas", "2", "--cpus-per-replica", "0.5",
-         "--bundle", str(BUNDLE), "--port", str(port)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline, ready_in_a_row = time.monotonic() + 240, 0
-        while ready_in_a_row < 6:  # both replicas warm: several ready answers in a row
-            assert process.poll() is None, process.stdout.read()
-            assert time.monotonic() < deadline, "Ray Serve did not become ready"
-            try:
-                ready = httpx.get(url + "/health/ready", timeout=5).status_code == 200
-            except httpx.HTTPError:
-                ready = False
-            ready_in_a_row = ready_in_a_row + 1 if ready else 0
-            time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(process.pid, signal.SIGINT)  # serve.run shuts Serve and the local Ray down on Ctrl-C
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-        subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "stop", "--force"],
-                       capture_output=True, timeout=60)
+    yield from ray_serve(BUNDLE, "--replicas", "2", "--cpus-per-replica", "0.5")
 
 
 def test_ray_replicas_match_the_plain_server_and_share_the_traffic(ray_url):
