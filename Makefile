@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SERVE_STAMP := $(VENV)/.installed-serve
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint mutants models bench bench-recipe bench-distill clean
+.PHONY: install serve test lint mutants models bench bench-recipe bench-stages bench-distill clean
 
 # Serving needs only the core install (no torch, Ray or browsers); everything else adds the extras.
 $(SERVE_STAMP): pyproject.toml constraints.txt
@@ -46,6 +46,12 @@ bench: $(STAMP)
 # Seconds per training step of a few network sizes, to choose one that fits this machine
 bench-recipe: $(STAMP)
 	$(PY) -m flowmap.cli bench recipe --out docs/recipe
+	$(PY) -m flowmap.cli readme
+
+# What each request stage costs at real sizes (random weights), and a real-size latent bundle served;
+# the bundle is built under runs/latent-bundle (not committed) the first time (about 15 min in all)
+bench-stages: $(STAMP)
+	$(PY) -m flowmap.cli bench stages --out docs/stages
 	$(PY) -m flowmap.cli readme
 
 # Every method from one teacher (about 22 min), then FSF-DMD's settings from the consistency-distilled

@@ -1,16 +1,24 @@
 """`flowmap bench stages`: what each stage of a request costs at the sizes users serve, with random
 weights of the real shapes: the denoiser (SiT-S/2, B/2 and XL/2 shapes on 4x32x32 latents), the VAE
-decoder (the Stable Diffusion AutoencoderKL and a tiny decoder, 256 and 512 px) and the image encoders
-(png, jpeg, webp; every candidate library). Writes docs/stages.{md,json,png}."""
+decoder (the Stable Diffusion AutoencoderKL and the tiny TAESD-shape decoder, 256 and 512 px) and the
+image encoders (png, jpeg, webp; every candidate library), each in a fresh process so its peak memory
+is its own, torch eager beside ONNX Runtime. Then a real-size latent bundle (SiT-S/2 student and
+teacher, the tiny decoder; random weights, built under runs/ when absent) is served over HTTP and its
+throughput compared with the limit the stage costs imply. Writes docs/stages.{md,json,png}."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import multiprocessing
 import os
 import platform
+import resource
+import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -22,6 +30,13 @@ class StagesBenchConfig:
     sizes: tuple[int, ...] = (256, 512)  # image sides in pixels
     small_sizes: tuple[int, ...] = (8, 128)  # grey images as class bundles serve them (8x8 digits, x16)
     encode_images: int = 16  # images per encoder measurement
+    denoisers: tuple[str, ...] = ("S/2", "B/2", "XL/2")  # SiT sizes on 4x32x32 latents (256 px)
+    batched_denoisers: tuple[str, ...] = ("S/2", "B/2")  # also at the larger batches (XL/2 at batch 1 only)
+    decoders: tuple[str, ...] = ("tiny", "sd-vae")  # the TAESD-shape AutoencoderTiny, SD's AutoencoderKL
+    batches: tuple[int, ...] = (1, 4)  # batch sizes of the denoiser and tiny-decoder measurements
+    bundle: str = "runs/latent-bundle"  # the real-size latent bundle served at the end (built when absent)
+    served_clients: int = 4  # concurrent clients of the served measurement
+    served_seconds: float = 30.0  # how long it runs
     out: str = "docs/stages"  # writes OUT.md, OUT.json and OUT.png
 
 
@@ -102,6 +117,207 @@ def encoder_costs(config: StagesBenchConfig) -> list[dict]:
     return rows
 
 
+# -- network stages, each measured in a fresh process ------------------------------------------------
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _timed(run, repeats: int) -> float:
+    """Milliseconds of one call, after one call that warms up."""
+    run()
+    tick = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    return 1000 * (time.perf_counter() - tick) / repeats
+
+
+def _graph_of(kind: str, name: str):
+    """(torch module, example input for batch b) of one stage: a SiT denoiser or a VAE decoder."""
+    import torch
+
+    if kind == "denoiser":
+        from distill.models import Teacher
+        from distill.sit import sit_config
+        from export.onnx_export import TeacherGraph
+
+        graph = TeacherGraph(Teacher(sit_config(name)), 1.0)  # w = 1: one pass, the student's cost per step
+
+        def inputs(batch):
+            return {"x": torch.randn(batch, 4, 32, 32), "t": torch.rand(batch),
+                    "label": torch.randint(0, 1000, (batch,))}
+
+        return graph, inputs
+    import diffusers
+
+    from export.decoder import DecoderGraph
+
+    side, vae_kind = name.split(":")
+    if vae_kind == "tiny":
+        vae = diffusers.AutoencoderTiny()
+    else:
+        vae = diffusers.AutoencoderKL(block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+                                      down_block_types=["DownEncoderBlock2D"] * 4,
+                                      up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4,
+                                      norm_num_groups=32, scaling_factor=0.18215)
+    latent = int(side) // 8
+    return DecoderGraph(vae.eval()), lambda batch: {"latent": torch.randn(batch, 4, latent, latent)}
+
+
+def measure_torch(kind: str, name: str, batch: int, export_to: str | None) -> dict:
+    """In a fresh process: ms per image through torch eager and the process's peak memory; then, with
+    `export_to`, the ONNX graph and the example feeds written there for `measure_onnx`."""
+    import torch
+
+    from export.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    graph, inputs = _graph_of(kind, name)
+    feeds = inputs(batch)
+    with torch.no_grad():
+        torch_ms = _timed(lambda: graph(*feeds.values()), _repeats(name)) / batch
+    row = {"kind": kind, "name": name, "batch": batch, "torch_ms_per_image": round(torch_ms, 1),
+           "params_m": round(sum(p.numel() for p in graph.parameters()) / 1e6, 1),
+           "torch_peak_rss_mb": round(_peak_mb(), 0)}  # before the export, which costs far more than a forward
+    if export_to:
+        export_onnx(graph, inputs(2), Path(export_to) / "stage.onnx")
+        np.savez(Path(export_to) / "feeds.npz", **{k: v.numpy() for k, v in feeds.items()})
+    return row
+
+
+def measure_onnx(folder: str, name: str, batch: int) -> dict:
+    """In a fresh process that imports no torch: ms per image through ONNX Runtime with its default
+    threads and with one thread, and the peak memory of a process that serves only this graph."""
+    import onnxruntime as ort
+
+    feeds = dict(np.load(Path(folder) / "feeds.npz"))
+    row = {}
+    for key, threads in (("onnx_ms_per_image", 0), ("onnx_1_thread_ms_per_image", 1)):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        run = ort.InferenceSession(str(Path(folder) / "stage.onnx"), options, providers=["CPUExecutionProvider"]).run
+        row[key] = round(_timed(lambda run=run: run(None, feeds), _repeats(name)) / batch, 1)
+    row["onnx_peak_rss_mb"] = round(_peak_mb(), 0)
+    return row
+
+
+def _repeats(name: str) -> int:
+    return 1 if "sd-vae" in name or name == "XL/2" else 2  # seconds a call on 2 CPUs
+
+
+def measure_stage(kind: str, name: str, batch: int, onnx: bool) -> dict:
+    """One stage in torch, then (with `onnx`) through ONNX Runtime, each in a process of its own."""
+    if not onnx:
+        return in_fresh_process(measure_torch, kind, name, batch, None)
+    with tempfile.TemporaryDirectory() as folder:
+        row = in_fresh_process(measure_torch, kind, name, batch, folder)
+        return {**row, **in_fresh_process(measure_onnx, folder, name, batch)}
+
+
+def in_fresh_process(function, *args):
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
+def stage_costs(config: StagesBenchConfig, say) -> list[dict]:
+    rows = []
+    for size in config.denoisers:
+        for batch in config.batches if size in config.batched_denoisers else (1,):
+            say(f"[bench stages] SiT-{size} denoiser, batch {batch}")
+            rows.append(measure_stage("denoiser", size, batch, True))
+    for decoder in config.decoders:
+        for side in config.sizes:
+            for batch in config.batches if decoder == "tiny" else (1,):
+                say(f"[bench stages] {decoder} decoder, {side} px, batch {batch}")
+                rows.append(measure_stage("decoder", f"{side}:{decoder}", batch, True))
+    return rows
+
+
+# -- a real-size latent bundle, served -----------------------------------------------------------------
+def build_latent_bundle(out: str | Path, say) -> Path:
+    """SiT-S/2 teacher (random weights, the public layout), its FreeFlow student after one step, a
+    verifier on random 256 px images, the tiny decoder: exported as a format 2 bundle."""
+    import diffusers
+    import torch
+
+    from distill.data import Dataset
+    from distill.freeflow import FreeFlowConfig
+    from distill.pipeline import distill_student, train_verifier
+    from distill.trainer import TrainConfig
+    from distill.verifier import VerifierConfig
+    from export.writer import export_bundle
+
+    out = Path(out)
+    runs = out.parent / f"{out.name}-runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    say(f"[bench stages] building the latent bundle in {out}")
+    torch.manual_seed(0)
+    from distill.models import Teacher
+    from distill.sit import sit_config
+
+    teacher = Teacher(sit_config("S/2"))
+    torch.save(public_layout(teacher), runs / "sit-s2.pt")
+    quick = TrainConfig(steps=1, batch_size=2, ema_decay=0.0)
+    distill_student("freeflow", f"sit:{runs / 'sit-s2.pt'}", FreeFlowConfig(), quick, runs / "student", progress=False)
+    images = torch.rand(16, 3, 256, 256) * 2 - 1
+    train_verifier(Dataset("random", images, torch.arange(16) % 1000, [str(i) for i in range(1000)]),
+                   VerifierConfig(width=8, feature_dim=32), quick, runs / "verifier", progress=False)
+    diffusers.AutoencoderTiny().save_pretrained(runs / "tiny-vae")
+    export_bundle(runs / "student", f"sit:{runs / 'sit-s2.pt'}", runs / "verifier", out, (1.0,), progress=False,
+                  decoder=runs / "tiny-vae")
+    return out
+
+
+def public_layout(teacher) -> dict:
+    """Our SiT teacher's weights under the public SiT key names (the inverse of distill/sit.py)."""
+    import torch
+
+    net, config = teacher.net, teacher.config
+    patch, channels = config.patch, config.shape[0]
+    state = {"x_embedder.proj.weight": net.patch_in.weight.reshape(config.width, channels, patch, patch),
+             "x_embedder.proj.bias": net.patch_in.bias, "pos_embed": net.pos,
+             "y_embedder.embedding_table.weight": net.y_embed.weight,
+             "final_layer.adaLN_modulation.1.weight": net.final.ada[1].weight,
+             "final_layer.adaLN_modulation.1.bias": net.final.ada[1].bias}
+    for index in (0, 2):
+        state[f"t_embedder.mlp.{index}.weight"] = net.t_embed.mlp[index].weight
+        state[f"t_embedder.mlp.{index}.bias"] = net.t_embed.mlp[index].bias
+    for b, block in enumerate(net.blocks):
+        for theirs, layer in (("attn.qkv", block.attn.qkv), ("attn.proj", block.attn.proj), ("mlp.fc1", block.mlp[0]),
+                              ("mlp.fc2", block.mlp[2]), ("adaLN_modulation.1", block.ada[1])):
+            state[f"blocks.{b}.{theirs}.weight"], state[f"blocks.{b}.{theirs}.bias"] = layer.weight, layer.bias
+    # our (c, p, q) output order -> SiT's (p, q, c), without the variance channels
+    order = torch.arange(channels * patch * patch).reshape(channels, patch, patch).permute(1, 2, 0).reshape(-1)
+    state["final_layer.linear.weight"] = net.final.linear.weight[order]
+    state["final_layer.linear.bias"] = net.final.linear.bias[order]
+    return {k: v.detach().clone().contiguous() for k, v in state.items()}
+
+
+def served_throughput(config: StagesBenchConfig, say) -> dict:
+    from flowmap.bench_serve import ServerProcess
+    from flowmap.loadgen import run_load
+
+    bundle = Path(config.bundle)
+    if not (bundle / "manifest.json").is_file():
+        in_fresh_process(build_latent_bundle, str(bundle), print)
+    say(f"[bench stages] serving {bundle}: {config.served_clients} clients, jpeg, {config.served_seconds:g} s")
+    server = ServerProcess(str(bundle), 8730, "--max-batch-size", "4", "--decoder-max-batch-size", "4",
+                           "--max-queue-size", "64", "--no-ui")
+    try:
+        bodies = [{"labels": [i % 1000], "seeds": [i], "output_format": "jpeg"} for i in range(64)]
+        result = asyncio.run(run_load("127.0.0.1", server.port, "/v1/generate", bodies, config.served_clients,
+                                      config.served_seconds, 1, warmup_s=5.0)).summary()
+        metrics = server.metrics()
+    finally:
+        server.stop()
+    stage_seconds = {}
+    for stage in ("noise", "student", "decoder", "encode"):
+        total = metrics.get(f'flowmap_stage_duration_seconds_sum{{stage="{stage}"}}', 0.0)
+        count = metrics.get(f'flowmap_stage_duration_seconds_count{{stage="{stage}"}}', 0.0)
+        stage_seconds[stage] = round(1000 * total / count, 1) if count else None
+    return {"images_per_s": result["images_per_s"], "p50_ms": result["p50_ms"], "statuses": result["statuses"],
+            "stage_ms_per_request": stage_seconds}
+
+
 def run_stages_bench(config: StagesBenchConfig, progress: bool = True) -> dict:
     say = print if progress else (lambda *a, **k: None)
     say("[bench stages] image encoders")
@@ -109,17 +325,80 @@ def run_stages_bench(config: StagesBenchConfig, progress: bool = True) -> dict:
         "config": asdict(config),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "encoders": encoder_costs(config),
+        "stages": stage_costs(config, say),
     }
+    report["served"] = served_throughput(config, say)
+    report["limit"] = stage_limit(report)
     write_report(report, config.out, _plot, render_stages_markdown)
     return report
 
 
+def one_thread_ms(report: dict, kind: str, name: str) -> float:
+    """A stage's cheapest per-image cost on one thread (ONNX Runtime) over the measured batches."""
+    return min(r["onnx_1_thread_ms_per_image"] for r in report["stages"] if r["kind"] == kind and r["name"] == name)
+
+
+def stage_limit(report: dict) -> dict:
+    """Images/s the served bundle's stages allow at best: every core busy, each on one stage's work on
+    one thread (threads inside one call scale worse than calls side by side). The stages are the
+    SiT-S/2 student's one jump, the tiny decoder at 256 px, and a jpeg."""
+    jpeg = min(r["ms_per_image"] for r in report["encoders"] if r["side"] == 256 and r["encoder"].startswith("jpeg")
+               and not r["grey"])
+    per_image = {"student": one_thread_ms(report, "denoiser", "S/2"),
+                 "decoder": one_thread_ms(report, "decoder", "256:tiny"), "encode": jpeg}
+    limit = report["machine"]["cpus"] * 1000 / sum(per_image.values())
+    return {"ms_per_image": {k: round(v, 2) for k, v in per_image.items()}, "images_per_s": round(limit, 2),
+            "served_vs_limit": round(report["served"]["images_per_s"] / limit, 3)}
+
+
+def stage_name(row: dict) -> str:
+    if row["kind"] == "denoiser":
+        return f"SiT-{row['name']} denoiser (one forward, 4x32x32)"
+    side, vae = row["name"].split(":")
+    return f"{'SD-VAE' if vae == 'sd-vae' else 'tiny (TAESD-shape)'} decoder, {side} px"
+
+
+def stage_table(report: dict) -> list[str]:
+    """The network stages as markdown rows (docs/stages.md and the README)."""
+    lines = ["| stage | params (M) | batch | torch eager | ONNX Runtime | ONNX Runtime, 1 thread "
+             "| torch peak RSS MB | ORT peak RSS MB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in report["stages"]:
+        lines.append(f"| {stage_name(row)} | {row['params_m']} | {row['batch']} | {row['torch_ms_per_image']} "
+                     f"| {row['onnx_ms_per_image']} | {row['onnx_1_thread_ms_per_image']} "
+                     f"| {row['torch_peak_rss_mb']:.0f} | {row['onnx_peak_rss_mb']:.0f} |")
+    return lines
+
+
 def render_stages_markdown(report: dict, plot_name: str) -> str:
+    limit, served = report["limit"], report["served"]
     lines = [
         "# What each stage costs",
         "",
         f"Written by `flowmap bench stages` on {report['machine']['cpus']} CPUs ({report['machine']['platform']}); "
-        "one run, the machine shared: compare within a table, not across runs.",
+        "one run, the machine shared: compare within a table, not across runs. Random weights of the real shapes; "
+        "each network stage measured in a fresh process (its peak memory is its own).",
+        "",
+        "## Network stages",
+        "",
+        "ms per image; peak memory of a process that runs only that stage (torch: model and forward, before "
+        "any export; ONNX Runtime: a process that imports no torch, as a serving replica).",
+        "",
+    ] + stage_table(report)
+    shares = {k: v / sum(limit["ms_per_image"].values()) for k, v in limit["ms_per_image"].items()}
+    lines += [
+        "",
+        "## A 256 px latent bundle, served",
+        "",
+        f"SiT-S/2 student and teacher, the tiny decoder, jpeg output (`{report['config']['bundle']}`, random "
+        f"weights). Per image on one thread, at the cheapest measured batch: "
+        + ", ".join(f"{k} {v} ms ({100 * shares[k]:.1f}%)" for k, v in limit["ms_per_image"].items())
+        + f"; so at most **{limit['images_per_s']} images/s** on {report['machine']['cpus']} cores, each busy all "
+        "the time with one stage's work.",
+        "",
+        f"Served over HTTP ({report['config']['served_clients']} clients, one image a request): "
+        f"**{served['images_per_s']} images/s** = **{limit['served_vs_limit']}x** that limit (goal >= 0.8x), "
+        f"p50 {served['p50_ms']:.0f} ms, statuses {served['statuses']}. Stage time per request as the server "
+        f"measured it (ms): {served['stage_ms_per_request']}.",
         "",
         "## Image encoders",
         "",

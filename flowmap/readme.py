@@ -149,6 +149,26 @@ def recipe_block(root: Path) -> str:
     ])
 
 
+def stages_block(root: Path) -> str:
+    from flowmap.bench_stages import stage_table
+
+    report = _load(root / "docs" / "stages.json")
+    if report is None:
+        return "_No stage costs yet: run `make bench-stages`._"
+    limit, served = report["limit"], report["served"]
+    lines = [f"Measured by `flowmap bench stages` on {report['machine']['cpus']} CPU cores, random weights of the real "
+             "shapes, ms per image, each stage in a fresh process (from [docs/stages.md](docs/stages.md)):", "",
+             *stage_table(report)]
+    jpeg = min(r["ms_per_image"] for r in report["encoders"] if r["side"] == 256 and r["encoder"].startswith("jpeg")
+               and not r["grey"])
+    png = min(r["ms_per_image"] for r in report["encoders"] if r["side"] == 256 and r["encoder"].startswith("png")
+              and not r["grey"])
+    lines += ["", f"Encoding a 256 px image: jpeg {jpeg} ms, png {png} ms. A SiT-S/2 + tiny-decoder bundle served "
+                  f"over HTTP: {served['images_per_s']} images/s, {limit['served_vs_limit']}x the "
+                  f"{limit['images_per_s']} images/s its stage costs allow (goal >= 0.8x)."]
+    return "\n".join(lines)
+
+
 def settings_block(root: Path) -> str:
     from server.settings import Settings
 
@@ -162,7 +182,8 @@ def settings_block(root: Path) -> str:
 
 
 BLOCKS = {"distill-results": distill_block, "methods-results": methods_block, "serving-results": serving_block,
-          "overload-results": overload_block, "recipe-results": recipe_block, "settings": settings_block}
+          "overload-results": overload_block, "recipe-results": recipe_block, "stages-results": stages_block,
+          "settings": settings_block}
 
 
 def update_readme(root: str | Path = ".") -> bool:
