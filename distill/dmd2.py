@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from distill.flow import bcast, guided_velocity, interpolate, prior_batch, time_grid
+from distill.flow import bcast, guided_velocity, interpolate, null_condition, prior_batch, time_grid
 from distill.losses import dmd_loss
 from distill.models import FakeFlow
 from distill.trainer import Setup
@@ -54,7 +54,7 @@ class DMD2:
 
     def _conditions(self, generator):
         batch = self.batch_size
-        z, label = prior_batch(batch, self.shape, self.teacher.num_classes, generator, self.device)
+        z, label = prior_batch(batch, self.shape, self.teacher, generator, self.device)
         return z, label, torch.full((batch,), self.config.dm_guidance_scale, device=self.device)
 
     def losses(self, generator, logs):
@@ -75,7 +75,7 @@ class DMD2:
         x_t = interpolate(x0.detach(), torch.randn(x0.shape, generator=generator).to(x0), t)
         with torch.no_grad():
             real = x_t - bcast(t, x_t) * guided_velocity(self.teacher.velocity, x_t, t, label, w,
-                                                        self.teacher.num_classes)
+                                                        null_condition(self.teacher, label))
             fake_denoised = x_t - bcast(t, x_t) * fake.velocity(x_t, t, label, w)
         loss = dmd_loss(x0, real, fake_denoised)
         logs["dm"] = loss.item()

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from distill.data import Dataset
-from distill.flow import euler_sample, flow_map_sample, guided_velocity, heun_sample
+from distill.flow import euler_sample, flow_map_sample, guided_velocity, heun_sample, null_condition
 
 
 @dataclass
@@ -70,7 +70,7 @@ def sample_teacher(teacher, eps, label, guidance_scale: float, steps: int, batch
     for start in range(0, eps.shape[0], batch_size):
         chunk_label = label[start:start + batch_size]
         velocity = lambda x, t, c=chunk_label: guided_velocity(teacher.velocity, x, t, c, guidance_scale,
-                                                               teacher.num_classes)
+                                                               null_condition(teacher, c))
         out.append(solve(velocity, eps[start:start + batch_size], steps))
     return torch.cat(out)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from distill.flow import draw_guidance_scales, guided_velocity, interpolate, prior_batch
+from distill.flow import draw_guidance_scales, guided_velocity, interpolate, null_condition, prior_batch
 from distill.models import FakeFlow
 from distill.trainer import Setup
 
@@ -27,7 +27,7 @@ class FGMConfig:
 def fgm_generator_loss(teacher, fake, x0, noise, t, label, w) -> torch.Tensor:
     """L₂ with the online flow's weights frozen; x₀ carries the generator's graph."""
     x_t = interpolate(x0, noise, t)
-    u = guided_velocity(teacher.velocity, x_t, t, label, w, teacher.num_classes)
+    u = guided_velocity(teacher.velocity, x_t, t, label, w, null_condition(teacher, label))
     fake.requires_grad_(False)  # ψ is a constant here: gradients reach only the generator, through x₀
     try:
         v = fake.velocity(x_t, t, label, w)
@@ -55,7 +55,7 @@ class FGM:
     def losses(self, generator, logs):
         config, batch = self.config, self.batch_size
         student, fake = self.trainable["student"], self.trainable["fake"]
-        z, label = prior_batch(batch, self.shape, self.teacher.num_classes, generator, self.device)
+        z, label = prior_batch(batch, self.shape, self.teacher, generator, self.device)
         w = draw_guidance_scales(batch, config.guidance_min, config.guidance_max, generator).to(self.device)
         one, zero = torch.ones(batch, device=self.device), torch.zeros(batch, device=self.device)
         x0 = student.jump(z, one, zero, label, w)

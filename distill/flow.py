@@ -36,24 +36,43 @@ def draw_guidance_scales(batch: int, guidance_min: float, guidance_max: float,
     return guidance_min + (guidance_max - guidance_min) * torch.rand(batch, generator=generator)
 
 
-def prior_batch(batch: int, shape: tuple[int, ...], num_classes: int, generator: torch.Generator,
+def null_condition(model, label: torch.Tensor) -> torch.Tensor:
+    """The unconditional condition shaped like `label`: class index `num_classes` for class models, the
+    model's own `null_condition` (e.g. the empty prompt's embedding) for the others."""
+    if hasattr(model, "null_condition"):
+        return model.null_condition(label)
+    return torch.full_like(label, model.num_classes)
+
+
+def drop_condition(label: torch.Tensor, drop: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
+    """`null` where `drop` [B] is set, `label` elsewhere (whatever the condition's shape)."""
+    return torch.where(bcast(drop, label), null, label)
+
+
+def sample_conditions(model, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Conditions to generate from: uniform class labels, or the model's own `sample_conditions` (prompts)."""
+    if hasattr(model, "sample_conditions"):
+        return model.sample_conditions(batch, generator)
+    return torch.randint(0, model.num_classes, (batch,), generator=generator)
+
+
+def prior_batch(batch: int, shape: tuple[int, ...], model, generator: torch.Generator,
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z, label): prior noise and uniform class labels, the inputs of the data-free methods."""
+    """(z, condition): prior noise and conditions drawn from `model`, the inputs of the data-free methods."""
     z = torch.randn((batch, *shape), generator=generator).to(device)
-    label = torch.randint(0, num_classes, (batch,), generator=generator).to(device)
-    return z, label
+    return z, sample_conditions(model, batch, generator).to(device)
 
 
 def guided_velocity(velocity: Velocity, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor,
-                    guidance_scale: float | torch.Tensor, null_label: int, t_lo: float = 0.0,
+                    guidance_scale: float | torch.Tensor, null: torch.Tensor, t_lo: float = 0.0,
                     t_hi: float = 1.0) -> torch.Tensor:
-    """u_w(x, t, c); the conditional and unconditional passes run as one batch of 2B.
+    """u_w(x, t, c); the conditional and unconditional passes run as one batch of 2B. `null` is the
+    unconditional condition shaped like `label` (see `null_condition`).
 
     `guidance_scale` may be a float or a per-sample [B] tensor. Outside [t_lo, t_hi] the result is the
     conditional velocity u(x, t, c).
     """
     batch = x.shape[0]
-    null = torch.full_like(label, null_label)
     both = velocity(torch.cat([x, x]), torch.cat([t, t]), torch.cat([label, null]))
     cond, uncond = both[:batch], both[batch:]
     scale = torch.as_tensor(guidance_scale, dtype=x.dtype, device=x.device)

@@ -13,7 +13,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from distill.flow import bcast, draw_guidance_scales, guided_velocity, interpolate, logit_normal, prior_batch
+from distill.flow import (
+    bcast,
+    draw_guidance_scales,
+    guided_velocity,
+    interpolate,
+    logit_normal,
+    null_condition,
+    prior_batch,
+)
 from distill.models import FakeFlow
 from distill.trainer import Setup
 
@@ -91,7 +99,7 @@ def prediction_target(student, teacher, z, delta, label, w, config: FreeFlowConf
         F_out, v_G = generating_velocity(student, z, delta, label, w, config.derivative, config.fd_step)
         x_query, t_query = (z - bcast(delta, z) * F_out).detach(), 1 - delta  # x(δ) = f(z, 1, 1 - δ)
     with torch.no_grad():
-        u = guided_velocity(teacher.velocity, x_query, t_query, label, w, teacher.num_classes)
+        u = guided_velocity(teacher.velocity, x_query, t_query, label, w, null_condition(teacher, label))
         err = v_G - u
         mse = err.flatten(1).pow(2).mean(1)
         target = bcast((mse + 1e-4) ** -config.weight_power, err) * err
@@ -109,7 +117,7 @@ def correction_target(student, teacher, fake, z, label, w, config: FreeFlowConfi
     x_r = interpolate(x0, noise, r)
     g = fake.velocity(x_r, r, label, w)
     with torch.no_grad():
-        u = guided_velocity(teacher.velocity, x_r, r, label, w, teacher.num_classes,
+        u = guided_velocity(teacher.velocity, x_r, r, label, w, null_condition(teacher, label),
                             t_hi=config.correction_guidance_t_hi)
         delta_N = g.detach() - u
     return F_zero, delta_N, g, noise - x0
@@ -129,7 +137,7 @@ class FreeFlow:
     def losses(self, generator, logs):
         config, batch = self.config, self.batch_size
         n_pred = max(1, min(batch - 1, round(batch * config.pred_fraction)))
-        z, label = prior_batch(batch, self.shape, self.teacher.num_classes, generator, self.device)
+        z, label = prior_batch(batch, self.shape, self.teacher, generator, self.device)
         w = draw_guidance_scales(batch, config.guidance_min, config.guidance_max, generator).to(self.device)
         delta = logit_normal(n_pred, config.delta_mean, config.delta_std, generator)
         delta = torch.where(torch.rand(n_pred, generator=generator) < config.delta_zero_fraction, 0.0, delta)

@@ -14,7 +14,16 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.flow import bcast, flow_map, guided_velocity, interpolate, prior_batch, time_grid
+from distill.flow import (
+    bcast,
+    drop_condition,
+    flow_map,
+    guided_velocity,
+    interpolate,
+    null_condition,
+    prior_batch,
+    time_grid,
+)
 from distill.losses import dmd_loss
 from distill.meanflow import MeanFlowConfig, consistency_batch, meanflow_loss
 from distill.trainer import Setup, ema_update
@@ -80,33 +89,35 @@ class FSFDMD:
         # Not trained by gradient and not the result: the EMA whose jump is the fake denoiser.
         self.state = {"fake_ema": copy.deepcopy(setup.student).requires_grad_(False)}
         self.teacher, self.data, self.config = setup.teacher, setup.data, setup.config
-        self.num_classes = setup.student.num_classes
+        # what knows the null condition and draws conditions: the teacher, or the student when self-taught
+        self.conditioned = setup.teacher if setup.teacher is not None else setup.student
         self.batch_size, self.device, self.step = setup.batch_size, torch.device(setup.device), 0
 
     def real_velocity(self, x, t, label, w):
         if self.config.self_teacher:  # the EMA's own instantaneous velocity F(x, t, t), guided
             ema = self.state["fake_ema"]
             return guided_velocity(lambda xx, tt, cc: ema.average_velocity(xx, tt, tt, cc, torch.cat([w, w])),
-                                   x, t, label, w, self.num_classes)
-        return guided_velocity(self.teacher.velocity, x, t, label, w, self.num_classes)
+                                   x, t, label, w, null_condition(self.conditioned, label))
+        return guided_velocity(self.teacher.velocity, x, t, label, w, null_condition(self.conditioned, label))
 
     def consistency_loss(self, generator, logs):
         config, batch = self.config, self.batch_size
         x, label, eps, t, s, w, x_t = consistency_batch(self.data, config, batch, generator, self.device)
         if config.self_teacher:  # consistency training: the conditional velocity, some labels dropped
             drop = torch.rand(batch, generator=generator).to(self.device) < config.label_dropout
-            label = torch.where(drop, torch.full_like(label, self.num_classes), label)
+            label = drop_condition(label, drop, null_condition(self.conditioned, label))
             u_star = eps - x
         else:
             with torch.no_grad():
-                u_star = guided_velocity(self.teacher.velocity, x_t, t, label, w, self.num_classes)
+                u_star = guided_velocity(self.teacher.velocity, x_t, t, label, w,
+                                         null_condition(self.conditioned, label))
         loss, mse = meanflow_loss(self.trainable["student"], u_star, x_t, t, s, label, w, config)
         logs["cd_mse"] = mse
         return loss
 
     def distribution_loss(self, generator, logs):
         config, batch = self.config, self.batch_size
-        z, label = prior_batch(batch, self.data.shape, self.num_classes, generator, self.device)
+        z, label = prior_batch(batch, self.data.shape, self.conditioned, generator, self.device)
         w = torch.full((batch,), config.dm_guidance_scale, device=self.device)
         x0 = rollout(self.trainable["student"], z, label, w, config.sim_steps)
         t = shift_time(torch.rand(batch, generator=generator), config.time_shift).clamp(1e-3, 1.0).to(z)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.flow import bcast, draw_guidance_scales, guided_velocity, interpolate, logit_normal
+from distill.flow import bcast, draw_guidance_scales, guided_velocity, interpolate, logit_normal, null_condition
 from distill.trainer import Setup
 
 
@@ -101,7 +101,7 @@ class MeanFlow:
         config = self.config
         x, label, eps, t, s, w, x_t = consistency_batch(self.data, config, self.batch_size, generator, self.device)
         with torch.no_grad():
-            u_star = guided_velocity(self.teacher.velocity, x_t, t, label, w, self.teacher.num_classes)
+            u_star = guided_velocity(self.teacher.velocity, x_t, t, label, w, null_condition(self.teacher, label))
         loss, mse = meanflow_loss(self.trainable["student"], u_star, x_t, t, s, label, w, config)
         logs["cd_mse"] = mse
         yield "student", loss

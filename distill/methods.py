@@ -44,6 +44,8 @@ def get_method(name: str) -> MethodSpec:
 
 def initial_student(teacher) -> Student:
     """A student that starts as the teacher's velocity (our own teachers) with s and w inputs."""
+    if hasattr(teacher, "make_student"):  # a teacher of another architecture (diffusers) builds its own
+        return teacher.make_student()
     if not hasattr(teacher, "config"):
         raise ValueError("an outside teacher has no weights to copy into the student; train the student from our "
                          "own teacher checkpoint, or use fsf-dmd --self-teacher")

@@ -72,6 +72,8 @@ class FakeFlow(_Wrapped):
     @classmethod
     def from_teacher(cls, teacher: Teacher) -> FakeFlow:
         """Starts as the teacher (the w embedding, which the teacher lacks, at zero), trainable."""
+        if hasattr(teacher, "make_fake_flow"):  # a teacher of another architecture builds its own
+            return teacher.make_fake_flow()
         fake = cls(teacher.config)
         fake.net.load_state_dict(teacher.net.state_dict(), strict=False)
         return fake.requires_grad_(True)
@@ -111,9 +113,10 @@ def load_net(run_dir: str | Path, kind: str, module_cls, weights: str = "ema",
     return model.to(device).eval().requires_grad_(False), meta
 
 
-def load_teacher(spec: str, device: str | torch.device = "cpu"):
-    """A teacher from a run directory, a public SiT/DiT checkpoint (`sit:PATH`, see distill/sit.py), or
-    `package.module:factory` (a user's own model).
+def load_teacher(spec: str, device: str | torch.device = "cpu", prompts: list[str] | None = None):
+    """A teacher from a run directory, a public SiT/DiT checkpoint (`sit:PATH`, see distill/sit.py), a
+    diffusers text-to-image pipeline folder (`diffusers:PATH`, see distill/diffusers_models.py; `prompts`
+    are the conditions it trains on), or `package.module:factory` (a user's own model).
 
     A factory returns an object with `velocity(x, t, label)` in our convention (wrap others in
     ConventionAdapter) and `num_classes`.
@@ -130,6 +133,8 @@ def load_teacher(spec: str, device: str | torch.device = "cpu"):
         teacher = Teacher(config_of(state))
         teacher.net.load_state_dict(to_flownet(state, teacher.config))
         return teacher.to(device).eval().requires_grad_(False)
+    if spec.startswith("diffusers:"):
+        return load_diffusers_teacher(spec[len("diffusers:"):], prompts).to(device)
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
         try:
@@ -142,9 +147,33 @@ def load_teacher(spec: str, device: str | torch.device = "cpu"):
         if isinstance(teacher, nn.Module):
             teacher = teacher.to(device).eval().requires_grad_(False)
         return teacher
-    raise CheckpointError(f"teacher {spec!r} is neither a run directory, 'sit:CHECKPOINT' nor "
-                          "'package.module:factory'")
+    raise CheckpointError(f"teacher {spec!r} is neither a run directory, 'sit:CHECKPOINT', 'diffusers:FOLDER' "
+                          "nor 'package.module:factory'")
+
+
+def load_diffusers_teacher(path: str | Path, prompts: list[str] | None = None):
+    """The pipeline's transformer as a teacher; the empty prompt and `prompts` encoded once by its text
+    encoders (the null condition, and the bank training conditions are drawn from)."""
+    from distill.diffusers_models import DiffusersTeacher, diffusers_config, load_transformer
+    from distill.text import encode_prompts, load_conditioner
+
+    if not (Path(path) / "model_index.json").is_file():
+        raise CheckpointError(f"teacher diffusers:{path}: no diffusers pipeline folder (model_index.json) there")
+    conditioner, tokenizers = load_conditioner(path)
+    transformer = load_transformer(path)
+    null = encode_prompts(conditioner, tokenizers, [""])[0]
+    bank = encode_prompts(conditioner, tokenizers, prompts) if prompts else None
+    teacher = DiffusersTeacher(transformer, diffusers_config(path, transformer, conditioner.layout), null, bank)
+    return teacher.eval().requires_grad_(False)
 
 
 def load_student(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Student, dict]:
+    meta, tensors = load_checkpoint(run_dir, kind="student")
+    if meta["net"].get("diffusers"):  # a diffusers transformer with the student's inputs
+        from distill.diffusers_models import DiffusersConfig, DiffusersStudent, load_transformer
+
+        config = DiffusersConfig.from_dict(meta["net"])
+        student = DiffusersStudent(load_transformer(config.path), config)
+        student.load_state_dict(module_state(tensors, "ema"))
+        return student.to(device).eval().requires_grad_(False), meta
     return load_net(run_dir, "student", Student, device=device)

@@ -46,12 +46,14 @@ def train_verifier(data: Dataset, config: VerifierConfig, train_config: TrainCon
 
 def distill_student(method: str, teacher_spec: str | None, method_config, train_config: TrainConfig, out: str | Path,
                     progress: bool = True, resume: bool = True, data: Dataset | None = None,
-                    net: NetConfig | None = None, init: str | Path | None = None) -> dict:
+                    net: NetConfig | None = None, init: str | Path | None = None,
+                    prompts: list[str] | None = None) -> dict:
     """Distil the teacher into a flow-map student with `method` (see distill.methods).
 
     Methods that use data (meanflow, fsf-dmd) take `data`, by default the teacher's own dataset. A
     teacher-free run (fsf-dmd with self_teacher) builds a fresh student from `net`. `init` starts from
-    another student's EMA weights (a flow map from consistency distillation or FreeFlow).
+    another student's EMA weights (a flow map from consistency distillation or FreeFlow). A diffusers
+    teacher (`diffusers:FOLDER`) trains on `prompts`, its data-free conditions.
     """
     spec = get_method(method)
     if not isinstance(method_config, spec.config):
@@ -59,7 +61,12 @@ def distill_student(method: str, teacher_spec: str | None, method_config, train_
     self_taught = getattr(method_config, "self_teacher", False)
     if teacher_spec is None and not self_taught:
         raise ValueError(f"method {method!r} needs --teacher")
-    teacher = None if self_taught else load_teacher(teacher_spec, train_config.device)
+    if teacher_spec and teacher_spec.startswith("diffusers:") and spec.needs_data:
+        raise ValueError(f"method {method!r} needs image-caption data, which diffusers teachers do not have yet; "
+                         "use a data-free method (freeflow, fgm, dmd2) with --prompts")
+    if teacher_spec and teacher_spec.startswith("diffusers:") and not prompts:
+        raise ValueError("a diffusers teacher needs --prompts FILE: the prompts (one per line) it generates from")
+    teacher = None if self_taught else load_teacher(teacher_spec, train_config.device, prompts)
     teacher_meta = load_checkpoint(teacher_spec)[0] if teacher is not None and Path(teacher_spec).is_dir() else {}
     if data is None and (spec.needs_data or teacher is None):
         data = load_dataset((teacher_meta.get("data") or {}).get("name", "digits"))
@@ -78,6 +85,7 @@ def distill_student(method: str, teacher_spec: str | None, method_config, train_
     meta = {"kind": "student", "method": method, "method_config": asdict(method_config),
             "net": student.config.to_dict(),
             "teacher": str(teacher_spec) if teacher is not None else None, "data": data_info,
+            "prompts": len(prompts) if prompts else None,
             "init": str(init) if init is not None else None}
     return train(trainer_method, out, meta, train_config, resume=resume, progress=progress)
 

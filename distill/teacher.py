@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.data import Dataset
-from distill.flow import interpolate, logit_normal
+from distill.flow import drop_condition, interpolate, logit_normal, null_condition
 from distill.models import Teacher
 
 
@@ -35,7 +35,7 @@ def flow_matching_loss(teacher: Teacher, x: torch.Tensor, label: torch.Tensor, c
         t = logit_normal(batch, config.time_mean, config.time_std, generator)
     t = t.to(x)
     drop = torch.rand(batch, generator=generator).to(x.device) < config.label_dropout
-    label = torch.where(drop, torch.full_like(label, teacher.num_classes), label)
+    label = drop_condition(label, drop, null_condition(teacher, label))
     return F.mse_loss(teacher.velocity(interpolate(x, eps, t), t, label), eps - x)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill.flow import guided_velocity
+from distill.flow import guided_velocity, null_condition
 
 OPSET = 18  # torch's exporter implements >= 18; TensorRT 10 and onnxruntime >= 1.16 read it
 PARITY_BATCHES = (1, 7, 64)
@@ -54,8 +54,8 @@ class TeacherGraph(nn.Module):
     def forward(self, x, t, label):
         if self.guidance_scale == 1.0:
             return self.teacher.velocity(x, t, label)
-        return guided_velocity(self.teacher.velocity, x, t, label, self.guidance_scale, self.teacher.num_classes,
-                               self.t_lo, self.t_hi)
+        null = null_condition(self.teacher, label)
+        return guided_velocity(self.teacher.velocity, x, t, label, self.guidance_scale, null, self.t_lo, self.t_hi)
 
 
 class VerifierGraph(nn.Module):

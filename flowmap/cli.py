@@ -14,7 +14,8 @@ import typing
 from pathlib import Path
 
 # the forms distill.models.load_teacher reads
-TEACHER_HELP = ("teacher run directory, sit:FILE (a public SiT/DiT checkpoint, e.g. SiT-XL-2-256x256.pt) or "
+TEACHER_HELP = ("teacher run directory, sit:FILE (a public SiT/DiT checkpoint, e.g. SiT-XL-2-256x256.pt), "
+                "diffusers:FOLDER (an SD3, FLUX or SANA pipeline saved with save_pretrained) or "
                 "package.module:factory")
 
 
@@ -151,6 +152,9 @@ def cmd_distill(argv: list[str]) -> int:
                         "--self-teacher)")
     parser.add_argument("--data", default=None, help="data for methods that use it (meanflow, fsf-dmd); "
                         "default: the teacher's dataset")
+    parser.add_argument("--prompts", default=None, help="a text file, one prompt per line: what a diffusers "
+                        "teacher generates from (data-free methods: freeflow, fgm, dmd2; meanflow and fsf-dmd "
+                        "would need image-caption pairs, not supported for diffusers teachers yet)")
     parser.add_argument("--init", default=None, help="start from this student run's weights instead of the "
                         "teacher's (e.g. fsf-dmd from a meanflow or freeflow student)")
     parser.add_argument("--out", required=True)
@@ -162,9 +166,18 @@ def cmd_distill(argv: list[str]) -> int:
     summary = distill_student(args.method, args.teacher, config_from(args, spec.config),
                               config_from(args, TrainConfig, recipe.distill_train), args.out,
                               progress=not args.quiet, resume=not args.no_resume,
-                              data=load_dataset(args.data) if args.data else None, init=args.init)
+                              data=load_dataset(args.data) if args.data else None, init=args.init,
+                              prompts=read_prompts(args.prompts) if args.prompts else None)
     print(summary)
     return 0
+
+
+def read_prompts(path: str) -> list[str]:
+    """Non-empty lines of a prompt file."""
+    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit(f"--prompts {path}: no prompts in the file")
+    return prompts
 
 
 def cmd_evaluate(argv: list[str]) -> int:

@@ -30,3 +30,13 @@ def tiny_latent(tmp_path_factory):
     from tiny_latent import build_latent_bundle
 
     return build_latent_bundle(tmp_path_factory.mktemp("tiny-latent"))
+
+
+@pytest.fixture(scope="session")
+def tiny_text_pipelines(tmp_path_factory):
+    """{family: folder} of tiny random SD3, FLUX and SANA pipelines in the diffusers layout, built once."""
+    pytest.importorskip("transformers", reason="transformers is not installed (the train extra)")
+    from tiny_text import FAMILIES, tiny_pipeline
+
+    root = tmp_path_factory.mktemp("tiny-text")
+    return {family: tiny_pipeline(family, root / family) for family in FAMILIES}

@@ -92,7 +92,7 @@ def test_the_guidance_scale_is_baked(bundle):
 def test_the_teacher_graph_makes_one_pass_at_w1_and_two_above(runs):
     import torch
 
-    from distill.flow import guided_velocity
+    from distill.flow import guided_velocity, null_condition
     from distill.models import load_teacher
     from export.onnx_export import TeacherGraph
 
@@ -102,7 +102,7 @@ def test_the_teacher_graph_makes_one_pass_at_w1_and_two_above(runs):
     x, t, label = torch.randn(3, 1, 8, 8), torch.rand(3), torch.tensor([0, 4, 9])
     with torch.no_grad():
         for scale in (1.0, 2.0):
-            guided = guided_velocity(teacher.velocity, x, t, label, scale, teacher.num_classes)
+            guided = guided_velocity(teacher.velocity, x, t, label, scale, null_condition(teacher, label))
             assert torch.allclose(TeacherGraph(teacher, scale)(x, t, label), guided, atol=1e-6)
     assert rows == [6, 3, 6, 6]  # guided_velocity always batches both passes; the w=1 graph only one
 

@@ -41,15 +41,16 @@ def test_interpolant_endpoints():
 def test_guidance_w1_is_conditional_and_interval_switches_it_off(teacher):
     x, t, label = batch()
     cond = teacher.velocity(x, t, label)
-    uncond = teacher.velocity(x, t, torch.full_like(label, 10))
-    assert torch.allclose(guided_velocity(teacher.velocity, x, t, label, 1.0, 10), cond, atol=1e-5)
-    guided = guided_velocity(teacher.velocity, x, t, label, 3.0, 10)
+    null = torch.full_like(label, 10)
+    uncond = teacher.velocity(x, t, null)
+    assert torch.allclose(guided_velocity(teacher.velocity, x, t, label, 1.0, null), cond, atol=1e-5)
+    guided = guided_velocity(teacher.velocity, x, t, label, 3.0, null)
     assert torch.allclose(guided, uncond + 3.0 * (cond - uncond), atol=1e-5)
     assert not torch.allclose(guided, cond, atol=1e-3)  # guidance does something
     t_mixed = torch.tensor([0.1, 0.9, 0.5, 0.2, 0.95, 0.6])
     cond = teacher.velocity(x, t_mixed, label)
-    interval = guided_velocity(teacher.velocity, x, t_mixed, label, 3.0, 10, t_lo=0.3, t_hi=0.7)
-    full = guided_velocity(teacher.velocity, x, t_mixed, label, 3.0, 10)
+    interval = guided_velocity(teacher.velocity, x, t_mixed, label, 3.0, null, t_lo=0.3, t_hi=0.7)
+    full = guided_velocity(teacher.velocity, x, t_mixed, label, 3.0, null)
     inside = (t_mixed >= 0.3) & (t_mixed <= 0.7)
     assert torch.allclose(interval[~inside], cond[~inside], atol=1e-5)
     assert torch.allclose(interval[inside], full[inside], atol=1e-5)
@@ -57,8 +58,9 @@ def test_guidance_w1_is_conditional_and_interval_switches_it_off(teacher):
 
 def test_per_sample_guidance_equals_scalar_guidance(teacher):
     x, t, label = batch()
-    per_sample = guided_velocity(teacher.velocity, x, t, label, torch.full((6,), 2.0), 10)
-    assert torch.allclose(per_sample, guided_velocity(teacher.velocity, x, t, label, 2.0, 10), atol=1e-6)
+    null = torch.full_like(label, 10)
+    per_sample = guided_velocity(teacher.velocity, x, t, label, torch.full((6,), 2.0), null)
+    assert torch.allclose(per_sample, guided_velocity(teacher.velocity, x, t, label, 2.0, null), atol=1e-6)
 
 
 def test_samplers_are_exact_for_a_straight_flow():

@@ -1,0 +1,89 @@
+"""diffusers text-to-image transformers (SD3, FLUX, SANA) as teachers and students, checked against the
+real diffusers pipelines on tiny random models."""
+
+import pytest
+import torch
+
+from distill.diffusers_models import pack_latents, unpack_latents
+from distill.flow import guided_velocity, null_condition
+from distill.models import load_student, load_teacher
+from distill.text import encode_prompts, load_conditioner
+
+from tiny_text import CAPTIONS, FAMILIES
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "sana": "SanaPipeline"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_teacher_follows_the_diffusers_pipeline(tiny_text_pipelines, family):
+    """Prompt encoding, latent layout, timestep scale, velocity sign and guidance against the family's own
+    pipeline and FlowMatchEulerDiscreteScheduler: three Euler steps land on the same latents."""
+    folder = tiny_text_pipelines[family]
+    pipe = getattr(diffusers, PIPELINES[family]).from_pretrained(folder)
+    teacher = load_teacher(f"diffusers:{folder}")
+    x = torch.randn(1, *teacher.config.shape, generator=torch.Generator().manual_seed(0))
+    # FLUX-dev style: guidance is the transformer's input (our teacher's embedded guidance), no CFG pass
+    guidance_scale = 1.0 if family == "flux" else 2.0
+    extra = {"sana": {"use_resolution_binning": False, "complex_human_instruction": None}}.get(family, {})
+    out = pipe(prompt=CAPTIONS[0], num_inference_steps=3, output_type="latent", height=32, width=32,
+               max_sequence_length=10, guidance_scale=teacher.config.embedded_guidance if family == "flux"
+               else guidance_scale, latents=pack_latents(x) if family == "flux" else x.clone(), **extra).images
+    if family == "flux":
+        out = unpack_latents(out, teacher.config.shape)
+    condition = encode_prompts(*load_conditioner(folder), [CAPTIONS[0]])
+    sigmas = pipe.scheduler.sigmas
+    with torch.no_grad():
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+            t = torch.full((1,), float(sigma))
+            x = x - (sigma - sigma_next) * guided_velocity(teacher.velocity, x, t, condition, guidance_scale,
+                                                           null_condition(teacher, condition))
+    assert torch.allclose(x, out, atol=1e-5), (x - out).abs().max()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_student_starts_as_the_teachers_euler_step(tiny_text_pipelines, family):
+    teacher = load_teacher(f"diffusers:{tiny_text_pipelines[family]}", prompts=CAPTIONS)
+    student = teacher.make_student()
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(3, *teacher.config.shape, generator=generator)
+    t, s, w = torch.tensor([1.0, 0.7, 0.4]), torch.tensor([0.0, 0.5, 0.1]), torch.tensor([1.0, 2.0, 4.0])
+    condition = teacher.sample_conditions(3, generator)
+    with torch.no_grad():
+        euler = x - (t - s)[:, None, None, None] * teacher.velocity(x, t, condition)
+        assert torch.allclose(student.jump(x, t, s, condition, w), euler, atol=1e-5)
+        for embed in student.extra_embed.values():  # the s and w embeddings reach the output once trained
+            for parameter in embed.parameters():
+                parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+        assert not torch.allclose(student.jump(x, t, s, condition, w), euler, atol=1e-3)
+
+
+def test_freeflow_distils_a_diffusers_teacher_from_prompts(tiny_text_pipelines, tmp_path):
+    from distill.freeflow import FreeFlowConfig
+    from distill.pipeline import distill_student
+    from distill.trainer import TrainConfig
+
+    folder = tiny_text_pipelines["sana"]
+    train = TrainConfig(steps=3, batch_size=4, lr=1e-3, ema_decay=0.0, log_every=1)
+    distill_student("freeflow", f"diffusers:{folder}", FreeFlowConfig(), train, tmp_path / "student",
+                    progress=False, prompts=CAPTIONS)
+    student, meta = load_student(tmp_path / "student")
+    teacher = load_teacher(f"diffusers:{folder}", prompts=CAPTIONS)
+    assert meta["prompts"] == len(CAPTIONS) and meta["net"]["family"] == "sana"
+    x = torch.randn(2, *teacher.config.shape, generator=torch.Generator().manual_seed(2))
+    one, zero = torch.ones(2), torch.zeros(2)
+    with torch.no_grad():
+        moved = student.jump(x, one, zero, teacher.bank[:2], torch.full((2,), 1.5))
+        start = teacher.make_student().jump(x, one, zero, teacher.bank[:2], torch.full((2,), 1.5))
+    assert torch.isfinite(moved).all() and not torch.allclose(moved, start, atol=1e-6)  # it trained
+
+
+def test_methods_that_need_data_say_so_for_diffusers_teachers(tiny_text_pipelines, tmp_path):
+    from distill.meanflow import MeanFlowConfig
+    from distill.pipeline import distill_student
+    from distill.trainer import TrainConfig
+
+    with pytest.raises(ValueError, match="image-caption"):
+        distill_student("meanflow", f"diffusers:{tiny_text_pipelines['sd3']}", MeanFlowConfig(), TrainConfig(),
+                        tmp_path, prompts=CAPTIONS)
