@@ -148,13 +148,43 @@ def image_ids(shape: tuple[int, int, int]) -> torch.Tensor:
     return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()
 
 
+class MaskedCrossAttention:
+    """SANA's cross-attention as diffusers computes it, with the text mask broadcast as [B, 1, 1, T]:
+    diffusers repeats it per head and views it back with a -1 axis, which torch.export cannot resolve
+    under a dynamic batch (so the graph would not export)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+        batch = hidden_states.shape[0]
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (tensor.reshape(batch, -1, attn.heads, head_dim).transpose(1, 2)
+                             for tensor in (query, key, value))
+        bias = attention_mask[:, None] if attention_mask is not None else None  # [B, 1, T] -> [B, 1, 1, T]
+        out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias)
+        out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)))
+        return out / attn.rescale_output_factor
+
+
 class DiffusersVelocity(nn.Module):
     """u(x, t, condition) of a diffusers transformer, in our convention."""
+
+    # SANA's linear attention divides by `sum + 1e-15`, which onnxscript's optimizer (0.7) rounds to zero
+    # (0/0 = NaN in the graph): the graphs of diffusers models skip that pass (export/onnx_export.py)
+    onnx_optimize = False
 
     def __init__(self, transformer: nn.Module, config: DiffusersConfig):
         super().__init__()
         self.transformer, self.config = transformer, config
         self.family = next(f for f in FAMILIES.values() if f.name == config.family)
+        if self.family.mask:
+            for module in transformer.modules():
+                if type(getattr(module, "processor", None)).__name__ == "SanaAttnProcessor2_0":
+                    module.set_processor(MaskedCrossAttention())
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         hidden, pooled, mask = self.config.layout.unpack(condition)
@@ -188,6 +218,7 @@ class DiffusersTeacher(nn.Module):
         self.register_buffer("bank", bank if bank is not None else self.null, persistent=False)
 
     num_classes = 0  # no class labels: conditions are text
+    onnx_optimize = DiffusersVelocity.onnx_optimize
 
     def velocity(self, x, t, condition) -> torch.Tensor:
         return self.model(x, t, condition)
@@ -230,6 +261,7 @@ class DiffusersStudent(nn.Module):
         timestep_embedder(transformer).register_forward_hook(self._add_extra)
 
     num_classes = 0
+    onnx_optimize = DiffusersVelocity.onnx_optimize
 
     def _add_extra(self, module, inputs, output):
         return output if self._extra is None else output + self._extra.to(output.dtype)

@@ -52,7 +52,10 @@ class TextConditioner(nn.Module):
         self.encoders = nn.ModuleList(encoders)
         self.input_names = tuple(f"ids_{i}" for i in range(len(encoders)))
 
-    def forward(self, *ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids_0: torch.Tensor, ids_1: torch.Tensor | None = None,
+                ids_2: torch.Tensor | None = None) -> torch.Tensor:
+        # named arguments, not *ids: the exporter names and batches the graph's inputs by them
+        ids = (ids_0, ids_1, ids_2)
         if self.family.name == "sd3":
             clip_l, clip_g, t5 = self.encoders
             out_l = clip_l(ids[0], output_hidden_states=True)
@@ -120,3 +123,33 @@ def encode_prompts(conditioner: TextConditioner, tokenizers: list, prompts: list
     chunks = [conditioner(*tokenize(tokenizers, prompts[i:i + batch_size]))
               for i in range(0, len(prompts), batch_size)]
     return torch.cat(chunks)
+
+
+def train_tokenizer(kind: str, sentences: list[str], vocab_size: int = 320):
+    """A transformers tokenizer trained offline on `sentences` (tests and benchmarks with random weights
+    have no real vocabulary to load): "clip" (byte-level BPE with </w>, as CLIP's), "t5" (Unigram, as
+    T5's) or "generic" (a fast Unigram tokenizer with <pad> and </s>, e.g. a stand-in for SANA's Gemma)."""
+    import json
+
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if kind == "clip":
+        bpe = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>"))
+        bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
+                                                     pre_tokenizers.ByteLevel(use_regex=False)])
+        bpe.train_from_iterator(sentences, trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=["<|startoftext|>", "<|endoftext|>"], end_of_word_suffix="</w>",
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        model = json.loads(bpe.to_str())["model"]
+        merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+        return transformers.CLIPTokenizer(vocab=model["vocab"], merges=merges)
+    unigram = Tokenizer(models.Unigram())
+    unigram.pre_tokenizer, unigram.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    unigram.train_from_iterator(sentences, trainers.UnigramTrainer(
+        vocab_size=max(vocab_size // 4, 40), special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"))
+    vocab = [tuple(piece) for piece in json.loads(unigram.to_str())["model"]["vocab"]]
+    if kind == "t5":
+        return transformers.T5Tokenizer(vocab=vocab, extra_ids=0)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=unigram, pad_token="<pad>", eos_token="</s>",
+                                                unk_token="<unk>")

@@ -5,8 +5,11 @@ engines to it, and the server reads it (`read_bundle`, which also resolves and h
 Imports neither torch nor onnx: the server depends on this module alone.
 
 Format 1: the denoisers work on the images themselves. Format 2 adds an optional `decoder` graph:
-the denoisers work on latents (`latent`: their shape) that the decoder turns into images (`image`).
-A bundle without a decoder is written as format 1, which both formats' readers load.
+the denoisers work on latents (`latent`: their shape) that the decoder turns into images (`image`),
+and optional text `conditioning`: tokenizer files (HF `tokenizers` JSON, padding and truncation set)
+and a text-encoder graph whose output [rows, width] per prompt is the denoisers' `label` input; such a
+bundle has no classes, and its verifier is optional (without one it serves no search). A bundle with
+neither is written as format 1, which both formats' readers load.
 """
 
 from __future__ import annotations
@@ -66,6 +69,32 @@ class GraphEntry:
 
 
 @dataclass
+class TextEntry:
+    """Text conditioning as the manifest lists it: tokenizers, in the encoder graph's input order
+    (`ids_0`, `ids_1`, ...), the encoder graph, and the shape of one prompt's condition."""
+
+    tokenizers: list[GraphEntry]
+    encoder: GraphEntry
+    shape: tuple[int, int]  # (rows, width)
+
+    @classmethod
+    def parse(cls, raw) -> TextEntry:
+        if not isinstance(raw, dict) or raw.get("kind") != "text":
+            raise BundleError("manifest: conditioning must be an object with kind 'text'")
+        tokenizers = _require(raw, "tokenizers", "conditioning", list)
+        if not tokenizers:
+            raise BundleError("manifest: conditioning.tokenizers lists no files")
+        shape = _require(raw, "shape", "conditioning", list)
+        entries = [GraphEntry.parse(t, f"conditioning.tokenizers[{i}]", scaled=False) for i, t in enumerate(tokenizers)]
+        encoder = GraphEntry.parse(_require(raw, "encoder", "conditioning", dict), "conditioning.encoder", scaled=False)
+        return cls(entries, encoder, (int(shape[0]), int(shape[1])))
+
+    def to_json(self) -> dict:
+        return {"kind": "text", "tokenizers": [t.to_json() for t in self.tokenizers],
+                "encoder": self.encoder.to_json(), "shape": list(self.shape)}
+
+
+@dataclass
 class Manifest:
     """manifest.json, field by field. `tensorrt` entries are device-specific and keep whatever their
     builder recorded; `provenance` is free-form (method, steps, source commit, configs, metrics)."""
@@ -75,11 +104,16 @@ class Manifest:
     classes: list[str]
     students: list[GraphEntry]
     teacher: GraphEntry
-    verifier: GraphEntry
+    verifier: GraphEntry | None  # None only for text bundles: they serve no search without one
     tensorrt: list[dict] = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
     decoder: GraphEntry | None = None  # format 2: latent -> image
     latent_shape: tuple[int, int, int] | None = None  # format 2: what the denoisers work on
+    text: TextEntry | None = None  # format 2: prompts -> the denoisers' condition
+
+    @property
+    def format(self) -> str:
+        return FORMAT if self.decoder is None and self.text is None else FORMAT_2
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -111,9 +145,13 @@ class Manifest:
         if list(image.get("range", VALUE_RANGE)) != VALUE_RANGE:
             raise BundleError(f"manifest: image.range must be {VALUE_RANGE} (bundles produce images in [-1, 1]), "
                               f"got {image.get('range')}")
+        text = TextEntry.parse(raw["conditioning"]) if raw["format"] == FORMAT_2 and "conditioning" in raw else None
         classes = [str(c) for c in _require(raw, "classes", "the manifest", list)]
-        if not classes:
+        if not classes and text is None:
             raise BundleError("manifest: 'classes' is empty")
+        if text is None and "verifier" not in raw:
+            raise BundleError("manifest: the manifest has no 'verifier' (only text bundles may go without)")
+        verifier = GraphEntry.parse(raw["verifier"], "verifier", scaled=False) if "verifier" in raw else None
         student_entries = _require(raw, "student", "the manifest", list)
         if not student_entries:
             raise BundleError("manifest: 'student' lists no graphs")
@@ -123,14 +161,13 @@ class Manifest:
             raise BundleError(f"manifest: student guidance scales repeat: {scales}")
         return cls(name=str(raw.get("name", Path(root).name)), image_shape=shape, classes=classes, students=students,
                    teacher=GraphEntry.parse(_require(raw, "teacher", "the manifest", dict), "teacher", scaled=True),
-                   verifier=GraphEntry.parse(_require(raw, "verifier", "the manifest", dict), "verifier", scaled=False),
-                   tensorrt=list(raw.get("tensorrt", [])), provenance=dict(raw.get("provenance", {})),
-                   decoder=decoder, latent_shape=latent_shape)
+                   verifier=verifier, tensorrt=list(raw.get("tensorrt", [])),
+                   provenance=dict(raw.get("provenance", {})), decoder=decoder, latent_shape=latent_shape, text=text)
 
     def to_json(self) -> dict:
         channels, height, width = self.image_shape
         out = {
-            "format": FORMAT if self.decoder is None else FORMAT_2,
+            "format": self.format,
             "name": self.name,
             "image": {"channels": channels, "height": height, "width": width, "range": VALUE_RANGE},
         }
@@ -140,10 +177,13 @@ class Manifest:
             "classes": self.classes,
             "student": [s.to_json() for s in self.students],
             "teacher": self.teacher.to_json(),
-            "verifier": self.verifier.to_json(),
         })
+        if self.verifier is not None:
+            out["verifier"] = self.verifier.to_json()
         if self.decoder is not None:
             out["decoder"] = self.decoder.to_json()
+        if self.text is not None:
+            out["conditioning"] = self.text.to_json()
         out.update({"tensorrt": self.tensorrt, "provenance": self.provenance})
         return out
 
@@ -161,6 +201,15 @@ class Graph:
     sha256: str
     guidance_scale: float | None = None
     data: Path | None = None  # its external weights (graphs over 2 GB), beside it under the name the graph holds
+
+
+@dataclass(frozen=True)
+class TextConditioning:
+    """The resolved text conditioning: tokenizer files, the encoder graph, one prompt's condition shape."""
+
+    tokenizers: tuple[Graph, ...]
+    encoder: Graph
+    shape: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -185,9 +234,15 @@ class Bundle:
     manifest: Manifest
     students: tuple[Graph, ...]
     teacher: Graph
-    verifier: Graph
+    verifier: Graph | None
     tensorrt: tuple[EnginePlan, ...] = ()
     decoder: Graph | None = None
+    text: TextConditioning | None = None
+
+    @property
+    def conditioning(self) -> str:
+        """"text" (prompts through the text encoder) or "class" (labels from the class table)."""
+        return "text" if self.text is not None else "class"
 
     @property
     def name(self) -> str:
@@ -265,5 +320,13 @@ def read_bundle(root: str | Path, verify: bool = True) -> Bundle:
     return Bundle(root=root, manifest=manifest,
                   students=tuple(_resolve(root, s, f"student[{i}]", verify) for i, s in enumerate(manifest.students)),
                   teacher=_resolve(root, manifest.teacher, "teacher", verify),
-                  verifier=_resolve(root, manifest.verifier, "verifier", verify), tensorrt=tuple(engines),
-                  decoder=_resolve(root, manifest.decoder, "decoder", verify) if manifest.decoder else None)
+                  verifier=_resolve(root, manifest.verifier, "verifier", verify) if manifest.verifier else None,
+                  tensorrt=tuple(engines),
+                  decoder=_resolve(root, manifest.decoder, "decoder", verify) if manifest.decoder else None,
+                  text=_resolve_text(root, manifest.text, verify) if manifest.text else None)
+
+
+def _resolve_text(root: Path, text: TextEntry, verify: bool) -> TextConditioning:
+    tokenizers = tuple(_resolve(root, entry, f"conditioning.tokenizers[{i}]", verify)
+                       for i, entry in enumerate(text.tokenizers))
+    return TextConditioning(tokenizers, _resolve(root, text.encoder, "conditioning.encoder", verify), text.shape)

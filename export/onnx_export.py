@@ -36,6 +36,10 @@ class StudentGraph(nn.Module):
         super().__init__()
         self.student, self.guidance_scale = student, float(guidance_scale)
 
+    @property
+    def onnx_optimize(self) -> bool:  # see DecoderGraph: models that divide by `x + 1e-15` opt out
+        return getattr(self.student, "onnx_optimize", True)
+
     def forward(self, x, t, s, label):
         return self.student.jump(x, t, s, label, torch.full_like(t, self.guidance_scale))
 
@@ -50,6 +54,10 @@ class TeacherGraph(nn.Module):
     def __init__(self, teacher: nn.Module, guidance_scale: float, t_lo: float = 0.0, t_hi: float = 1.0):
         super().__init__()
         self.teacher, self.guidance_scale, self.t_lo, self.t_hi = teacher, float(guidance_scale), t_lo, t_hi
+
+    @property
+    def onnx_optimize(self) -> bool:
+        return getattr(self.teacher, "onnx_optimize", True)
 
     def forward(self, x, t, label):
         if self.guidance_scale == 1.0:
@@ -73,13 +81,15 @@ class VerifierGraph(nn.Module):
 
 
 def example_inputs(graph: nn.Module, batch: int, image_shape: tuple[int, ...], num_classes: int,
-                   seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random inputs of the graph's signature (t >= s, labels including the null label's neighbours)."""
+                   seed: int = 0, conditions: Callable | None = None) -> dict[str, torch.Tensor]:
+    """Random inputs of the graph's signature (t >= s, labels including the null label's neighbours, or
+    `conditions(batch, generator)` for models conditioned otherwise, e.g. on text)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((batch, *image_shape), generator=gen)
     t = torch.rand(batch, generator=gen)
+    label = conditions(batch, gen) if conditions else torch.randint(0, num_classes, (batch,), generator=gen)
     values = {"x": x, "latent": x, "image": x.clamp(-1, 1), "t": t, "s": t * torch.rand(batch, generator=gen),
-              "label": torch.randint(0, num_classes, (batch,), generator=gen)}
+              "label": label}
     return {name: values[name] for name in graph.input_names}
 
 

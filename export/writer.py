@@ -7,7 +7,9 @@ import subprocess
 from pathlib import Path
 
 from distill.checkpoint import load_checkpoint
+from distill.diffusers_models import DiffusersConfig
 from distill.models import load_student, load_teacher
+from distill.text import load_conditioner
 from distill.verifier import load_verifier
 from export.bundle import GraphEntry, Manifest, read_bundle, sha256_of
 from export.decoder import DECODER_PARITY_BATCHES, DECODER_TOLERANCE, DecoderGraph, load_vae
@@ -20,6 +22,9 @@ from export.onnx_export import (
     export_onnx,
     external_data_file,
 )
+from export.text import export_text, random_ids
+
+TEXT_PARITY_BATCHES = (1, 3)  # text encoders are the largest graphs of a text bundle; batch 64 is slow on a CPU
 
 
 def source_commit(repo: str | Path = ".") -> str:
@@ -43,7 +48,7 @@ def scale_tag(guidance_scale: float) -> str:
     return f"{guidance_scale:g}"
 
 
-def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str | Path, out: str | Path,
+def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str | Path | None, out: str | Path,
                   guidance_scales: tuple[float, ...] = (1.5,), teacher_guidance_scale: float | None = None,
                   name: str | None = None, metrics: dict | None = None, progress: bool = True,
                   decoder: str | Path | None = None, external_data: bool | None = None) -> Manifest:
@@ -54,7 +59,9 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
     diffusers autoencoder folder), the student and teacher work on latents, the decoder graph turns
     them into images, and the verifier scores those images (a format 2 bundle). Graphs whose weights
     pass EXTERNAL_DATA_BYTES keep them in `<graph>.onnx.data` (protobuf holds 2 GB at most); `external_data`
-    forces that on or off.
+    forces that on or off. A diffusers teacher (`diffusers:FOLDER`) makes a text bundle: its tokenizers and
+    text encoders go in as the conditioning, its `vae/` as the decoder unless `decoder` names another, and
+    the verifier is optional (without one the bundle serves no search).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -62,15 +69,29 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
         raise ValueError("at least one guidance scale must be baked (--guidance-scales)")
     student, student_meta = load_student(student_dir)
     teacher = load_teacher(teacher_spec)
-    verifier = load_verifier(verifier_dir)
-    data_meta = student_meta.get("data") or load_checkpoint(verifier_dir)[0]["data"]
+    text = isinstance(getattr(teacher, "config", None), DiffusersConfig)
+    if verifier_dir is None and not text:
+        raise ValueError("a class-conditional bundle needs --verifier (search scores with it)")
+    if verifier_dir is not None and text:
+        raise ValueError("a text bundle takes no --verifier yet: the verifiers trained here score classes, not prompts")
+    if text:
+        conditioner, tokenizers = load_conditioner(teacher.config.path)
+        draw_ids = random_ids(conditioner)
+        conditions = lambda batch, generator: conditioner(*draw_ids(batch, generator))
+        decoder = decoder if decoder is not None else Path(teacher.config.path) / "vae"
+        classes = []
+    else:
+        conditions = None
+        data_meta = student_meta.get("data") or load_checkpoint(verifier_dir)[0]["data"]
+        classes = list(data_meta["classes"])
     # the student's own shape: a data-free student of a latent teacher (SiT) has no data of its own
-    sample_shape, classes = tuple(student.config.shape), list(data_meta["classes"])
+    sample_shape = tuple(student.config.shape)
     if len(sample_shape) != 3:
         raise ValueError(f"bundles serve images [C, H, W]; this model's data shape is {sample_shape}")
     decoder_graph = DecoderGraph(load_vae(decoder)) if decoder is not None else None
     image_shape = decoder_graph.image_shape(sample_shape) if decoder_graph else sample_shape
-    verifier_shape = tuple(load_checkpoint(verifier_dir)[0]["data"]["shape"])
+    verifier = load_verifier(verifier_dir) if verifier_dir is not None else None
+    verifier_shape = tuple(load_checkpoint(verifier_dir)[0]["data"]["shape"]) if verifier else image_shape
     if verifier_shape != image_shape:
         decoded = " (the decoder's output)" if decoder_graph else ""
         raise ValueError(f"the verifier scores the served images, {list(image_shape)}{decoded}, but {verifier_dir} was "
@@ -78,8 +99,9 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
     teacher_guidance_scale = float(teacher_guidance_scale if teacher_guidance_scale is not None else guidance_scales[0])
     checks = {}
 
-    def build(graph, filename, label, guidance_scale=None, shape=sample_shape, **check) -> GraphEntry:
-        make = lambda batch, g=graph: example_inputs(g, batch, shape, len(classes), seed=batch)
+    def build(graph, filename, label, guidance_scale=None, shape=sample_shape, make=None, **check) -> GraphEntry:
+        make = make or (lambda batch, g=graph: example_inputs(g, batch, shape, len(classes), seed=batch,
+                                                              conditions=conditions))
         path = export_onnx(graph, make(2), out / filename, external_data)
         checks[filename] = check_graph(graph, path, make, label, **check)
         if progress:
@@ -93,20 +115,25 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
     teacher_entry = build(TeacherGraph(teacher, teacher_guidance_scale),
                           f"teacher_w{scale_tag(teacher_guidance_scale)}.onnx",
                           f"teacher graph (w={teacher_guidance_scale:g})", teacher_guidance_scale)
-    verifier_entry = build(VerifierGraph(verifier), "verifier.onnx", "verifier graph", shape=image_shape)
+    verifier_entry = build(VerifierGraph(verifier), "verifier.onnx", "verifier graph",
+                           shape=image_shape) if verifier else None
     decoder_entry = build(decoder_graph, "decoder.onnx", "decoder graph", batches=DECODER_PARITY_BATCHES,
                           tolerance=DECODER_TOLERANCE) if decoder_graph else None
+    text_entry = export_text(conditioner, tokenizers, out, lambda graph, filename, label, make: build(
+        graph, filename, label, make=make, batches=TEXT_PARITY_BATCHES)) if text else None
 
     manifest = Manifest(
         name=name or out.name, image_shape=image_shape, classes=classes, students=students, teacher=teacher_entry,
         verifier=verifier_entry, decoder=decoder_entry, latent_shape=sample_shape if decoder_graph else None,
+        text=text_entry,
         provenance={
             "method": student_meta.get("method"),
             "steps": student_meta.get("step"),
             "source_commit": source_commit(),
             "student": {k: student_meta.get(k) for k in ("method_config", "net", "train")},
             "teacher": _meta_of(teacher_spec),
-            "verifier": {k: v for k, v in load_checkpoint(verifier_dir)[0].items() if k in ("verifier", "train")},
+            "verifier": {k: v for k, v in load_checkpoint(verifier_dir)[0].items() if k in ("verifier", "train")}
+            if verifier else None,
             "checks": checks,
             "metrics": metrics or {},
         })

@@ -222,7 +222,8 @@ def cmd_export(argv: list[str]) -> int:
                                      "guidance scale baked in (parity-checked), optionally TensorRT engines.")
     parser.add_argument("--student", help="student run directory (not needed with --skip-onnx)")
     parser.add_argument("--teacher", help=TEACHER_HELP)
-    parser.add_argument("--verifier", help="verifier run directory")
+    parser.add_argument("--verifier", help="verifier run directory (optional with a diffusers teacher: a text "
+                        "bundle without one serves no search)")
     parser.add_argument("--out", required=True, help="bundle directory, e.g. models/digits")
     parser.add_argument("--name", default=None, help="bundle name (default: the folder name)")
     parser.add_argument("--guidance-scales", "--cfg-scales", dest="guidance_scales", type=float, nargs="+",
@@ -235,7 +236,7 @@ def cmd_export(argv: list[str]) -> int:
     parser.add_argument("--decoder", default=None, metavar="DIR",
                         help="a diffusers autoencoder folder (AutoencoderKL, AutoencoderTiny or AutoencoderDC, as "
                         "save_pretrained writes it, e.g. a pipeline's vae/): the student and teacher then work on "
-                        "its latents and the bundle decodes them (format 2)")
+                        "its latents and the bundle decodes them (format 2); default for a diffusers teacher: its vae/")
     parser.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (needs a GPU)")
     parser.add_argument("--triton", default=None, metavar="DIR", help="also write a Triton model repository to DIR")
     parser.add_argument("--triton-kind", default="KIND_CPU", choices=["KIND_CPU", "KIND_GPU"])
@@ -258,8 +259,10 @@ def cmd_export(argv: list[str]) -> int:
     if not args.skip_onnx:
         from export.writer import export_bundle
 
-        if not (args.student and args.teacher and args.verifier):
-            parser.error("--student, --teacher and --verifier are required unless --skip-onnx reuses a bundle")
+        text = bool(args.teacher) and args.teacher.startswith("diffusers:")
+        if not (args.student and args.teacher and (args.verifier or text)):
+            parser.error("--student, --teacher and --verifier are required unless --skip-onnx reuses a bundle "
+                         "(--verifier is optional with a diffusers teacher)")
 
         metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
         export_bundle(args.student, args.teacher, args.verifier, args.out, tuple(args.guidance_scales),
@@ -342,7 +345,8 @@ BENCHES = {
                 "flowmap.bench_distill", "DistillBenchConfig", "run_distill_bench",
                 lambda report: [{k: m[k] for k in ("method", "fd_1nfe", "fd_2nfe", "sec_per_step")}
                                 for m in report["methods"]]),
-    "stages": ("what each request stage costs at real sizes: denoisers, VAE decoders, image encoders",
+    "stages": ("what each request stage costs at real sizes: denoisers, VAE decoders, text encoders and the prompt "
+               "cache, image encoders",
                "flowmap.bench_stages", "StagesBenchConfig", "run_stages_bench", lambda r: r["encoders"]),
     "recipe": ("seconds per training step and the projected run time of a few network sizes on your data",
                "flowmap.bench_recipe", "RecipeBenchConfig", "run_recipe_bench", lambda report: report["presets"]),
