@@ -25,6 +25,7 @@ from server.errors import error_for
 from server.fast_path import FastPath
 from server.http_metrics import HttpMetrics
 from server.metrics import Metrics
+from server.prompts import PromptEncoder
 from server.routes import router
 from server.service import ApiError, ClientDisconnected, Service
 from server.settings import Settings
@@ -32,10 +33,14 @@ from server.settings import Settings
 log = logging.getLogger("flowmap.serve")
 
 
-def warm_feeds(engine: str, rows: int, bundle) -> dict[str, np.ndarray]:
-    """Inputs of the right signature for one engine: zeros, mid-trajectory times, label 0."""
+def warm_feeds(engine: str, rows: int, bundle, prompts=None) -> dict[str, np.ndarray]:
+    """Inputs of the right signature for one engine: zeros, mid-trajectory times, label 0 (or an empty
+    prompt's tokens and a zero text condition)."""
     sample = np.zeros((rows, *bundle.sample_shape), np.float32)
-    half, label = np.full(rows, 0.5, np.float32), np.zeros(rows, np.int64)
+    half = np.full(rows, 0.5, np.float32)
+    label = np.zeros((rows, *bundle.text.shape), np.float32) if bundle.text else np.zeros(rows, np.int64)
+    if engine == "text_encoder":
+        return prompts.tokenize([""] * rows).feeds
     if engine == "verifier":
         return {"image": np.zeros((rows, *bundle.image_shape), np.float32)}
     if engine == "decoder":
@@ -55,7 +60,7 @@ async def warm_up(service: Service) -> None:
             batcher.cost.reset()
             for rows in (1, batcher.max_batch_size):
                 tick = time.perf_counter()
-                await batcher.infer(warm_feeds(name, rows, service.bundle), far)
+                await batcher.infer(warm_feeds(name, rows, service.bundle, service.prompts), far)
             if time.perf_counter() - tick > 2.0:
                 break
     service.ready = True
@@ -82,6 +87,8 @@ def create_app(settings: Settings | None = None, mount_ui: bool | None = None, r
     settings = settings or Settings()
     bundle = read_bundle(settings.bundle, verify=settings.verify_bundle)
     service = Service(settings, bundle, Metrics())
+    if bundle.text is not None:
+        service.prompts = PromptEncoder(bundle.text, settings.prompt_cache_size, service.metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

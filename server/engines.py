@@ -148,15 +148,22 @@ def _torch_engines(bundle: Bundle, settings) -> dict[str, Engine]:
 
 
 def build_engines(bundle: Bundle, settings, remote: dict[str, Engine] | None = None) -> dict[str, Engine]:
-    """One engine per graph: `student@<w>` for each baked scale, `teacher`, `verifier`, and `decoder`
-    when the bundle has one. `remote` replaces engines by ones that run elsewhere (a Ray deployment)."""
+    """One engine per graph: `student@<w>` for each baked scale, `teacher`, and `verifier`, `decoder`
+    and `text_encoder` when the bundle has them. `remote` replaces engines by ones that run elsewhere (a
+    Ray deployment)."""
     if settings.backend == "torch":
+        if bundle.text is not None or bundle.decoder is not None:
+            raise RuntimeError("the torch backend serves digits-style run directories only; serve this bundle "
+                               "with --backend onnxruntime")
         return _torch_engines(bundle, settings)
     remote = remote or {}
     engines = {student_engine(g.guidance_scale): _engine_for(g, student_engine(g.guidance_scale), bundle, settings)
                for g in bundle.students}
     engines["teacher"] = _engine_for(bundle.teacher, "teacher", bundle, settings)
-    engines["verifier"] = _engine_for(bundle.verifier, "verifier", bundle, settings)
+    if bundle.verifier is not None:
+        engines["verifier"] = _engine_for(bundle.verifier, "verifier", bundle, settings)
+    if bundle.text is not None:
+        engines["text_encoder"] = _engine_for(bundle.text.encoder, "text_encoder", bundle, settings)
     if bundle.decoder is not None and "decoder" not in remote:
         engines["decoder"] = _engine_for(bundle.decoder, "decoder", bundle, settings)
     return {**engines, **remote}

@@ -46,6 +46,10 @@ class Metrics:
                                         "teacher, verifier, encode, ...): its time within one request", ["stage"],
                                         buckets=LATENCY_BUCKETS, registry=reg)
         self.search_candidates = Counter("flowmap_search_candidates", "Best-of-N candidates scored", registry=reg)
+        self.prompt_cache = Counter("flowmap_prompt_cache_lookups", "Text bundles: prompt condition cache lookups "
+                                    "by result (hit, miss)", ["result"], registry=reg)
+        self.prompt_cache_hit_ratio = Gauge("flowmap_prompt_cache_hit_ratio", "Text bundles: hits over lookups of "
+                                            "the prompt condition cache since start", registry=reg)
 
     def engine(self, name: str) -> EngineMetrics:
         """The per-engine series, bound to their label once (a label lookup per row costs more than the row)."""

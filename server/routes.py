@@ -77,49 +77,78 @@ class Generation:
         return cls(kind, svc.resolve_guidance(kind, body.guidance), svc.resolve_steps(kind, body.steps),
                    output_of(svc, body))
 
-    async def run(self, svc: Service, request: Request, labels: list[int], seeds: list[int], rows_param: str,
-                  encode: bool = True) -> State:
-        """Plan the stages, admit them, run them; the state holds the images (and their encodings)."""
-        stages = plan_generation(svc.bundle.sample_shape, self.kind, self.guidance_scale, self.steps, len(labels),
+    async def run(self, svc: Service, request: Request, conditions: list[int] | list[str], seeds: list[int],
+                  rows_param: str, encode: bool = True) -> State:
+        """Plan the stages, admit them, run them; the state holds the images (and their encodings).
+        `conditions` are class ids, or prompts for a text bundle."""
+        text = svc.prompts is not None
+        stages = plan_generation(svc.bundle.sample_shape, self.kind, self.guidance_scale, self.steps, len(conditions),
                                  rows_param, EncodeImages(svc.encoder, self.output) if encode else None,
-                                 decode=svc.bundle.decoder is not None)
-        state = State(seeds, np.asarray(labels, dtype=np.int64))
+                                 decode=svc.bundle.decoder is not None, prompts=svc.prompts)
+        state = (State(seeds, np.zeros(0, np.float32), prompts=list(conditions)) if text
+                 else State(seeds, np.asarray(conditions, dtype=np.int64)))
         deadline = svc.deadline()
         await until_disconnect(request, svc.execute(stages, state, deadline), deadline)
-        svc.metrics.images.labels(model=self.kind).inc(len(labels))
+        svc.metrics.images.labels(model=self.kind).inc(len(conditions))
         return state
+
+
+def answer(body: dict, state: State) -> Response:
+    """The JSON response; says when a prompt was cut to a tokenizer's limit."""
+    response = fast_json(body)
+    if state.truncated:
+        response.headers["x-flowmap-prompt-truncated"] = "true"
+    return response
 
 
 @router.post("/v1/images/generations", response_model=ImagesResponse, tags=["generation"])
 async def images_generations(body: ImagesRequest, request: Request):
-    """OpenAI Images API: `prompt` names a class; `n` images from consecutive seeds."""
+    """OpenAI Images API: `prompt` is the text (text bundles) or names a class; `n` images from
+    consecutive seeds."""
     svc = service(request)
     generation = Generation.resolve(svc, body)
-    label = svc.resolve_label(body.prompt, "prompt")
+    if body.negative_prompt is not None:
+        raise ApiError(422, "negative_prompt: not supported; the teacher's negative is the empty prompt, baked into "
+                            "its graph, and the student has guidance built in", "negative_prompt")
+    if svc.prompts is not None:
+        condition, name = body.prompt, body.prompt
+    else:
+        condition = svc.resolve_label(body.prompt, "prompt")
+        name = svc.bundle.classes[condition]
     seeds = consecutive_seeds(body.seed, body.n)
-    state = await generation.run(svc, request, [label] * body.n, seeds, "n")
-    name = svc.bundle.classes[label]
-    return fast_json({"created": int(time.time()), "output_format": body.output_format, "data": [
+    state = await generation.run(svc, request, [condition] * body.n, seeds, "n")
+    return answer({"created": int(time.time()), "output_format": body.output_format, "data": [
         {"b64_json": image, "revised_prompt": name, "seed": seed}
-        for image, seed in zip(state.encoded, seeds, strict=True)]})
+        for image, seed in zip(state.encoded, seeds, strict=True)]}, state)
 
 
 @router.post("/v1/generate", response_model=GenerateResponse, response_model_exclude_none=True, tags=["generation"])
 async def generate(body: GenerateRequest, request: Request):
-    """Native batch form: one image per label, from the given or random seeds."""
+    """Native batch form: one image per label (class bundles) or prompt (text bundles), from the given
+    or random seeds."""
     svc = service(request)
     generation = Generation.resolve(svc, body)
-    labels = [svc.resolve_label(value, f"labels[{i}]") for i, value in enumerate(body.labels)]
-    seeds = svc.check_seeds(body.seeds, len(labels)) if body.seeds is not None else random_seeds(len(labels))
+    if svc.prompts is not None:
+        if body.prompts is None:
+            raise ApiError(422, "prompts: this is a text bundle; give prompts (a list of strings), not labels",
+                           "prompts")
+        conditions, param = body.prompts, "prompts"
+    else:
+        if body.labels is None:
+            raise ApiError(422, f"labels: this bundle is conditioned on classes ({svc.bundle.classes[0]}, ...); give "
+                                "labels, not prompts", "labels")
+        conditions = [svc.resolve_label(value, f"labels[{i}]") for i, value in enumerate(body.labels)]
+        param = "labels"
+    seeds = svc.check_seeds(body.seeds, len(conditions)) if body.seeds is not None else random_seeds(len(conditions))
     tick = time.perf_counter()
-    state = await generation.run(svc, request, labels, seeds, "labels", encode=body.format == "png")
+    state = await generation.run(svc, request, conditions, seeds, param, encode=body.format == "png")
     model = svc.bundle.name if generation.kind == "student" else svc.teacher_name
-    timing = {"seconds": round(time.perf_counter() - tick, 6), "nfe": len(labels) * generation.steps}
-    answer = {"model": model, "guidance": generation.guidance_scale, "steps": generation.steps, "seeds": seeds,
-              "timings": timing}
+    timing = {"seconds": round(time.perf_counter() - tick, 6), "nfe": len(conditions) * generation.steps}
+    body_out = {"model": model, "guidance": generation.guidance_scale, "steps": generation.steps, "seeds": seeds,
+                "timings": timing}
     if body.format == "raw":
-        return fast_json({**answer, "arrays": state.x.clip(-1, 1)})
-    return fast_json({**answer, "images": state.encoded, "output_format": body.output_format})
+        return answer({**body_out, "arrays": state.x.clip(-1, 1)}, state)
+    return answer({**body_out, "images": state.encoded, "output_format": body.output_format}, state)
 
 
 @router.post("/v1/search", response_model=SearchResponse, response_model_exclude_none=True, tags=["search"])
@@ -128,6 +157,9 @@ async def search(body: SearchRequest, request: Request):
     optionally run the teacher from their noise."""
     svc = service(request)
     svc.check_ready()
+    if svc.bundle.verifier is None:
+        raise ApiError(422, f"search: the bundle {svc.bundle.name!r} has no verifier to score candidates with",
+                       "label")
     if svc.resolve_model(body.model) != "student":
         raise ApiError(422, f"model: search draws its candidates from the student {svc.bundle.name!r}", "model")
     label = svc.resolve_label(body.label, "label")

@@ -7,7 +7,7 @@ no schema range because its range depends on the model (the student takes 1..8 j
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,6 +19,7 @@ DEFAULT_TEACHER_STEPS = 50
 STEPS_HELP = (f"student jumps 1..{MAX_STUDENT_STEPS} (default 1); teacher Euler steps 1..{MAX_TEACHER_STEPS} "
               f"(default {DEFAULT_TEACHER_STEPS})")
 Model = Field(None, max_length=200, description="the bundle name (student) or <name>-teacher; default the student")
+PROMPT_MAX_CHARS = 4000  # text bundles' tokenizers cut far earlier (77 to 512 tokens); see server/prompts.py
 Size = Field(None, max_length=32, description='native ("8x8") or a whole multiple ("64x64"), nearest-neighbour')
 
 
@@ -31,10 +32,14 @@ class ImageOutput(BaseModel):
 
 
 class ImagesRequest(ImageOutput):
-    """OpenAI Images API request; `prompt` names a class. Extras: seed, steps, guidance."""
+    """OpenAI Images API request; `prompt` is free text for text bundles and names a class for class
+    bundles. Extras: seed, steps, guidance."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
-    prompt: str = Field(..., min_length=1, max_length=200, description='a class: "7" or a class name')
+    prompt: str = Field(..., min_length=1, max_length=PROMPT_MAX_CHARS,
+                        description='text bundles: the prompt; class bundles: a class, "7" or a class name')
+    negative_prompt: str | None = Field(None, max_length=PROMPT_MAX_CHARS, description="not supported: the "
+                                        "teacher's negative is the empty prompt, baked into its graph")
     model: str | None = Model
     n: int = Field(1, ge=1, le=64)
     size: str | None = Size
@@ -57,11 +62,14 @@ class ImagesResponse(BaseModel):
 
 
 class GenerateRequest(ImageOutput):
-    """Native batch form: one image per label."""
+    """Native batch form: one image per label (class bundles) or per prompt (text bundles)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    labels: list[int | str] = Field(..., min_length=1, max_length=256, description="class indices or names")
-    seeds: list[int] | None = Field(None, description="one per label; omitted = random")
+    labels: list[int | str] | None = Field(None, min_length=1, max_length=256,
+                                           description="class bundles: class indices or names")
+    prompts: list[Annotated[str, Field(max_length=PROMPT_MAX_CHARS)]] | None = Field(
+        None, min_length=1, max_length=256, description="text bundles: prompts")
+    seeds: list[int] | None = Field(None, description="one per label or prompt; omitted = random")
     steps: int | None = Field(None, description=STEPS_HELP)
     model: str | None = Model
     guidance: float | None = None

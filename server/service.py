@@ -18,6 +18,7 @@ from server.batcher import DynamicBatcher
 from server.encoding import Encoder
 from server.metrics import Metrics
 from server.noise import MAX_SEED
+from server.prompts import PromptEncoder
 from server.schemas import DEFAULT_TEACHER_STEPS, MAX_STUDENT_STEPS, MAX_TEACHER_STEPS
 from server.settings import Settings
 from server.stages import Stage, State, Timing, needs_of, run_stages
@@ -48,6 +49,7 @@ class Service:
         self.batchers: dict[str, DynamicBatcher] = {}
         self.admission: Admission | None = None
         self.encoder: Encoder | None = None
+        self.prompts: PromptEncoder | None = None  # text bundles: tokenizers and the condition cache
         self.ready = False
         self.failure: str | None = None  # why the warm-up failed, if it did
         self.draining = False
@@ -59,7 +61,8 @@ class Service:
         """The OpenAI-style model list: the student (with its baked guidance scales) and the teacher."""
         bundle, created = self.bundle, int(self.started_at)
         common = {"object": "model", "created": created, "owned_by": "flowmap-serve",
-                  "classes": list(bundle.classes), "image": list(bundle.image_shape)}
+                  "conditioning": bundle.conditioning, "classes": list(bundle.classes),
+                  "image": list(bundle.image_shape), "search": bundle.verifier is not None}
         return [
             {"id": bundle.name, **common, "kind": "student", "cfg_scales": list(bundle.guidance_scales),
              "steps": [1, MAX_STUDENT_STEPS], "method": bundle.provenance.get("method")},

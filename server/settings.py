@@ -31,6 +31,8 @@ class Settings(BaseSettings):
                                         "first served, for room in a full queue before 429; 0 = refuse at once")
     request_timeout_s: float = Field(30.0, gt=0, description="a request's deadline, from arrival; work that cannot "
                                      "finish by it is refused up front")
+    prompt_cache_size: int = Field(4096, ge=0, description="text bundles: conditions of this many recent prompts "
+                                   "kept, so a repeated prompt skips the text encoder; 0 = off")
     encode_workers: int = Field(2, ge=1, le=64, description="threads that encode images (png/jpeg/webp) off the "
                                 "event loop; the encoders release the GIL")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body accepted (413 beyond)")

@@ -7,7 +7,8 @@ times each. Every network call goes through its engine's batcher one step at a t
 requests share batches at every step, whatever their step counts.
 
 Digits is the case with a label table for conditioning (resolved before planning) and no decoder:
-its stages are denoise -> score -> encode. Text encoders and a VAE decoder plug in as more stages.
+its stages are denoise -> score -> encode. A text bundle's prompts go through EncodePrompts first, and a
+latent bundle's samples through Decode before scoring and encoding.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from server.admission import Need, Ticket
 from server.encoding import Encoder, OutputFormat
 from server.engines import student_engine
 from server.noise import noise_for
+from server.prompts import PromptEncoder
 
 
 @dataclass
@@ -29,7 +31,9 @@ class State:
     """What a request carries from stage to stage."""
 
     seeds: list[int]
-    labels: np.ndarray  # conditioning: class ids
+    labels: np.ndarray  # conditioning, one row per image: class ids, or text conditions [rows, R, W]
+    prompts: list[str] | None = None  # text bundles: what EncodePrompts turns into `labels`
+    truncated: bool = False  # some prompt was cut to a tokenizer's limit
     noise: np.ndarray | None = None  # [rows, C, H, W], one row per seed (made by the Noise stage)
     x: np.ndarray | None = None  # the current sample
     scores: np.ndarray | None = None  # the last scoring stage's log p(label | image)
@@ -151,6 +155,30 @@ class OneCall:
 
 
 @dataclass
+class EncodePrompts(OneCall):
+    """Prompts to the denoisers' conditions: remembered ones from the cache, each new prompt once
+    through the text-encoder engine (admission reserves a row per image, the most it can take)."""
+
+    prompts: PromptEncoder | None = None
+    name: str = "text_encoder"
+    engine = "text_encoder"
+
+    async def run(self, state: State, call, ticket: Ticket) -> int:
+        unique = list(dict.fromkeys(state.prompts))
+        tokenized = self.prompts.tokenize(unique)  # cheap; it also tells whether any prompt was cut
+        state.truncated = any(tokenized.truncated)
+        conditions = {prompt: self.prompts.lookup(prompt) for prompt in unique}
+        new = [i for i, prompt in enumerate(unique) if conditions[prompt] is None]
+        if new:
+            feeds = {name: ids[new] for name, ids in tokenized.feeds.items()}
+            for i, condition in zip(new, await call(self.engine, feeds, ticket), strict=True):
+                conditions[unique[i]] = condition
+                self.prompts.remember(unique[i], condition)
+        state.labels = np.stack([conditions[prompt] for prompt in state.prompts])
+        return len(new)
+
+
+@dataclass
 class Decode(OneCall):
     """Latents to images with the bundle's decoder (a VAE's, its scaling baked in)."""
 
@@ -211,12 +239,15 @@ class EncodeImages:
 
 
 def plan_generation(shape: tuple[int, ...], kind: str, guidance_scale: float, steps: int, rows: int,
-                    rows_param: str, encode: EncodeImages | None, decode: bool = False) -> list[Stage]:
-    """Generation: noise, denoise with the student or the teacher, decode latents (bundles with a
-    decoder), then encode (unless raw arrays are asked for)."""
+                    rows_param: str, encode: EncodeImages | None, decode: bool = False,
+                    prompts: PromptEncoder | None = None) -> list[Stage]:
+    """Generation: prompts to conditions (text bundles), noise, denoise with the student or the
+    teacher, decode latents (bundles with a decoder), then encode (unless raw arrays are asked for)."""
     denoise = (TeacherSteps(steps, rows, rows_param) if kind == "teacher"
                else StudentJumps(steps, rows, rows_param, guidance_scale=guidance_scale))
-    return [Noise(shape), denoise, *([Decode(rows, rows_param)] if decode else []), *([encode] if encode else [])]
+    condition = [EncodePrompts(rows, rows_param, prompts)] if prompts else []
+    return [*condition, Noise(shape), denoise, *([Decode(rows, rows_param)] if decode else []),
+            *([encode] if encode else [])]
 
 
 def plan_search(shape: tuple[int, ...], guidance_scale: float, count: int, student_steps: int, top_k: int,

@@ -40,3 +40,24 @@ def tiny_text_pipelines(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny-text")
     return {family: tiny_pipeline(family, root / family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_text_bundles(tiny_text_pipelines, tmp_path_factory):
+    """{family: (bundle, student run)}: each tiny pipeline distilled by two FreeFlow steps on prompts and
+    exported as a text bundle (student at w=1 and 2, teacher at 1, tokenizers, text encoder, decoder)."""
+    from distill.freeflow import FreeFlowConfig
+    from distill.pipeline import distill_student
+    from distill.trainer import TrainConfig
+    from export.writer import export_bundle
+
+    from tiny_text import CAPTIONS
+
+    root, bundles = tmp_path_factory.mktemp("text-bundles"), {}
+    for family, folder in tiny_text_pipelines.items():
+        run = root / f"{family}-student"
+        distill_student("freeflow", f"diffusers:{folder}", FreeFlowConfig(), TrainConfig(steps=2, batch_size=4),
+                        run, progress=False, prompts=CAPTIONS)
+        export_bundle(run, f"diffusers:{folder}", None, root / family, (1.0, 2.0), progress=False)
+        bundles[family] = (root / family, run)
+    return bundles

@@ -56,7 +56,10 @@ def test_a_student_starts_as_the_teachers_euler_step(tiny_text_pipelines, family
         for embed in student.extra_embed.values():  # the s and w embeddings reach the output once trained
             for parameter in embed.parameters():
                 parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
-        assert not torch.allclose(student.jump(x, t, s, condition, w), euler, atol=1e-3)
+        moved = student.jump(x, t, s, condition, w)
+        assert not torch.allclose(moved, euler, atol=1e-3)
+        assert not torch.allclose(student.jump(x, t, s, condition, w + 1.0), moved, atol=1e-4)  # w reaches it
+        assert not torch.allclose(student.jump(x, t, s + 0.05, condition, w), moved, atol=1e-4)  # and t - s
 
 
 def test_freeflow_distils_a_diffusers_teacher_from_prompts(tiny_text_pipelines, tmp_path):

@@ -1,6 +1,6 @@
 """Tiny random diffusers text-to-image pipelines (SD3, FLUX, SANA) saved with save_pretrained: the
 transformer, the VAE and each family's text encoders, with tokenizers trained offline on a few
-captions. Nothing is downloaded."""
+captions (distill/text.py: train_tokenizer). Nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -18,30 +18,9 @@ TOKENS = {"clip": 12, "t5": 10, "gemma": 10}  # tokenizer max lengths (the real 
 
 
 def _trained_tokenizer(kind: str):
-    """A transformers tokenizer trained on CAPTIONS: CLIP's BPE with </w>, T5's Unigram, or a generic
-    fast tokenizer (SANA's Gemma stand-in)."""
-    import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from distill.text import train_tokenizer
 
-    if kind == "clip":
-        bpe = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>"))
-        bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
-                                                     pre_tokenizers.ByteLevel(use_regex=False)])
-        bpe.train_from_iterator(CAPTIONS * 3, trainers.BpeTrainer(
-            vocab_size=320, special_tokens=["<|startoftext|>", "<|endoftext|>"], end_of_word_suffix="</w>",
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-        model = json.loads(bpe.to_str())["model"]
-        merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-        return transformers.CLIPTokenizer(vocab=model["vocab"], merges=merges)
-    unigram = Tokenizer(models.Unigram())
-    unigram.pre_tokenizer, unigram.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-    unigram.train_from_iterator(CAPTIONS * 3, trainers.UnigramTrainer(
-        vocab_size=80, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"))
-    vocab = [tuple(piece) for piece in json.loads(unigram.to_str())["model"]["vocab"]]
-    if kind == "t5":
-        return transformers.T5Tokenizer(vocab=vocab, extra_ids=0)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=unigram, pad_token="<pad>", eos_token="</s>",
-                                                unk_token="<unk>")
+    return train_tokenizer("generic" if kind == "gemma" else kind, CAPTIONS * 3)
 
 
 def _clip(tokenizer, projection: int | None, width: int):

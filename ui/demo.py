@@ -100,20 +100,23 @@ def build_demo(url: str, api_key: str | None = None, models: dict | None = None,
     models = models or client.models()
     student, teacher = models["student"], models["teacher"]
     classes = student["classes"]
+    text = student.get("conditioning") == "text"  # a prompt box instead of the class list, and no search
     scales = [f"{s:g}" for s in student["cfg_scales"]]
     size = size_for(student)
 
     def generate(label: str, count: int, seed: float | None, guidance: str, steps: int, typed_key: str = "",
                  request: gr.Request = None):
         key = visitor_key(typed_key, request)
-        body = {"labels": [label] * int(count), "steps": int(steps), "guidance": float(guidance), "size": size}
+        body = {"prompts" if text else "labels": [label] * int(count), "steps": int(steps),
+                "guidance": float(guidance), "size": size}
         if seed is not None and seed >= 0:
             body["seeds"] = [int(seed) + i for i in range(int(count))]
         tick = time.perf_counter()
         result = client.post("/v1/generate", body, key)
         latency_ms = 1000 * (time.perf_counter() - tick)
         gallery = [(decode(png), f"seed {s}") for png, s in zip(result["images"], result["seeds"], strict=True)]
-        info = (f"**{len(gallery)} image(s)** of class `{label}` in {int(steps)} step(s) at guidance {guidance}: "
+        info = (f"**{len(gallery)} image(s)** of {'prompt' if text else 'class'} `{label}` in {int(steps)} step(s) "
+                f"at guidance {guidance}: "
                 f"{latency_ms:.1f} ms round trip, {result['timings']['nfe']} network evaluations. "
                 f"Seeds: {', '.join(str(s) for s in result['seeds'])}")
         return gallery, info
@@ -158,7 +161,8 @@ def build_demo(url: str, api_key: str | None = None, models: dict | None = None,
                              elem_id="api-key")
         with gr.Tab("Generate"):
             with gr.Row():
-                label = quiet(gr.Dropdown(classes, value=classes[min(7, len(classes) - 1)], label="class"))
+                label = quiet(gr.Textbox("a red circle left of a blue square", label="prompt", max_length=4000)
+                              if text else gr.Dropdown(classes, value=classes[min(7, len(classes) - 1)], label="class"))
                 count = quiet(gr.Slider(1, 16, value=8, step=1, label="images"))
                 seed = quiet(gr.Number(value=0, label="seed (-1 = random)", precision=0))
                 guidance = quiet(gr.Radio(scales, value=scales[0], label="guidance scale"))
@@ -168,9 +172,10 @@ def build_demo(url: str, api_key: str | None = None, models: dict | None = None,
                                  elem_id="generate-gallery", elem_classes=["pixelated"])
             info = gr.Markdown()
             run.click(generate, [label, count, seed, guidance, steps, key_box], [gallery, info], api_name="generate")
-        with gr.Tab("Best-of-N"):
+        with gr.Tab("Best-of-N", visible=student.get("search", True)):
             with gr.Row():
-                s_label = quiet(gr.Dropdown(classes, value=classes[min(3, len(classes) - 1)], label="class"))
+                s_label = quiet(gr.Dropdown(classes, value=classes[min(3, len(classes) - 1)] if classes else None,
+                                            label="class"))
                 s_candidates = quiet(gr.Slider(2, 256, value=32, step=1, label="N candidates"))
                 s_steps = quiet(gr.Slider(0, 200, value=50, step=1, label="teacher steps"))
                 s_seed = quiet(gr.Number(value=0, label="first seed (-1 = random)", precision=0))

@@ -1,0 +1,65 @@
+"""Prompts to conditions for text bundles: the bundle's tokenizers (HF `tokenizers`, no torch) and an
+LRU cache of conditions, so a repeated prompt costs no text-encoder call (a demo repeats prompts; an
+API mostly does not: the cache's hit rate is in /metrics).
+
+Prompts longer than a tokenizer's limit are truncated, as the diffusers pipelines do; the response
+says so (`x-flowmap-prompt-truncated`).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from export.bundle import TextConditioning
+
+
+@dataclass
+class Tokenized:
+    feeds: dict[str, np.ndarray]  # the text-encoder graph's inputs, ids_0, ids_1, ...
+    truncated: list[bool]  # per prompt: cut to some tokenizer's limit
+
+
+class PromptEncoder:
+    """Tokenizes prompts for the text-encoder graph and remembers the conditions it produced."""
+
+    def __init__(self, text: TextConditioning, cache_size: int, metrics=None):
+        from tokenizers import Tokenizer
+
+        self.tokenizers = [Tokenizer.from_file(str(graph.path)) for graph in text.tokenizers]
+        self.shape = text.shape
+        self.cache_size, self.metrics = cache_size, metrics
+        self.cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.hits = self.lookups = 0
+
+    @property
+    def max_lengths(self) -> list[int]:
+        return [tokenizer.padding["length"] for tokenizer in self.tokenizers]
+
+    def tokenize(self, prompts: list[str]) -> Tokenized:
+        feeds, truncated = {}, [False] * len(prompts)
+        for i, tokenizer in enumerate(self.tokenizers):
+            encodings = tokenizer.encode_batch(prompts)
+            feeds[f"ids_{i}"] = np.array([e.ids for e in encodings], dtype=np.int64)
+            truncated = [cut or bool(e.overflowing) for cut, e in zip(truncated, encodings, strict=True)]
+        return Tokenized(feeds, truncated)
+
+    def lookup(self, prompt: str) -> np.ndarray | None:
+        condition = self.cache.get(prompt)
+        if condition is not None:
+            self.cache.move_to_end(prompt)
+        self.lookups, self.hits = self.lookups + 1, self.hits + (condition is not None)
+        if self.metrics is not None:
+            self.metrics.prompt_cache.labels(result="miss" if condition is None else "hit").inc()
+            self.metrics.prompt_cache_hit_ratio.set(self.hits / self.lookups)
+        return condition
+
+    def remember(self, prompt: str, condition: np.ndarray) -> None:
+        if self.cache_size <= 0:
+            return
+        self.cache[prompt] = condition
+        self.cache.move_to_end(prompt)
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)

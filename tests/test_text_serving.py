@@ -1,0 +1,108 @@
+"""Text bundles served end to end: a diffusers pipeline folder -> FreeFlow steps -> export -> a prompt
+over HTTP -> an image, for SD3, FLUX and SANA; the served images against torch; the prompt cache."""
+
+import base64
+import io
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from serving import Server
+
+pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "sana"])
+def test_a_text_bundle_serves_a_prompt(tiny_text_bundles, family):
+    bundle, _ = tiny_text_bundles[family]
+    server = Server("--no-ui", bundle=bundle).wait_ready()
+    try:
+        card = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]
+        assert card["conditioning"] == "text" and card["search"] is False
+        reply = httpx.post(server.url + "/v1/images/generations", timeout=60, json={
+            "prompt": "a red circle left of a blue square", "n": 2, "seed": 3, "output_format": "jpeg"})
+        assert reply.status_code == 200, reply.text
+        images = [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))) for d in reply.json()["data"]]
+        assert [(im.format, im.size) for im in images] == [("JPEG", (32, 32))] * 2
+        assert reply.json()["data"][0]["revised_prompt"] == "a red circle left of a blue square"
+    finally:
+        server.stop()
+
+
+def torch_images(bundle_run, pipeline, prompts, seeds, guidance_scale):
+    """What the bundle should serve, computed in torch: the student's one jump from the server's noise
+    recipe, on the conditions of the pipeline's own tokenizers and text encoders, decoded by its VAE."""
+    from distill.models import load_student
+    from distill.text import encode_prompts, load_conditioner
+    from export.decoder import DecoderGraph, load_vae
+    from server.noise import noise_for
+
+    student, _ = load_student(bundle_run)
+    conditions = encode_prompts(*load_conditioner(pipeline), prompts)
+    x = torch.from_numpy(noise_for(seeds, student.config.shape))
+    rows = len(seeds)
+    with torch.no_grad():
+        latents = student.jump(x, torch.ones(rows), torch.zeros(rows), conditions, torch.full((rows,), guidance_scale))
+        return DecoderGraph(load_vae(pipeline / "vae"))(latents).numpy()
+
+
+def test_served_images_match_torch_and_batches_and_the_cache(tiny_text_bundles, tiny_text_pipelines):
+    bundle, run = tiny_text_bundles["sd3"]
+    prompts = ["a small green triangle above a yellow star", "a photo of a cat", "a small green triangle above a "
+               "yellow star"]
+    server = Server("--no-ui", bundle=bundle).wait_ready()
+    try:
+        body = {"prompts": prompts, "seeds": [5, 6, 5], "guidance": 2.0, "format": "raw"}
+        together = httpx.post(server.url + "/v1/generate", json=body, timeout=60)
+        assert together.status_code == 200, together.text
+        arrays = np.array(together.json()["arrays"], np.float32)
+        expected = torch_images(run, tiny_text_pipelines["sd3"], prompts, [5, 6, 5], 2.0).clip(-1, 1)
+        assert np.abs(arrays - expected).max() < 1e-3  # tokenization, text encoder, student, decoder
+        alone = [httpx.post(server.url + "/v1/generate", timeout=60, json={
+            "prompts": [prompt], "seeds": [seed], "guidance": 2.0}).json()["images"][0]
+            for prompt, seed in zip(prompts, [5, 6, 5], strict=True)]
+        pngs = httpx.post(server.url + "/v1/generate", json={**body, "format": "png"}, timeout=60).json()["images"]
+        assert pngs == alone and pngs[0] == pngs[2]  # identical bytes whatever the batch
+        metrics = httpx.get(server.url + "/metrics", timeout=30).text.splitlines()
+        count = lambda prefix: float(next(line for line in metrics if line.startswith(prefix)).split()[-1])
+        # two prompts through the encoder once each; every later lookup (3 alone, 2 in the png batch) a hit
+        assert count('flowmap_prompt_cache_lookups_total{result="miss"}') == 2
+        assert count('flowmap_prompt_cache_lookups_total{result="hit"}') == 5
+    finally:
+        server.stop()
+
+
+def test_text_bundle_errors_and_truncation(tiny_text_bundles):
+    bundle, _ = tiny_text_bundles["flux"]
+    server = Server("--no-ui", bundle=bundle).wait_ready()
+    try:
+        post = lambda path, body: httpx.post(server.url + path, json=body, timeout=60)
+        wrong = post("/v1/generate", {"labels": [1]})
+        assert wrong.status_code == 422 and wrong.json()["error"]["param"] == "prompts"
+        negative = post("/v1/images/generations", {"prompt": "a cat", "negative_prompt": "blurry"})
+        assert negative.status_code == 422 and negative.json()["error"]["param"] == "negative_prompt"
+        assert post("/v1/search", {"label": "a cat"}).status_code == 422
+        assert post("/v1/images/generations", {"prompt": "x" * 4001}).status_code == 422
+        long = post("/v1/images/generations", {"prompt": "a red circle " * 40, "seed": 1})
+        short = post("/v1/images/generations", {"prompt": "a red circle", "seed": 1})
+        assert long.headers.get("x-flowmap-prompt-truncated") == "true"
+        assert "x-flowmap-prompt-truncated" not in short.headers
+    finally:
+        server.stop()
+
+
+def test_the_demo_shows_a_prompt_box_for_a_text_bundle(tiny_text_bundles):
+    from gradio_client import Client
+
+    bundle, _ = tiny_text_bundles["sana"]
+    server = Server(bundle=bundle).wait_ready()
+    try:
+        client = Client(server.url + "/ui/", verbose=False)
+        gallery, info = client.predict("a blue triangle right of a red square", 2, 4, "1", 1, api_name="/generate")
+        assert len(gallery) == 2 and "prompt `a blue triangle right of a red square`" in info
+        assert np.asarray(Image.open(gallery[0]["image"])).shape[:2] == (128, 128)  # 32 px shown 4x
+    finally:
+        server.stop()
