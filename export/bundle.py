@@ -8,7 +8,8 @@ Format 1: the denoisers work on the images themselves. Format 2 adds an optional
 the denoisers work on latents (`latent`: their shape) that the decoder turns into images (`image`),
 and optional text `conditioning`: tokenizer files (HF `tokenizers` JSON, padding and truncation set)
 and a text-encoder graph whose output [rows, width] per prompt is the denoisers' `label` input; such a
-bundle has no classes, and its verifier is optional (without one it serves no search). A bundle with
+bundle has no classes, and its verifier is optional (without one it serves no search): a text-image
+scorer (export/scorer.py) with a tokenizer of its own (`conditioning.verifier_tokenizer`). A bundle with
 neither is written as format 1, which both formats' readers load.
 """
 
@@ -76,6 +77,7 @@ class TextEntry:
     tokenizers: list[GraphEntry]
     encoder: GraphEntry
     shape: tuple[int, int]  # (rows, width)
+    verifier_tokenizer: GraphEntry | None = None  # the prompt in the verifier's own tokens (export/scorer.py)
 
     @classmethod
     def parse(cls, raw) -> TextEntry:
@@ -87,11 +89,16 @@ class TextEntry:
         shape = _require(raw, "shape", "conditioning", list)
         entries = [GraphEntry.parse(t, f"conditioning.tokenizers[{i}]", scaled=False) for i, t in enumerate(tokenizers)]
         encoder = GraphEntry.parse(_require(raw, "encoder", "conditioning", dict), "conditioning.encoder", scaled=False)
-        return cls(entries, encoder, (int(shape[0]), int(shape[1])))
+        scorer = (GraphEntry.parse(raw["verifier_tokenizer"], "conditioning.verifier_tokenizer", scaled=False)
+                  if "verifier_tokenizer" in raw else None)
+        return cls(entries, encoder, (int(shape[0]), int(shape[1])), scorer)
 
     def to_json(self) -> dict:
-        return {"kind": "text", "tokenizers": [t.to_json() for t in self.tokenizers],
-                "encoder": self.encoder.to_json(), "shape": list(self.shape)}
+        out = {"kind": "text", "tokenizers": [t.to_json() for t in self.tokenizers],
+               "encoder": self.encoder.to_json(), "shape": list(self.shape)}
+        if self.verifier_tokenizer is not None:
+            out["verifier_tokenizer"] = self.verifier_tokenizer.to_json()
+        return out
 
 
 @dataclass
@@ -210,6 +217,7 @@ class TextConditioning:
     tokenizers: tuple[Graph, ...]
     encoder: Graph
     shape: tuple[int, int]
+    verifier_tokenizer: Graph | None = None
 
 
 @dataclass(frozen=True)
@@ -329,4 +337,7 @@ def read_bundle(root: str | Path, verify: bool = True) -> Bundle:
 def _resolve_text(root: Path, text: TextEntry, verify: bool) -> TextConditioning:
     tokenizers = tuple(_resolve(root, entry, f"conditioning.tokenizers[{i}]", verify)
                        for i, entry in enumerate(text.tokenizers))
-    return TextConditioning(tokenizers, _resolve(root, text.encoder, "conditioning.encoder", verify), text.shape)
+    scorer = (_resolve(root, text.verifier_tokenizer, "conditioning.verifier_tokenizer", verify)
+              if text.verifier_tokenizer else None)
+    return TextConditioning(tokenizers, _resolve(root, text.encoder, "conditioning.encoder", verify), text.shape,
+                            scorer)

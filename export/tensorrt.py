@@ -116,12 +116,15 @@ def engine_parity(onnx_path: str | Path, engine_path: str | Path, feeds_for, con
 
 
 def random_feeds(session_inputs, batch: int, num_classes: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs for a bundle graph from its ONNX input list (x/image, t, s, label)."""
+    """Inputs for a bundle graph from its ONNX input list (x/latent/image, t, s, a class label or a text
+    condition, token ids)."""
     rng = np.random.default_rng(seed)
     feeds, t = {}, rng.random(batch, dtype=np.float32)
     for spec in session_inputs:
-        if spec.name in ("x", "image"):
+        if spec.name in ("x", "latent", "image") or (spec.name == "label" and len(spec.shape) > 1):
             feeds[spec.name] = rng.standard_normal((batch, *spec.shape[1:]), dtype=np.float32).clip(-3, 3)
+        elif spec.name.startswith("ids"):  # token ids (text encoder, scorer): low ids exist in every vocabulary
+            feeds[spec.name] = rng.integers(0, 32, (batch, *spec.shape[1:])).astype(np.int64)
         elif spec.name == "t":
             feeds[spec.name] = t
         elif spec.name == "s":
@@ -131,6 +134,13 @@ def random_feeds(session_inputs, batch: int, num_classes: int, seed: int = 0) ->
     return feeds
 
 
+def engine_sources(bundle) -> list:
+    """Every ONNX graph of a bundle that gets a TensorRT engine: students, teacher, and the verifier,
+    decoder and text encoder where the bundle has them."""
+    optional = (bundle.verifier, bundle.decoder, bundle.text.encoder if bundle.text else None)
+    return [*bundle.students, bundle.teacher, *(graph for graph in optional if graph is not None)]
+
+
 def add_tensorrt_engines(bundle_dir: str | Path, config: TensorRTConfig, progress: bool = True) -> list[dict]:
     """Build an engine for every ONNX graph of a bundle, check parity, and list them in the manifest."""
     import onnxruntime as ort
@@ -138,7 +148,7 @@ def add_tensorrt_engines(bundle_dir: str | Path, config: TensorRTConfig, progres
     import_tensorrt()  # fail early with the install hint
     bundle = read_bundle(bundle_dir)
     entries = []
-    for graph in (*bundle.students, bundle.teacher, bundle.verifier, *([bundle.decoder] if bundle.decoder else [])):
+    for graph in engine_sources(bundle):
         engine_path = graph.path.with_name(f"{graph.path.stem}.{config.precision}.engine")
         entry = build_engine(graph.path, engine_path, config)
         inputs = ort.InferenceSession(str(graph.path), providers=["CPUExecutionProvider"]).get_inputs()

@@ -53,10 +53,11 @@ def random_ids(conditioner) -> Callable[[int, torch.Generator], list[torch.Tenso
     return draw
 
 
-def export_text(conditioner, tokenizers: list, out: Path, build: Callable) -> TextEntry:
-    """Write the tokenizer files and the encoder graph into `out`; `build(graph, filename, label, make)`
-    exports and checks a graph (the writer's)."""
+def export_text(conditioner, tokenizers: list, out: Path, build: Callable, scorer_tokenizer=None) -> TextEntry:
+    """Write the tokenizer files (the verifier's too, when it scores prompts) and the encoder graph into
+    `out`; `build(graph, filename, label, make)` exports and checks a graph (the writer's)."""
     files = [tokenizer_file(tokenizer, out / f"tokenizer_{i}.json") for i, tokenizer in enumerate(tokenizers)]
+    scorer_file = tokenizer_file(scorer_tokenizer, out / "verifier_tokenizer.json") if scorer_tokenizer else None
     draw = random_ids(conditioner)
 
     def make(batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -65,4 +66,5 @@ def export_text(conditioner, tokenizers: list, out: Path, build: Callable) -> Te
 
     encoder = build(conditioner, "text_encoder.onnx", "text encoder graph", make)
     return TextEntry([GraphEntry(path.name, sha256_of(path)) for path in files], encoder,
-                     (conditioner.layout.rows, conditioner.layout.width))
+                     (conditioner.layout.rows, conditioner.layout.width),
+                     GraphEntry(scorer_file.name, sha256_of(scorer_file)) if scorer_file else None)

@@ -22,6 +22,7 @@ from export.onnx_export import (
     export_onnx,
     external_data_file,
 )
+from export.scorer import load_clip_scorer, scorer_inputs
 from export.text import export_text, random_ids
 
 TEXT_PARITY_BATCHES = (1, 3)  # text encoders are the largest graphs of a text bundle; batch 64 is slow on a CPU
@@ -72,8 +73,12 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
     text = isinstance(getattr(teacher, "config", None), DiffusersConfig)
     if verifier_dir is None and not text:
         raise ValueError("a class-conditional bundle needs --verifier (search scores with it)")
-    if verifier_dir is not None and text:
-        raise ValueError("a text bundle takes no --verifier yet: the verifiers trained here score classes, not prompts")
+    scorer = scorer_tokenizer = None
+    if text and verifier_dir is not None:
+        if not str(verifier_dir).startswith("clip:"):
+            raise ValueError("a text bundle's verifier scores images against prompts: --verifier clip:FOLDER (a "
+                             "transformers CLIPModel and its tokenizer, save_pretrained); ours score classes")
+        scorer, scorer_tokenizer = load_clip_scorer(str(verifier_dir)[len("clip:"):])
     if text:
         conditioner, tokenizers = load_conditioner(teacher.config.path)
         draw_ids = random_ids(conditioner)
@@ -90,7 +95,7 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
         raise ValueError(f"bundles serve images [C, H, W]; this model's data shape is {sample_shape}")
     decoder_graph = DecoderGraph(load_vae(decoder)) if decoder is not None else None
     image_shape = decoder_graph.image_shape(sample_shape) if decoder_graph else sample_shape
-    verifier = load_verifier(verifier_dir) if verifier_dir is not None else None
+    verifier = load_verifier(verifier_dir) if verifier_dir is not None and not text else None
     verifier_shape = tuple(load_checkpoint(verifier_dir)[0]["data"]["shape"]) if verifier else image_shape
     if verifier_shape != image_shape:
         decoded = " (the decoder's output)" if decoder_graph else ""
@@ -117,10 +122,13 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
                           f"teacher graph (w={teacher_guidance_scale:g})", teacher_guidance_scale)
     verifier_entry = build(VerifierGraph(verifier), "verifier.onnx", "verifier graph",
                            shape=image_shape) if verifier else None
+    if scorer:
+        verifier_entry = build(scorer, "verifier.onnx", "verifier graph (text-image score)",
+                               make=scorer_inputs(scorer, scorer_tokenizer, image_shape), batches=TEXT_PARITY_BATCHES)
     decoder_entry = build(decoder_graph, "decoder.onnx", "decoder graph", batches=DECODER_PARITY_BATCHES,
                           tolerance=DECODER_TOLERANCE) if decoder_graph else None
     text_entry = export_text(conditioner, tokenizers, out, lambda graph, filename, label, make: build(
-        graph, filename, label, make=make, batches=TEXT_PARITY_BATCHES)) if text else None
+        graph, filename, label, make=make, batches=TEXT_PARITY_BATCHES), scorer_tokenizer) if text else None
 
     manifest = Manifest(
         name=name or out.name, image_shape=image_shape, classes=classes, students=students, teacher=teacher_entry,
@@ -132,8 +140,8 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
             "source_commit": source_commit(),
             "student": {k: student_meta.get(k) for k in ("method_config", "net", "train")},
             "teacher": _meta_of(teacher_spec),
-            "verifier": {k: v for k, v in load_checkpoint(verifier_dir)[0].items() if k in ("verifier", "train")}
-            if verifier else None,
+            "verifier": ({k: v for k, v in load_checkpoint(verifier_dir)[0].items() if k in ("verifier", "train")}
+                         if verifier else {"scorer": str(verifier_dir)} if scorer else None),
             "checks": checks,
             "metrics": metrics or {},
         })

@@ -222,8 +222,8 @@ def cmd_export(argv: list[str]) -> int:
                                      "guidance scale baked in (parity-checked), optionally TensorRT engines.")
     parser.add_argument("--student", help="student run directory (not needed with --skip-onnx)")
     parser.add_argument("--teacher", help=TEACHER_HELP)
-    parser.add_argument("--verifier", help="verifier run directory (optional with a diffusers teacher: a text "
-                        "bundle without one serves no search)")
+    parser.add_argument("--verifier", help="verifier run directory; with a diffusers teacher, clip:FOLDER (a "
+                        "transformers CLIPModel and its tokenizer) or nothing (the bundle then serves no search)")
     parser.add_argument("--out", required=True, help="bundle directory, e.g. models/digits")
     parser.add_argument("--name", default=None, help="bundle name (default: the folder name)")
     parser.add_argument("--guidance-scales", "--cfg-scales", dest="guidance_scales", type=float, nargs="+",

@@ -42,7 +42,8 @@ def warm_feeds(engine: str, rows: int, bundle, prompts=None) -> dict[str, np.nda
     if engine == "text_encoder":
         return prompts.tokenize([""] * rows).feeds
     if engine == "verifier":
-        return {"image": np.zeros((rows, *bundle.image_shape), np.float32)}
+        image = {"image": np.zeros((rows, *bundle.image_shape), np.float32)}
+        return {**image, "ids": prompts.scorer_ids([""] * rows)} if prompts is not None else image
     if engine == "decoder":
         return {"latent": sample}
     if engine == "teacher":

@@ -29,6 +29,8 @@ class PromptEncoder:
         from tokenizers import Tokenizer
 
         self.tokenizers = [Tokenizer.from_file(str(graph.path)) for graph in text.tokenizers]
+        # the verifier's own tokens for the prompt (a text-image scorer, export/scorer.py), if it has one
+        self.scorer = Tokenizer.from_file(str(text.verifier_tokenizer.path)) if text.verifier_tokenizer else None
         self.shape = text.shape
         self.cache_size, self.metrics = cache_size, metrics
         self.cache: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -45,6 +47,10 @@ class PromptEncoder:
             feeds[f"ids_{i}"] = np.array([e.ids for e in encodings], dtype=np.int64)
             truncated = [cut or bool(e.overflowing) for cut, e in zip(truncated, encodings, strict=True)]
         return Tokenized(feeds, truncated)
+
+    def scorer_ids(self, prompts: list[str]) -> np.ndarray:
+        """The verifier graph's `ids` input for each image's prompt."""
+        return np.array([e.ids for e in self.scorer.encode_batch(prompts)], dtype=np.int64)
 
     def lookup(self, prompt: str) -> np.ndarray | None:
         condition = self.cache.get(prompt)

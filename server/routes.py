@@ -157,12 +157,17 @@ async def search(body: SearchRequest, request: Request):
     optionally run the teacher from their noise."""
     svc = service(request)
     svc.check_ready()
+    text = svc.prompts is not None
+    param = "prompt" if text else "label"
     if svc.bundle.verifier is None:
-        raise ApiError(422, f"search: the bundle {svc.bundle.name!r} has no verifier to score candidates with",
-                       "label")
+        raise ApiError(422, f"{param}: the bundle {svc.bundle.name!r} has no verifier to score candidates with",
+                       param)
     if svc.resolve_model(body.model) != "student":
         raise ApiError(422, f"model: search draws its candidates from the student {svc.bundle.name!r}", "model")
-    label = svc.resolve_label(body.label, "label")
+    if (body.prompt if text else body.label) is None:
+        wanted = "text: give a prompt" if text else "classes: give a label"
+        raise ApiError(422, f"{param}: this bundle is conditioned on {wanted}", param)
+    label = None if text else svc.resolve_label(body.label, "label")
     guidance_scale = svc.resolve_guidance("student", body.guidance)
     if body.seed is not None and body.seeds is not None:
         raise ApiError(422, "seeds: give seed (the candidates use seed, seed+1, ...) or seeds (one per candidate), "
@@ -172,22 +177,24 @@ async def search(body: SearchRequest, request: Request):
     seeds = svc.check_seeds(body.seeds, body.n) if body.seeds is not None else consecutive_seeds(body.seed, body.n)
     stages = plan_search(svc.bundle.sample_shape, guidance_scale, body.n, body.student_steps, body.top_k,
                          body.teacher_steps, EncodeImages(svc.encoder, output_of(svc, body)),
-                         decode=svc.bundle.decoder is not None)
-    state = State(seeds, np.full(body.n, label, np.int64))
+                         decode=svc.bundle.decoder is not None, prompts=svc.prompts)
+    state = (State(seeds, np.zeros(0, np.float32), prompts=[body.prompt] * body.n) if text
+             else State(seeds, np.full(body.n, label, np.int64)))
     tick, deadline = time.perf_counter(), svc.deadline()
     timings = await until_disconnect(request, svc.execute(stages, state, deadline), deadline)
     chosen_seeds = [seeds[i] for i in state.chosen]
     svc.metrics.images.labels(model="search").inc(len(chosen_seeds))
     svc.metrics.search_candidates.inc(body.n)
-    answer = {
-        "model": svc.bundle.name, "label": label, "guidance": guidance_scale, "chosen_seeds": chosen_seeds,
+    found = {
+        "model": svc.bundle.name, **({"prompt": body.prompt} if text else {"label": label}),
+        "guidance": guidance_scale, "chosen_seeds": chosen_seeds,
         "images": state.encoded, "output_format": body.output_format, "final_scores": [float(s) for s in state.scores],
         "candidates": [{"seed": s, "score": c} for s, c in zip(seeds, state.candidate_scores, strict=True)],
         "stages": [t.as_dict() for t in timings], "total_nfe": sum(t.nfe for t in timings),
         "seconds": round(time.perf_counter() - tick, 6)}
     if body.return_noise:
-        answer["noise"] = [b64_npy(row) for row in state.noise]
-    return fast_json(answer)
+        found["noise"] = [b64_npy(row) for row in state.noise]
+    return answer(found, state)
 
 
 # The generation routes, by path: their request model and handler (server/fast_path.py uses these).

@@ -93,7 +93,9 @@ class SearchRequest(ImageOutput):
     """Best-of-N noise search: N student candidates, verifier scores, top_k, optional teacher."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    label: int | str
+    label: int | str | None = Field(None, description="class bundles: the class to search for")
+    prompt: str | None = Field(None, min_length=1, max_length=PROMPT_MAX_CHARS,
+                               description="text bundles: the prompt to search for")
     n: int = Field(64, ge=1, le=1024, description="candidates")
     top_k: int = Field(1, ge=1, le=64)
     student_steps: int = Field(1, ge=1, le=MAX_STUDENT_STEPS)
@@ -113,7 +115,8 @@ class Candidate(BaseModel):
 
 class SearchResponse(BaseModel):
     model: str
-    label: int
+    label: int | None = None
+    prompt: str | None = None
     guidance: float
     chosen_seeds: list[int]
     images: list[str]

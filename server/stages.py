@@ -192,14 +192,21 @@ class Decode(OneCall):
 
 @dataclass
 class Score(OneCall):
-    """The verifier's log-probability of each image's requested class."""
+    """The verifier's log-probability of each image's requested class, or (text bundles) its score of
+    each image against its prompt."""
 
+    prompts: PromptEncoder | None = None
     name: str = "verifier"
     engine = "verifier"
 
     async def run(self, state: State, call, ticket: Ticket) -> int:
-        logits = await call(self.engine, {"image": np.clip(state.x, -1, 1)}, ticket)
-        state.scores = log_softmax(logits.astype(np.float64))[np.arange(len(state.labels)), state.labels]
+        images = np.clip(state.x, -1, 1)
+        if state.prompts is not None:
+            scores = await call(self.engine, {"image": images, "ids": self.prompts.scorer_ids(state.prompts)}, ticket)
+            state.scores = scores.astype(np.float64)
+        else:
+            logits = await call(self.engine, {"image": images}, ticket)
+            state.scores = log_softmax(logits.astype(np.float64))[np.arange(len(state.labels)), state.labels]
         return len(state.labels)
 
 
@@ -218,6 +225,8 @@ class KeepBest:
         state.candidate_scores = [float(s) for s in state.scores]
         state.chosen = [int(i) for i in np.argsort(-state.scores, kind="stable")[:self.top_k]]
         state.noise, state.labels = state.noise[state.chosen], state.labels[state.chosen]
+        if state.prompts is not None:
+            state.prompts = [state.prompts[i] for i in state.chosen]
         state.x, state.scores = state.x[state.chosen], state.scores[state.chosen]
         return 0
 
@@ -251,18 +260,22 @@ def plan_generation(shape: tuple[int, ...], kind: str, guidance_scale: float, st
 
 
 def plan_search(shape: tuple[int, ...], guidance_scale: float, count: int, student_steps: int, top_k: int,
-                teacher_steps: int, encode: EncodeImages, decode: bool = False) -> list[Stage]:
-    """Best-of-N: noise, N student candidates, decoded (bundles with a decoder) and scored, the best
-    top_k, optionally the teacher from their noise, decoded and scored, then encode the kept images.
-    Only what must be scored is decoded: every candidate, and the teacher's finished images."""
+                teacher_steps: int, encode: EncodeImages, decode: bool = False,
+                prompts: PromptEncoder | None = None) -> list[Stage]:
+    """Best-of-N: the prompt to its condition (text bundles), noise, N student candidates, decoded
+    (bundles with a decoder) and scored, the best top_k, optionally the teacher from their noise,
+    decoded and scored, then encode the kept images. Only what must be scored is decoded: every
+    candidate, and the teacher's finished images."""
     def decoded(rows: int, param: str) -> list[Stage]:
         return [Decode(rows, param, name="decoder_final" if param == "top_k" else "decoder")] if decode else []
 
-    stages = [Noise(shape), StudentJumps(student_steps, count, "n", "student_steps", guidance_scale=guidance_scale),
-              *decoded(count, "n"), Score(count, "n"), KeepBest(top_k)]
+    condition = [EncodePrompts(count, "n", prompts)] if prompts else []
+    stages = [*condition, Noise(shape),
+              StudentJumps(student_steps, count, "n", "student_steps", guidance_scale=guidance_scale),
+              *decoded(count, "n"), Score(count, "n", prompts), KeepBest(top_k)]
     if teacher_steps:
         stages += [TeacherSteps(teacher_steps, top_k, "top_k", "teacher_steps"), *decoded(top_k, "top_k"),
-                   Score(top_k, "top_k", name="verifier_final")]
+                   Score(top_k, "top_k", prompts, name="verifier_final")]
     return [*stages, encode]
 
 

@@ -45,19 +45,22 @@ def tiny_text_pipelines(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_text_bundles(tiny_text_pipelines, tmp_path_factory):
     """{family: (bundle, student run)}: each tiny pipeline distilled by two FreeFlow steps on prompts and
-    exported as a text bundle (student at w=1 and 2, teacher at 1, tokenizers, text encoder, decoder)."""
+    exported as a text bundle (student at w=1 and 2, teacher at 1, tokenizers, text encoder, decoder;
+    SD3's with a tiny CLIP as its verifier, in root/clip)."""
     from distill.freeflow import FreeFlowConfig
     from distill.pipeline import distill_student
     from distill.trainer import TrainConfig
     from export.writer import export_bundle
 
-    from tiny_text import CAPTIONS
+    from tiny_text import CAPTIONS, tiny_clip
 
     root, bundles = tmp_path_factory.mktemp("text-bundles"), {}
     for family, folder in tiny_text_pipelines.items():
         run = root / f"{family}-student"
         distill_student("freeflow", f"diffusers:{folder}", FreeFlowConfig(), TrainConfig(steps=2, batch_size=4),
                         run, progress=False, prompts=CAPTIONS)
-        export_bundle(run, f"diffusers:{folder}", None, root / family, (1.0, 2.0), progress=False)
+        # SD3's bundle carries a CLIP scorer as its verifier (search); the others serve without one
+        scorer = f"clip:{tiny_clip(root / 'clip')}" if family == "sd3" else None
+        export_bundle(run, f"diffusers:{folder}", scorer, root / family, (1.0, 2.0), progress=False)
         bundles[family] = (root / family, run)
     return bundles

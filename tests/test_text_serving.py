@@ -21,7 +21,7 @@ def test_a_text_bundle_serves_a_prompt(tiny_text_bundles, family):
     server = Server("--no-ui", bundle=bundle).wait_ready()
     try:
         card = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]
-        assert card["conditioning"] == "text" and card["search"] is False
+        assert card["conditioning"] == "text" and card["search"] is (family == "sd3")
         reply = httpx.post(server.url + "/v1/images/generations", timeout=60, json={
             "prompt": "a red circle left of a blue square", "n": 2, "seed": 3, "output_format": "jpeg"})
         assert reply.status_code == 200, reply.text
@@ -84,7 +84,8 @@ def test_text_bundle_errors_and_truncation(tiny_text_bundles):
         assert wrong.status_code == 422 and wrong.json()["error"]["param"] == "prompts"
         negative = post("/v1/images/generations", {"prompt": "a cat", "negative_prompt": "blurry"})
         assert negative.status_code == 422 and negative.json()["error"]["param"] == "negative_prompt"
-        assert post("/v1/search", {"label": "a cat"}).status_code == 422
+        no_verifier = post("/v1/search", {"prompt": "a cat"})
+        assert no_verifier.status_code == 422 and "no verifier" in no_verifier.json()["error"]["message"]
         assert post("/v1/images/generations", {"prompt": "x" * 4001}).status_code == 422
         long = post("/v1/images/generations", {"prompt": "a red circle " * 40, "seed": 1})
         short = post("/v1/images/generations", {"prompt": "a red circle", "seed": 1})
@@ -106,3 +107,49 @@ def test_the_demo_shows_a_prompt_box_for_a_text_bundle(tiny_text_bundles):
         assert np.asarray(Image.open(gallery[0]["image"])).shape[:2] == (128, 128)  # 32 px shown 4x
     finally:
         server.stop()
+
+
+def test_tensorrt_profiles_have_inputs_for_every_graph_of_a_text_bundle(tiny_text_bundles):
+    """The CPU half of `flowmap export --tensorrt`: every graph it builds an engine for (text encoder and
+    decoder included) runs on the random inputs its parity check feeds, in onnxruntime."""
+    import onnxruntime as ort
+
+    from export.bundle import read_bundle
+    from export.tensorrt import engine_sources, random_feeds
+
+    bundle = read_bundle(tiny_text_bundles["sd3"][0])
+    graphs = engine_sources(bundle)
+    assert {graph.path.name for graph in graphs} >= {"text_encoder.onnx", "decoder.onnx", "teacher_w1.onnx"}
+    for graph in graphs:
+        session = ort.InferenceSession(str(graph.path), providers=["CPUExecutionProvider"])
+        out = session.run(None, random_feeds(session.get_inputs(), 2, bundle.num_classes))[0]
+        assert out.shape[0] == 2 and np.isfinite(out).all(), graph.path.name
+
+
+def test_search_ranks_candidates_by_the_clip_score(tiny_text_bundles):
+    """Best-of-N on a text bundle: the CLIP scorer's graph scores each candidate against the prompt, as
+    CLIP does in torch on the same images, and the search keeps the best."""
+    from transformers import AutoTokenizer
+
+    from export.scorer import load_clip_scorer
+
+    bundle, _ = tiny_text_bundles["sd3"]
+    prompt = "a red circle left of a blue square"
+    server = Server("--no-ui", bundle=bundle).wait_ready()
+    try:
+        found = httpx.post(server.url + "/v1/search", timeout=60, json={
+            "prompt": prompt, "n": 6, "seed": 10, "top_k": 2, "teacher_steps": 2}).json()
+        seeds = [c["seed"] for c in found["candidates"]]
+        raw = httpx.post(server.url + "/v1/generate", timeout=60, json={
+            "prompts": [prompt] * 6, "seeds": seeds, "format": "raw"}).json()
+    finally:
+        server.stop()
+    assert found["prompt"] == prompt and len(found["images"]) == 2
+    scores = [c["score"] for c in found["candidates"]]
+    assert found["chosen_seeds"] == [seeds[i] for i in np.argsort(scores)[::-1][:2]]
+    scorer, _ = load_clip_scorer(bundle.parent / "clip")
+    ids = AutoTokenizer.from_pretrained(bundle.parent / "clip")([prompt] * 6, padding="max_length", truncation=True,
+                                                                 max_length=12, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = scorer(torch.tensor(np.array(raw["arrays"], np.float32)), ids).numpy()
+    assert np.abs(np.array(scores) - expected).max() < 1e-3

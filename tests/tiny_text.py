@@ -114,3 +114,25 @@ def tiny_pipeline(family: str, out: str | Path, seed: int = 0) -> Path:
         index[name] = [type(part).__module__.split(".")[0], type(part).__name__]
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
     return out
+
+
+def tiny_clip(out: str | Path, seed: int = 0) -> Path:
+    """A tiny random transformers CLIPModel with its tokenizer, saved to `out` (a text-image scorer)."""
+    import transformers
+
+    from distill.text import train_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer("clip", CAPTIONS * 3)
+    tokenizer.model_max_length = TOKENS["clip"]
+    config = transformers.CLIPConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": TOKENS["clip"],
+                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                     "pad_token_id": tokenizer.pad_token_id},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=16)
+    transformers.CLIPModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return Path(out)

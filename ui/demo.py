@@ -85,6 +85,10 @@ def outlined(image: Image.Image, colour: str = "#f5a623", width: int = 6) -> Ima
     return ImageOps.expand(image, border=width, fill=colour)
 
 
+def prompt_box() -> gr.Textbox:
+    return gr.Textbox("a red circle left of a blue square", label="prompt", max_length=4000)
+
+
 def size_for(model: dict) -> str:
     _, height, width = model["image"]
     scale = max(1, DISPLAY_SIZE // max(height, width))
@@ -126,19 +130,23 @@ def build_demo(url: str, api_key: str | None = None, models: dict | None = None,
         key = visitor_key(typed_key, request)
         count, steps, scale = int(candidates), int(teacher_steps), float(guidance)
         base = int(seed) if seed is not None and seed >= 0 else int(np.random.default_rng().integers(0, 2**31))
-        result = client.post("/v1/search", {"label": label, "n": count, "top_k": 1, "teacher_steps": steps,
+        condition = "prompt" if text else "label"
+        result = client.post("/v1/search", {condition: label, "n": count, "top_k": 1, "teacher_steps": steps,
                                             "seed": base, "guidance": scale, "size": size}, key)
         chosen = result["chosen_seeds"][0]
         # the student's candidates themselves (search returns only the chosen images)
         seeds = [c["seed"] for c in result["candidates"]]
-        shown = client.post("/v1/generate", {"labels": [label] * count, "seeds": seeds, "guidance": scale,
+        shown = client.post("/v1/generate", {"prompts" if text else "labels": [label] * count, "seeds": seeds,
+                                             "guidance": scale,
                                              "size": size}, key)["images"]
         ranked = sorted(zip(result["candidates"], shown, strict=True), key=lambda pair: -pair[0]["score"])
         gallery = [(outlined(decode(png)) if c["seed"] == chosen else decode(png),
-                    f"{'★ chosen, ' if c['seed'] == chosen else ''}seed {c['seed']}: log p = {c['score']:.4g}")
+                    f"{'★ chosen, ' if c['seed'] == chosen else ''}seed {c['seed']}: "
+                    f"{'score' if text else 'log p'} = {c['score']:.4g}")
                    for c, png in ranked]
         stages = {stage["stage"]: stage for stage in result["stages"]}
-        report = (f"**Best-of-{count}**: chose seed {chosen} (verifier log p = {result['final_scores'][0]:.4g}); "
+        measure = "score" if text else "log p"
+        report = (f"**Best-of-{count}**: chose seed {chosen} (verifier {measure} = {result['final_scores'][0]:.4g}); "
                   f"{result['total_nfe']} network evaluations in {1000 * result['seconds']:.0f} ms (student "
                   f"{stages['student']['nfe']}, verifier {stages['verifier']['nfe']}"
                   + (f", teacher {stages['teacher']['nfe']}" if "teacher" in stages else "") + ").")
@@ -146,7 +154,8 @@ def build_demo(url: str, api_key: str | None = None, models: dict | None = None,
         if steps > 0:
             random_seed = base + count  # outside the candidates: what the teacher gives without a search
             tick = time.perf_counter()
-            baseline = client.post("/v1/generate", {"labels": [label], "seeds": [random_seed], "steps": steps,
+            baseline = client.post("/v1/generate", {"prompts" if text else "labels": [label], "seeds": [random_seed],
+                                                    "steps": steps,
                                                     "model": teacher["id"], "size": size}, key)
             random_image = decode(baseline["images"][0])
             report += (f"\n\n**Random noise** (seed {random_seed}): the teacher alone, {steps} network evaluations "
@@ -161,8 +170,8 @@ def build_demo(url: str, api_key: str | None = None, models: dict | None = None,
                              elem_id="api-key")
         with gr.Tab("Generate"):
             with gr.Row():
-                label = quiet(gr.Textbox("a red circle left of a blue square", label="prompt", max_length=4000)
-                              if text else gr.Dropdown(classes, value=classes[min(7, len(classes) - 1)], label="class"))
+                label = quiet(prompt_box() if text
+                              else gr.Dropdown(classes, value=classes[min(7, len(classes) - 1)], label="class"))
                 count = quiet(gr.Slider(1, 16, value=8, step=1, label="images"))
                 seed = quiet(gr.Number(value=0, label="seed (-1 = random)", precision=0))
                 guidance = quiet(gr.Radio(scales, value=scales[0], label="guidance scale"))
@@ -174,8 +183,8 @@ def build_demo(url: str, api_key: str | None = None, models: dict | None = None,
             run.click(generate, [label, count, seed, guidance, steps, key_box], [gallery, info], api_name="generate")
         with gr.Tab("Best-of-N", visible=student.get("search", True)):
             with gr.Row():
-                s_label = quiet(gr.Dropdown(classes, value=classes[min(3, len(classes) - 1)] if classes else None,
-                                            label="class"))
+                s_label = quiet(prompt_box() if text
+                                else gr.Dropdown(classes, value=classes[min(3, len(classes) - 1)], label="class"))
                 s_candidates = quiet(gr.Slider(2, 256, value=32, step=1, label="N candidates"))
                 s_steps = quiet(gr.Slider(0, 200, value=50, step=1, label="teacher steps"))
                 s_seed = quiet(gr.Number(value=0, label="first seed (-1 = random)", precision=0))
