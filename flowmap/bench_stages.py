@@ -4,12 +4,16 @@ decoder (the Stable Diffusion AutoencoderKL and the tiny TAESD-shape decoder, 25
 image encoders (png, jpeg, webp; every candidate library), each in a fresh process so its peak memory
 is its own, torch eager beside ONNX Runtime. Then a real-size latent bundle (SiT-S/2 student and
 teacher, the tiny decoder; random weights, built under runs/ when absent) is served over HTTP and its
-throughput compared with the limit the stage costs imply. Writes docs/stages.{md,json,png}."""
+throughput compared with the limit the stage costs imply. Text: the CLIP-L and T5-large text encoders
+as stages, and a FLUX-layout text bundle with those encoders served with the prompt cache on and off
+under a demo's prompt mix (a few prompts repeated) and an API's (every prompt new).
+Writes docs/stages.{md,json,png}; `parts` re-measures some parts and keeps the others from the last report."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import json
 import multiprocessing
 import os
 import platform
@@ -37,6 +41,10 @@ class StagesBenchConfig:
     bundle: str = "runs/latent-bundle"  # the real-size latent bundle served at the end (built when absent)
     served_clients: int = 4  # concurrent clients of the served measurement
     served_seconds: float = 30.0  # how long it runs
+    text_encoders: tuple[str, ...] = ("clip-l", "t5-large")  # CLIP-L (77 tokens), T5-large (256; XXL won't fit)
+    text_bundle: str = "runs/text-bundle"  # a FLUX-layout bundle with those encoders (built when absent)
+    demo_prompts: int = 8  # the demo mix: requests cycle through this many prompts
+    parts: tuple[str, ...] = ("encoders", "stages", "served", "text", "text-served")  # the rest: from the last report
     out: str = "docs/stages"  # writes OUT.md, OUT.json and OUT.png
 
 
@@ -135,6 +143,20 @@ def _graph_of(kind: str, name: str):
     """(torch module, example input for batch b) of one stage: a SiT denoiser or a VAE decoder."""
     import torch
 
+    if kind == "text":
+        encoder, tokens = _text_encoder(name)
+
+        class TextEncoderGraph(torch.nn.Module):
+            input_names, output_name = ("ids",), "hidden"
+
+            def __init__(self):
+                super().__init__()
+                self.encoder = encoder.eval()
+
+            def forward(self, ids):
+                return self.encoder(ids, return_dict=False)[0]
+
+        return TextEncoderGraph(), lambda batch: {"ids": torch.randint(0, 1000, (batch, tokens))}
     if kind == "denoiser":
         from distill.models import Teacher
         from distill.sit import sit_config
@@ -161,6 +183,20 @@ def _graph_of(kind: str, name: str):
                                       norm_num_groups=32, scaling_factor=0.18215)
     latent = int(side) // 8
     return DecoderGraph(vae.eval()), lambda batch: {"latent": torch.randn(batch, 4, latent, latent)}
+
+
+def _text_encoder(name: str):
+    """(random-weight encoder, its token count): CLIP-L's text tower, or T5 v1.1-large's encoder (the
+    shape of FLUX's and SD3's T5-XXL, scaled down to fit this machine)."""
+    import transformers
+
+    if name == "clip-l":
+        return transformers.CLIPTextModel(transformers.CLIPTextConfig(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")), 77
+    return transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=32128, d_model=1024, d_ff=2816, d_kv=64, num_layers=24, num_heads=16,
+        feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)), 256
 
 
 def measure_torch(kind: str, name: str, batch: int, export_to: str | None) -> dict:
@@ -201,7 +237,7 @@ def measure_onnx(folder: str, name: str, batch: int) -> dict:
 
 
 def _repeats(name: str) -> int:
-    return 1 if "sd-vae" in name or name == "XL/2" else 2  # seconds a call on 2 CPUs
+    return 1 if "sd-vae" in name or name in ("XL/2", "t5-large") else 2  # seconds a call on 2 CPUs
 
 
 def measure_stage(kind: str, name: str, batch: int, onnx: bool) -> dict:
@@ -229,6 +265,15 @@ def stage_costs(config: StagesBenchConfig, say) -> list[dict]:
             for batch in config.batches if decoder == "tiny" else (1,):
                 say(f"[bench stages] {decoder} decoder, {side} px, batch {batch}")
                 rows.append(measure_stage("decoder", f"{side}:{decoder}", batch, True))
+    return rows
+
+
+def text_stage_costs(config: StagesBenchConfig, say) -> list[dict]:
+    rows = []
+    for encoder in config.text_encoders:
+        for batch in config.batches:
+            say(f"[bench stages] {encoder} text encoder, batch {batch}")
+            rows.append(measure_stage("text", encoder, batch, True))
     return rows
 
 
@@ -309,25 +354,136 @@ def served_throughput(config: StagesBenchConfig, say) -> dict:
         metrics = server.metrics()
     finally:
         server.stop()
-    stage_seconds = {}
-    for stage in ("noise", "student", "decoder", "encode"):
+    return {"images_per_s": result["images_per_s"], "p50_ms": result["p50_ms"], "statuses": result["statuses"],
+            "stage_ms_per_request": _stage_ms(metrics, ("noise", "student", "decoder", "encode"))}
+
+
+# -- text: a bundle with real-size text encoders, served with and without the prompt cache ---------------
+TEXT_PROMPTS = [f"a {size} {colour} {thing} {place}" for size, colour, thing, place in zip(
+    ["small", "large", "tiny", "huge", "medium", "small", "large", "giant"] * 4,
+    ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"] * 4,
+    ["cat", "dog", "house", "tree", "car", "boat", "bird", "flower", "robot", "castle", "lamp", "chair"] * 3,
+    ["on a beach", "in a forest", "at night", "in the snow", "under a bridge", "on the moon", "in a city",
+     "by a lake"] * 4, strict=False)]
+
+
+def build_text_bundle(out: str | Path, say) -> Path:
+    """A FLUX-layout pipeline with random weights: CLIP-L and T5-large text encoders (real shapes), a
+    small FLUX transformer and a small 16-channel VAE at 256 px; FreeFlow for one step on prompts;
+    exported as a text bundle (the T5 graph's weights in external data)."""
+    import json
+
+    import diffusers
+    import torch
+
+    from distill.freeflow import FreeFlowConfig
+    from distill.pipeline import distill_student
+    from distill.text import train_tokenizer
+    from distill.trainer import TrainConfig
+    from export.writer import export_bundle
+
+    out = Path(out)
+    runs = out.parent / f"{out.name}-runs"
+    folder = runs / "pipeline"
+    say(f"[bench stages] building the text bundle in {out}")
+    torch.manual_seed(0)
+    clip_tokens = train_tokenizer("clip", TEXT_PROMPTS * 3, 2000)
+    t5_tokens = train_tokenizer("t5", TEXT_PROMPTS * 3, 2000)
+    clip_tokens.model_max_length, t5_tokens.model_max_length = 77, 256
+    parts = {
+        "transformer": diffusers.FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=64,
+            num_attention_heads=4, joint_attention_dim=1024, pooled_projection_dim=768, axes_dims_rope=[16, 24, 24],
+            guidance_embeds=True),
+        "vae": diffusers.AutoencoderKL(
+            block_out_channels=[32, 64, 64, 64], down_block_types=["DownEncoderBlock2D"] * 4,
+            up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=1, latent_channels=16, norm_num_groups=32,
+            sample_size=256),
+        "scheduler": diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        "tokenizer": clip_tokens, "tokenizer_2": t5_tokens,
+        "text_encoder": _text_encoder("clip-l")[0], "text_encoder_2": _text_encoder("t5-large")[0],
+    }
+    index = {"_class_name": "FluxPipeline"}
+    for name, part in parts.items():
+        part.save_pretrained(folder / name)
+        index[name] = [type(part).__module__.split(".")[0], type(part).__name__]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    quick = TrainConfig(steps=1, batch_size=2, ema_decay=0.0)
+    distill_student("freeflow", f"diffusers:{folder}", FreeFlowConfig(), quick, runs / "student", progress=False,
+                    prompts=TEXT_PROMPTS)
+    export_bundle(runs / "student", f"diffusers:{folder}", None, out, (1.0,), progress=False)
+    return out
+
+
+def served_text(config: StagesBenchConfig, say) -> dict:
+    """The text bundle served, one image a request: a demo's prompts (a few, repeated) with the prompt
+    cache on and off, and an API's (every prompt new) with it on."""
+    from flowmap.bench_serve import ServerProcess
+    from flowmap.loadgen import run_load
+
+    bundle = Path(config.text_bundle)
+    if not (bundle / "manifest.json").is_file():
+        in_fresh_process(build_text_bundle, str(bundle), print)
+    demo = [{"prompts": [TEXT_PROMPTS[i % config.demo_prompts]], "seeds": [i], "output_format": "jpeg"}
+            for i in range(64)]
+    api = [{"prompts": [f"{TEXT_PROMPTS[i % len(TEXT_PROMPTS)]}, take {i}"], "seeds": [i], "output_format": "jpeg"}
+           for i in range(20000)]
+    runs = {}
+    for label, cache, bodies in (("demo mix, cache on", 4096, demo), ("demo mix, cache off", 0, demo),
+                                 ("API mix, cache on", 4096, api)):
+        say(f"[bench stages] serving {bundle}: {label}, {config.served_seconds:g} s")
+        server = ServerProcess(str(bundle), 8731, "--max-batch-size", "4", "--decoder-max-batch-size", "4",
+                               "--max-queue-size", "64", "--no-ui", "--prompt-cache-size", str(cache))
+        try:
+            result = asyncio.run(run_load("127.0.0.1", server.port, "/v1/generate", bodies, config.served_clients,
+                                          config.served_seconds, 1, warmup_s=5.0, disjoint=True)).summary()
+            metrics = server.metrics()
+        finally:
+            server.stop()
+        runs[label] = {"images_per_s": result["images_per_s"], "p50_ms": result["p50_ms"],
+                       "statuses": result["statuses"], "cache_hit_ratio": metrics.get("flowmap_prompt_cache_hit_ratio"),
+                       "stage_ms_per_request": _stage_ms(metrics, ("text_encoder", "student", "decoder", "encode"))}
+    return runs
+
+
+def _stage_ms(metrics: dict, stages) -> dict:
+    out = {}
+    for stage in stages:
         total = metrics.get(f'flowmap_stage_duration_seconds_sum{{stage="{stage}"}}', 0.0)
         count = metrics.get(f'flowmap_stage_duration_seconds_count{{stage="{stage}"}}', 0.0)
-        stage_seconds[stage] = round(1000 * total / count, 1) if count else None
-    return {"images_per_s": result["images_per_s"], "p50_ms": result["p50_ms"], "statuses": result["statuses"],
-            "stage_ms_per_request": stage_seconds}
+        out[stage] = round(1000 * total / count, 1) if count else None
+    return out
+
+
+PARTS = ("encoders", "stages", "served", "text", "text-served")
 
 
 def run_stages_bench(config: StagesBenchConfig, progress: bool = True) -> dict:
     say = print if progress else (lambda *a, **k: None)
-    say("[bench stages] image encoders")
-    report = {
-        "config": asdict(config),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "encoders": encoder_costs(config),
-        "stages": stage_costs(config, say),
-    }
-    report["served"] = served_throughput(config, say)
+    parts = set(config.parts)
+    if parts - set(PARTS):
+        raise ValueError(f"--parts: unknown {sorted(parts - set(PARTS))}; the parts are {', '.join(PARTS)}")
+    path = Path(config.out).with_suffix(".json")
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    keys = {"encoders": "encoders", "stages": "stages", "served": "served", "text": "stages",
+            "text-served": "text_served"}
+    missing = [part for part in set(PARTS) - parts if keys[part] not in previous]
+    if missing:
+        raise ValueError(f"--parts: {path} has no earlier {', '.join(sorted(missing))} to keep; measure them too")
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    measured = {part: when if part in parts else previous.get("measured", {}).get(part, "earlier") for part in PARTS}
+    report = {"config": asdict(config), "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+              "measured": measured}
+    if "encoders" in parts:
+        say("[bench stages] image encoders")
+    report["encoders"] = encoder_costs(config) if "encoders" in parts else previous["encoders"]
+    network = (stage_costs(config, say) if "stages" in parts
+               else [row for row in previous["stages"] if row["kind"] != "text"])
+    text = (text_stage_costs(config, say) if "text" in parts
+            else [row for row in previous["stages"] if row["kind"] == "text"])
+    report["stages"] = network + text
+    report["served"] = served_throughput(config, say) if "served" in parts else previous["served"]
+    report["text_served"] = served_text(config, say) if "text-served" in parts else previous["text_served"]
     report["limit"] = stage_limit(report)
     write_report(report, config.out, _plot, render_stages_markdown)
     return report
@@ -352,6 +508,8 @@ def stage_limit(report: dict) -> dict:
 
 
 def stage_name(row: dict) -> str:
+    if row["kind"] == "text":
+        return {"clip-l": "CLIP-L text encoder (77 tokens)", "t5-large": "T5-large encoder (256 tokens)"}[row["name"]]
     if row["kind"] == "denoiser":
         return f"SiT-{row['name']} denoiser (one forward, 4x32x32)"
     side, vae = row["name"].split(":")
@@ -369,6 +527,22 @@ def stage_table(report: dict) -> list[str]:
     return lines
 
 
+def text_served_table(report: dict) -> list[str]:
+    """The text bundle served under each prompt mix, as markdown rows."""
+    runs = report.get("text_served") or {}
+    if not runs:
+        return []
+    base = runs.get("demo mix, cache off", {}).get("images_per_s")
+    lines = ["| run | images/s | vs demo mix, cache off | cache hit ratio | p50 ms | text encoder ms / request "
+             "| student ms | decoder ms |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, run in runs.items():
+        stages, ratio = run["stage_ms_per_request"], f"{run['images_per_s'] / base:.2f}x" if base else ""
+        hit = run["cache_hit_ratio"]
+        lines.append(f"| {label} | {run['images_per_s']} | {ratio} | {'' if hit is None else f'{hit:.3f}'} "
+                     f"| {run['p50_ms']:.0f} | {stages['text_encoder']} | {stages['student']} | {stages['decoder']} |")
+    return lines
+
+
 def render_stages_markdown(report: dict, plot_name: str) -> str:
     limit, served = report["limit"], report["served"]
     lines = [
@@ -376,7 +550,8 @@ def render_stages_markdown(report: dict, plot_name: str) -> str:
         "",
         f"Written by `flowmap bench stages` on {report['machine']['cpus']} CPUs ({report['machine']['platform']}); "
         "one run, the machine shared: compare within a table, not across runs. Random weights of the real shapes; "
-        "each network stage measured in a fresh process (its peak memory is its own).",
+        "each network stage measured in a fresh process (its peak memory is its own). Parts measured: "
+        + ", ".join(f"{part} {when}" for part, when in report.get("measured", {}).items()) + ".",
         "",
         "## Network stages",
         "",
@@ -399,6 +574,16 @@ def render_stages_markdown(report: dict, plot_name: str) -> str:
         f"**{served['images_per_s']} images/s** = **{limit['served_vs_limit']}x** that limit (goal >= 0.8x), "
         f"p50 {served['p50_ms']:.0f} ms, statuses {served['statuses']}. Stage time per request as the server "
         f"measured it (ms): {served['stage_ms_per_request']}.",
+        "",
+        "## Text: the encoders and the prompt cache",
+        "",
+        f"A FLUX-layout text bundle (`{report['config']['text_bundle']}`): CLIP-L and T5-large text encoders at "
+        "their real shapes (the rows above), a small FLUX transformer and a small 16-channel VAE at 256 px, "
+        "random weights, jpeg output. One image a request, "
+        f"{report['config']['served_clients']} clients; the demo mix cycles through "
+        f"{report['config']['demo_prompts']} prompts, the API mix never repeats one.",
+        "",
+        *text_served_table(report),
         "",
         "## Image encoders",
         "",

@@ -70,10 +70,13 @@ async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 
 
 async def run_load(host: str, port: int, path: str, bodies: list[dict], clients: int, seconds: float,
-                   images_per_request: int, warmup_s: float = 0.5, honour_retry_after: bool = False) -> LoadResult:
+                   images_per_request: int, warmup_s: float = 0.5, honour_retry_after: bool = False,
+                   disjoint: bool = False) -> LoadResult:
     """`clients` connections each send requests back to back for `seconds` (after a warm-up);
-    client i cycles through `bodies` starting at i. With `honour_retry_after`, a client that is
-    refused waits as the server asks (`retry-after-ms`, else `Retry-After`), as OpenAI's client does."""
+    client i cycles through `bodies` starting at i (with `disjoint`, client i sends bodies i,
+    i + clients, ..., so no two clients send the same body until the list wraps). With
+    `honour_retry_after`, a client that is refused waits as the server asks (`retry-after-ms`, else
+    `Retry-After`), as OpenAI's client does."""
     requests = [encode_post(host, port, path, body) for body in bodies]
     latencies: list[float] = []
     ok_latencies: list[float] = []
@@ -86,7 +89,7 @@ async def run_load(host: str, port: int, path: str, bodies: list[dict], clients:
         try:
             while not measuring["stop"]:
                 request = requests[turn % len(requests)]
-                turn += 1
+                turn += clients if disjoint else 1
                 started = time.perf_counter()
                 status, retry_after = await _exchange(reader, writer, request)
                 if measuring["on"]:

@@ -150,7 +150,7 @@ def recipe_block(root: Path) -> str:
 
 
 def stages_block(root: Path) -> str:
-    from flowmap.bench_stages import stage_table
+    from flowmap.bench_stages import stage_table, text_served_table
 
     report = _load(root / "docs" / "stages.json")
     if report is None:
@@ -166,6 +166,10 @@ def stages_block(root: Path) -> str:
     lines += ["", f"Encoding a 256 px image: jpeg {jpeg} ms, png {png} ms. A SiT-S/2 + tiny-decoder bundle served "
                   f"over HTTP: {served['images_per_s']} images/s, {limit['served_vs_limit']}x the "
                   f"{limit['images_per_s']} images/s its stage costs allow (goal >= 0.8x)."]
+    runs = report.get("text_served") or {}
+    if runs:
+        lines += ["", "A text bundle with CLIP-L and T5-large encoders, one image a request (from docs/stages.md):", "",
+                  *text_served_table(report)]
     return "\n".join(lines)
 
 
