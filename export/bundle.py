@@ -69,6 +69,12 @@ class GraphEntry:
         return entry
 
 
+def takes_negative(text: bool, teacher_guidance_scale: float | None) -> bool:
+    """Whether a bundle's teacher graph has a `negative` input: a text teacher with guidance (w != 1)
+    takes the unconditional side's condition, so requests can give a negative prompt."""
+    return text and teacher_guidance_scale is not None and teacher_guidance_scale != 1.0
+
+
 @dataclass
 class TextEntry:
     """Text conditioning as the manifest lists it: tokenizers, in the encoder graph's input order
@@ -78,6 +84,7 @@ class TextEntry:
     encoder: GraphEntry
     shape: tuple[int, int]  # (rows, width)
     verifier_tokenizer: GraphEntry | None = None  # the prompt in the verifier's own tokens (export/scorer.py)
+    null: GraphEntry | None = None  # the empty prompt's condition (.npy), the teacher's default negative
 
     @classmethod
     def parse(cls, raw) -> TextEntry:
@@ -91,13 +98,16 @@ class TextEntry:
         encoder = GraphEntry.parse(_require(raw, "encoder", "conditioning", dict), "conditioning.encoder", scaled=False)
         scorer = (GraphEntry.parse(raw["verifier_tokenizer"], "conditioning.verifier_tokenizer", scaled=False)
                   if "verifier_tokenizer" in raw else None)
-        return cls(entries, encoder, (int(shape[0]), int(shape[1])), scorer)
+        null = GraphEntry.parse(raw["null"], "conditioning.null", scaled=False) if "null" in raw else None
+        return cls(entries, encoder, (int(shape[0]), int(shape[1])), scorer, null)
 
     def to_json(self) -> dict:
         out = {"kind": "text", "tokenizers": [t.to_json() for t in self.tokenizers],
                "encoder": self.encoder.to_json(), "shape": list(self.shape)}
         if self.verifier_tokenizer is not None:
             out["verifier_tokenizer"] = self.verifier_tokenizer.to_json()
+        if self.null is not None:
+            out["null"] = self.null.to_json()
         return out
 
 
@@ -218,6 +228,7 @@ class TextConditioning:
     encoder: Graph
     shape: tuple[int, int]
     verifier_tokenizer: Graph | None = None
+    null: Graph | None = None  # null_condition.npy: the empty prompt's condition [rows, width]
 
 
 @dataclass(frozen=True)
@@ -246,6 +257,10 @@ class Bundle:
     tensorrt: tuple[EnginePlan, ...] = ()
     decoder: Graph | None = None
     text: TextConditioning | None = None
+
+    @property
+    def teacher_takes_negative(self) -> bool:
+        return takes_negative(self.text is not None, self.teacher.guidance_scale)
 
     @property
     def conditioning(self) -> str:
@@ -339,5 +354,6 @@ def _resolve_text(root: Path, text: TextEntry, verify: bool) -> TextConditioning
                        for i, entry in enumerate(text.tokenizers))
     scorer = (_resolve(root, text.verifier_tokenizer, "conditioning.verifier_tokenizer", verify)
               if text.verifier_tokenizer else None)
+    null = _resolve(root, text.null, "conditioning.null", verify) if text.null else None
     return TextConditioning(tokenizers, _resolve(root, text.encoder, "conditioning.encoder", verify), text.shape,
-                            scorer)
+                            scorer, null)

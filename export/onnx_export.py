@@ -66,6 +66,16 @@ class TeacherGraph(nn.Module):
         return guided_velocity(self.teacher.velocity, x, t, label, self.guidance_scale, null, self.t_lo, self.t_hi)
 
 
+class NegativeTeacherGraph(TeacherGraph):
+    """(x, t, label, negative) -> u_w with `negative` as the unconditional side: a text teacher with
+    guidance serves negative prompts (the server feeds the empty prompt's condition otherwise)."""
+
+    input_names = ("x", "t", "label", "negative")
+
+    def forward(self, x, t, label, negative):
+        return guided_velocity(self.teacher.velocity, x, t, label, self.guidance_scale, negative, self.t_lo, self.t_hi)
+
+
 class VerifierGraph(nn.Module):
     """image -> logits."""
 
@@ -89,7 +99,7 @@ def example_inputs(graph: nn.Module, batch: int, image_shape: tuple[int, ...], n
     t = torch.rand(batch, generator=gen)
     label = conditions(batch, gen) if conditions else torch.randint(0, num_classes, (batch,), generator=gen)
     values = {"x": x, "latent": x, "image": x.clamp(-1, 1), "t": t, "s": t * torch.rand(batch, generator=gen),
-              "label": label}
+              "label": label, "negative": conditions(batch, gen) if conditions else None}
     return {name: values[name] for name in graph.input_names}
 
 

@@ -121,7 +121,7 @@ def random_feeds(session_inputs, batch: int, num_classes: int, seed: int = 0) ->
     rng = np.random.default_rng(seed)
     feeds, t = {}, rng.random(batch, dtype=np.float32)
     for spec in session_inputs:
-        if spec.name in ("x", "latent", "image") or (spec.name == "label" and len(spec.shape) > 1):
+        if spec.name in ("x", "latent", "image", "negative") or (spec.name == "label" and len(spec.shape) > 1):
             feeds[spec.name] = rng.standard_normal((batch, *spec.shape[1:]), dtype=np.float32).clip(-3, 3)
         elif spec.name.startswith("ids"):  # token ids (text encoder, scorer): low ids exist in every vocabulary
             feeds[spec.name] = rng.integers(0, 32, (batch, *spec.shape[1:])).astype(np.int64)

@@ -54,8 +54,15 @@ def random_ids(conditioner) -> Callable[[int, torch.Generator], list[torch.Tenso
 
 
 def export_text(conditioner, tokenizers: list, out: Path, build: Callable, scorer_tokenizer=None) -> TextEntry:
-    """Write the tokenizer files (the verifier's too, when it scores prompts) and the encoder graph into
-    `out`; `build(graph, filename, label, make)` exports and checks a graph (the writer's)."""
+    """Write the tokenizer files (the verifier's too, when it scores prompts), the empty prompt's
+    condition (the teacher's default negative) and the encoder graph into `out`; `build(graph, filename,
+    label, make)` exports and checks a graph (the writer's)."""
+    import numpy as np
+
+    from distill.text import encode_prompts
+
+    null = out / "null_condition.npy"
+    np.save(null, encode_prompts(conditioner, tokenizers, [""])[0].numpy().astype(np.float32))
     files = [tokenizer_file(tokenizer, out / f"tokenizer_{i}.json") for i, tokenizer in enumerate(tokenizers)]
     scorer_file = tokenizer_file(scorer_tokenizer, out / "verifier_tokenizer.json") if scorer_tokenizer else None
     draw = random_ids(conditioner)
@@ -67,4 +74,5 @@ def export_text(conditioner, tokenizers: list, out: Path, build: Callable, score
     encoder = build(conditioner, "text_encoder.onnx", "text encoder graph", make)
     return TextEntry([GraphEntry(path.name, sha256_of(path)) for path in files], encoder,
                      (conditioner.layout.rows, conditioner.layout.width),
-                     GraphEntry(scorer_file.name, sha256_of(scorer_file)) if scorer_file else None)
+                     GraphEntry(scorer_file.name, sha256_of(scorer_file)) if scorer_file else None,
+                     GraphEntry(null.name, sha256_of(null)))

@@ -11,9 +11,10 @@ from distill.diffusers_models import DiffusersConfig
 from distill.models import load_student, load_teacher
 from distill.text import load_conditioner
 from distill.verifier import load_verifier
-from export.bundle import GraphEntry, Manifest, read_bundle, sha256_of
+from export.bundle import GraphEntry, Manifest, read_bundle, sha256_of, takes_negative
 from export.decoder import DECODER_PARITY_BATCHES, DECODER_TOLERANCE, DecoderGraph, load_vae
 from export.onnx_export import (
+    NegativeTeacherGraph,
     StudentGraph,
     TeacherGraph,
     VerifierGraph,
@@ -117,7 +118,8 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
 
     students = [build(StudentGraph(student, scale), f"student_w{scale_tag(scale)}.onnx",
                       f"student graph (w={scale:g})", float(scale)) for scale in guidance_scales]
-    teacher_entry = build(TeacherGraph(teacher, teacher_guidance_scale),
+    teacher_graph = (NegativeTeacherGraph if takes_negative(text, teacher_guidance_scale) else TeacherGraph)
+    teacher_entry = build(teacher_graph(teacher, teacher_guidance_scale),
                           f"teacher_w{scale_tag(teacher_guidance_scale)}.onnx",
                           f"teacher graph (w={teacher_guidance_scale:g})", teacher_guidance_scale)
     verifier_entry = build(VerifierGraph(verifier), "verifier.onnx", "verifier graph",

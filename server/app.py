@@ -47,7 +47,8 @@ def warm_feeds(engine: str, rows: int, bundle, prompts=None) -> dict[str, np.nda
     if engine == "decoder":
         return {"latent": sample}
     if engine == "teacher":
-        return {"x": sample, "t": half, "label": label}
+        negative = {"negative": label} if bundle.teacher_takes_negative else {}
+        return {"x": sample, "t": half, "label": label, **negative}
     return {"x": sample, "t": half, "s": half * 0, "label": label}
 
 

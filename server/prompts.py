@@ -31,6 +31,8 @@ class PromptEncoder:
         self.tokenizers = [Tokenizer.from_file(str(graph.path)) for graph in text.tokenizers]
         # the verifier's own tokens for the prompt (a text-image scorer, export/scorer.py), if it has one
         self.scorer = Tokenizer.from_file(str(text.verifier_tokenizer.path)) if text.verifier_tokenizer else None
+        # the empty prompt's condition, computed at export: the teacher's negative unless a request gives one
+        self.null = np.load(text.null.path).astype(np.float32) if text.null else None
         self.shape = text.shape
         self.cache_size, self.metrics = cache_size, metrics
         self.cache: OrderedDict[str, np.ndarray] = OrderedDict()

@@ -70,12 +70,20 @@ class Generation:
     steps: int
     output: OutputFormat
 
+    negative_prompt: str | None = None
+
     @classmethod
     def resolve(cls, svc: Service, body: ImagesRequest | GenerateRequest) -> Generation:
         svc.check_ready()
         kind = svc.resolve_model(body.model)
+        if body.negative_prompt is not None and not (kind == "teacher" and svc.bundle.teacher_takes_negative):
+            why = (f"this bundle's teacher runs without classifier-free guidance (w = "
+                   f"{svc.bundle.teacher.guidance_scale:g})" if kind == "teacher" and svc.prompts is not None
+                   else f"only the teacher ({svc.teacher_name}) of a text bundle with guidance takes one; the "
+                   "student's guidance is distilled against the empty prompt")
+            raise ApiError(422, f"negative_prompt: {why}", "negative_prompt")
         return cls(kind, svc.resolve_guidance(kind, body.guidance), svc.resolve_steps(kind, body.steps),
-                   output_of(svc, body))
+                   output_of(svc, body), body.negative_prompt)
 
     async def run(self, svc: Service, request: Request, conditions: list[int] | list[str], seeds: list[int],
                   rows_param: str, encode: bool = True) -> State:
@@ -84,8 +92,10 @@ class Generation:
         text = svc.prompts is not None
         stages = plan_generation(svc.bundle.sample_shape, self.kind, self.guidance_scale, self.steps, len(conditions),
                                  rows_param, EncodeImages(svc.encoder, self.output) if encode else None,
-                                 decode=svc.bundle.decoder is not None, prompts=svc.prompts)
-        state = (State(seeds, np.zeros(0, np.float32), prompts=list(conditions)) if text
+                                 decode=svc.bundle.decoder is not None, prompts=svc.prompts,
+                                 negative=svc.bundle.teacher_takes_negative)
+        negatives = [self.negative_prompt] * len(conditions) if self.negative_prompt is not None else None
+        state = (State(seeds, np.zeros(0, np.float32), prompts=list(conditions), negative_prompts=negatives) if text
                  else State(seeds, np.asarray(conditions, dtype=np.int64)))
         deadline = svc.deadline()
         await until_disconnect(request, svc.execute(stages, state, deadline), deadline)
@@ -107,9 +117,6 @@ async def images_generations(body: ImagesRequest, request: Request):
     consecutive seeds."""
     svc = service(request)
     generation = Generation.resolve(svc, body)
-    if body.negative_prompt is not None:
-        raise ApiError(422, "negative_prompt: not supported; the teacher's negative is the empty prompt, baked into "
-                            "its graph, and the student has guidance built in", "negative_prompt")
     if svc.prompts is not None:
         condition, name = body.prompt, body.prompt
     else:
@@ -177,7 +184,8 @@ async def search(body: SearchRequest, request: Request):
     seeds = svc.check_seeds(body.seeds, body.n) if body.seeds is not None else consecutive_seeds(body.seed, body.n)
     stages = plan_search(svc.bundle.sample_shape, guidance_scale, body.n, body.student_steps, body.top_k,
                          body.teacher_steps, EncodeImages(svc.encoder, output_of(svc, body)),
-                         decode=svc.bundle.decoder is not None, prompts=svc.prompts)
+                         decode=svc.bundle.decoder is not None, prompts=svc.prompts,
+                         negative=svc.bundle.teacher_takes_negative)
     state = (State(seeds, np.zeros(0, np.float32), prompts=[body.prompt] * body.n) if text
              else State(seeds, np.full(body.n, label, np.int64)))
     tick, deadline = time.perf_counter(), svc.deadline()

@@ -38,8 +38,9 @@ class ImagesRequest(ImageOutput):
     model_config = ConfigDict(extra="ignore", strict=True)
     prompt: str = Field(..., min_length=1, max_length=PROMPT_MAX_CHARS,
                         description='text bundles: the prompt; class bundles: a class, "7" or a class name')
-    negative_prompt: str | None = Field(None, max_length=PROMPT_MAX_CHARS, description="not supported: the "
-                                        "teacher's negative is the empty prompt, baked into its graph")
+    negative_prompt: str | None = Field(None, max_length=PROMPT_MAX_CHARS, description="text bundles, the teacher "
+                                        "with guidance only: the unconditional side of its guidance (default: the "
+                                        "empty prompt)")
     model: str | None = Model
     n: int = Field(1, ge=1, le=64)
     size: str | None = Size
@@ -69,6 +70,8 @@ class GenerateRequest(ImageOutput):
                                            description="class bundles: class indices or names")
     prompts: list[Annotated[str, Field(max_length=PROMPT_MAX_CHARS)]] | None = Field(
         None, min_length=1, max_length=256, description="text bundles: prompts")
+    negative_prompt: str | None = Field(None, max_length=PROMPT_MAX_CHARS, description="text bundles, the teacher "
+                                        "with guidance only: one negative prompt for every image")
     seeds: list[int] | None = Field(None, description="one per label or prompt; omitted = random")
     steps: int | None = Field(None, description=STEPS_HELP)
     model: str | None = Model

@@ -67,7 +67,7 @@ class Service:
             {"id": bundle.name, **common, "kind": "student", "cfg_scales": list(bundle.guidance_scales),
              "steps": [1, MAX_STUDENT_STEPS], "method": bundle.provenance.get("method")},
             {"id": self.teacher_name, **common, "kind": "teacher", "cfg_scales": [bundle.teacher.guidance_scale],
-             "steps": [1, MAX_TEACHER_STEPS]},
+             "steps": [1, MAX_TEACHER_STEPS], "negative_prompt": bundle.teacher_takes_negative},
         ]
 
     # -- request checks ---------------------------------------------------------------------------

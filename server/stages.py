@@ -33,6 +33,8 @@ class State:
     seeds: list[int]
     labels: np.ndarray  # conditioning, one row per image: class ids, or text conditions [rows, R, W]
     prompts: list[str] | None = None  # text bundles: what EncodePrompts turns into `labels`
+    negative_prompts: list[str] | None = None  # text bundles: the teacher's negatives (default: the empty prompt)
+    negatives: np.ndarray | None = None  # their conditions, when the teacher graph takes them
     truncated: bool = False  # some prompt was cut to a tokenizer's limit
     noise: np.ndarray | None = None  # [rows, C, H, W], one row per seed (made by the Noise stage)
     x: np.ndarray | None = None  # the current sample
@@ -127,16 +129,19 @@ class StudentJumps(Denoise):
 
 @dataclass
 class TeacherSteps(Denoise):
-    """K Euler steps of the guided teacher (guidance baked into its graph), from the state's noise."""
+    """K Euler steps of the guided teacher (guidance baked into its graph), from the state's noise; a
+    text teacher with guidance also takes the negatives' conditions."""
 
+    negative: bool = False
     name: str = "teacher"
     engine = "teacher"
 
     async def run(self, state: State, call, ticket: Ticket) -> int:
         times, rows, x = grid(self.steps), len(state.labels), state.noise
+        negative = {"negative": state.negatives} if self.negative else {}
         for t_now, t_next in zip(times[:-1], times[1:], strict=True):
             velocity = await call(self.engine, {"x": x, "t": np.full(rows, t_now, np.float32),
-                                                "label": state.labels}, ticket)
+                                                "label": state.labels, **negative}, ticket)
             x = x - (t_now - t_next) * velocity
         state.x = x
         return rows * self.steps
@@ -160,11 +165,12 @@ class EncodePrompts(OneCall):
     through the text-encoder engine (admission reserves a row per image, the most it can take)."""
 
     prompts: PromptEncoder | None = None
+    negatives: bool = False  # also the teacher's negatives (its graph takes them)
     name: str = "text_encoder"
     engine = "text_encoder"
 
     async def run(self, state: State, call, ticket: Ticket) -> int:
-        unique = list(dict.fromkeys(state.prompts))
+        unique = list(dict.fromkeys(state.prompts + (state.negative_prompts or [])))
         tokenized = self.prompts.tokenize(unique)  # cheap; it also tells whether any prompt was cut
         state.truncated = any(tokenized.truncated)
         conditions = {prompt: self.prompts.lookup(prompt) for prompt in unique}
@@ -175,6 +181,9 @@ class EncodePrompts(OneCall):
                 conditions[unique[i]] = condition
                 self.prompts.remember(unique[i], condition)
         state.labels = np.stack([conditions[prompt] for prompt in state.prompts])
+        if self.negatives:
+            state.negatives = (np.stack([conditions[p] for p in state.negative_prompts]) if state.negative_prompts
+                               else np.repeat(self.prompts.null[None], len(state.prompts), axis=0))
         return len(new)
 
 
@@ -227,6 +236,8 @@ class KeepBest:
         state.noise, state.labels = state.noise[state.chosen], state.labels[state.chosen]
         if state.prompts is not None:
             state.prompts = [state.prompts[i] for i in state.chosen]
+        if state.negatives is not None:
+            state.negatives = state.negatives[state.chosen]
         state.x, state.scores = state.x[state.chosen], state.scores[state.chosen]
         return 0
 
@@ -249,19 +260,22 @@ class EncodeImages:
 
 def plan_generation(shape: tuple[int, ...], kind: str, guidance_scale: float, steps: int, rows: int,
                     rows_param: str, encode: EncodeImages | None, decode: bool = False,
-                    prompts: PromptEncoder | None = None) -> list[Stage]:
-    """Generation: prompts to conditions (text bundles), noise, denoise with the student or the
-    teacher, decode latents (bundles with a decoder), then encode (unless raw arrays are asked for)."""
-    denoise = (TeacherSteps(steps, rows, rows_param) if kind == "teacher"
+                    prompts: PromptEncoder | None = None, negative: bool = False) -> list[Stage]:
+    """Generation: prompts (and the teacher's negatives, when its graph takes them) to conditions (text
+    bundles), noise, denoise with the student or the teacher, decode latents (bundles with a decoder),
+    then encode (unless raw arrays are asked for)."""
+    negative = negative and kind == "teacher"
+    denoise = (TeacherSteps(steps, rows, rows_param, negative=negative) if kind == "teacher"
                else StudentJumps(steps, rows, rows_param, guidance_scale=guidance_scale))
-    condition = [EncodePrompts(rows, rows_param, prompts)] if prompts else []
+    condition = [EncodePrompts(2 * rows if negative else rows, rows_param, prompts, negatives=negative)] \
+        if prompts else []
     return [*condition, Noise(shape), denoise, *([Decode(rows, rows_param)] if decode else []),
             *([encode] if encode else [])]
 
 
 def plan_search(shape: tuple[int, ...], guidance_scale: float, count: int, student_steps: int, top_k: int,
                 teacher_steps: int, encode: EncodeImages, decode: bool = False,
-                prompts: PromptEncoder | None = None) -> list[Stage]:
+                prompts: PromptEncoder | None = None, negative: bool = False) -> list[Stage]:
     """Best-of-N: the prompt to its condition (text bundles), noise, N student candidates, decoded
     (bundles with a decoder) and scored, the best top_k, optionally the teacher from their noise,
     decoded and scored, then encode the kept images. Only what must be scored is decoded: every
@@ -269,12 +283,14 @@ def plan_search(shape: tuple[int, ...], guidance_scale: float, count: int, stude
     def decoded(rows: int, param: str) -> list[Stage]:
         return [Decode(rows, param, name="decoder_final" if param == "top_k" else "decoder")] if decode else []
 
-    condition = [EncodePrompts(count, "n", prompts)] if prompts else []
+    negative = negative and teacher_steps > 0  # the teacher's finish takes the empty prompt's condition
+    condition = [EncodePrompts(count, "n", prompts, negatives=negative)] if prompts else []
     stages = [*condition, Noise(shape),
               StudentJumps(student_steps, count, "n", "student_steps", guidance_scale=guidance_scale),
               *decoded(count, "n"), Score(count, "n", prompts), KeepBest(top_k)]
     if teacher_steps:
-        stages += [TeacherSteps(teacher_steps, top_k, "top_k", "teacher_steps"), *decoded(top_k, "top_k"),
+        stages += [TeacherSteps(teacher_steps, top_k, "top_k", "teacher_steps", negative=negative),
+                   *decoded(top_k, "top_k"),
                    Score(top_k, "top_k", prompts, name="verifier_final")]
     return [*stages, encode]
 

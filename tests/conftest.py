@@ -45,7 +45,7 @@ def tiny_text_pipelines(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_text_bundles(tiny_text_pipelines, tmp_path_factory):
     """{family: (bundle, student run)}: each tiny pipeline distilled by two FreeFlow steps on prompts and
-    exported as a text bundle (student at w=1 and 2, teacher at 1, tokenizers, text encoder, decoder;
+    exported as a text bundle (student at w=1 and 2, teacher at 2 (FLUX: 1), tokenizers, text encoder, decoder;
     SD3's with a tiny CLIP as its verifier, in root/clip)."""
     from distill.freeflow import FreeFlowConfig
     from distill.pipeline import distill_student
@@ -61,6 +61,8 @@ def tiny_text_bundles(tiny_text_pipelines, tmp_path_factory):
                         run, progress=False, prompts=CAPTIONS)
         # SD3's bundle carries a CLIP scorer as its verifier (search); the others serve without one
         scorer = f"clip:{tiny_clip(root / 'clip')}" if family == "sd3" else None
-        export_bundle(run, f"diffusers:{folder}", scorer, root / family, (1.0, 2.0), progress=False)
+        # teachers with guidance 2 take negative prompts; FLUX-dev style has its guidance embedded (w = 1)
+        export_bundle(run, f"diffusers:{folder}", scorer, root / family, (1.0, 2.0),
+                      teacher_guidance_scale=1.0 if family == "flux" else 2.0, progress=False)
         bundles[family] = (root / family, run)
     return bundles

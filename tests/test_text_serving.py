@@ -84,6 +84,10 @@ def test_text_bundle_errors_and_truncation(tiny_text_bundles):
         assert wrong.status_code == 422 and wrong.json()["error"]["param"] == "prompts"
         negative = post("/v1/images/generations", {"prompt": "a cat", "negative_prompt": "blurry"})
         assert negative.status_code == 422 and negative.json()["error"]["param"] == "negative_prompt"
+        assert "only the teacher" in negative.json()["error"]["message"]  # the student cannot take one
+        no_cfg = post("/v1/images/generations", {"prompt": "a cat", "negative_prompt": "blurry",
+                                                 "model": "flux-teacher"})
+        assert no_cfg.status_code == 422 and "without classifier-free guidance" in no_cfg.json()["error"]["message"]
         no_verifier = post("/v1/search", {"prompt": "a cat"})
         assert no_verifier.status_code == 422 and "no verifier" in no_verifier.json()["error"]["message"]
         assert post("/v1/images/generations", {"prompt": "x" * 4001}).status_code == 422
@@ -119,7 +123,7 @@ def test_tensorrt_profiles_have_inputs_for_every_graph_of_a_text_bundle(tiny_tex
 
     bundle = read_bundle(tiny_text_bundles["sd3"][0])
     graphs = engine_sources(bundle)
-    assert {graph.path.name for graph in graphs} >= {"text_encoder.onnx", "decoder.onnx", "teacher_w1.onnx"}
+    assert {graph.path.name for graph in graphs} >= {"text_encoder.onnx", "decoder.onnx", "teacher_w2.onnx"}
     for graph in graphs:
         session = ort.InferenceSession(str(graph.path), providers=["CPUExecutionProvider"])
         out = session.run(None, random_feeds(session.get_inputs(), 2, bundle.num_classes))[0]
@@ -153,3 +157,33 @@ def test_search_ranks_candidates_by_the_clip_score(tiny_text_bundles):
     with torch.no_grad():
         expected = scorer(torch.tensor(np.array(raw["arrays"], np.float32)), ids).numpy()
     assert np.abs(np.array(scores) - expected).max() < 1e-3
+
+
+def test_the_teacher_takes_a_negative_prompt(tiny_text_bundles, tiny_text_pipelines):
+    """The teacher's guidance against a negative prompt, as torch computes it; no negative prompt is the
+    empty prompt's condition, computed at export."""
+    from distill.flow import guided_velocity
+    from distill.models import load_teacher
+    from distill.text import encode_prompts, load_conditioner
+    from export.decoder import DecoderGraph, load_vae
+    from server.noise import noise_for
+
+    bundle, _ = tiny_text_bundles["sd3"]
+    body = {"prompts": ["a photo of a cat"], "seeds": [7], "model": "sd3-teacher", "steps": 1}
+    server = Server("--no-ui", bundle=bundle).wait_ready()
+    try:
+        post = lambda extra: httpx.post(server.url + "/v1/generate", json={**body, **extra}, timeout=60).json()
+        plain, empty = post({}), post({"negative_prompt": ""})
+        negative = post({"negative_prompt": "two dogs running on the grass", "format": "raw"})
+    finally:
+        server.stop()
+    assert plain["images"] == empty["images"]  # the default negative is the empty prompt
+    pipeline = tiny_text_pipelines["sd3"]
+    teacher = load_teacher(f"diffusers:{pipeline}")
+    condition, against = encode_prompts(*load_conditioner(pipeline), ["a photo of a cat",
+                                                                        "two dogs running on the grass"]).split(1)
+    noise = torch.from_numpy(noise_for([7], teacher.config.shape))
+    with torch.no_grad():
+        latent = noise - guided_velocity(teacher.velocity, noise, torch.ones(1), condition, 2.0, against)
+        expected = DecoderGraph(load_vae(pipeline / "vae"))(latent).numpy().clip(-1, 1)
+    assert np.abs(np.array(negative["arrays"], np.float32) - expected).max() < 1e-3
