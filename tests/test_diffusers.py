@@ -63,14 +63,15 @@ def test_a_student_starts_as_the_teachers_euler_step(tiny_text_pipelines, family
         assert not torch.allclose(student.jump(x, t, s + 0.05, condition, w), moved, atol=1e-4)  # and t - s
 
 
-def test_freeflow_distils_a_diffusers_teacher_from_prompts(tiny_text_pipelines, tmp_path):
-    from distill.freeflow import FreeFlowConfig
+@pytest.mark.parametrize("method", ["freeflow", "fgm", "dmd2"])  # the data-free methods
+def test_data_free_methods_distil_a_diffusers_teacher_from_prompts(tiny_text_pipelines, tmp_path, method):
+    from distill.methods import get_method
     from distill.pipeline import distill_student
     from distill.trainer import TrainConfig
 
     folder = tiny_text_pipelines["sana"]
     train = TrainConfig(steps=3, batch_size=4, lr=1e-3, ema_decay=0.0, log_every=1)
-    distill_student("freeflow", f"diffusers:{folder}", FreeFlowConfig(), train, tmp_path / "student",
+    distill_student(method, f"diffusers:{folder}", get_method(method).config(), train, tmp_path / "student",
                     progress=False, prompts=CAPTIONS)
     student, meta = load_student(tmp_path / "student")
     teacher = load_teacher(f"diffusers:{folder}", prompts=CAPTIONS)
