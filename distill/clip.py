@@ -1,124 +1,102 @@
-"""A tiny CLIP for the shapes data set: an image tower and a text tower trained contrastively on
-captions (Radford et al. 2021: a symmetric cross-entropy over the batch's image-caption similarities).
-Its text tower is what a shapes generator is conditioned on; its score, `forward(image, ids)`, follows
-the scorer signature of export/scorer.py, so it is the shapes bundle's search verifier as it stands.
+"""A tiny CLIP for the shapes data set: a transformers CLIPModel trained contrastively on captions
+(Radford et al. 2021: a symmetric cross-entropy over the batch's image-caption similarities), with a
+CLIP tokenizer trained offline on the captions' words. Saved with save_pretrained, it is what any
+user's CLIP is to this project: `--verifier clip:FOLDER` of a text bundle (export/scorer.py), and its
+text tower a text encoder to condition a generator on.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from distill.shapes import ShapesConfig, batch, word_tokenizer
+from distill.shapes import ShapesConfig, batch, vocabulary
 
-PAD, EOS = 0, 1  # word_tokenizer's ids
+# CLIP's own pixel normalisation (export/scorer.py applies the same inside the score graph)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
 class ClipConfig:
-    width: int = 64  # the shared embedding's width (and the text tower's)
-    channels: int = 32  # the image tower's first convolution
-    layers: int = 2  # text transformer layers
+    width: int = 64  # both towers' width and the shared embedding's
+    layers: int = 2  # transformer layers per tower
     heads: int = 4
-    max_length: int = 16  # caption tokens, <eos> included
+    patch: int = 4  # the vision tower's patch size
+    max_length: int = 16  # caption tokens, <|startoftext|> and <|endoftext|> included
     steps: int = 1500
     batch_size: int = 128
     lr: float = 2e-3
     seed: int = 0
 
 
-class TextTower(nn.Module):
-    """ids [B, L] -> features [B, width]: word and position embeddings, a transformer that ignores the
-    padding, the hidden state at <eos>, projected."""
+def shapes_tokenizer(max_length: int = 16):
+    """A CLIP tokenizer (byte-level BPE with </w>) trained on the shapes vocabulary and captions."""
+    from distill.text import train_tokenizer
 
-    def __init__(self, vocab: int, config: ClipConfig):
-        super().__init__()
-        self.words = nn.Embedding(vocab, config.width)
-        self.positions = nn.Parameter(torch.randn(config.max_length, config.width) * 0.02)
-        layer = nn.TransformerEncoderLayer(config.width, config.heads, 4 * config.width, dropout=0.0,
-                                           batch_first=True, norm_first=True)
-        self.transformer = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
-        self.norm, self.projection = nn.LayerNorm(config.width), nn.Linear(config.width, config.width, bias=False)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.transformer(self.words(ids) + self.positions[: ids.shape[1]], src_key_padding_mask=ids == PAD)
-        at_eos = (ids == EOS).float().argmax(dim=1)  # the first <eos> of each caption
-        return self.projection(self.norm(h[torch.arange(ids.shape[0]), at_eos]))
+    sentences = vocabulary() * 4 + [scene.caption for scene in batch(range(512))[1]]
+    tokenizer = train_tokenizer("clip", sentences, vocab_size=400)
+    tokenizer.model_max_length = max_length
+    return tokenizer
 
 
-class ImageTower(nn.Module):
-    """image [B, 3, H, W] in [-1, 1] -> features [B, width]."""
+def clip_model(config: ClipConfig, tokenizer, image_size: int):
+    import transformers
 
-    def __init__(self, config: ClipConfig):
-        super().__init__()
-        c = config.channels
-
-        def block(c_in, c_out):
-            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(8, c_out), nn.SiLU(),
-                                 nn.MaxPool2d(2))
-
-        width = config.width
-        self.features = nn.Sequential(block(3, c), block(c, 2 * c), block(2 * c, 2 * c), nn.Flatten(),
-                                      nn.LazyLinear(2 * width), nn.SiLU(), nn.Linear(2 * width, width))
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.features(image)
+    return transformers.CLIPModel(transformers.CLIPConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": config.width, "intermediate_size": 4 * config.width,
+                     "num_hidden_layers": config.layers, "num_attention_heads": config.heads,
+                     "max_position_embeddings": config.max_length, "bos_token_id": tokenizer.bos_token_id,
+                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
+        vision_config={"hidden_size": config.width, "intermediate_size": 4 * config.width,
+                       "num_hidden_layers": config.layers, "num_attention_heads": config.heads,
+                       "image_size": image_size, "patch_size": config.patch},
+        projection_dim=config.width))
 
 
-class ShapesClip(nn.Module):
-    """(image, ids) -> score = exp(logit_scale) x cosine(image features, text features)."""
-
-    input_names = ("image", "ids")
-    output_name = "score"
-
-    def __init__(self, config: ClipConfig = ClipConfig(), image_size: int = 32):
-        super().__init__()
-        self.config = config
-        self.text = TextTower(word_tokenizer(config.max_length).get_vocab_size(), config)
-        self.image = ImageTower(config)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        self.image(torch.zeros(1, 3, image_size, image_size))  # materialise the lazy layer
-
-    def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
-        return nn.functional.normalize(self.text(ids), dim=-1)
-
-    def embed_image(self, image: torch.Tensor) -> torch.Tensor:
-        return nn.functional.normalize(self.image(image), dim=-1)
-
-    def forward(self, image: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return self.logit_scale.exp() * (self.embed_image(image) * self.embed_text(ids)).sum(-1)
+def _features(output) -> torch.Tensor:
+    return output if torch.is_tensor(output) else output.pooler_output  # transformers 4 vs 5
 
 
-def token_ids(captions: list[str], max_length: int = 16) -> torch.Tensor:
-    tokenizer = word_tokenizer(max_length)
-    return torch.tensor([encoding.ids for encoding in tokenizer.encode_batch(captions)])
+def embed(model, images: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit image and text embeddings; images in [-1, 1], normalised as CLIP expects."""
+    mean, std = torch.tensor(CLIP_MEAN).reshape(1, 3, 1, 1), torch.tensor(CLIP_STD).reshape(1, 3, 1, 1)
+    image = _features(model.get_image_features(pixel_values=((images + 1) / 2 - mean) / std))
+    text = _features(model.get_text_features(input_ids=ids))
+    return nn.functional.normalize(image, dim=-1), nn.functional.normalize(text, dim=-1)
 
 
-def contrastive_loss(model: ShapesClip, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def contrastive_loss(model, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Symmetric cross-entropy: each image's caption among the batch's, each caption's image likewise."""
-    logits = model.logit_scale.exp() * model.embed_image(images) @ model.embed_text(ids).T
+    image, text = embed(model, images, ids)
+    logits = model.logit_scale.exp() * image @ text.T
     target = torch.arange(len(images))
     return (nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target)) / 2
 
 
-def train_clip(config: ClipConfig = ClipConfig(), shapes: ShapesConfig | None = None,
-               progress: bool = True) -> ShapesClip:
-    """Fresh training scenes every step (the held-out colour-shape pairs are never seen)."""
+def train_clip(config: ClipConfig = ClipConfig(), shapes: ShapesConfig | None = None, progress: bool = True):
+    """(CLIPModel, tokenizer), trained on fresh training scenes every step (held-out pairs never seen)."""
     from tqdm import tqdm
 
     shapes = shapes or ShapesConfig()
     torch.manual_seed(config.seed)
-    model = ShapesClip(config, shapes.size)
+    tokenizer = shapes_tokenizer(config.max_length)
+    model = clip_model(config, tokenizer, shapes.size)
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
     bar = tqdm(range(config.steps), desc="clip", disable=not progress)
     for step in bar:
         images, scenes = batch(range(step * config.batch_size, (step + 1) * config.batch_size), shapes)
-        loss = contrastive_loss(model, torch.from_numpy(images), token_ids([s.caption for s in scenes],
-                                                                           config.max_length))
+        loss = contrastive_loss(model, torch.from_numpy(images), token_ids(tokenizer, [s.caption for s in scenes]))
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -128,4 +106,15 @@ def train_clip(config: ClipConfig = ClipConfig(), shapes: ShapesConfig | None = 
             group["lr"] = config.lr * 0.5 * (1 + np.cos(np.pi * (step + 1) / config.steps))
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-    return model.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False), tokenizer
+
+
+def save_clip(model, tokenizer, folder: str | Path) -> Path:
+    """The save_pretrained layout a user's CLIP has: model, tokenizer and preprocessor_config.json."""
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+         "crop_size": model.config.vision_config.image_size}, indent=2))
+    return folder
