@@ -62,8 +62,8 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
     them into images, and the verifier scores those images (a format 2 bundle). Graphs whose weights
     pass EXTERNAL_DATA_BYTES keep them in `<graph>.onnx.data` (protobuf holds 2 GB at most); `external_data`
     forces that on or off. A diffusers teacher (`diffusers:FOLDER`) makes a text bundle: its tokenizers and
-    text encoders go in as the conditioning, its `vae/` as the decoder unless `decoder` names another, and
-    the verifier is optional (without one the bundle serves no search).
+    text encoders go in as the conditioning, its `vae/` (if it has one) as the decoder unless `decoder`
+    names another, and the verifier is optional (without one the bundle serves no search).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +84,8 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
         conditioner, tokenizers = load_conditioner(teacher.config.path)
         draw_ids = random_ids(conditioner)
         conditions = lambda batch, generator: conditioner(*draw_ids(batch, generator))
-        decoder = decoder if decoder is not None else Path(teacher.config.path) / "vae"
+        pipeline_vae = Path(teacher.config.path) / "vae"  # absent for a pixel-space pipeline
+        decoder = decoder if decoder is not None else pipeline_vae if pipeline_vae.is_dir() else None
         classes = []
     else:
         conditions = None
