@@ -27,7 +27,7 @@ class ShapesTeacherConfig:
     width: int = 128  # attention heads x head width
     heads: int = 4
     layers: int = 4
-    patch: int = 2
+    patch: int = 4  # 8x8 tokens at 32 px: 0.13 s a step of 48 scenes on 2 CPUs, against 0.84 s at patch 2
     loss: TeacherConfig = field(default_factory=TeacherConfig)
 
 
