@@ -59,15 +59,16 @@ def clip_model(config: ClipConfig, tokenizer, image_size: int):
         projection_dim=config.width))
 
 
-def _features(output) -> torch.Tensor:
-    return output if torch.is_tensor(output) else output.pooler_output  # transformers 4 vs 5
+def clip_features(output) -> torch.Tensor:
+    """transformers 4 returns CLIP's projected features, 5 an output whose pooler_output holds them."""
+    return output if torch.is_tensor(output) else output.pooler_output
 
 
 def embed(model, images: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit image and text embeddings; images in [-1, 1], normalised as CLIP expects."""
     mean, std = torch.tensor(CLIP_MEAN).reshape(1, 3, 1, 1), torch.tensor(CLIP_STD).reshape(1, 3, 1, 1)
-    image = _features(model.get_image_features(pixel_values=((images + 1) / 2 - mean) / std))
-    text = _features(model.get_text_features(input_ids=ids))
+    image = clip_features(model.get_image_features(pixel_values=((images + 1) / 2 - mean) / std))
+    text = clip_features(model.get_text_features(input_ids=ids))
     return nn.functional.normalize(image, dim=-1), nn.functional.normalize(text, dim=-1)
 
 

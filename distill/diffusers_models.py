@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from distill.flow import flow_map
-from distill.nets import ScalarEmbedder
+from distill.nets import ScalarEmbedder, guidance_input
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,18 @@ def latent_shape(path: str | Path, transformer: nn.Module, family: Family) -> tu
 def diffusers_config(path: str | Path, transformer: nn.Module, layout: TextLayout) -> DiffusersConfig:
     family = family_of(path)
     return DiffusersConfig(str(path), family.name, latent_shape(path, transformer, family), layout)
+
+
+def save_pipeline(folder: str | Path, pipeline_class: str, parts: dict) -> Path:
+    """A diffusers pipeline folder as save_pretrained writes one: each part in its subfolder and
+    model_index.json naming each part's library and class."""
+    folder = Path(folder)
+    index = {"_class_name": pipeline_class}
+    for name, part in parts.items():
+        part.save_pretrained(folder / name)
+        index[name] = [type(part).__module__.split(".")[0], type(part).__name__]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
 
 
 def load_transformer(path: str | Path) -> nn.Module:
@@ -268,7 +280,7 @@ class DiffusersStudent(nn.Module):
 
     def average_velocity(self, x, t, s, condition, w) -> torch.Tensor:
         # both embeddings as in FlowNet: the jump length, and w centred on 1 over the usual range
-        self._extra = self.extra_embed["w"]((w - 1.0) / 4.0)
+        self._extra = self.extra_embed["w"](guidance_input(w))
         if "s" in self.extra_embed:
             self._extra = self._extra + self.extra_embed["s"](t - s)
         try:

@@ -69,6 +69,11 @@ def timestep_embedding(values: torch.Tensor, dim: int, max_freq: float = 100.0, 
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def guidance_input(w: torch.Tensor) -> torch.Tensor:
+    """What a student's guidance embedding sees of w: centred so the usual 1..3 range lies near 0."""
+    return (w - 1.0) / 4.0
+
+
 class ScalarEmbedder(nn.Module):
     """Sinusoidal features -> MLP. With `zero_init`, the output is exactly zero until trained."""
 
@@ -206,8 +211,7 @@ class FlowNet(nn.Module):
         if "w" in self.extra_embed:
             if w is None:
                 raise ValueError("this network takes the guidance scale w")
-            # Centre w so the embedding sees values around 0 for the usual 1..3 range.
-            cond = cond + self.extra_embed["w"]((w - 1.0) / 4.0)
+            cond = cond + self.extra_embed["w"](guidance_input(w))
         return cond
 
     def forward(self, x, t, label, s=None, w=None) -> torch.Tensor:

@@ -10,13 +10,12 @@ dropped to the empty prompt at `label_dropout`, so the teacher supports guidance
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from distill.diffusers_models import DiffusersTeacher, diffusers_config
+from distill.diffusers_models import DiffusersTeacher, diffusers_config, save_pipeline
 from distill.shapes import ShapesConfig, batch
 from distill.teacher import TeacherConfig, flow_matching_loss
 from distill.text import encode_prompts, load_conditioner
@@ -50,14 +49,9 @@ def write_pipeline(folder: str | Path, transformer, clip, tokenizer) -> Path:
     folder = Path(folder)
     text = transformers.CLIPTextModel(clip.config.text_config)
     getattr(text, "text_model", text).load_state_dict(clip.text_model.state_dict())  # transformers 4 / 5 layouts
-    parts = {"transformer": transformer, "text_encoder": text, "tokenizer": tokenizer,
-             "scheduler": diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0)}
-    index = {"_class_name": "SanaPipeline"}
-    for name, part in parts.items():
-        part.save_pretrained(folder / name)
-        index[name] = [type(part).__module__.split(".")[0], type(part).__name__]
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    return folder
+    return save_pipeline(folder, "SanaPipeline", {
+        "transformer": transformer, "text_encoder": text, "tokenizer": tokenizer,
+        "scheduler": diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0)})
 
 
 class ShapesTeacherTraining:

@@ -19,12 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-
-
-def _features(output) -> torch.Tensor:
-    """transformers 4 returns the projected features, 5 an output whose pooler_output holds them."""
-    return output if torch.is_tensor(output) else output.pooler_output
+from distill.clip import CLIP_MEAN, CLIP_STD, clip_features
 
 
 class ClipScoreGraph(nn.Module):
@@ -43,8 +38,8 @@ class ClipScoreGraph(nn.Module):
         # square images: CLIP's resize of the short side and centre crop is one resize
         pixels = nn.functional.interpolate((image.clamp(-1, 1) + 1) / 2, size=(self.size, self.size),
                                            mode="bilinear", align_corners=False, antialias=False)
-        image_features = _features(self.model.get_image_features(pixel_values=(pixels - self.mean) / self.std))
-        text_features = _features(self.model.get_text_features(input_ids=ids))
+        image_features = clip_features(self.model.get_image_features(pixel_values=(pixels - self.mean) / self.std))
+        text_features = clip_features(self.model.get_text_features(input_ids=ids))
         image_features = image_features / image_features.norm(dim=-1, keepdim=True)
         text_features = text_features / text_features.norm(dim=-1, keepdim=True)
         return self.model.logit_scale.exp() * (image_features * text_features).sum(-1)

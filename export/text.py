@@ -53,16 +53,15 @@ def random_ids(conditioner) -> Callable[[int, torch.Generator], list[torch.Tenso
     return draw
 
 
-def export_text(conditioner, tokenizers: list, out: Path, build: Callable, scorer_tokenizer=None) -> TextEntry:
+def export_text(conditioner, tokenizers: list, out: Path, build: Callable, null_condition: torch.Tensor,
+                scorer_tokenizer=None) -> TextEntry:
     """Write the tokenizer files (the verifier's too, when it scores prompts), the empty prompt's
-    condition (the teacher's default negative) and the encoder graph into `out`; `build(graph, filename,
-    label, make)` exports and checks a graph (the writer's)."""
+    condition (the teacher's null, its default negative) and the encoder graph into `out`;
+    `build(graph, filename, label, make)` exports and checks a graph (the writer's)."""
     import numpy as np
 
-    from distill.text import encode_prompts
-
     null = out / "null_condition.npy"
-    np.save(null, encode_prompts(conditioner, tokenizers, [""])[0].numpy().astype(np.float32))
+    np.save(null, null_condition.numpy().astype(np.float32))
     files = [tokenizer_file(tokenizer, out / f"tokenizer_{i}.json") for i, tokenizer in enumerate(tokenizers)]
     scorer_file = tokenizer_file(scorer_tokenizer, out / "verifier_tokenizer.json") if scorer_tokenizer else None
     draw = random_ids(conditioner)

@@ -130,8 +130,11 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
                                make=scorer_inputs(scorer, scorer_tokenizer, image_shape), batches=TEXT_PARITY_BATCHES)
     decoder_entry = build(decoder_graph, "decoder.onnx", "decoder graph", batches=DECODER_PARITY_BATCHES,
                           tolerance=DECODER_TOLERANCE) if decoder_graph else None
-    text_entry = export_text(conditioner, tokenizers, out, lambda graph, filename, label, make: build(
-        graph, filename, label, make=make, batches=TEXT_PARITY_BATCHES), scorer_tokenizer) if text else None
+    text_entry = None
+    if text:
+        build_text = lambda graph, filename, label, make: build(graph, filename, label, make=make,
+                                                               batches=TEXT_PARITY_BATCHES)
+        text_entry = export_text(conditioner, tokenizers, out, build_text, teacher.null[0], scorer_tokenizer)
 
     manifest = Manifest(
         name=name or out.name, image_shape=image_shape, classes=classes, students=students, teacher=teacher_entry,

@@ -371,11 +371,10 @@ def build_text_bundle(out: str | Path, say) -> Path:
     """A FLUX-layout pipeline with random weights: CLIP-L and T5-large text encoders (real shapes), a
     small FLUX transformer and a small 16-channel VAE at 256 px; FreeFlow for one step on prompts;
     exported as a text bundle (the T5 graph's weights in external data)."""
-    import json
-
     import diffusers
     import torch
 
+    from distill.diffusers_models import save_pipeline
     from distill.freeflow import FreeFlowConfig
     from distill.pipeline import distill_student
     from distill.text import train_tokenizer
@@ -403,11 +402,7 @@ def build_text_bundle(out: str | Path, say) -> Path:
         "tokenizer": clip_tokens, "tokenizer_2": t5_tokens,
         "text_encoder": _text_encoder("clip-l")[0], "text_encoder_2": _text_encoder("t5-large")[0],
     }
-    index = {"_class_name": "FluxPipeline"}
-    for name, part in parts.items():
-        part.save_pretrained(folder / name)
-        index[name] = [type(part).__module__.split(".")[0], type(part).__name__]
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    save_pipeline(folder, "FluxPipeline", parts)
     quick = TrainConfig(steps=1, batch_size=2, ema_decay=0.0)
     distill_student("freeflow", f"diffusers:{folder}", FreeFlowConfig(), quick, runs / "student", progress=False,
                     prompts=TEXT_PROMPTS)

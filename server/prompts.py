@@ -33,14 +33,9 @@ class PromptEncoder:
         self.scorer = Tokenizer.from_file(str(text.verifier_tokenizer.path)) if text.verifier_tokenizer else None
         # the empty prompt's condition, computed at export: the teacher's negative unless a request gives one
         self.null = np.load(text.null.path).astype(np.float32) if text.null else None
-        self.shape = text.shape
         self.cache_size, self.metrics = cache_size, metrics
         self.cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.hits = self.lookups = 0
-
-    @property
-    def max_lengths(self) -> list[int]:
-        return [tokenizer.padding["length"] for tokenizer in self.tokenizers]
 
     def tokenize(self, prompts: list[str]) -> Tokenized:
         feeds, truncated = {}, [False] * len(prompts)

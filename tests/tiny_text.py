@@ -4,7 +4,6 @@ captions (distill/text.py: train_tokenizer). Nothing is downloaded."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -92,6 +91,8 @@ def tiny_pipeline(family: str, out: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     import diffusers
 
+    from distill.diffusers_models import save_pipeline
+
     parts = {"transformer": _transformer(family), "vae": _vae(family),
              "scheduler": diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)}
     if family == "sd3":
@@ -104,16 +105,12 @@ def tiny_pipeline(family: str, out: str | Path, seed: int = 0) -> Path:
     else:
         gemma = _trained_tokenizer("gemma")
         parts.update(tokenizer=gemma, text_encoder=_gemma(gemma, 16))
-    index = {"_class_name": {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline",
-                             "sana": "SanaPipeline"}[family]}
     for name, part in parts.items():
         if name.startswith("tokenizer"):
             kind = "clip" if "CLIP" in type(part).__name__ else "t5" if "T5" in type(part).__name__ else "gemma"
             part.model_max_length = TOKENS[kind]
-        part.save_pretrained(out / name)
-        index[name] = [type(part).__module__.split(".")[0], type(part).__name__]
-    (out / "model_index.json").write_text(json.dumps(index, indent=2))
-    return out
+    return save_pipeline(out, {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline",
+                               "sana": "SanaPipeline"}[family], parts)
 
 
 def tiny_clip(out: str | Path, seed: int = 0) -> Path:
