@@ -50,8 +50,9 @@ class PromptEncoder:
         return np.array([e.ids for e in self.scorer.encode_batch(prompts)], dtype=np.int64)
 
     def lookup(self, prompt: str) -> np.ndarray | None:
-        condition = self.cache.get(prompt)
-        if condition is not None:
+        # the empty prompt is the export-time null itself: the same bytes whether a request names it or not
+        condition = self.null if prompt == "" and self.null is not None else self.cache.get(prompt)
+        if prompt in self.cache:
             self.cache.move_to_end(prompt)
         self.lookups, self.hits = self.lookups + 1, self.hits + (condition is not None)
         if self.metrics is not None:
