@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SERVE_STAMP := $(VENV)/.installed-serve
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint mutants models bench bench-recipe bench-stages bench-distill clean
+.PHONY: install serve test lint mutants models bench bench-recipe bench-stages bench-distill bench-search serve-shapes clean
 
 # Serving needs only the core install (no torch, Ray or browsers); everything else adds the extras.
 $(SERVE_STAMP): pyproject.toml constraints.txt
@@ -23,6 +23,10 @@ install: $(STAMP)
 serve: $(SERVE_STAMP)
 	$(VENV)/bin/flowmap serve --bundle models/digits --host 127.0.0.1 --port 8000
 
+# The embedded text-to-image model: prompts such as "a small red circle left of a blue square"
+serve-shapes: $(SERVE_STAMP)
+	$(VENV)/bin/flowmap serve --bundle models/shapes --host 127.0.0.1 --port 8001
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
@@ -34,8 +38,15 @@ test: lint
 mutants: $(STAMP)
 	$(PY) scripts/mutants.py
 
+# digits (about 10 min), then shapes: CLIP, oracle, text-to-image teacher, FreeFlow, export (about 45 min)
 models: $(STAMP)
-	$(PY) -m flowmap.cli pipeline --runs runs/digits --docs docs --bundle models/digits
+	$(PY) -m flowmap.cli pipeline --recipe digits --runs runs/digits --docs docs --bundle models/digits
+	$(PY) -m flowmap.cli pipeline --recipe shapes --runs runs/shapes --docs docs --bundle models/shapes
+	$(PY) -m flowmap.cli readme
+
+# What Best-of-N buys at equal NFE on held-out shapes prompts and on digits (needs `make models`' runs/)
+bench-search: $(STAMP)
+	$(PY) -m flowmap.cli bench search --out docs/search
 	$(PY) -m flowmap.cli readme
 
 bench: $(STAMP)

@@ -201,16 +201,25 @@ def cmd_evaluate(argv: list[str]) -> int:
 
 
 def cmd_pipeline(argv: list[str]) -> int:
-    from flowmap.recipe import Recipe, run_pipeline
-
-    parser = argparse.ArgumentParser("flowmap pipeline", description="The digits recipe end to end: teacher, "
-                                     "verifier, FreeFlow, evaluation, export (what `make models` runs).")
-    parser.add_argument("--runs", default="runs/digits", help="where checkpoints go (git-ignored)")
-    parser.add_argument("--docs", default="docs", help="where pipeline.md / evaluation.md go")
-    parser.add_argument("--bundle", default="models/digits", help="where the exported bundle goes")
+    parser = argparse.ArgumentParser("flowmap pipeline", description="A recipe end to end (what `make models` runs): "
+                                     "digits (teacher, verifier, FreeFlow, evaluation, export) or shapes (CLIP, "
+                                     "oracle, text-to-image teacher, FreeFlow, export).")
+    parser.add_argument("--recipe", choices=("digits", "shapes"), default="digits")
+    parser.add_argument("--runs", default=None, help="where checkpoints go (git-ignored; default runs/RECIPE)")
+    parser.add_argument("--docs", default="docs", help="where the pipeline's reports go")
+    parser.add_argument("--bundle", default=None, help="where the exported bundle goes (default models/RECIPE)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    report = run_pipeline(Recipe(), args.runs, args.docs, args.bundle, progress=not args.quiet)
+    runs, bundle = args.runs or f"runs/{args.recipe}", args.bundle or f"models/{args.recipe}"
+    if args.recipe == "shapes":
+        from flowmap.shapes_recipe import ShapesRecipe, run_shapes_pipeline
+
+        report = run_shapes_pipeline(ShapesRecipe(), runs, args.docs, bundle, progress=not args.quiet)
+        print(f"pipeline finished in {report['total_minutes']} min; see {args.docs}/shapes_pipeline.md")
+        return 0
+    from flowmap.recipe import Recipe, run_pipeline
+
+    report = run_pipeline(Recipe(), runs, args.docs, bundle, progress=not args.quiet)
     print(f"pipeline finished in {report['total_minutes']} min; see {args.docs}/pipeline.md")
     return 0
 
@@ -348,6 +357,9 @@ BENCHES = {
     "stages": ("what each request stage costs at real sizes: denoisers, VAE decoders, text encoders and the prompt "
                "cache, image encoders",
                "flowmap.bench_stages", "StagesBenchConfig", "run_stages_bench", lambda r: r["encoders"]),
+    "search": ("what Best-of-N noise search buys at equal NFE: teacher, teacher best-of-M, student search with and "
+               "without a teacher finish, judged by an oracle", "flowmap.bench_search", "SearchBenchConfig",
+               "run_search_bench", lambda report: report["goals"]),
     "recipe": ("seconds per training step and the projected run time of a few network sizes on your data",
                "flowmap.bench_recipe", "RecipeBenchConfig", "run_recipe_bench", lambda report: report["presets"]),
 }
@@ -409,7 +421,7 @@ COMMANDS = {
     "distill": (cmd_distill, "distil a teacher into a flow-map student"),
     "evaluate": (cmd_evaluate, "evaluate teacher and student"),
     "export": (cmd_export, "write a servable bundle (ONNX, TensorRT)"),
-    "pipeline": (cmd_pipeline, "run the digits recipe end to end"),
+    "pipeline": (cmd_pipeline, "run a recipe end to end (digits, shapes)"),
     "serve": (cmd_serve, "serve a bundle over HTTP (API, /ui demo, /metrics)"),
     "demo": (cmd_demo, "the Gradio demo against a running server"),
     "bench": (cmd_bench, "measure and write reports under docs/"),

@@ -48,14 +48,7 @@ def run_pipeline(recipe: Recipe, runs: str | Path, docs: str | Path, bundle: str
     """
     runs, docs = Path(runs), Path(docs)
     data = load_dataset(recipe.data)
-    stages: dict[str, float] = {}
-
-    def stage(name, fn):
-        tick = time.perf_counter()
-        print(f"[pipeline] {name}", flush=True)
-        result = fn()
-        stages[name] = round(time.perf_counter() - tick, 1)
-        return result
+    stage, stages = timed_stages("pipeline")
 
     teacher_summary = stage("teacher", lambda: train_teacher(data, recipe.net, recipe.teacher, recipe.teacher_train,
                                                              runs / "teacher", progress))
@@ -84,17 +77,35 @@ def run_pipeline(recipe: Recipe, runs: str | Path, docs: str | Path, bundle: str
     return report
 
 
+def timed_stages(tag: str):
+    """(stage, seconds): `stage(name, fn)` announces the stage, runs fn and keeps its seconds by name."""
+    seconds: dict[str, float] = {}
+
+    def stage(name, fn):
+        tick = time.perf_counter()
+        print(f"[{tag}] {name}", flush=True)
+        result = fn()
+        seconds[name] = round(time.perf_counter() - tick, 1)
+        return result
+
+    return stage, seconds
+
+
+def stage_table(report: dict) -> str:
+    """The markdown table of a pipeline report's stage seconds and total."""
+    rows = "\n".join(f"| {name} | {seconds:.1f} |" for name, seconds in report["stage_seconds"].items())
+    return (f"| stage | seconds |\n|---|---:|\n{rows}\n| **total** | **{report['total_minutes']:.2f} min** |\n\n")
+
+
 def write_pipeline_report(report: dict, docs: str | Path) -> None:
     docs = Path(docs)
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "pipeline.json").write_text(json.dumps(report, indent=2))
-    stage_rows = "\n".join(f"| {name} | {seconds:.1f} |" for name, seconds in report["stage_seconds"].items())
     text = (
         "# The digits pipeline\n\n"
         "Written by `flowmap pipeline` (`make models`) on the machine it ran on "
         f"({report['torch_threads']} torch threads).\n\n"
-        "| stage | seconds |\n|---|---:|\n" + stage_rows
-        + f"\n| **total** | **{report['total_minutes']:.2f} min** |\n\n"
+        + stage_table(report) +
         f"Verifier held-out accuracy: {report['verifier']['val_accuracy']:.4f}. "
         f"Student: {report['recipe']['method']}, {report['student']['step']} steps, "
         f"{report['student']['sec_per_step']} s/step.\n\n"

@@ -143,6 +143,12 @@ MUTANTS = [
            'return scheme.lower() == "bearer" and bool(token) and matched',
            'return scheme.lower() == "bearer" and bool(token)',
            ("tests/test_server.py::test_api_keys",)),
+    Mutant("search bench: a guided teacher step counted as one evaluation", "flowmap/bench_search.py",
+           "cost = config.teacher_steps * (1 if task.guidance_scale == 1.0 else 2)", "cost = config.teacher_steps",
+           ("tests/test_text_teacher.py::test_the_search_bench_counts_network_evaluations_honestly",)),
+    Mutant("search bench: the teacher finish not charged to (c)", "flowmap/bench_search.py",
+           "n = (m - 1) * cost", "n = m * cost",
+           ("tests/test_text_teacher.py::test_the_search_bench_counts_network_evaluations_honestly",)),
 ]
 
 

@@ -197,7 +197,8 @@ async def search(body: SearchRequest, request: Request):
         "model": svc.bundle.name, **({"prompt": body.prompt} if text else {"label": label}),
         "guidance": guidance_scale, "chosen_seeds": chosen_seeds,
         "images": state.encoded, "output_format": body.output_format, "final_scores": [float(s) for s in state.scores],
-        "candidates": [{"seed": s, "score": c} for s, c in zip(seeds, state.candidate_scores, strict=True)],
+        "candidates": sorted(({"seed": s, "score": c} for s, c in zip(seeds, state.candidate_scores, strict=True)),
+                             key=lambda candidate: -candidate["score"]),  # best first
         "stages": [t.as_dict() for t in timings], "total_nfe": sum(t.nfe for t in timings),
         "seconds": round(time.perf_counter() - tick, 6)}
     if body.return_noise:

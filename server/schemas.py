@@ -125,7 +125,7 @@ class SearchResponse(BaseModel):
     images: list[str]
     output_format: str
     final_scores: list[float]
-    candidates: list[Candidate]
+    candidates: list[Candidate] = Field(description="every candidate's seed and verifier score, best first")
     noise: list[str] | None = None
     stages: list[dict]
     total_nfe: int

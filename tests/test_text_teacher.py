@@ -2,6 +2,8 @@
 captions by our trainer, a FreeFlow student of it, a pixel-space text bundle with the CLIP as its
 verifier, and a search over HTTP by prompt."""
 
+import base64
+import io
 import json
 
 import httpx
@@ -9,30 +11,36 @@ import numpy as np
 import pytest
 import torch
 
+from server.noise import noise_for
+
 from serving import Server
 
 pytest.importorskip("transformers")
 
 
+def tiny_recipe():
+    from distill.clip import ClipConfig
+    from distill.freeflow import FreeFlowConfig
+    from distill.oracle import OracleConfig
+    from distill.text_teacher import ShapesTeacherConfig
+    from distill.trainer import TrainConfig
+    from flowmap.shapes_recipe import ShapesRecipe
+
+    quick = TrainConfig(steps=4, batch_size=8, lr=1e-3, log_every=2, checkpoint_every=4)
+    return ShapesRecipe(clip=ClipConfig(width=32, layers=1, heads=2, steps=20, batch_size=32),
+                        oracle=OracleConfig(width=8, steps=5, batch_size=16),
+                        teacher=ShapesTeacherConfig(width=32, heads=2, layers=1), teacher_train=quick,
+                        method_config=FreeFlowConfig(guidance_max=3.0), distill_train=quick, train_prompts=32,
+                        guidance_scale=2.0)
+
+
 @pytest.fixture(scope="module")
 def shapes_bundle(tmp_path_factory):
-    from distill.clip import ClipConfig, save_clip, train_clip
-    from distill.freeflow import FreeFlowConfig
-    from distill.pipeline import distill_student
-    from distill.text_teacher import ShapesTeacherConfig, train_shapes_teacher
-    from distill.trainer import TrainConfig
-    from export.writer import export_bundle
+    """The shapes recipe of `make models` at toy sizes: runs/, docs/ and the bundle."""
+    from flowmap.shapes_recipe import run_shapes_pipeline
 
     root = tmp_path_factory.mktemp("shapes")
-    clip, tokenizer = train_clip(ClipConfig(width=32, layers=1, heads=2, steps=20, batch_size=32), progress=False)
-    clip_folder = save_clip(clip, tokenizer, root / "clip")
-    quick = TrainConfig(steps=4, batch_size=8, lr=1e-3, log_every=2, checkpoint_every=4)
-    pipeline = train_shapes_teacher(clip, tokenizer, root / "teacher", ShapesTeacherConfig(width=32, heads=2, layers=1),
-                                    quick, progress=False)
-    distill_student("freeflow", f"diffusers:{pipeline}", FreeFlowConfig(), quick, root / "student", progress=False,
-                    prompts=["a small red circle", "a large blue square above a small green triangle"])
-    export_bundle(root / "student", f"diffusers:{pipeline}", f"clip:{clip_folder}", root / "bundle", (1.0, 2.0),
-                  teacher_guidance_scale=2.0, progress=False)
+    run_shapes_pipeline(tiny_recipe(), root, root / "docs", root / "bundle", progress=False)
     return root
 
 
@@ -64,5 +72,50 @@ def test_a_pixel_space_text_bundle_searches_by_prompt(shapes_bundle):
     finally:
         server.stop()
     scores = [c["score"] for c in found["candidates"]]
-    assert found["chosen_seeds"] == [found["candidates"][int(np.argmax(scores))]["seed"]]
+    assert scores == sorted(scores, reverse=True) and len(scores) == 6  # best first
+    assert found["chosen_seeds"] == [found["candidates"][0]["seed"]]
     assert again["candidates"] == found["candidates"]  # the chosen noise follows from its seed
+    noise = np.load(io.BytesIO(base64.b64decode(found["noise"][0])))
+    np.testing.assert_array_equal(noise, noise_for(found["chosen_seeds"], (3, 32, 32))[0])
+
+
+def test_the_recipe_reports_its_stages_and_its_oracle(shapes_bundle):
+    report = json.loads((shapes_bundle / "docs" / "shapes_pipeline.json").read_text())
+    assert list(report["stage_seconds"]) == ["clip", "oracle", "teacher", "distill", "export"]
+    assert set(report["oracle"]["test"]) == {"count", "colour", "shape", "spatial"}
+    assert (shapes_bundle / "docs" / "shapes_pipeline.md").read_text().startswith("# The shapes pipeline")
+    assert report["student"]["step"] == 4
+
+
+def test_the_search_bench_counts_network_evaluations_honestly(shapes_bundle, tmp_path):
+    from flowmap.bench_search import SearchBenchConfig, run_search_bench
+
+    config = SearchBenchConfig(shapes_runs=str(shapes_bundle), tasks=("shapes",), prompts=3, seeds=2, teacher_steps=2,
+                               budgets=(1, 2, 4), shapes_guidance_scale=2.0, fd_samples=24, bootstrap=20,
+                               out=str(tmp_path / "search"))
+    task = run_search_bench(config)["tasks"][0]
+    rows = {(r["method"], r["budget"]): r for r in task["results"]}
+    assert task["teacher_sample_nfe"] == 4  # 2 steps, each a conditional and an unconditional pass
+    assert rows[("a", 1)]["nfe"] == 4 and rows[("b", 4)]["nfe"] == 16 and rows[("b", 4)]["verifier_calls"] == 4
+    assert rows[("c", 4)]["nfe"] == 16 and rows[("c", 4)]["verifier_calls"] == 12  # 12 student jumps + 4
+    assert rows[("d", 1 / 4)]["nfe"] == 1 and rows[("d", 4)]["verifier_calls"] == 16
+    assert rows[("b", 2)]["overall_gain"]["mean"] == pytest.approx(
+        rows[("b", 2)]["overall"]["mean"] - rows[("a", 1)]["overall"]["mean"])
+    for row in task["results"]:
+        assert 0 <= row["overall"]["lo"] <= row["overall"]["hi"] <= 1
+    assert task["notes"]["fd"]["ratio"] > 0 and -1 <= task["noise_transfer"]["spearman"]["mean"] <= 1
+    assert (tmp_path / "search.md").is_file() and (tmp_path / "search.png").is_file()
+
+
+def test_rank_correlation_and_intervals():
+    from flowmap.bench_search import interval, spearman
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=12)
+    assert spearman(a, 3 * a + 1) == pytest.approx(1) and spearman(a, -a) == pytest.approx(-1)
+    groups = np.repeat(np.arange(6), 2)
+    draws = [rng.integers(0, 6, 6) for _ in range(200)]
+    constant = interval(np.full(12, 0.25), groups, draws)
+    assert constant == {"mean": 0.25, "lo": 0.25, "hi": 0.25}
+    spread = interval(groups.astype(float), groups, draws)
+    assert spread["lo"] < spread["mean"] == 2.5 < spread["hi"]
