@@ -127,7 +127,7 @@ def run_task(task: Task, config: SearchBenchConfig) -> dict:
     missing = [(u, j) for u, j in wanted if j >= most_teacher]
     for start in range(0, len(missing), config.batch_size):
         chunk = missing[start:start + config.batch_size]
-        noise = torch.stack([unit_noise(u, j + 1, task.shape)[j] for u, j in chunk])
+        noise = torch.stack([unit_noise(u, most_student, task.shape)[j] for u, j in chunk])
         prompt = np.array([units[u][0] for u, _ in chunk])
         for (u, j), row in zip(chunk, judged_rows(task, teacher_images(task, noise, prompt, config), prompt),
                                strict=True):
@@ -373,7 +373,8 @@ def to_markdown(report: dict, plot_name: str) -> str:
     for task in report["tasks"]:
         categories = task["categories"]
         lines += [f"## {task['name']}", "",
-                  f"{task['prompts']} held-out prompts x {task['seeds']} seeds = {task['units']} searches; guidance "
+                  f"{task['prompts']} {'held-out prompts' if 'spatial' in categories else 'classes'} x "
+                  f"{task['seeds']} seeds = {task['units']} searches; guidance "
                   f"{task['guidance_scale']:g}; one teacher sample = {task['teacher_sample_nfe']} NFE.", "",
                   "| method | NFE | verifier calls | overall | " + " | ".join(categories) + " | overall gain on (a) |",
                   "|---|---:|---:|---|" + "---|" * len(categories) + "---|"]

@@ -1,6 +1,7 @@
 """Regenerate the README's result tables from the files the pipeline and the benchmarks wrote, so no
 figure in the README is typed by hand: models/digits/manifest.json, docs/pipeline.json,
-docs/distillation.json, docs/fsf_dmd_study.json, docs/serving.json, docs/overload.json and docs/recipe.json,
+docs/distillation.json, docs/fsf_dmd_study.json, docs/serving.json, docs/overload.json, docs/recipe.json,
+docs/stages.json and docs/search.json,
 and the settings table from server/settings.py. Blocks sit between `<!-- begin:NAME -->` and
 `<!-- end:NAME -->` markers."""
 
@@ -173,6 +174,46 @@ def stages_block(root: Path) -> str:
     return "\n".join(lines)
 
 
+def search_block(root: Path) -> str:
+    from flowmap.bench_search import cell
+
+    report = _load(root / "docs" / "search.json")
+    if report is None:
+        return "_No search benchmark yet: run `make bench-search`._"
+    lines = ["Measured by `flowmap bench search` (from [docs/search.md](docs/search.md), which has every budget, "
+             "each category and the plot); oracle accuracy, mean [95% interval over prompts]:"]
+    for task in report["tasks"]:
+        largest = max(r["budget"] for r in task["results"])
+        picked = [r for r in task["results"] if r["method"] == "a" or r["budget"] == largest
+                  or (r["method"] == "d" and r["nfe"] == 1)]
+        spatial = "spatial" in task["categories"]
+        lines += ["", f"**{task['name']}**, guidance {task['guidance_scale']:g}, {task['units']} searches "
+                  f"({task['prompts']} {'held-out prompts' if spatial else 'classes'}):", "",
+                  "| method | NFE | verifier calls | accuracy | " + ("spatial | " if spatial else "")
+                  + "gain over (a) |",
+                  "|---|---:|---:|---|" + ("---|" if spatial else "") + "---|"]
+        for r in picked:
+            lines.append(f"| ({r['method']}) {r['label']} | {r['nfe']:g} | {r['verifier_calls']} | "
+                         f"{cell(r['overall'])} | "
+                         + (f"{cell(r['spatial'])} | " if spatial else "") + f"{cell(r['overall_gain'])} |")
+        transfer = cell(task["noise_transfer"]["spearman"])
+        extras = [f"noise transfer (Spearman, student vs teacher score of a noise) {transfer}"]
+        if "fd" in task["notes"]:
+            fd = task["notes"]["fd"]
+            extras.append(f"1-NFE student FD {fd['student_1nfe']:.2f} against the teacher's {fd['teacher']:.2f} "
+                          f"({fd['ratio']:.2f}x)")
+        lines += ["", "; ".join(extras) + "."]
+    lines += ["", "| goal | met |", "|---|---|", *(f"| {goal} | {'yes' if met else '**no**'} |"
+                                                 for goal, met in report["goals"].items())]
+    pipeline = _load(root / "docs" / "shapes_pipeline.json")
+    if pipeline:
+        stages = ", ".join(f"{k} {v / 60:.1f} min" for k, v in pipeline["stage_seconds"].items())
+        lines += ["", f"The shapes models took {pipeline['total_minutes']:.1f} minutes to train and export on this "
+                      f"machine's {pipeline['torch_threads']} CPU threads ({stages}; "
+                      "[docs/shapes_pipeline.md](docs/shapes_pipeline.md))."]
+    return "\n".join(lines)
+
+
 def settings_block(root: Path) -> str:
     from server.settings import Settings
 
@@ -187,7 +228,7 @@ def settings_block(root: Path) -> str:
 
 BLOCKS = {"distill-results": distill_block, "methods-results": methods_block, "serving-results": serving_block,
           "overload-results": overload_block, "recipe-results": recipe_block, "stages-results": stages_block,
-          "settings": settings_block}
+          "search-results": search_block, "settings": settings_block}
 
 
 def update_readme(root: str | Path = ".") -> bool:

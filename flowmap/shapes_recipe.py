@@ -36,7 +36,7 @@ class ShapesRecipe:
     method_config: FreeFlowConfig = field(default_factory=lambda: FreeFlowConfig(
         guidance_min=1.0, guidance_max=GUIDANCE_SCALE + 1.0))
     distill_train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=2000, batch_size=48, lr=2e-4, ema_decay=0.999, checkpoint_every=500, log_every=100))
+        steps=2500, batch_size=48, lr=2e-4, ema_decay=0.999, checkpoint_every=500, log_every=100))
     train_prompts: int = 2048  # captions of this many training scenes: the student's data-free conditions
     guidance_scale: float = GUIDANCE_SCALE
 

@@ -119,3 +119,24 @@ def test_rank_correlation_and_intervals():
     assert constant == {"mean": 0.25, "lo": 0.25, "hi": 0.25}
     spread = interval(groups.astype(float), groups, draws)
     assert spread["lo"] < spread["mean"] == 2.5 < spread["hi"]
+
+
+def test_the_shipped_shapes_bundle_searches_by_prompt():
+    from pathlib import Path
+
+    from export.bundle import read_bundle
+
+    shipped = Path(__file__).resolve().parents[1] / "models" / "shapes"
+    bundle = read_bundle(shipped)
+    assert bundle.image_shape == (3, 32, 32) and bundle.text is not None and bundle.verifier is not None
+    assert bundle.provenance["method"] == "freeflow"
+    server = Server("--no-ui", bundle=shipped).wait_ready()
+    try:
+        found = httpx.post(server.url + "/v1/search", timeout=60, json={
+            "prompt": "a small green circle above a large purple triangle", "n": 16, "seed": 0,
+            "teacher_steps": 4}).json()
+    finally:
+        server.stop()
+    scores = [c["score"] for c in found["candidates"]]
+    assert scores == sorted(scores, reverse=True) and found["chosen_seeds"] == [found["candidates"][0]["seed"]]
+    assert [s["stage"] for s in found["stages"]][-2:] == ["teacher", "verifier_final"]

@@ -135,3 +135,35 @@ def test_page_renders_the_gallery_after_a_click(server):
         page.screenshot(path=str(shots / "demo-search.png"), full_page=True)
         browser.close()
     assert Path(shots / "demo-generate.png").stat().st_size > 10_000
+
+
+def test_one_page_over_two_servers(server, tiny_text_bundles):
+    """`flowmap demo --url A --url B`: digits and a text bundle on one page, a tab each, each tab calling
+    its own server (the second bundle's handlers are named after it)."""
+    import socket
+
+    import httpx
+    from gradio_client import Client
+
+    from ui.demo import build_demo
+
+    text = Server("--no-ui", bundle=tiny_text_bundles["sd3"][0]).wait_ready()
+    demo = None
+    try:
+        name = httpx.get(text.url + "/v1/models").json()["data"][0]["id"]
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        demo = build_demo([server.url, text.url])
+        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        digits, _ = client.predict("7", 2, 5, "1.5", 1, api_name="/generate")
+        prompted, info = client.predict("a red circle left of a blue square", 2, 5, "1", 1,
+                                        api_name=f"/generate_{name}")
+    finally:
+        if demo is not None:
+            demo.close()
+        text.stop()
+    assert len(digits) == 2 and len(prompted) == 2
+    assert "prompt `a red circle left of a blue square`" in info
+    assert np.asarray(Image.open(digits[0]["image"])).shape[-1] == 3 and digits[0]["caption"] == "seed 5"

@@ -8,6 +8,7 @@ exactly whom /v1 lets in."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import time
 
@@ -95,16 +96,44 @@ def size_for(model: dict) -> str:
     return f"{width * scale}x{height * scale}"
 
 
-def build_demo(url: str, api_key: str | None = None, models: dict | None = None, asks_for_key: bool = False,
-               cache_seconds: int = 300) -> gr.Blocks:
-    """The page. `models` ({kind: card} as /v1/models lists them) is fetched from `url` when not given.
+def build_demo(urls: str | list[str], api_key: str | None = None, models: dict | None = None,
+               asks_for_key: bool = False, cache_seconds: int = 300) -> gr.Blocks:
+    """The page, for one server or several (one tab a server's bundle, e.g. digits and shapes side by
+    side). `models` ({kind: card} as /v1/models lists them) is fetched from each URL when not given.
     With `asks_for_key` the page shows an API key box and forwards the visitor's key with each call.
     Images Gradio keeps on disk for the page are deleted after `cache_seconds`."""
-    client = ApiClient(url, api_key)
-    models = models or client.models()
+    urls = [urls] if isinstance(urls, str) else list(urls)
+    clients = [ApiClient(url, api_key) for url in urls]
+    cards = [models] if models and len(urls) == 1 else [client.models() for client in clients]
+    with gr.Blocks(title="flowmap-serve demo", delete_cache=(cache_seconds, cache_seconds)) as demo:
+        if len(urls) == 1:
+            gr.Markdown(f"# flowmap-serve: `{cards[0]['student']['id']}`\n" + describe(cards[0], urls[0]))
+        else:
+            gr.Markdown("# flowmap-serve: " + ", ".join(f"`{card['student']['id']}`" for card in cards))
+        key_box = gr.Textbox("", label="API key (this server requires one)", type="password", visible=asks_for_key,
+                             elem_id="api-key")
+        for index, (client, card, url) in enumerate(zip(clients, cards, urls, strict=True)):
+            # the first bundle's handlers keep the plain API names (/generate, /search)
+            suffix = "" if index == 0 else f"_{card['student']['id']}"
+            with gr.Tab(card["student"]["id"]) if len(urls) > 1 else contextlib.nullcontext():
+                if len(urls) > 1:
+                    gr.Markdown(describe(card, url))
+                model_tabs(client, card, key_box, suffix)
+    return demo
+
+
+def describe(models: dict, url: str) -> str:
+    student = models["student"]
+    scales = ", ".join(f"{s:g}" for s in student["cfg_scales"])
+    return (f"One-step {student.get('method') or 'flow-map'} student of a flow-matching teacher, served over HTTP "
+            f"from {url}. Guidance scales baked into this bundle: {scales}.")
+
+
+def model_tabs(client: ApiClient, models: dict, key_box, suffix: str) -> None:
+    """The Generate and Best-of-N tabs of one bundle, inside the page being built."""
     student, teacher = models["student"], models["teacher"]
     classes = student["classes"]
-    text = student.get("conditioning") == "text"  # a prompt box instead of the class list, and no search
+    text = student.get("conditioning") == "text"  # a prompt box instead of the class list
     scales = [f"{s:g}" for s in student["cfg_scales"]]
     size = size_for(student)
 
@@ -162,43 +191,37 @@ def build_demo(url: str, api_key: str | None = None, models: dict | None = None,
                        f"in {1000 * (time.perf_counter() - tick):.0f} ms.")
         return gallery, decode(result["images"][0]), random_image, report
 
-    with gr.Blocks(title="flowmap-serve demo", delete_cache=(cache_seconds, cache_seconds)) as demo:
-        gr.Markdown(f"# flowmap-serve: `{student['id']}`\n"
-                    f"One-step {student.get('method') or 'flow-map'} student of a flow-matching teacher, served "
-                    f"over HTTP from {url}. Guidance scales baked into this bundle: {', '.join(scales)}.")
-        key_box = gr.Textbox("", label="API key (this server requires one)", type="password", visible=asks_for_key,
-                             elem_id="api-key")
-        with gr.Tab("Generate"):
-            with gr.Row():
-                label = quiet(prompt_box() if text
-                              else gr.Dropdown(classes, value=classes[min(7, len(classes) - 1)], label="class"))
-                count = quiet(gr.Slider(1, 16, value=8, step=1, label="images"))
-                seed = quiet(gr.Number(value=0, label="seed (-1 = random)", precision=0))
-                guidance = quiet(gr.Radio(scales, value=scales[0], label="guidance scale"))
-                steps = quiet(gr.Slider(1, 8, value=1, step=1, label="student steps"))
-            run = gr.Button("Generate", variant="primary", elem_id="generate-button")
-            gallery = gr.Gallery(label="samples", columns=8, height=360, object_fit="contain", format="png",
-                                 elem_id="generate-gallery", elem_classes=["pixelated"])
-            info = gr.Markdown()
-            run.click(generate, [label, count, seed, guidance, steps, key_box], [gallery, info], api_name="generate")
-        with gr.Tab("Best-of-N", visible=student.get("search", True)):
-            with gr.Row():
-                s_label = quiet(prompt_box() if text
-                                else gr.Dropdown(classes, value=classes[min(3, len(classes) - 1)], label="class"))
-                s_candidates = quiet(gr.Slider(2, 256, value=32, step=1, label="N candidates"))
-                s_steps = quiet(gr.Slider(0, 200, value=50, step=1, label="teacher steps"))
-                s_seed = quiet(gr.Number(value=0, label="first seed (-1 = random)", precision=0))
-                s_guidance = quiet(gr.Radio(scales, value=scales[0], label="guidance scale"))
-            s_run = gr.Button("Search", variant="primary", elem_id="search-button")
-            s_gallery = gr.Gallery(label="student candidates, best first (chosen outlined)", columns=8, height=360,
-                                   object_fit="contain", format="png", elem_classes=["pixelated"])
-            with gr.Row():
-                chosen_out = gr.Image(label="teacher from the chosen noise", format="png", elem_classes=["pixelated"])
-                random_out = gr.Image(label="teacher from a random noise", format="png", elem_classes=["pixelated"])
-            s_info = gr.Markdown()
-            s_run.click(search, [s_label, s_candidates, s_steps, s_seed, s_guidance, key_box],
-                        [s_gallery, chosen_out, random_out, s_info], api_name="search")
-    return demo
+    with gr.Tab("Generate"):
+        with gr.Row():
+            label = quiet(prompt_box() if text
+                          else gr.Dropdown(classes, value=classes[min(7, len(classes) - 1)], label="class"))
+            count = quiet(gr.Slider(1, 16, value=8, step=1, label="images"))
+            seed = quiet(gr.Number(value=0, label="seed (-1 = random)", precision=0))
+            guidance = quiet(gr.Radio(scales, value=scales[0], label="guidance scale"))
+            steps = quiet(gr.Slider(1, 8, value=1, step=1, label="student steps"))
+        run = gr.Button("Generate", variant="primary", elem_id=f"generate-button{suffix}")
+        gallery = gr.Gallery(label="samples", columns=8, height=360, object_fit="contain", format="png",
+                             elem_id=f"generate-gallery{suffix}", elem_classes=["pixelated"])
+        info = gr.Markdown()
+        run.click(generate, [label, count, seed, guidance, steps, key_box], [gallery, info],
+                  api_name=f"generate{suffix}")
+    with gr.Tab("Best-of-N", visible=student.get("search", True)):
+        with gr.Row():
+            s_label = quiet(prompt_box() if text
+                            else gr.Dropdown(classes, value=classes[min(3, len(classes) - 1)], label="class"))
+            s_candidates = quiet(gr.Slider(2, 256, value=32, step=1, label="N candidates"))
+            s_steps = quiet(gr.Slider(0, 200, value=50, step=1, label="teacher steps"))
+            s_seed = quiet(gr.Number(value=0, label="first seed (-1 = random)", precision=0))
+            s_guidance = quiet(gr.Radio(scales, value=scales[0], label="guidance scale"))
+        s_run = gr.Button("Search", variant="primary", elem_id=f"search-button{suffix}")
+        s_gallery = gr.Gallery(label="student candidates, best first (chosen outlined)", columns=8, height=360,
+                               object_fit="contain", format="png", elem_classes=["pixelated"])
+        with gr.Row():
+            chosen_out = gr.Image(label="teacher from the chosen noise", format="png", elem_classes=["pixelated"])
+            random_out = gr.Image(label="teacher from a random noise", format="png", elem_classes=["pixelated"])
+        s_info = gr.Markdown()
+        s_run.click(search, [s_label, s_candidates, s_steps, s_seed, s_guidance, key_box],
+                    [s_gallery, chosen_out, random_out, s_info], api_name=f"search{suffix}")
 
 
 def mount_demo(app, settings, model_cards: list[dict]) -> None:
@@ -209,5 +232,5 @@ def mount_demo(app, settings, model_cards: list[dict]) -> None:
     gr.mount_gradio_app(app, demo, path="/ui", css=CSS, max_file_size="1mb")
 
 
-def launch(url: str, host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None) -> None:
-    build_demo(url, api_key).launch(server_name=host, server_port=port, css=CSS)
+def launch(urls: str | list[str], host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None) -> None:
+    build_demo(urls, api_key).launch(server_name=host, server_port=port, css=CSS)
