@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SERVE_STAMP := $(VENV)/.installed-serve
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint mutants models bench bench-recipe bench-stages bench-distill bench-search serve-shapes clean
+.PHONY: install serve test lint mutants models bench bench-recipe bench-stages bench-distill bench-search serve-shapes gpu-check clean
 
 # Serving needs only the core install (no torch, Ray or browsers); everything else adds the extras.
 $(SERVE_STAMP): pyproject.toml constraints.txt
@@ -79,6 +79,10 @@ bench-distill: $(STAMP)
 		          fsf-dmd-ema0.995:$(STUDY_INIT) fsf-dmd-ema0.995:fake-ema-decay=0.995 \
 		          fsf-dmd-sigma1:$(STUDY_INIT) fsf-dmd-sigma1:time-shift=1.0
 	$(PY) -m flowmap.cli readme
+
+# On a CUDA machine: the gpu-marked tests and `flowmap bench gpu` at real sizes, into gpu-check/
+gpu-check: $(STAMP)
+	PYTHON=$(PY) scripts/gpu_check.sh gpu-check
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

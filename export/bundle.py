@@ -48,6 +48,7 @@ class GraphEntry:
     sha256: str
     guidance_scale: float | None = None  # the baked guidance; the format's key is "cfg_scale"
     data: GraphEntry | None = None  # the weights of a graph over 2 GB, in a file of their own
+    program: GraphEntry | None = None  # the same graph as a torch.export program (.pt2), for the torch backend
 
     @classmethod
     def parse(cls, entry, where: str, scaled: bool) -> GraphEntry:
@@ -58,7 +59,8 @@ class GraphEntry:
             raise BundleError(f"manifest: {where}.file must be a plain name inside the bundle, got {name!r}")
         scale = float(_require(entry, "cfg_scale", where, (int, float))) if scaled else None
         data = cls.parse(entry["data"], f"{where}.data", scaled=False) if "data" in entry else None
-        return cls(name, _require(entry, "sha256", where, str), scale, data)
+        program = cls.parse(entry["program"], f"{where}.program", scaled=False) if "program" in entry else None
+        return cls(name, _require(entry, "sha256", where, str), scale, data, program)
 
     def to_json(self) -> dict:
         entry = {"file": self.file, "sha256": self.sha256}
@@ -66,6 +68,8 @@ class GraphEntry:
             entry["cfg_scale"] = self.guidance_scale
         if self.data is not None:
             entry["data"] = self.data.to_json()
+        if self.program is not None:
+            entry["program"] = self.program.to_json()
         return entry
 
 
@@ -218,6 +222,7 @@ class Graph:
     sha256: str
     guidance_scale: float | None = None
     data: Path | None = None  # its external weights (graphs over 2 GB), beside it under the name the graph holds
+    program: Path | None = None  # its torch.export program (.pt2), when the bundle was exported with them
 
 
 @dataclass(frozen=True)
@@ -325,7 +330,8 @@ def _resolve(root: Path, entry: GraphEntry, where: str, verify: bool) -> Graph:
             raise BundleError(f"bundle {root}: {entry.file} fails its sha256 check (manifest {entry.sha256[:12]}..., "
                               f"file {actual[:12]}...); the file was changed after export")
     data = _resolve(root, entry.data, f"{where}.data", verify).path if entry.data is not None else None
-    return Graph(path, entry.sha256, entry.guidance_scale, data)
+    program = _resolve(root, entry.program, f"{where}.program", verify).path if entry.program is not None else None
+    return Graph(path, entry.sha256, entry.guidance_scale, data, program)
 
 
 def read_bundle(root: str | Path, verify: bool = True) -> Bundle:

@@ -23,6 +23,7 @@ from export.onnx_export import (
     export_onnx,
     external_data_file,
 )
+from export.programs import check_program, export_program, program_file
 from export.scorer import load_clip_scorer, scorer_inputs
 from export.text import export_text, random_ids
 
@@ -53,7 +54,8 @@ def scale_tag(guidance_scale: float) -> str:
 def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str | Path | None, out: str | Path,
                   guidance_scales: tuple[float, ...] = (1.5,), teacher_guidance_scale: float | None = None,
                   name: str | None = None, metrics: dict | None = None, progress: bool = True,
-                  decoder: str | Path | None = None, external_data: bool | None = None) -> Manifest:
+                  decoder: str | Path | None = None, external_data: bool | None = None,
+                  programs: bool = False) -> Manifest:
     """Export and check all graphs into `out`, then write `manifest.json` and re-read it.
 
     `teacher_guidance_scale` defaults to the first student scale. `metrics` (an evaluation result) goes into
@@ -63,7 +65,9 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
     pass EXTERNAL_DATA_BYTES keep them in `<graph>.onnx.data` (protobuf holds 2 GB at most); `external_data`
     forces that on or off. A diffusers teacher (`diffusers:FOLDER`) makes a text bundle: its tokenizers and
     text encoders go in as the conditioning, its `vae/` (if it has one) as the decoder unless `decoder`
-    names another, and the verifier is optional (without one the bundle serves no search).
+    names another, and the verifier is optional (without one the bundle serves no search). With
+    `programs`, each graph is also saved as a torch.export program (`.pt2`, parity-checked), which the
+    torch serving backend loads.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -115,7 +119,12 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
             print(f"  exported {filename}: parity and batch invariance within tolerance", flush=True)
         data = external_data_file(path)
         data_entry = GraphEntry(data.name, sha256_of(data)) if data.is_file() else None
-        return GraphEntry(filename, sha256_of(path), guidance_scale, data_entry)
+        program = None
+        if programs:
+            program_path = export_program(graph, make(2), out / program_file(filename))
+            checks[program_path.name] = check_program(graph, program_path, make, label, **check)
+            program = GraphEntry(program_path.name, sha256_of(program_path))
+        return GraphEntry(filename, sha256_of(path), guidance_scale, data_entry, program)
 
     students = [build(StudentGraph(student, scale), f"student_w{scale_tag(scale)}.onnx",
                       f"student graph (w={scale:g})", float(scale)) for scale in guidance_scales]

@@ -42,12 +42,12 @@ def cpu_seconds(pid: int) -> float:
 
 
 class ServerProcess:
-    def __init__(self, bundle: str, port: int, *flags: str):
+    def __init__(self, bundle: str, port: int, *flags: str, ready_timeout_s: float = 120.0):
         self.url, self.port = f"http://127.0.0.1:{port}", port
         self.process = subprocess.Popen([sys.executable, "-m", "flowmap.cli", "serve", "--bundle", bundle,
                                          "--port", str(port), "--request-timeout-s", "120", *flags],
                                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        give_up = time.monotonic() + 120
+        give_up = time.monotonic() + ready_timeout_s
         while time.monotonic() < give_up:
             try:
                 if httpx.get(self.url + "/health/ready", timeout=1).status_code == 200:

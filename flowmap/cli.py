@@ -246,6 +246,9 @@ def cmd_export(argv: list[str]) -> int:
                         help="a diffusers autoencoder folder (AutoencoderKL, AutoencoderTiny or AutoencoderDC, as "
                         "save_pretrained writes it, e.g. a pipeline's vae/): the student and teacher then work on "
                         "its latents and the bundle decodes them (format 2); default for a diffusers teacher: its vae/")
+    parser.add_argument("--torch-programs", action="store_true",
+                        help="also save each graph as a torch.export program (.pt2, parity-checked) for `flowmap serve "
+                        "--backend torch` (a GPU without TensorRT or onnxruntime-gpu); it doubles the bundle's size")
     parser.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (needs a GPU)")
     parser.add_argument("--triton", default=None, metavar="DIR", help="also write a Triton model repository to DIR")
     parser.add_argument("--triton-kind", default="KIND_CPU", choices=["KIND_CPU", "KIND_GPU"])
@@ -275,7 +278,8 @@ def cmd_export(argv: list[str]) -> int:
 
         metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
         export_bundle(args.student, args.teacher, args.verifier, args.out, tuple(args.guidance_scales),
-                      args.teacher_guidance_scale, args.name, metrics, decoder=args.decoder)
+                      args.teacher_guidance_scale, args.name, metrics, decoder=args.decoder,
+                      programs=args.torch_programs)
     if args.tensorrt:
         from export.tensorrt import add_tensorrt_engines
 
@@ -360,6 +364,8 @@ BENCHES = {
     "search": ("what Best-of-N noise search buys at equal NFE: teacher, teacher best-of-M, student search with and "
                "without a teacher finish, judged by an oracle", "flowmap.bench_search", "SearchBenchConfig",
                "run_search_bench", lambda report: report["goals"]),
+    "gpu": ("the torch backend on a CUDA GPU at real sizes: eager, compiled, CUDA graphs, fp32/bf16, MFU, nvJPEG, "
+            "served", "flowmap.bench_gpu", "GpuBenchConfig", "run_gpu_bench", lambda report: report["goals"]),
     "recipe": ("seconds per training step and the projected run time of a few network sizes on your data",
                "flowmap.bench_recipe", "RecipeBenchConfig", "run_recipe_bench", lambda report: report["presets"]),
 }
@@ -394,17 +400,20 @@ def cmd_readme(argv: list[str]) -> int:
 def cmd_demo(argv: list[str]) -> int:
     parser = argparse.ArgumentParser("flowmap demo", description="The Gradio demo, standalone, against any "
                                      "flowmap server's HTTP API (`flowmap serve` also mounts it at /ui).")
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
+    parser.add_argument("--url", action="append", default=None,
+                        help="a server's base URL (default http://127.0.0.1:8000); repeat it for one page over several "
+                        "servers, e.g. digits on :8000 and shapes on :8001, one tab each")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--api-key", default=None, help="bearer token, if the server requires one")
     args = parser.parse_args(argv)
     from ui.demo import launch
 
+    urls = args.url or ["http://127.0.0.1:8000"]
     try:
-        launch(args.url, args.host, args.port, args.api_key)
+        launch(urls, args.host, args.port, args.api_key)
     except httpx_errors() as err:
-        print(f"flowmap demo: cannot reach {args.url}: {err}", file=sys.stderr)
+        print(f"flowmap demo: cannot reach {' or '.join(urls)}: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -20,7 +20,7 @@ from server.admission import Admission, Overloaded, RequestTooLarge
 from server.batcher import DeadlineExceeded, DynamicBatcher, EngineFailure
 from server.door import Door
 from server.encoding import Encoder
-from server.engines import build_engines
+from server.engines import batch_size, build_engines
 from server.errors import error_for
 from server.fast_path import FastPath
 from server.http_metrics import HttpMetrics
@@ -95,12 +95,14 @@ def create_app(settings: Settings | None = None, mount_ui: bool | None = None, r
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engines = build_engines(bundle, settings, remote_engines() if remote_engines else None)
-        service.batchers = {name: DynamicBatcher(engine, settings.decoder_max_batch_size if name == "decoder"
-                                                 else settings.max_batch_size, settings.max_queue_delay_ms,
-                                                 service.metrics)
+        # a torch program may run fewer rows than the setting (export/programs.py): its `max_rows`
+        service.batchers = {name: DynamicBatcher(engine, min(batch_size(name, settings),
+                                                             getattr(engine, "max_rows", batch_size(name, settings))),
+                                                 settings.max_queue_delay_ms, service.metrics)
                             for name, engine in engines.items()}
         service.admission = Admission.for_batchers(service.batchers, settings, service.metrics)
-        service.encoder = Encoder(settings.encode_workers)
+        on_gpu = settings.backend == "torch" and settings.device.startswith("cuda")
+        service.encoder = Encoder(settings.encode_workers, settings.device if on_gpu else None)
         for batcher in service.batchers.values():
             batcher.start()
         warming = asyncio.create_task(warm_up_or_stop(service, app.state.stop))

@@ -8,7 +8,8 @@ about 10% more bytes); for PNG our own writer up to 128x128 (three times Pillow'
 small images class bundles serve) and Pillow at compression level 1 above (as fast as ours there, and
 smaller). Large requests are encoded in a bounded thread pool, since those encoders release the GIL;
 small ones inline, where the hop to a thread would cost more than the encoding. A format's bytes
-depend only on the pixels and the settings: the same seed gives the same bytes in any batch.
+depend only on the pixels and the settings: the same seed gives the same bytes in any batch. On the
+torch backend on CUDA, JPEG goes to the GPU instead (server/gpu_jpeg.py: one nvJPEG call a request).
 """
 
 from __future__ import annotations
@@ -76,15 +77,27 @@ class Encoder:
     """A bounded pool of encoding threads: a request's images are encoded in one job, at most
     `workers` jobs at a time (the rest wait their turn), so the event loop never waits on an encoder."""
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, jpeg_device: str | None = None):
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="encode")
         self.slots = asyncio.Semaphore(workers)
+        # the torch backend on CUDA: JPEG in one batched nvJPEG call per request (server/gpu_jpeg.py)
+        self.gpu_jpeg = None
+        if jpeg_device is not None:
+            from server.gpu_jpeg import CudaJpeg
+
+            self.gpu_jpeg = CudaJpeg(jpeg_device)
+
+    def _encode(self, images: np.ndarray, output: OutputFormat) -> list[str]:
+        if self.gpu_jpeg is not None and output.format == "jpeg":
+            return [base64.b64encode(data).decode()
+                    for data in self.gpu_jpeg.encode(images, output.compression, output.upscale)]
+        return encode_b64(images, output)
 
     async def encode(self, images: np.ndarray, output: OutputFormat) -> list[str]:
-        if images[0, 0].size * output.upscale ** 2 * len(images) <= INLINE_MAX_PIXELS:
+        if images[0, 0].size * output.upscale ** 2 * len(images) <= INLINE_MAX_PIXELS and self.gpu_jpeg is None:
             return encode_b64(images, output)
         async with self.slots:
-            return await asyncio.get_running_loop().run_in_executor(self.pool, encode_b64, images, output)
+            return await asyncio.get_running_loop().run_in_executor(self.pool, self._encode, images, output)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

@@ -1,5 +1,6 @@
 """Engines: one interface, `run(feeds) -> array`, over onnxruntime (CPU, CUDA or TensorRT execution
-providers), native TensorRT engines, and torch for development."""
+providers), native TensorRT engines, and torch: the bundle's torch.export programs (server/torch_engine.py),
+or, for development, graphs rebuilt from digits-style run directories."""
 
 from __future__ import annotations
 
@@ -147,14 +148,39 @@ def _torch_engines(bundle: Bundle, settings) -> dict[str, Engine]:
     return engines
 
 
+def _graphs(bundle: Bundle) -> dict[str, Graph]:
+    """Engine name -> graph, for every graph the bundle serves."""
+    graphs = {student_engine(g.guidance_scale): g for g in bundle.students}
+    graphs["teacher"] = bundle.teacher
+    optional = {"verifier": bundle.verifier, "text_encoder": bundle.text.encoder if bundle.text else None,
+                "decoder": bundle.decoder}
+    return {**graphs, **{name: graph for name, graph in optional.items() if graph is not None}}
+
+
+def _program_engines(graphs: dict[str, Graph], bundle: Bundle, settings) -> dict[str, Engine]:
+    from server.torch_engine import TorchProgramEngine
+
+    options = settings.torch_options()
+    return {name: TorchProgramEngine(graph.program, name, batch_size(name, settings), options)
+            for name, graph in graphs.items()}
+
+
+def batch_size(engine: str, settings) -> int:
+    """Rows per run of an engine: the decoder has its own limit (it costs far more per row)."""
+    return settings.decoder_max_batch_size if engine == "decoder" else settings.max_batch_size
+
+
 def build_engines(bundle: Bundle, settings, remote: dict[str, Engine] | None = None) -> dict[str, Engine]:
     """One engine per graph: `student@<w>` for each baked scale, `teacher`, and `verifier`, `decoder`
     and `text_encoder` when the bundle has them. `remote` replaces engines by ones that run elsewhere (a
     Ray deployment)."""
     if settings.backend == "torch":
+        graphs = _graphs(bundle)
+        if all(graph.program is not None for graph in graphs.values()):
+            return {**_program_engines(graphs, bundle, settings), **(remote or {})}
         if bundle.text is not None or bundle.decoder is not None:
-            raise RuntimeError("the torch backend serves digits-style run directories only; serve this bundle "
-                               "with --backend onnxruntime")
+            raise RuntimeError("the torch backend needs the bundle's torch.export programs: export it with "
+                               "`flowmap export --torch-programs`, or serve it with --backend onnxruntime")
         return _torch_engines(bundle, settings)
     remote = remote or {}
     engines = {student_engine(g.guidance_scale): _engine_for(g, student_engine(g.guidance_scale), bundle, settings)

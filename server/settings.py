@@ -15,10 +15,17 @@ class Settings(BaseSettings):
     bundle: str = Field("models/digits", description="the bundle folder to serve (manifest.json and graphs)")
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for every interface)")
     port: int = Field(8000, ge=1, le=65535, description="port to listen on")
-    backend: str = Field("onnxruntime", description="onnxruntime, tensorrt (native engines) or torch (development)")
+    backend: str = Field("onnxruntime", description="onnxruntime, tensorrt (native engines) or torch (the bundle's "
+                         "torch.export programs, `flowmap export --torch-programs`)")
     providers: str = Field("cpu", description="onnxruntime providers: cpu, cuda or tensorrt")
     trt_cache_dir: str = Field("models/.ort_trt_cache", description="engine cache of the TensorRT provider")
-    cuda_graphs: bool = Field(False, description="tensorrt backend: replay each batch size as a CUDA graph")
+    cuda_graphs: bool = Field(False, description="tensorrt and torch backends: replay each batch size as a CUDA graph")
+    device: str = Field("cpu", description="torch backend: cpu or cuda[:N]")
+    torch_dtype: str = Field("float32", description="torch backend: float32, bfloat16 or float16 (autocast, checked "
+                             "against float32 at start)")
+    torch_compile: bool = Field(False, description="torch backend: torch.compile every batch bucket at start")
+    torch_parity_tolerance: float = Field(0.05, gt=0, description="torch backend: largest error of bfloat16/float16 "
+                                          "against float32, relative to the output's largest value")
     intra_op_threads: int = Field(0, ge=0, description="threads per engine run; 0 = onnxruntime's default")
     max_batch_size: int = Field(64, ge=1, le=4096, description="rows per engine run, 1..4096")
     decoder_max_batch_size: int = Field(8, ge=1, le=4096, description="rows per run of the VAE decoder (format 2 "
@@ -70,6 +77,19 @@ class Settings(BaseSettings):
         if value not in ("onnxruntime", "tensorrt", "torch"):
             raise ValueError("backend must be onnxruntime, tensorrt or torch")
         return value
+
+    @model_validator(mode="after")
+    def _torch_options(self):
+        if self.backend == "torch":
+            self.torch_options()  # a bad dtype, device or CUDA graphs on a CPU fails here, naming the flag
+        return self
+
+    def torch_options(self):
+        """The torch backend's options; torch itself is imported only by the engine."""
+        from server.torch_engine import TorchOptions
+
+        return TorchOptions(self.device, self.torch_dtype, self.torch_compile, self.cuda_graphs,
+                            self.torch_parity_tolerance)
 
     @field_validator("providers")
     @classmethod

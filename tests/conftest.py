@@ -24,6 +24,28 @@ def toy_teacher(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_digits_runs(tmp_path_factory):
+    """teacher/, verifier/ and freeflow/ of a tiny digits MLP, three steps each (ema 0: the live weights,
+    so three steps really move the student's zero-initialised s and w embeddings)."""
+    from distill.data import load_digits
+    from distill.freeflow import FreeFlowConfig
+    from distill.nets import NetConfig
+    from distill.pipeline import distill_student, train_teacher, train_verifier
+    from distill.teacher import TeacherConfig
+    from distill.trainer import TrainConfig
+    from distill.verifier import VerifierConfig
+
+    root = tmp_path_factory.mktemp("runs")
+    data = load_digits()
+    quick = TrainConfig(steps=3, batch_size=16, lr=1e-2, ema_decay=0.0)
+    train_teacher(data, NetConfig(arch="mlp", width=32, depth=1, mlp_ratio=2.0), TeacherConfig(), quick,
+                  root / "teacher", progress=False)
+    train_verifier(data, VerifierConfig(width=8, feature_dim=16), quick, root / "verifier", progress=False)
+    distill_student("freeflow", str(root / "teacher"), FreeFlowConfig(), quick, root / "freeflow", progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
 def tiny_latent(tmp_path_factory):
     """(bundle, runs, VAE folders) of a tiny latent bundle (format 2, with a decoder), built once."""
     pytest.importorskip("diffusers", reason="diffusers is not installed (the train extra)")

@@ -11,22 +11,27 @@ from export.bundle import read_bundle
 from serving import BUNDLE, Server
 
 
-def _gpu_stack():
-    try:
-        import tensorrt  # noqa: F401
+def _missing() -> str | None:
+    """What this machine lacks for the TensorRT path, or None."""
+    import importlib.util
 
+    absent = [name for name, module in (("tensorrt", "tensorrt"), ("cuda-python", "cuda")) if
+              importlib.util.find_spec(module) is None]
+    if absent:
+        return f"{' and '.join(absent)} not installed (the gpu extra: pip install .[gpu])"
+    try:
         from export.trt_runtime import import_tensorrt
 
         _, cudart = import_tensorrt()
         error, count = cudart.cudaGetDeviceCount()
-        return int(error) == 0 and count > 0
-    except Exception:
-        return False
+    except Exception as err:
+        return f"TensorRT does not load: {type(err).__name__}: {err}"
+    return None if int(error) == 0 and count > 0 else "cuda-python finds no CUDA device"
 
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not _gpu_stack(), reason="needs an NVIDIA GPU with tensorrt and cuda-python (the gpu extra)"),
+    pytest.mark.skipif(_missing() is not None, reason=f"TensorRT path: {_missing()}"),
     pytest.mark.skipif(not (BUNDLE / "manifest.json").is_file(), reason=f"no bundle at {BUNDLE}"),
 ]
 

@@ -14,9 +14,9 @@ MAY_IMPORT = {
     "ui": set(),  # the demo reaches the server over HTTP only
     "flowmap": {"distill", "export", "server", "ui"},
 }
-# The torch engine builds graphs from run directories: the one place in server/ that may reach
-# distill/ and export's torch modules, and only inside its functions.
-LAZY_EXCEPTIONS = {"server/engines.py": {"distill", "export"}}
+# The torch engines (graphs rebuilt from run directories; .pt2 programs): the places in server/ that
+# may reach distill/ and export's torch modules, and only inside their functions.
+LAZY_EXCEPTIONS = {"server/engines.py": {"distill", "export"}, "server/torch_engine.py": {"export"}}
 TORCH_FREE_EXPORT = {"export.bundle"}
 
 

@@ -15,12 +15,13 @@ def test_generated_blocks_match_the_committed_reports():
         assert match, f"README.md has no generated block {name!r}"
         assert match.group(1) == expected, f"README block {name!r} is stale: run `flowmap readme`"
     assert set(BLOCKS) == {"distill-results", "methods-results", "serving-results", "overload-results",
-                           "recipe-results", "stages-results", "settings"}
+                           "recipe-results", "stages-results", "search-results", "settings"}
 
 
 def test_readme_names_the_quick_start_commands():
     readme = (ROOT / "README.md").read_text()
-    for needle in ("make serve", "make test", "curl ", "/v1/images/generations", "Deploy on a GPU", "torchrun"):
+    for needle in ("make serve", "make test", "curl ", "/v1/images/generations", "Deploy on a GPU", "torchrun",
+                   "scripts/gpu_check.sh", "make serve-shapes", "flowmap bench search"):
         assert needle in readme, needle
 
 

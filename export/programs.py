@@ -1,0 +1,68 @@
+"""Graphs as `torch.export` programs (`.pt2`), beside their ONNX files: what the torch serving backend
+loads on a GPU where neither TensorRT nor onnxruntime-gpu can be installed. The program is the same
+graph module the ONNX file came from, with the same input names and a dynamic batch axis, and it is
+parity-checked against that module like every graph."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from export.onnx_export import PARITY_BATCHES, PARITY_TOLERANCE, ExportError
+
+
+def program_file(onnx_file: str) -> str:
+    """`student_w1.5.onnx` -> `student_w1.5.pt2`."""
+    return str(Path(onnx_file).with_suffix(".pt2"))
+
+
+def export_program(graph: nn.Module, inputs: dict[str, torch.Tensor], path: str | Path) -> Path:
+    """torch.export with a dynamic batch axis on every input, saved as a .pt2 archive.
+
+    Some models branch on the batch size (diffusers' Upsample2D makes its input contiguous from 64 rows
+    up), which a dynamic axis cannot follow: a draft export finds the range the traced branch holds for,
+    and the program is exported over that range (the torch engine then batches within it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    args = tuple(inputs.values())
+
+    def export(batch):
+        return torch.export.export(graph.eval(), args, dynamic_shapes={name: {0: batch} for name in graph.input_names})
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            program = export(torch.export.Dim("batch", min=1, max=65536))
+        except (torch.fx.experimental.symbolic_shapes.ConstraintViolationError, torch._dynamo.exc.UserError):
+            draft = torch.export.draft_export(graph.eval(), args, dynamic_shapes={
+                name: {0: torch.export.Dim("batch", min=1, max=65536)} for name in graph.input_names})
+            program = export(torch.export.Dim("batch", min=1, max=batch_limit(draft)))
+    torch.export.save(program, str(path))
+    return path
+
+
+def batch_limit(program) -> int:
+    """The most rows a program runs (65536 when its batch axis is unbounded)."""
+    uppers = [value.upper for value in program.range_constraints.values()]
+    return int(min([65536, *(upper for upper in uppers if upper != float("inf") and int(upper) < 65536)]))
+
+
+def check_program(graph: nn.Module, path: str | Path, make_inputs: Callable[[int], dict[str, torch.Tensor]],
+                  label: str, batches=PARITY_BATCHES, tolerance: float = PARITY_TOLERANCE) -> dict:
+    """The saved program, loaded back, against the module it came from at each batch size."""
+    module = torch.export.load(str(path)).module()
+    errors = {}
+    with torch.no_grad():
+        for batch in batches:
+            inputs = make_inputs(batch)
+            error = float(np.abs(graph(*inputs.values()).numpy() - module(*inputs.values()).numpy()).max())
+            errors[f"program_max_abs_err_b{batch}"] = error
+            if not error <= tolerance:
+                raise ExportError(f"{label} ({Path(path).name}): the torch.export program differs from torch at "
+                                  f"batch {batch}: max abs error {error:.3g} > {tolerance:g}")
+    return errors

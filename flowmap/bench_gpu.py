@@ -1,0 +1,421 @@
+"""`flowmap bench gpu`: the torch serving backend at real sizes on a CUDA GPU, random weights.
+
+Models: a SiT-XL/2-shape denoiser on 4x32x32 latents and the SD-VAE decoder (256 px), and a SANA-like
+1024 px denoiser (SANA-600M's shape on 32x32x32 DC-AE latents, 300 text tokens). Each is exported to a
+torch.export program and run through the serving engine itself (server/torch_engine.py: numpy in,
+numpy out, host copies included) at each batch size: eager float32, eager bfloat16, compiled and
+compiled with CUDA graphs. Beside them: the card's measured bf16 matmul peak, each denoiser's MFU
+against it, JPEG on the GPU (nvJPEG) against the CPU encoder, and a latent bundle served over HTTP
+with the batcher against the limit its stage costs allow. `--scale tiny --device cpu` runs the same
+code on toy sizes (CI does). Writes docs/gpu.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from flowmap.reports import pyplot, save_figure, write_report
+
+# public figures printed beside ours (not measured here)
+ANCHORS = ("SANA-Sprint: one-step 1024 px in about 0.1 s on an H100 (Chen et al. 2025)",
+           "StreamDiffusion: SD-Turbo 512 px at 106 images/s on an RTX 4090 with TensorRT (Kodaira et al. 2023)")
+MODES = {  # name -> (dtype, compile, cuda_graphs)
+    "eager-fp32": ("float32", False, False),
+    "eager-bf16": ("bfloat16", False, False),
+    "compiled-bf16": ("bfloat16", True, False),
+    "cuda-graphs-bf16": ("bfloat16", True, True),
+}
+
+
+@dataclass
+class GpuBenchConfig:
+    device: str = "cuda"  # "cpu" runs the same code (with --scale tiny: what CI checks)
+    scale: str = "real"  # "real" sizes, or "tiny" toy shapes
+    models: tuple[str, ...] = ("sit-xl/2", "sd-vae-256", "sana-1024")
+    batches: tuple[int, ...] = (1, 8, 32, 64)
+    modes: tuple[str, ...] = tuple(MODES)
+    repeats: int = 10  # timed runs per point, after the warm-up
+    jpeg_sides: tuple[int, ...] = (256, 1024)
+    jpeg_images: int = 16
+    served_denoiser: str = "B/2"  # the SiT size of the served latent bundle (with the SD-VAE decoder)
+    served_clients: int = 64
+    served_seconds: float = 20.0
+    parts: tuple[str, ...] = ("peak", "stages", "jpeg", "served")
+    out: str = "docs/gpu"
+
+
+def synchronise(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def matmul_peak(config: GpuBenchConfig) -> dict:
+    """TFLOP/s of one large bf16 matrix product (fp32 on a CPU), mean of the timed runs."""
+    import torch
+
+    cuda = config.device.startswith("cuda")
+    side = 8192 if config.scale == "real" and cuda else 1024
+    dtype = torch.bfloat16 if cuda else torch.float32
+    a, b = (torch.randn(side, side, device=config.device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    synchronise(config.device)
+    tick = time.perf_counter()
+    for _ in range(config.repeats):
+        a @ b
+    synchronise(config.device)
+    seconds = (time.perf_counter() - tick) / config.repeats
+    return {"tflops": 2 * side ** 3 / seconds / 1e12, "side": side, "dtype": str(dtype).replace("torch.", "")}
+
+
+def model(name: str, scale: str):
+    """(graph module, inputs for batch b): the random-weight stage at its real or toy size."""
+    import torch
+
+    from export.onnx_export import TeacherGraph
+
+    tiny = scale == "tiny"
+    if name.startswith("sit"):
+        from distill.models import Teacher
+        from distill.sit import sit_config
+
+        latent = (4, 8, 8) if tiny else (4, 32, 32)
+        graph = TeacherGraph(Teacher(sit_config("S/2" if tiny else "XL/2", latent)), 1.0)
+        with torch.no_grad():  # adaLN-Zero starts at zero: random there too, or outputs (and parity) are zero
+            for parameter in graph.parameters():
+                if not parameter.any():
+                    parameter.normal_(0, 0.02)
+        return graph, lambda batch: {"x": torch.randn(batch, *latent), "t": torch.rand(batch),
+                                     "label": torch.randint(0, 1000, (batch,))}
+    if name.startswith("sd-vae"):
+        from export.decoder import DecoderGraph
+
+        side = 8 if tiny else 32
+        return DecoderGraph(sd_vae(tiny).eval()), lambda batch: {"latent": torch.randn(batch, 4, side, side)}
+    return sana_graph(tiny)
+
+
+def sd_vae(tiny: bool):
+    """Stable Diffusion's AutoencoderKL (8x: 4x32x32 latents -> 256 px), or a toy one of the same kind."""
+    import diffusers
+
+    channels = [32, 32] if tiny else [128, 256, 512, 512]
+    return diffusers.AutoencoderKL(block_out_channels=channels, layers_per_block=1 if tiny else 2,
+                                   down_block_types=["DownEncoderBlock2D"] * len(channels),
+                                   up_block_types=["UpDecoderBlock2D"] * len(channels), latent_channels=4,
+                                   norm_num_groups=32, scaling_factor=0.18215)
+
+
+def sana_graph(tiny: bool):
+    """SANA-600M's transformer shape (28 layers, width 1152, Gemma-2B text width 2304) on the 32x32x32
+    latents of a 1024 px DC-AE, conditioned on 300 tokens; as one velocity call."""
+    import diffusers
+    import torch
+
+    layers, heads, head, text, tokens, latent = (1, 2, 16, 64, 8, (32, 4, 4)) if tiny else (
+        28, 16, 72, 2304, 300, (32, 32, 32))
+    transformer = diffusers.SanaTransformer2DModel(
+        in_channels=latent[0], out_channels=latent[0], num_attention_heads=heads, attention_head_dim=head,
+        num_layers=layers, num_cross_attention_heads=heads, cross_attention_head_dim=head,
+        cross_attention_dim=heads * head, caption_channels=text, sample_size=latent[1], patch_size=1).eval()
+
+    class SanaVelocity(torch.nn.Module):
+        input_names, output_name = ("x", "t", "label"), "velocity"
+
+        def __init__(self):
+            super().__init__()
+            self.transformer = transformer
+
+        def forward(self, x, t, label):
+            return self.transformer(x, encoder_hidden_states=label, timestep=t * 1000, return_dict=False)[0]
+
+    return SanaVelocity(), lambda batch: {"x": torch.randn(batch, *latent), "t": torch.rand(batch),
+                                          "label": torch.randn(batch, tokens, text)}
+
+
+def flops_per_image(graph, inputs) -> float:
+    """Floating-point operations of one image's forward (torch's FLOP counter, batch 1)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        graph(*inputs(1).values())
+    return float(counter.get_total_flops())
+
+
+def stage_rows(name: str, config: GpuBenchConfig, folder: Path, peak_tflops: float | None, say) -> list[dict]:
+    """Every mode and batch of one model through the torch serving engine."""
+    import torch
+
+    from export.programs import export_program
+    from server.torch_engine import TorchOptions, TorchProgramEngine
+
+    torch.manual_seed(0)
+    graph, inputs = model(name, config.scale)
+    flops = flops_per_image(graph, inputs)
+    path = export_program(graph, inputs(2), folder / f"{name.replace('/', '-')}.pt2")
+    del graph
+    cuda = config.device.startswith("cuda")
+    rows = []
+    for mode in config.modes:
+        dtype, compiled, graphs = MODES[mode]
+        if graphs and not cuda:
+            rows.append({"model": name, "mode": mode, "skipped": "CUDA graphs need a CUDA device"})
+            continue
+        tick = time.perf_counter()
+        try:
+            engine = TorchProgramEngine(path, name, max(config.batches),
+                                        TorchOptions(config.device, dtype, compiled, graphs, parity_tolerance=0.1),
+                                        buckets=tuple(config.batches))
+        except Exception as err:  # a mode this machine cannot run (no C++ compiler for inductor, ...) is reported
+            rows.append({"model": name, "mode": mode, "skipped": f"{type(err).__name__}: {str(err)[:200]}"})
+            continue
+        start_s = time.perf_counter() - tick
+        for batch in config.batches:
+            if batch > engine.max_batch:
+                rows.append({"model": name, "mode": mode, "skipped": f"batch {batch}: the program runs at most "
+                             f"{engine.max_rows} rows (the model branches on the batch size)"})
+                continue
+            feeds = {key: value.numpy() for key, value in inputs(batch).items()}
+            engine.run(feeds)
+            tick = time.perf_counter()
+            for _ in range(config.repeats):
+                engine.run(feeds)
+            ms = 1000 * (time.perf_counter() - tick) / config.repeats
+            row = {"model": name, "mode": mode, "batch": batch, "ms": round(ms, 3),
+                   "images_per_s": round(batch / ms * 1000, 2), "start_s": round(start_s, 1),
+                   "parity": engine.parity, "gflops_per_image": flops / 1e9}
+            if peak_tflops:
+                row["mfu"] = flops * batch / (ms / 1000) / (peak_tflops * 1e12)
+            rows.append(row)
+            say(f"[bench gpu] {name} {mode} batch {batch}: {ms:.2f} ms")
+        del engine
+        if cuda:
+            torch.cuda.empty_cache()
+    return rows
+
+
+def jpeg_rows(config: GpuBenchConfig) -> list[dict]:
+    """ms per image of JPEG q90 for a batch of images: nvJPEG on the device (torchvision) and the CPU
+    encoder the server uses otherwise (simplejpeg)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for side in config.jpeg_sides:
+        side = side if config.scale == "real" else min(side, 64)
+        images = np.clip(rng.standard_normal((config.jpeg_images, 3, side, side)) * 0.3, -1, 1).astype(np.float32)
+        rows += [{"side": side, **row} for row in jpeg_costs(images, config)]
+    return rows
+
+
+def jpeg_costs(images: np.ndarray, config: GpuBenchConfig) -> list[dict]:
+    from server.encoding import OutputFormat, encode_b64
+
+    encoders = {"simplejpeg (cpu)": lambda: encode_b64(images, OutputFormat("jpeg", 90))}
+    rows = []
+    try:
+        from server.gpu_jpeg import CudaJpeg
+
+        gpu = CudaJpeg(config.device)
+        on_device = gpu.torch.from_numpy(images).to(gpu.device)
+        encoders["nvjpeg (torchvision)"] = lambda: gpu.encode(images, 90)
+        encoders["nvjpeg, images already on the device"] = lambda: gpu.encode(on_device, 90)
+    except Exception as err:  # torchvision missing, or no encoder for this device
+        rows.append({"encoder": "nvjpeg", "skipped": f"{type(err).__name__}: {str(err)[:200]}"})
+    for label, encode in encoders.items():
+        encode()
+        tick = time.perf_counter()
+        for _ in range(config.repeats):
+            encode()
+        rows.append({"encoder": label,
+                     "ms_per_image": round(1000 * (time.perf_counter() - tick) / config.repeats / len(images), 4)})
+    return rows
+
+
+def served(config: GpuBenchConfig, folder: Path, say) -> dict:
+    """A latent bundle (SiT denoiser, SD-VAE decoder, torch programs) served by the torch backend in its
+    best mode, one-image jpeg requests, against the images/s its own student and decoder allow at the
+    largest batch (timed here through the same engine and options)."""
+    import torch
+
+    from distill.data import Dataset
+    from distill.freeflow import FreeFlowConfig
+    from distill.models import Teacher
+    from distill.pipeline import distill_student, train_verifier
+    from distill.sit import sit_config
+    from distill.trainer import TrainConfig
+    from distill.verifier import VerifierConfig
+    from export.bundle import read_bundle
+    from export.writer import export_bundle
+    from flowmap.bench_serve import ServerProcess
+    from flowmap.bench_stages import public_layout
+    from flowmap.loadgen import run_load
+    from server.torch_engine import TorchOptions, TorchProgramEngine
+
+    tiny, cuda = config.scale == "tiny", config.device.startswith("cuda")
+    say("[bench gpu] building the served bundle")
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    latent = (4, 8, 8) if tiny else (4, 32, 32)
+    denoiser = "S/2" if tiny else config.served_denoiser
+    torch.save(public_layout(Teacher(sit_config(denoiser, latent))), folder / "sit.pt")
+    quick = TrainConfig(steps=1, batch_size=2, ema_decay=0.0)
+    distill_student("freeflow", f"sit:{folder / 'sit.pt'}", FreeFlowConfig(), quick, folder / "student",
+                    progress=False)
+    vae = sd_vae(tiny)
+    side = latent[1] * 2 ** (len(vae.config.block_out_channels) - 1)  # each decoder block but the last doubles
+    images = torch.rand(16, 3, side, side) * 2 - 1
+    train_verifier(Dataset("random", images, torch.arange(16) % 1000, [str(i) for i in range(1000)]),
+                   VerifierConfig(width=8, feature_dim=32), quick, folder / "verifier", progress=False)
+    vae.save_pretrained(folder / "vae")
+    export_bundle(folder / "student", f"sit:{folder / 'sit.pt'}", folder / "verifier", folder / "bundle", (1.0,),
+                  progress=False, decoder=folder / "vae", programs=True)
+    rows, decoder_rows = max(config.batches), max(1, max(config.batches) // 2)
+    options = TorchOptions(config.device, "bfloat16" if cuda else "float32", cuda, cuda, parity_tolerance=0.1)
+    bundle = read_bundle(folder / "bundle")
+    limit_ms = 0.0
+    for graph, batch, feeds in ((bundle.students[0], rows, {"x": np.zeros((rows, *latent), np.float32),
+                                                            "t": np.ones(rows, np.float32),
+                                                            "s": np.zeros(rows, np.float32),
+                                                            "label": np.zeros(rows, np.int64)}),
+                                (bundle.decoder, decoder_rows, {"latent": np.zeros((decoder_rows, *latent),
+                                                                                   np.float32)})):
+        engine = TorchProgramEngine(graph.program, graph.path.stem, batch, options, buckets=(batch,))
+        engine.run(feeds)
+        tick = time.perf_counter()
+        for _ in range(config.repeats):
+            engine.run(feeds)
+        limit_ms += 1000 * (time.perf_counter() - tick) / config.repeats / batch
+        del engine
+    flags = ["--backend", "torch", "--device", config.device, "--max-batch-size", str(rows),
+             "--decoder-max-batch-size", str(decoder_rows), "--max-queue-size", "4096", "--no-ui"]
+    if cuda:
+        flags += ["--torch-dtype", "bfloat16", "--torch-compile", "--cuda-graphs"]
+    say(f"[bench gpu] serving: {config.served_clients} clients, {config.served_seconds:g} s")
+    server = ServerProcess(str(folder / "bundle"), 8740, *flags, ready_timeout_s=900)
+    try:
+        bodies = [{"labels": [i % 1000], "seeds": [i], "output_format": "jpeg"} for i in range(256)]
+        result = asyncio.run(run_load("127.0.0.1", server.port, "/v1/generate", bodies, config.served_clients,
+                                      config.served_seconds, 1, warmup_s=3.0)).summary()
+    finally:
+        server.stop()
+    limit = round(1000 / limit_ms, 2)
+    return {"images_per_s": result["images_per_s"], "p50_ms": result["p50_ms"], "statuses": result["statuses"],
+            "flags": flags, "denoiser": denoiser, "limit_images_per_s": limit,
+            "vs_limit": round(result["images_per_s"] / limit, 3)}
+
+
+def run_gpu_bench(config: GpuBenchConfig) -> dict:
+    import torch
+
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {config.device}, but torch {torch.__version__} sees no CUDA GPU; "
+                         "`--device cpu --scale tiny` runs the same code at toy sizes")
+
+    say = print
+    report = {"config": asdict(config), "anchors": list(ANCHORS), "torch": torch.__version__,
+              "device_name": torch.cuda.get_device_name() if config.device.startswith("cuda") else
+              (platform.processor() or platform.machine()), "cpus": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        if "peak" in config.parts:
+            report["peak"] = matmul_peak(config)
+            say(f"[bench gpu] matmul peak {report['peak']['tflops']:.1f} TFLOP/s")
+        peak = report.get("peak", {}).get("tflops")
+        if "stages" in config.parts:
+            report["stages"] = [row for name in config.models for row in stage_rows(name, config, folder, peak, say)]
+        if "jpeg" in config.parts:
+            report["jpeg"] = jpeg_rows(config)
+        if "served" in config.parts:
+            report["served"] = served(config, folder / "served", say)
+    report["goals"] = goals(report)
+    write_report(report, config.out, plot, to_markdown)
+    return report
+
+
+def goals(report: dict) -> dict:
+    out = {}
+    rows = report.get("stages", [])
+    for name in dict.fromkeys(r["model"] for r in rows):
+        at = {r["mode"]: r for r in rows if r["model"] == name and r.get("batch") == 32}
+        if "cuda-graphs-bf16" in at and "eager-fp32" in at:
+            out[f"{name}: compiled + CUDA graphs >= 2x eager at batch 32"] = \
+                at["eager-fp32"]["ms"] / at["cuda-graphs-bf16"]["ms"] >= 2
+        mfu = [r.get("mfu", 0) for r in rows if r["model"] == name and r.get("batch") == 64 and "bf16" in r["mode"]]
+        if mfu and not name.startswith("sd-vae"):
+            out[f"{name}: denoiser MFU >= 40% at batch 64 in bf16"] = max(mfu) >= 0.4
+        parity = [r["parity"] for r in rows if r["model"] == name and "bf16" in r.get("mode", "") and "parity" in r]
+        if parity:
+            out[f"{name}: bf16 within 0.1 of the output's scale"] = max(parity) <= 0.1
+    served_run = report.get("served")
+    if served_run:
+        out["served >= 0.7x the stage limit"] = served_run["vs_limit"] >= 0.7
+    return out
+
+
+def plot(report: dict, path) -> None:
+    plt = pyplot()
+    models = sorted({r["model"] for r in report.get("stages", []) if "batch" in r})
+    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(5 * max(1, len(models)), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], models, strict=False):
+        for mode in MODES:
+            rows = [r for r in report["stages"] if r["model"] == name and r.get("mode") == mode and "batch" in r]
+            if rows:
+                ax.plot([r["batch"] for r in rows], [r["images_per_s"] for r in rows], marker="o", label=mode)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch")
+        ax.set_ylabel("images/s")
+        ax.set_title(name)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def to_markdown(report: dict, plot_name: str) -> str:
+    config = report["config"]
+    lines = ["# The torch backend on a GPU", "",
+             f"Written by `flowmap bench gpu` on **{report['device_name']}** (torch {report['torch']}, device "
+             f"`{config['device']}`, {config['scale']} sizes, random weights). Times are the serving engine's "
+             "own (server/torch_engine.py: numpy in, numpy out, host copies included).", ""]
+    if "peak" in report:
+        peak = report["peak"]
+        lines += [f"Matrix-product peak measured in this run: {peak['tflops']:.1f} TFLOP/s ({peak['dtype']}, "
+                  f"{peak['side']}^3); MFU below is against it.", ""]
+    if report.get("stages"):
+        lines += [f"![images/s by batch]({plot_name})", "",
+                  "| model | mode | batch | ms | images/s | MFU | bf16 parity | start s |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in report["stages"]:
+            if "skipped" in r:
+                lines.append(f"| {r['model']} | {r['mode']} | - | skipped: {r['skipped']} | | | | |")
+                continue
+            mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
+            lines.append(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['ms']:.2f} | {r['images_per_s']:.1f} | "
+                         f"{mfu} | {r['parity']:.3g} | {r['start_s']} |")
+        lines.append("")
+    if report.get("jpeg"):
+        lines += ["| JPEG q90 | side | ms per image |", "|---|---:|---:|"]
+        lines += [f"| {r['encoder']} | {r['side']} | {r.get('ms_per_image', r.get('skipped'))} |"
+                  for r in report["jpeg"]]
+        lines.append("")
+    if report.get("served"):
+        s = report["served"]
+        lines += [f"Served over HTTP (SiT-{s['denoiser']} + SD-VAE bundle, one-image jpeg requests, "
+                  f"`{' '.join(s['flags'])}`): {s['images_per_s']} images/s, p50 {s['p50_ms']} ms, statuses "
+                  f"{s['statuses']}; its student and decoder allow {s['limit_images_per_s']} images/s at their "
+                  f"largest batch: served {s['vs_limit']}x that limit.", ""]
+    lines += ["Public anchors (not measured here):", "", *[f"- {anchor}" for anchor in report["anchors"]], ""]
+    if report["goals"]:
+        lines += ["| goal | met |", "|---|---|", *[f"| {g} | {'yes' if met else 'no'} |"
+                                                  for g, met in report["goals"].items()]]
+    return "\n".join(lines) + "\n"

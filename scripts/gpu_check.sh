@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Prove the GPU path in one command on any CUDA machine with torch (2.4 or later) and torchvision:
+# the `gpu`-marked tests (the torch backend on CUDA: bf16 parity, compile, CUDA graphs, nvJPEG, a
+# server with --backend torch --device cuda; TensorRT / onnxruntime-gpu ones where those are
+# installed) and `flowmap bench gpu` at real sizes. Everything it writes goes under OUT_DIR.
+#
+#   scripts/gpu_check.sh [OUT_DIR]      # default: $OUT, else gpu-check/
+#
+# Without network, carry the wheels scripts/gpu_wheels.sh downloads (.whl/ in the checkout): they
+# are installed into a scratch folder first. With network, `pip install -e ".[train,dev]"` instead.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-${OUT:-gpu-check}}
+mkdir -p "$OUT_DIR"
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/flowmap-site \
+    .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/flowmap-site:$PYTHONPATH"
+fi
+{ nvidia-smi; $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"; } \
+  > "$OUT_DIR/device.txt" 2>&1
+status=0
+timeout "${TESTS_TIMEOUT_S:-240}" $PY -m pytest -q -m gpu -rs -p no:cacheprovider tests/ 2>&1 | tee "$OUT_DIR/gpu-tests.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+timeout "${BENCH_TIMEOUT_S:-420}" $PY -m flowmap.cli bench gpu --out "$OUT_DIR/gpu" ${BENCH_FLAGS:-} \
+  2>&1 | tee "$OUT_DIR/bench-gpu.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+echo "gpu check finished (status $status); the report is $OUT_DIR/gpu.md"
+exit $status

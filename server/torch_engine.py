@@ -1,0 +1,171 @@
+"""The torch backend for production: a bundle's graphs as torch.export programs (`.pt2`, written by
+`flowmap export --torch-programs`) on the CPU or a CUDA GPU, for machines where neither TensorRT nor
+onnxruntime-gpu can be installed.
+
+Low precision runs under autocast (matrix products and convolutions in bf16/fp16, reductions and the
+graph's own constants in fp32), checked at start against fp32 on the program's example inputs: an
+engine whose error passes `parity_tolerance` (relative to the output's largest value) refuses to
+start. `compile` runs each batch bucket through torch.compile (the batcher pads every batch to a
+bucket, so each bucket compiles once, at start); `cuda_graphs` replays each bucket as a CUDA graph
+(through torch.compile's "reduce-overhead" mode when compiling, captured by hand otherwise).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("flowmap.torch")
+
+DTYPES = ("float32", "bfloat16", "float16")
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # what compile and CUDA graphs specialise to
+
+
+@dataclass(frozen=True)
+class TorchOptions:
+    device: str = "cpu"  # "cpu" or "cuda" (or "cuda:N")
+    dtype: str = "float32"  # float32, bfloat16 or float16 (autocast)
+    compile: bool = False  # torch.compile each batch bucket
+    cuda_graphs: bool = False  # replay each bucket as a CUDA graph
+    parity_tolerance: float = 0.05  # low precision against fp32: max abs error / max abs fp32 output
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"torch_dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
+        if self.cuda_graphs and not self.device.startswith("cuda"):
+            raise ValueError("cuda_graphs needs --device cuda")
+
+
+def relative_error(reference, other) -> float:
+    scale = float(reference.abs().max()) or 1.0
+    return float((reference - other.float()).abs().max()) / scale
+
+
+def without_dtype_asserts(module):
+    """The program's graph without torch.export's tensor-metadata asserts: they pin each intermediate's
+    traced dtype (float32), which autocast changes by design."""
+    import torch
+
+    checks = {torch.ops.aten._assert_tensor_metadata.default}
+    for graph_module in module.modules():
+        if isinstance(graph_module, torch.fx.GraphModule):
+            for node in list(graph_module.graph.nodes):
+                if node.op == "call_function" and node.target in checks and not node.users:
+                    graph_module.graph.erase_node(node)
+            graph_module.recompile()
+    return module
+
+
+class TorchProgramEngine:
+    """One `.pt2` program as a serving engine: numpy in, numpy out, the `Engine` protocol."""
+
+    def __init__(self, path: str | Path, name: str, max_batch: int, options: TorchOptions,
+                 buckets: tuple[int, ...] | None = None):
+        import torch
+
+        self.torch, self.name, self.options = torch, name, options
+        self.device = torch.device(options.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"{name}: --device {options.device} but torch sees no CUDA GPU "
+                               f"(torch {torch.__version__}, CUDA build {torch.version.cuda})")
+        program = torch.export.load(str(path))
+        self.input_names = tuple(program.graph_signature.user_inputs)
+        self.module = without_dtype_asserts(program.module()).to(self.device)
+        self.dtype = getattr(torch, options.dtype)
+        from export.programs import batch_limit
+
+        self.max_rows = batch_limit(program)  # a program traced through a batch-size branch runs fewer rows
+        if max_batch > self.max_rows:
+            log.warning("%s: the program runs at most %d rows a batch; batching at %d, not %d", name, self.max_rows,
+                        self.max_rows, max_batch)
+        self.max_batch = min(max_batch, self.max_rows)
+        specialised = options.compile or options.cuda_graphs
+        # buckets only where shapes are specialised (compile, CUDA graphs) or a GPU likes them; else any size
+        wanted = tuple(b for b in (buckets or BUCKETS) if b <= self.max_batch)
+        self.buckets = wanted if specialised or self.device.type == "cuda" else ()
+        self.forward = self.module
+        if options.compile:
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(BUCKETS))
+            mode = "reduce-overhead" if options.cuda_graphs else "default"
+            self.forward = torch.compile(self.module, mode=mode, dynamic=False)
+        self.graphs: dict[int, tuple] = {}  # bucket -> (graph, static inputs, static output), hand-captured
+        example = self._example(program)
+        self.parity = self._check_parity(example) if options.dtype != "float32" else 0.0
+        if specialised:
+            for bucket in self.buckets:  # compile / capture every bucket now, not in a visitor's request
+                self._call({name: self._rows(value, bucket) for name, value in example.items()})
+
+    def _example(self, program) -> dict:
+        """The program's own example inputs (saved with it), on the device."""
+        if program.example_inputs is None:
+            raise RuntimeError(f"{self.name}: the program holds no example inputs to check and warm up with; "
+                               "export the bundle again with `flowmap export --torch-programs`")
+        args, _ = program.example_inputs
+        return {name: value.to(self.device) for name, value in zip(self.input_names, args, strict=True)}
+
+    def _rows(self, tensor, rows: int):
+        repeats = -(-rows // tensor.shape[0])
+        return tensor.repeat(repeats, *([1] * (tensor.dim() - 1)))[:rows].contiguous()
+
+    def _check_parity(self, example: dict) -> float:
+        torch = self.torch
+        with torch.no_grad():
+            reference = self.module(*example.values()).float()
+            with self._autocast():
+                low = self.module(*example.values())
+        error = relative_error(reference, low)
+        if not error <= self.options.parity_tolerance:
+            raise RuntimeError(f"{self.name}: {self.options.dtype} differs from float32 by {error:.3g} of the output's "
+                               f"scale > {self.options.parity_tolerance:g} (--torch-parity-tolerance); serve it in "
+                               "float32")
+        log.info("%s: %s parity with float32 %.3g (tolerance %g)", self.name, self.options.dtype, error,
+                 self.options.parity_tolerance)
+        return error
+
+    def _autocast(self):
+        import contextlib
+
+        if self.options.dtype == "float32":
+            return contextlib.nullcontext()
+        # no weight-cast cache: it would outlive a CUDA graph's capture (and a forward uses each weight once)
+        return self.torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=False)
+
+    def _call(self, inputs: dict):
+        torch = self.torch
+        rows = next(iter(inputs.values())).shape[0]
+        with torch.no_grad(), self._autocast():
+            if not (self.options.cuda_graphs and not self.options.compile and rows in self.buckets):
+                return self.forward(*inputs.values())
+            if rows not in self.graphs:
+                self.graphs[rows] = self._capture(inputs)
+            graph, static_inputs, static_output = self.graphs[rows]
+            for name, value in inputs.items():
+                static_inputs[name].copy_(value)
+            graph.replay()
+            return static_output.clone()
+
+    def _capture(self, inputs: dict) -> tuple:
+        """A CUDA graph of the eager module at this batch size, after a warm-up on a side stream."""
+        torch = self.torch
+        static_inputs = {name: value.clone() for name, value in inputs.items()}
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.module(*static_inputs.values())
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_output = self.module(*static_inputs.values())
+        return graph, static_inputs, static_output
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        inputs = {name: self.torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.device, non_blocking=True)
+                  for name in self.input_names}
+        # C order, as onnxruntime gives: a program's output may be a strided view (a decoder's permute)
+        return np.ascontiguousarray(self._call(inputs).float().cpu().numpy())

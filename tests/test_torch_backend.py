@@ -1,0 +1,125 @@
+"""The torch serving backend on the CPU (its CUDA half is in test_gpu_torch.py): bundles exported with
+torch.export programs, each program against onnxruntime, bf16 parity refused past its tolerance,
+compiled buckets against eager, and servers on `--backend torch` answering as onnxruntime ones do."""
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from export.bundle import BundleError, read_bundle
+from export.tensorrt import random_feeds
+from export.writer import export_bundle
+from server.engines import _graphs
+from server.torch_engine import TorchOptions, TorchProgramEngine
+
+from serving import Server
+
+
+@pytest.fixture(scope="module")
+def program_bundle(tiny_digits_runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("programs") / "tiny"
+    runs = tiny_digits_runs
+    export_bundle(runs / "freeflow", str(runs / "teacher"), runs / "verifier", out, (1.5, 3.0), progress=False,
+                  programs=True)
+    return out
+
+
+def onnx_and_torch(graph, name, options=None, batch=3, num_classes=10):
+    session = ort.InferenceSession(str(graph.path), providers=["CPUExecutionProvider"])
+    feeds = random_feeds(session.get_inputs(), batch, num_classes, seed=batch)
+    engine = TorchProgramEngine(graph.program, name, 8, options or TorchOptions())
+    return session.run(None, feeds)[0], engine.run(feeds), engine
+
+
+def test_every_graph_has_a_hashed_program_that_matches_onnx(program_bundle):
+    bundle = read_bundle(program_bundle)
+    graphs = _graphs(bundle)
+    assert set(graphs) == {"student@1.5", "student@3", "teacher", "verifier"}
+    for name, graph in graphs.items():
+        assert graph.program is not None and graph.program.suffix == ".pt2"
+        expected, actual, engine = onnx_and_torch(graph, name)
+        assert engine.input_names == tuple(i.name for i in ort.InferenceSession(
+            str(graph.path), providers=["CPUExecutionProvider"]).get_inputs())
+        np.testing.assert_allclose(actual, expected, atol=1e-4, err_msg=name)
+    checks = bundle.provenance["checks"]
+    assert checks["student_w1.5.pt2"]["program_max_abs_err_b1"] <= 1e-4
+
+
+def test_a_changed_program_is_refused(program_bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "tampered"
+    shutil.copytree(program_bundle, copy)
+    with open(copy / "teacher_w1.5.pt2", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(BundleError, match="teacher_w1.5.pt2 fails its sha256 check"):
+        read_bundle(copy)
+
+
+def test_bf16_is_checked_against_fp32(program_bundle):
+    teacher = read_bundle(program_bundle).teacher
+    expected, actual, engine = onnx_and_torch(teacher, "teacher", TorchOptions(dtype="bfloat16"))
+    assert 0 < engine.parity <= 0.05  # bf16 really ran, and stayed close
+    assert np.abs(actual - expected).max() <= 0.05 * np.abs(expected).max() + 1e-6
+    with pytest.raises(RuntimeError, match=r"bfloat16 differs from float32 by .*\(--torch-parity-tolerance\)"):
+        TorchProgramEngine(teacher.program, "teacher", 8, TorchOptions(dtype="bfloat16", parity_tolerance=1e-9))
+
+
+def test_compiled_buckets_match_eager(program_bundle):
+    student = read_bundle(program_bundle).students[0]
+    try:
+        engine = TorchProgramEngine(student.program, "student", 4, TorchOptions(compile=True), buckets=(2, 4))
+    except Exception as err:  # inductor needs a C++ compiler; where there is none, compile is not available
+        pytest.skip(f"torch.compile does not run here: {type(err).__name__}: {str(err)[:120]}")
+    assert engine.buckets == (2, 4)
+    expected, actual, _ = onnx_and_torch(student, "student", batch=4)
+    session = ort.InferenceSession(str(student.path), providers=["CPUExecutionProvider"])
+    feeds = random_feeds(session.get_inputs(), 4, 10, seed=4)
+    np.testing.assert_allclose(engine.run(feeds), expected, atol=1e-4)
+
+
+def test_options_name_the_bad_flag():
+    from pydantic import ValidationError
+
+    from server.settings import Settings
+
+    with pytest.raises(ValidationError, match="cuda_graphs needs --device cuda"):
+        Settings(backend="torch", cuda_graphs=True)
+    with pytest.raises(ValidationError, match="torch_dtype must be one of float32, bfloat16, float16"):
+        Settings(backend="torch", torch_dtype="int8")
+    Settings(backend="onnxruntime", torch_dtype="int8")  # only the torch backend reads it
+
+
+def serve_raw(bundle, body, *flags):
+    server = Server("--no-ui", *flags, bundle=bundle).wait_ready()
+    try:
+        response = httpx.post(server.url + "/v1/generate", json={**body, "format": "raw"}, timeout=60)
+    finally:
+        log = server.stop()
+    assert response.status_code == 200, log[-3000:]
+    return response.json()
+
+
+def decoded(answer) -> np.ndarray:
+    return np.array(answer["arrays"], np.float32)
+
+
+def test_a_server_on_the_torch_backend_answers_as_onnxruntime(program_bundle):
+    body = {"labels": [3, 7], "seeds": [1, 2], "steps": 2}
+    torch_answer = serve_raw(program_bundle, body, "--backend", "torch")
+    onnx_answer = serve_raw(program_bundle, body)
+    np.testing.assert_allclose(decoded(torch_answer), decoded(onnx_answer), atol=1e-4)
+
+
+def test_a_text_bundle_with_a_decoder_on_the_torch_backend(tiny_text_bundles, tiny_text_pipelines, tmp_path):
+    """Text encoder, negative-prompt teacher and VAE decoder programs too (SANA: its mask and DC-AE)."""
+    _, run = tiny_text_bundles["sana"]
+    out = tmp_path / "sana"
+    export_bundle(run, f"diffusers:{tiny_text_pipelines['sana']}", None, out, (1.0,), teacher_guidance_scale=2.0,
+                  progress=False, programs=True)
+    assert set(_graphs(read_bundle(out))) == {"student@1", "teacher", "text_encoder", "decoder"}
+    body = {"prompts": ["a red circle"], "seeds": [3], "steps": 2, "model": "sana-teacher",
+            "negative_prompt": "a blue square"}
+    np.testing.assert_allclose(decoded(serve_raw(out, body, "--backend", "torch")), decoded(serve_raw(out, body)),
+                               atol=1e-3)
