@@ -72,8 +72,8 @@ def test_nvjpeg_encodes_what_the_cpu_encoder_does():
 
 
 def test_a_server_on_cuda_serves_jpeg_from_nvjpeg(program_bundle):
-    server = Server("--no-ui", "--backend", "torch", "--device", "cuda", "--torch-dtype", "bfloat16",
-                    "--torch-compile", "--cuda-graphs", bundle=program_bundle).wait_ready(timeout=600)
+    server = Server("--no-ui", "--backend", "torch", "--device", "cuda", "--torch-dtype", "bfloat16", "--cuda-graphs",
+                    "--max-batch-size", "8", "--max-queue-size", "64", bundle=program_bundle).wait_ready(timeout=300)
     try:
         answer = httpx.post(server.url + "/v1/generate", timeout=120, json={
             "labels": [3, 7, 1], "seeds": [1, 2, 3], "output_format": "jpeg", "size": "64x64"}).json()
