@@ -197,7 +197,9 @@ def search_block(root: Path) -> str:
                          f"{cell(r['overall'])} | "
                          + (f"{cell(r['spatial'])} | " if spatial else "") + f"{cell(r['overall_gain'])} |")
         transfer = cell(task["noise_transfer"]["spearman"])
-        extras = [f"noise transfer (Spearman, student vs teacher score of a noise) {transfer}"]
+        extras = ["(c) minus (b) at equal NFE " + ", ".join(f"{c['nfe']}: {cell(c['overall_c_minus_b'])}"
+                                                         for c in task["c_vs_b"]),
+                  f"noise transfer (Spearman, student vs teacher score of a noise) {transfer}"]
         if "fd" in task["notes"]:
             fd = task["notes"]["fd"]
             extras.append(f"1-NFE student FD {fd['student_1nfe']:.2f} against the teacher's {fd['teacher']:.2f} "
