@@ -1,4 +1,5 @@
-"""`flowmap bench search`: what Best-of-N noise search buys, at equal network evaluations (NFE).
+"""`flowmap bench search`: what Best-of-N noise search buys, at equal network evaluations (NFE;
+docs/methods.md §8).
 
 On held-out prompts, for every prompt and noise seed, four ways to spend a budget of B NFE:
 (a) the teacher, K steps, one sample (B = one sample's cost C: K, or 2K with guidance);
