@@ -90,7 +90,10 @@ class TorchProgramEngine:
         self.buckets = wanted if specialised or self.device.type == "cuda" else ()
         self.forward = self.module
         if options.compile:
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(BUCKETS))
+            # one compiled graph per bucket: allow that many (the limit's name changed across torch versions)
+            config = torch._dynamo.config
+            limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+            setattr(config, limit, max(getattr(config, limit), 4 * len(BUCKETS)))
             mode = "reduce-overhead" if options.cuda_graphs else "default"
             self.forward = torch.compile(self.module, mode=mode, dynamic=False)
         self.graphs: dict[int, tuple] = {}  # bucket -> (graph, static inputs, static output), hand-captured
