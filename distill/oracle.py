@@ -6,7 +6,9 @@ search ranks by the verifier; the oracle only scores the result.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -90,6 +92,27 @@ def train_oracle(config: OracleConfig = OracleConfig(), shapes: ShapesConfig | N
             group["lr"] = config.lr * 0.5 * (1 + np.cos(np.pi * (step + 1) / config.steps))
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
+    return oracle.eval().requires_grad_(False)
+
+
+def save_oracle(oracle: Oracle, config: OracleConfig, shapes: ShapesConfig, folder: str | Path) -> Path:
+    """oracle.safetensors and oracle.json (its config and image size) in `folder`."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(oracle.state_dict(), folder / "oracle.safetensors")
+    (folder / "oracle.json").write_text(json.dumps({"config": asdict(config), "size": shapes.size}))
+    return folder
+
+
+def load_oracle(folder: str | Path) -> Oracle:
+    from safetensors.torch import load_file
+
+    meta = json.loads((Path(folder) / "oracle.json").read_text())
+    oracle = Oracle(OracleConfig(**meta["config"]))
+    oracle(torch.zeros(1, 3, meta["size"], meta["size"]))  # materialise the lazy layer before loading
+    oracle.load_state_dict(load_file(Path(folder) / "oracle.safetensors"))
     return oracle.eval().requires_grad_(False)
 
 

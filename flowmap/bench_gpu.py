@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flowmap.bench_stages import timed_ms
 from flowmap.reports import pyplot, save_figure, write_report
 
 # public figures printed beside ours (not measured here)
@@ -187,11 +188,7 @@ def stage_rows(name: str, config: GpuBenchConfig, folder: Path, peak_tflops: flo
                              f"{engine.max_rows} rows (the model branches on the batch size)"})
                 continue
             feeds = {key: value.numpy() for key, value in inputs(batch).items()}
-            engine.run(feeds)
-            tick = time.perf_counter()
-            for _ in range(config.repeats):
-                engine.run(feeds)
-            ms = 1000 * (time.perf_counter() - tick) / config.repeats
+            ms = timed_ms(lambda run=engine.run, feeds=feeds: run(feeds), config.repeats)
             row = {"model": name, "mode": mode, "batch": batch, "ms": round(ms, 3),
                    "images_per_s": round(batch / ms * 1000, 2), "start_s": round(start_s, 1),
                    "parity": engine.parity, "gflops_per_image": flops / 1e9}
@@ -232,12 +229,7 @@ def jpeg_costs(images: np.ndarray, config: GpuBenchConfig) -> list[dict]:
     except Exception as err:  # torchvision missing, or no encoder for this device
         rows.append({"encoder": "nvjpeg", "skipped": f"{type(err).__name__}: {str(err)[:200]}"})
     for label, encode in encoders.items():
-        encode()
-        tick = time.perf_counter()
-        for _ in range(config.repeats):
-            encode()
-        rows.append({"encoder": label,
-                     "ms_per_image": round(1000 * (time.perf_counter() - tick) / config.repeats / len(images), 4)})
+        rows.append({"encoder": label, "ms_per_image": round(timed_ms(encode, config.repeats) / len(images), 4)})
     return rows
 
 
@@ -245,40 +237,17 @@ def served(config: GpuBenchConfig, folder: Path, say) -> dict:
     """A latent bundle (SiT denoiser, SD-VAE decoder, torch programs) served by the torch backend (bf16,
     CUDA graphs on a GPU), one-image jpeg requests, against the images/s its own student and decoder allow at the
     largest batch (timed here through the same engine and options)."""
-    import torch
-
-    from distill.data import Dataset
-    from distill.freeflow import FreeFlowConfig
-    from distill.models import Teacher
-    from distill.pipeline import distill_student, train_verifier
-    from distill.sit import sit_config
-    from distill.trainer import TrainConfig
-    from distill.verifier import VerifierConfig
     from export.bundle import read_bundle
-    from export.writer import export_bundle
     from flowmap.bench_serve import ServerProcess
-    from flowmap.bench_stages import public_layout
+    from flowmap.bench_stages import build_latent_bundle
     from flowmap.loadgen import run_load
     from server.torch_engine import TorchOptions, TorchProgramEngine
 
     tiny, cuda = config.scale == "tiny", config.device.startswith("cuda")
-    say("[bench gpu] building the served bundle")
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
     latent = (4, 8, 8) if tiny else (4, 32, 32)
     denoiser = "S/2" if tiny else config.served_denoiser
-    torch.save(public_layout(Teacher(sit_config(denoiser, latent))), folder / "sit.pt")
-    quick = TrainConfig(steps=1, batch_size=2, ema_decay=0.0)
-    distill_student("freeflow", f"sit:{folder / 'sit.pt'}", FreeFlowConfig(), quick, folder / "student",
-                    progress=False)
-    vae = sd_vae(tiny)
-    side = latent[1] * 2 ** (len(vae.config.block_out_channels) - 1)  # each decoder block but the last doubles
-    images = torch.rand(16, 3, side, side) * 2 - 1
-    train_verifier(Dataset("random", images, torch.arange(16) % 1000, [str(i) for i in range(1000)]),
-                   VerifierConfig(width=8, feature_dim=32), quick, folder / "verifier", progress=False)
-    vae.save_pretrained(folder / "vae")
-    export_bundle(folder / "student", f"sit:{folder / 'sit.pt'}", folder / "verifier", folder / "bundle", (1.0,),
-                  progress=False, decoder=folder / "vae", programs=True)
+    build_latent_bundle(folder / "bundle", lambda text: say(f"[bench gpu] {text}"), denoiser, latent, sd_vae(tiny),
+                        programs=True)
     rows, decoder_rows = max(config.batches), max(1, max(config.batches) // 2)
     # bf16 with hand-captured CUDA graphs: the server captures every bucket of four engines at start, which
     # compiling them all would stretch to minutes
@@ -292,11 +261,7 @@ def served(config: GpuBenchConfig, folder: Path, say) -> dict:
                                 (bundle.decoder, decoder_rows, {"latent": np.zeros((decoder_rows, *latent),
                                                                                    np.float32)})):
         engine = TorchProgramEngine(graph.program, graph.path.stem, batch, options, buckets=(batch,))
-        engine.run(feeds)
-        tick = time.perf_counter()
-        for _ in range(config.repeats):
-            engine.run(feeds)
-        limit_ms += 1000 * (time.perf_counter() - tick) / config.repeats / batch
+        limit_ms += timed_ms(lambda engine=engine, feeds=feeds: engine.run(feeds), config.repeats) / batch
         del engine
     flags = ["--backend", "torch", "--device", config.device, "--max-batch-size", str(rows),
              "--decoder-max-batch-size", str(decoder_rows), "--max-queue-size", "4096", "--no-ui"]

@@ -15,6 +15,7 @@ over prompts (their seeds resampled with them). Writes docs/search.{md,json,png}
 
 from __future__ import annotations
 
+import functools
 import platform
 import time
 import warnings
@@ -65,17 +66,19 @@ class Task:
     notes: dict = field(default_factory=dict)
 
 
-def teacher_images(task: Task, noise: torch.Tensor, prompt: np.ndarray, config: SearchBenchConfig) -> torch.Tensor:
+def teacher_images(task: Task, noise: torch.Tensor, conditions: torch.Tensor,
+                   config: SearchBenchConfig) -> torch.Tensor:
     from distill.evaluate import sample_teacher
 
-    return sample_teacher(task.teacher, noise, task.conditions[prompt], task.guidance_scale, config.teacher_steps,
+    return sample_teacher(task.teacher, noise, conditions, task.guidance_scale, config.teacher_steps,
                           config.batch_size).clamp(-1, 1)
 
 
-def student_images(task: Task, noise: torch.Tensor, prompt: np.ndarray, config: SearchBenchConfig) -> torch.Tensor:
+def student_images(task: Task, noise: torch.Tensor, conditions: torch.Tensor,
+                   config: SearchBenchConfig) -> torch.Tensor:
     from distill.evaluate import sample_student
 
-    return sample_student(task.student, noise, task.conditions[prompt], task.guidance_scale, 1,
+    return sample_student(task.student, noise, conditions, task.guidance_scale, 1,
                           config.batch_size).clamp(-1, 1)
 
 
@@ -109,7 +112,7 @@ def run_task(task: Task, config: SearchBenchConfig) -> dict:
         noise = torch.stack([unit_noise(u, most_student, task.shape) for u in chunk])
         prompt = np.array([[units[u][0]] * most_student for u in chunk])
         tick = time.perf_counter()
-        images = student_images(task, noise.flatten(0, 1), prompt.ravel(), config)
+        images = student_images(task, noise.flatten(0, 1), task.conditions[prompt.ravel()], config)
         seconds["student"] += time.perf_counter() - tick
         tick = time.perf_counter()
         student_score[chunk] = task.score(images, prompt.ravel()).reshape(len(chunk), most_student)
@@ -117,7 +120,7 @@ def run_task(task: Task, config: SearchBenchConfig) -> dict:
         student_judged[chunk] = judged_rows(task, images, prompt.ravel()).reshape(len(chunk), most_student, -1)
         tick = time.perf_counter()
         firsts = prompt[:, :most_teacher].ravel()
-        images = teacher_images(task, noise[:, :most_teacher].flatten(0, 1), firsts, config)
+        images = teacher_images(task, noise[:, :most_teacher].flatten(0, 1), task.conditions[firsts], config)
         seconds["teacher"] += time.perf_counter() - tick
         teacher_score[chunk] = task.score(images, firsts).reshape(len(chunk), most_teacher)
         teacher_judged[chunk] = judged_rows(task, images, firsts).reshape(len(chunk), most_teacher, -1)
@@ -130,8 +133,8 @@ def run_task(task: Task, config: SearchBenchConfig) -> dict:
         chunk = missing[start:start + config.batch_size]
         noise = torch.stack([unit_noise(u, most_student, task.shape)[j] for u, j in chunk])
         prompt = np.array([units[u][0] for u, _ in chunk])
-        for (u, j), row in zip(chunk, judged_rows(task, teacher_images(task, noise, prompt, config), prompt),
-                               strict=True):
+        images = teacher_images(task, noise, task.conditions[prompt], config)
+        for (u, j), row in zip(chunk, judged_rows(task, images, prompt), strict=True):
             finish[(u, j)] = row
     for u, j in wanted:
         if j < most_teacher:
@@ -204,17 +207,17 @@ def shapes_task(config: SearchBenchConfig) -> Task:
 
     from distill.clip import embed, token_ids
     from distill.models import load_student, load_teacher
-    from distill.oracle import judge
+    from distill.oracle import judge, load_oracle
     from distill.shapes import batch
     from distill.text import encode_prompts, load_conditioner
-    from flowmap.shapes_recipe import load_oracle
 
     runs = config.shapes_runs
     folder = f"{runs}/teacher/pipeline"
     _, scenes = batch(range(config.prompts), split="test")
     prompts = [scene.caption for scene in scenes]
     conditioner, tokenizers = load_conditioner(folder)
-    conditions = encode_prompts(conditioner, tokenizers, prompts)
+    encode = functools.partial(encode_prompts, conditioner, tokenizers)
+    conditions = encode(prompts)
     clip = transformers.CLIPModel.from_pretrained(f"{runs}/clip").eval()
     ids = token_ids(transformers.AutoTokenizer.from_pretrained(f"{runs}/clip"), prompts)
     oracle = load_oracle(f"{runs}/oracle")
@@ -231,25 +234,21 @@ def shapes_task(config: SearchBenchConfig) -> Task:
                 config.shapes_guidance_scale, prompts, conditions, score,
                 lambda images, prompt: judge(oracle, images.numpy(), [scenes[p] for p in prompt]),
                 config.seeds, (3, 32, 32))
-    task.notes["fd"] = shapes_fd(task, oracle, config)
+    task.notes["fd"] = shapes_fd(task, oracle, encode, config)
     return task
 
 
-def shapes_fd(task: Task, oracle, config: SearchBenchConfig) -> dict:
+def shapes_fd(task: Task, oracle, encode: Callable[[list[str]], torch.Tensor], config: SearchBenchConfig) -> dict:
     """FD in the oracle's feature space against real renders of held-out scenes: teacher (K steps) and
-    the 1-NFE student on the same noise and prompts."""
+    the 1-NFE student on the same noise and prompts (`encode`: prompts to the teacher's conditions)."""
     from distill.evaluate import frechet_distance
     from distill.shapes import batch
-    from distill.text import encode_prompts, load_conditioner
 
     real, scenes = batch(range(50_000, 50_000 + config.fd_samples), split="test")
-    conditioner, tokenizers = load_conditioner(f"{config.shapes_runs}/teacher/pipeline")
-    saved = task.conditions
-    task.conditions = encode_prompts(conditioner, tokenizers, [scene.caption for scene in scenes])
+    conditions = encode([scene.caption for scene in scenes])
     noise = torch.randn((config.fd_samples, *task.shape), generator=torch.Generator().manual_seed(1))
-    index = np.arange(config.fd_samples)
-    teacher, student = teacher_images(task, noise, index, config), student_images(task, noise, index, config)
-    task.conditions = saved
+    teacher = teacher_images(task, noise, conditions, config)
+    student = student_images(task, noise, conditions, config)
 
     @torch.no_grad()
     def features(images):

@@ -130,7 +130,7 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _timed(run, repeats: int) -> float:
+def timed_ms(run, repeats: int) -> float:
     """Milliseconds of one call, after one call that warms up."""
     run()
     tick = time.perf_counter()
@@ -210,7 +210,7 @@ def measure_torch(kind: str, name: str, batch: int, export_to: str | None) -> di
     graph, inputs = _graph_of(kind, name)
     feeds = inputs(batch)
     with torch.no_grad():
-        torch_ms = _timed(lambda: graph(*feeds.values()), _repeats(name)) / batch
+        torch_ms = timed_ms(lambda: graph(*feeds.values()), _repeats(name)) / batch
     row = {"kind": kind, "name": name, "batch": batch, "torch_ms_per_image": round(torch_ms, 1),
            "params_m": round(sum(p.numel() for p in graph.parameters()) / 1e6, 1),
            "torch_peak_rss_mb": round(_peak_mb(), 0)}  # before the export, which costs far more than a forward
@@ -231,7 +231,7 @@ def measure_onnx(folder: str, name: str, batch: int) -> dict:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         run = ort.InferenceSession(str(Path(folder) / "stage.onnx"), options, providers=["CPUExecutionProvider"]).run
-        row[key] = round(_timed(lambda run=run: run(None, feeds), _repeats(name)) / batch, 1)
+        row[key] = round(timed_ms(lambda run=run: run(None, feeds), _repeats(name)) / batch, 1)
     row["onnx_peak_rss_mb"] = round(_peak_mb(), 0)
     return row
 
@@ -278,37 +278,45 @@ def text_stage_costs(config: StagesBenchConfig, say) -> list[dict]:
 
 
 # -- a real-size latent bundle, served -----------------------------------------------------------------
-def build_latent_bundle(out: str | Path, say) -> Path:
-    """SiT-S/2 teacher (random weights, the public layout), its FreeFlow student after one step, a
-    verifier on random 256 px images, the tiny decoder: exported as a format 2 bundle."""
+def announce(text: str) -> None:
+    print(f"[bench stages] {text}", flush=True)
+
+
+def build_latent_bundle(out: str | Path, say, denoiser: str = "S/2", latent: tuple[int, int, int] = (4, 32, 32),
+                        vae=None, programs: bool = False) -> Path:
+    """A SiT teacher (random weights, the public layout), its FreeFlow student after one step, a verifier
+    on random images of the decoder's size, and the decoder (by default the tiny one): exported as a
+    format 2 bundle (with torch.export programs when `programs`)."""
     import diffusers
     import torch
 
     from distill.data import Dataset
     from distill.freeflow import FreeFlowConfig
+    from distill.models import Teacher
     from distill.pipeline import distill_student, train_verifier
+    from distill.sit import sit_config
     from distill.trainer import TrainConfig
     from distill.verifier import VerifierConfig
+    from export.decoder import DecoderGraph
     from export.writer import export_bundle
 
     out = Path(out)
     runs = out.parent / f"{out.name}-runs"
     runs.mkdir(parents=True, exist_ok=True)
-    say(f"[bench stages] building the latent bundle in {out}")
+    say(f"building the latent bundle in {out}")
     torch.manual_seed(0)
-    from distill.models import Teacher
-    from distill.sit import sit_config
-
-    teacher = Teacher(sit_config("S/2"))
-    torch.save(public_layout(teacher), runs / "sit-s2.pt")
+    teacher_spec = f"sit:{runs / 'sit.pt'}"
+    torch.save(public_layout(Teacher(sit_config(denoiser, latent))), runs / "sit.pt")
     quick = TrainConfig(steps=1, batch_size=2, ema_decay=0.0)
-    distill_student("freeflow", f"sit:{runs / 'sit-s2.pt'}", FreeFlowConfig(), quick, runs / "student", progress=False)
-    images = torch.rand(16, 3, 256, 256) * 2 - 1
+    distill_student("freeflow", teacher_spec, FreeFlowConfig(), quick, runs / "student", progress=False)
+    vae = vae if vae is not None else diffusers.AutoencoderTiny()
+    side = DecoderGraph(vae.eval()).image_shape(latent)[1]
+    images = torch.rand(16, 3, side, side) * 2 - 1
     train_verifier(Dataset("random", images, torch.arange(16) % 1000, [str(i) for i in range(1000)]),
                    VerifierConfig(width=8, feature_dim=32), quick, runs / "verifier", progress=False)
-    diffusers.AutoencoderTiny().save_pretrained(runs / "tiny-vae")
-    export_bundle(runs / "student", f"sit:{runs / 'sit-s2.pt'}", runs / "verifier", out, (1.0,), progress=False,
-                  decoder=runs / "tiny-vae")
+    vae.save_pretrained(runs / "vae")
+    export_bundle(runs / "student", teacher_spec, runs / "verifier", out, (1.0,), progress=False, decoder=runs / "vae",
+                  programs=programs)
     return out
 
 
@@ -343,7 +351,7 @@ def served_throughput(config: StagesBenchConfig, say) -> dict:
 
     bundle = Path(config.bundle)
     if not (bundle / "manifest.json").is_file():
-        in_fresh_process(build_latent_bundle, str(bundle), print)
+        in_fresh_process(build_latent_bundle, str(bundle), announce)
     say(f"[bench stages] serving {bundle}: {config.served_clients} clients, jpeg, {config.served_seconds:g} s")
     server = ServerProcess(str(bundle), 8730, "--max-batch-size", "4", "--decoder-max-batch-size", "4",
                            "--max-queue-size", "64", "--no-ui")

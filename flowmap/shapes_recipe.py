@@ -19,7 +19,7 @@ from distill.text_teacher import ShapesTeacherConfig
 from distill.trainer import TrainConfig
 from flowmap.recipe import stage_table, timed_stages
 
-GUIDANCE_SCALE = 3.0  # the teacher's guidance, and the student's baked scale: where the teacher is best
+GUIDANCE_SCALE = 3.0  # the teacher's guidance and the student's baked scale (inside the student's trained range)
 
 
 @dataclass
@@ -41,38 +41,20 @@ class ShapesRecipe:
     guidance_scale: float = GUIDANCE_SCALE
 
 
-def train_prompts(count: int, shapes: ShapesConfig) -> list[str]:
+def training_captions(count: int, shapes: ShapesConfig) -> list[str]:
     """Captions of the first `count` training scenes (repeats kept: they carry the scene frequencies)."""
     from distill.shapes import batch
 
     return [scene.caption for scene in batch(range(count), shapes)[1]]
 
 
-def load_oracle(folder: str | Path):
-    from safetensors.torch import load_file
-
-    from distill.oracle import Oracle, OracleConfig
-
-    meta = json.loads((Path(folder) / "oracle.json").read_text())
-    oracle = Oracle(OracleConfig(**meta["config"]))
-    oracle(torch.zeros(1, 3, meta["size"], meta["size"]))  # materialise the lazy layer before loading
-    oracle.load_state_dict(load_file(Path(folder) / "oracle.safetensors"))
-    return oracle.eval().requires_grad_(False)
-
-
 def oracle_stage(recipe: ShapesRecipe, folder: Path, progress: bool) -> dict:
     """Train the oracle (or reuse it) and report its accuracy on fresh renders of both splits."""
-    from safetensors.torch import save_file
-
-    from distill.oracle import accuracies, judge, train_oracle
+    from distill.oracle import accuracies, judge, load_oracle, save_oracle, train_oracle
     from distill.shapes import batch
 
     if not (folder / "oracle.safetensors").is_file():
-        oracle = train_oracle(recipe.oracle, recipe.shapes, progress)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file(oracle.state_dict(), folder / "oracle.safetensors")
-        (folder / "oracle.json").write_text(json.dumps({"config": asdict(recipe.oracle),
-                                                        "size": recipe.shapes.size}))
+        save_oracle(train_oracle(recipe.oracle, recipe.shapes, progress), recipe.oracle, recipe.shapes, folder)
     oracle = load_oracle(folder)
     report = {}
     for split in ("train", "test"):
@@ -122,7 +104,7 @@ def run_shapes_pipeline(recipe: ShapesRecipe, runs: str | Path, docs: str | Path
     teacher_spec = f"diffusers:{pipeline}"
     student = stage("distill", lambda: distill_student(
         recipe.method, teacher_spec, recipe.method_config, recipe.distill_train, runs / recipe.method, progress,
-        prompts=train_prompts(recipe.train_prompts, recipe.shapes)))
+        prompts=training_captions(recipe.train_prompts, recipe.shapes)))
     if bundle is not None:
         stage("export", lambda: export_bundle(runs / recipe.method, teacher_spec, f"clip:{runs / 'clip'}", bundle,
                                               (recipe.guidance_scale,), recipe.guidance_scale,

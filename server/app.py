@@ -95,9 +95,7 @@ def create_app(settings: Settings | None = None, mount_ui: bool | None = None, r
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engines = build_engines(bundle, settings, remote_engines() if remote_engines else None)
-        # a torch program may run fewer rows than the setting (export/programs.py): its `max_rows`
-        service.batchers = {name: DynamicBatcher(engine, min(batch_size(name, settings),
-                                                             getattr(engine, "max_rows", batch_size(name, settings))),
+        service.batchers = {name: DynamicBatcher(engine, batch_size(name, settings, engine),
                                                  settings.max_queue_delay_ms, service.metrics)
                             for name, engine in engines.items()}
         service.admission = Admission.for_batchers(service.batchers, settings, service.metrics)

@@ -94,7 +94,8 @@ class Encoder:
         return encode_b64(images, output)
 
     async def encode(self, images: np.ndarray, output: OutputFormat) -> list[str]:
-        if images[0, 0].size * output.upscale ** 2 * len(images) <= INLINE_MAX_PIXELS and self.gpu_jpeg is None:
+        on_gpu = self.gpu_jpeg is not None and output.format == "jpeg"  # a device call: never on the event loop
+        if images[0, 0].size * output.upscale ** 2 * len(images) <= INLINE_MAX_PIXELS and not on_gpu:
             return encode_b64(images, output)
         async with self.slots:
             return await asyncio.get_running_loop().run_in_executor(self.pool, self._encode, images, output)

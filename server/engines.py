@@ -157,7 +157,7 @@ def _graphs(bundle: Bundle) -> dict[str, Graph]:
     return {**graphs, **{name: graph for name, graph in optional.items() if graph is not None}}
 
 
-def _program_engines(graphs: dict[str, Graph], bundle: Bundle, settings) -> dict[str, Engine]:
+def _program_engines(graphs: dict[str, Graph], settings) -> dict[str, Engine]:
     from server.torch_engine import TorchProgramEngine
 
     options = settings.torch_options()
@@ -165,31 +165,24 @@ def _program_engines(graphs: dict[str, Graph], bundle: Bundle, settings) -> dict
             for name, graph in graphs.items()}
 
 
-def batch_size(engine: str, settings) -> int:
-    """Rows per run of an engine: the decoder has its own limit (it costs far more per row)."""
-    return settings.decoder_max_batch_size if engine == "decoder" else settings.max_batch_size
+def batch_size(engine: str, settings, built: Engine | None = None) -> int:
+    """Rows per run of an engine: the decoder has its own limit (it costs far more per row), and a torch
+    program traced through a batch-size branch runs at most its `max_rows` (export/programs.py)."""
+    rows = settings.decoder_max_batch_size if engine == "decoder" else settings.max_batch_size
+    return min(rows, getattr(built, "max_rows", rows))
 
 
 def build_engines(bundle: Bundle, settings, remote: dict[str, Engine] | None = None) -> dict[str, Engine]:
     """One engine per graph: `student@<w>` for each baked scale, `teacher`, and `verifier`, `decoder`
     and `text_encoder` when the bundle has them. `remote` replaces engines by ones that run elsewhere (a
     Ray deployment)."""
+    remote = remote or {}
+    graphs = {name: graph for name, graph in _graphs(bundle).items() if name not in remote}
     if settings.backend == "torch":
-        graphs = _graphs(bundle)
         if all(graph.program is not None for graph in graphs.values()):
-            return {**_program_engines(graphs, bundle, settings), **(remote or {})}
+            return {**_program_engines(graphs, settings), **remote}
         if bundle.text is not None or bundle.decoder is not None:
             raise RuntimeError("the torch backend needs the bundle's torch.export programs: export it with "
                                "`flowmap export --torch-programs`, or serve it with --backend onnxruntime")
         return _torch_engines(bundle, settings)
-    remote = remote or {}
-    engines = {student_engine(g.guidance_scale): _engine_for(g, student_engine(g.guidance_scale), bundle, settings)
-               for g in bundle.students}
-    engines["teacher"] = _engine_for(bundle.teacher, "teacher", bundle, settings)
-    if bundle.verifier is not None:
-        engines["verifier"] = _engine_for(bundle.verifier, "verifier", bundle, settings)
-    if bundle.text is not None:
-        engines["text_encoder"] = _engine_for(bundle.text.encoder, "text_encoder", bundle, settings)
-    if bundle.decoder is not None and "decoder" not in remote:
-        engines["decoder"] = _engine_for(bundle.decoder, "decoder", bundle, settings)
-    return {**engines, **remote}
+    return {**{name: _engine_for(graph, name, bundle, settings) for name, graph in graphs.items()}, **remote}
