@@ -10,6 +10,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,19 +45,24 @@ def cpu_seconds(pid: int) -> float:
 class ServerProcess:
     def __init__(self, bundle: str, port: int, *flags: str, ready_timeout_s: float = 120.0):
         self.url, self.port = f"http://127.0.0.1:{port}", port
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (lives as long as the server; read if it fails to start)
         self.process = subprocess.Popen([sys.executable, "-m", "flowmap.cli", "serve", "--bundle", bundle,
                                          "--port", str(port), "--request-timeout-s", "120", *flags],
-                                        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                        cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         give_up = time.monotonic() + ready_timeout_s
-        while time.monotonic() < give_up:
+        while time.monotonic() < give_up and self.process.poll() is None:
             try:
                 if httpx.get(self.url + "/health/ready", timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
+        exited = self.process.poll()
+        self.log.seek(0)
+        tail = "\n".join(self.log.read().splitlines()[-15:])
         self.stop()
-        raise RuntimeError("the server did not become ready")
+        why = f"exited with status {exited}" if exited is not None else "did not become ready"
+        raise RuntimeError(f"the server {why}:\n{tail}")
 
     def metrics(self) -> dict[str, float]:
         values: dict[str, float] = {}
@@ -69,6 +75,7 @@ class ServerProcess:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(60)
+        self.log.close()
 
 
 def metric_delta(before: dict, after: dict, series: str) -> float:

@@ -6,7 +6,9 @@
 #
 #   scripts/gpu_check.sh [OUT_DIR]      # default: $OUT, else gpu-check/
 #
-# BENCH_FLAGS replaces the bench's flags (default: three modes), e.g. BENCH_FLAGS="--batches 1 8 32".
+# RUN_TESTS=0 runs the bench alone (e.g. a second call resuming it: BENCH_FLAGS="--resume ...").
+# BENCH_FLAGS replaces the bench's flags (default: four modes), e.g. BENCH_FLAGS="--batches 1 8 32"; the bench
+# rewrites its report after every part, so one cut off by BENCH_TIMEOUT_S keeps what it measured.
 # Without network, carry the wheels scripts/gpu_wheels.sh downloads (.whl/ in the checkout): they
 # are installed into a scratch folder first. With network, `pip install -e ".[train,dev]"` instead.
 set -uo pipefail
@@ -14,6 +16,7 @@ cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-gpu-check}}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1  # a run cut off by its timeout still leaves its log
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" > /dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/flowmap-site \
@@ -23,13 +26,15 @@ fi
 { nvidia-smi; $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"; } \
   > "$OUT_DIR/device.txt" 2>&1
 status=0
+if [ "${RUN_TESTS:-1}" = 1 ]; then
 # the gpu-marked modules only: other modules import packages (ray, gradio, playwright) a bare GPU image lacks
 timeout "${TESTS_TIMEOUT_S:-240}" $PY -m pytest -q -m gpu -rs -p no:cacheprovider tests/test_gpu.py tests/test_gpu_torch.py \
   2>&1 | tee "$OUT_DIR/gpu-tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-# compiled without CUDA graphs is left out by default: each compiled mode compiles every bucket of every model
+fi
+# compiled without CUDA graphs is left out by default: each compiled mode compiles every model twice
 timeout "${BENCH_TIMEOUT_S:-420}" $PY -m flowmap.cli bench gpu --out "$OUT_DIR/gpu" \
-  ${BENCH_FLAGS:---modes eager-fp32 eager-bf16 cuda-graphs-bf16} \
+  ${BENCH_FLAGS:---modes eager-fp32 eager-bf16 graphs-bf16 compiled-graphs-bf16} \
   2>&1 | tee "$OUT_DIR/bench-gpu.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo "gpu check finished (status $status); the report is $OUT_DIR/gpu.md"

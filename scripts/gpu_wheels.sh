@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=(fastapi starlette uvicorn pydantic pydantic_core pydantic-settings python-dotenv annotated-types
-        typing-inspection diffusers importlib_metadata simplejpeg orjson httptools)
+        typing-inspection diffusers importlib_metadata lazy_importer opentelemetry-api simplejpeg orjson
+        httptools)
 mkdir -p .whl
 for name in "${WHEELS[@]}"; do
   version=$(.venv/bin/python -m pip show "$name" 2>/dev/null | sed -n 's/^Version: //p')

@@ -6,7 +6,7 @@ Low precision runs under autocast (matrix products and convolutions in bf16/fp16
 graph's own constants in fp32), checked at start against fp32 on the program's example inputs: an
 engine whose error passes `parity_tolerance` (relative to the output's largest value) refuses to
 start. `compile` runs each batch bucket through torch.compile (the batcher pads every batch to a
-bucket, so each bucket compiles once, at start); `cuda_graphs` replays each bucket as a CUDA graph
+bucket, so every bucket is compiled, at start); `cuda_graphs` replays each bucket as a CUDA graph
 (through torch.compile's "reduce-overhead" mode when compiling, captured by hand otherwise).
 """
 
@@ -51,7 +51,8 @@ def without_dtype_asserts(module):
     traced dtype (float32), which autocast changes by design."""
     import torch
 
-    checks = {torch.ops.aten._assert_tensor_metadata.default}
+    # an older torch has no such op (and writes no such asserts)
+    checks = {op.default for op in [getattr(torch.ops.aten, "_assert_tensor_metadata", None)] if op is not None}
     for graph_module in module.modules():
         if isinstance(graph_module, torch.fx.GraphModule):
             for node in list(graph_module.graph.nodes):
@@ -95,7 +96,10 @@ class TorchProgramEngine:
             limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
             setattr(config, limit, max(getattr(config, limit), 4 * len(BUCKETS)))
             mode = "reduce-overhead" if options.cuda_graphs else "default"
-            self.forward = torch.compile(self.module, mode=mode, dynamic=False)
+            # automatic dynamic shapes: the first bucket compiles static (torch always specialises a batch of 1),
+            # the next one compiles a graph general in the batch that every later bucket reuses, so start-up
+            # compiles twice, not once per bucket; CUDA graphs are still recorded per bucket
+            self.forward = torch.compile(self.module, mode=mode, dynamic=None)
         self.graphs: dict[int, tuple] = {}  # bucket -> (graph, static inputs, static output), hand-captured
         example = self._example(program)
         self.parity = self._check_parity(example) if options.dtype != "float32" else 0.0
