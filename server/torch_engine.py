@@ -62,6 +62,16 @@ def without_dtype_asserts(module):
     return module
 
 
+def load_program(path: str | Path, device):
+    """A `.pt2` program on `device`: weights, constants, example inputs, and the devices its graph names (a
+    program traced on the CPU creates its constants there, e.g. `arange(..., device=cpu)`), all moved."""
+    import torch
+    from torch.export.passes import move_to_device_pass
+
+    program = torch.export.load(str(path))
+    return program if torch.device(device).type == "cpu" else move_to_device_pass(program, torch.device(device))
+
+
 class TorchProgramEngine:
     """One `.pt2` program as a serving engine: numpy in, numpy out, the `Engine` protocol."""
 
@@ -74,7 +84,7 @@ class TorchProgramEngine:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"{name}: --device {options.device} but torch sees no CUDA GPU "
                                f"(torch {torch.__version__}, CUDA build {torch.version.cuda})")
-        program = torch.export.load(str(path))
+        program = load_program(path, self.device)
         self.input_names = tuple(program.graph_signature.user_inputs)
         self.module = without_dtype_asserts(program.module()).to(self.device)
         self.dtype = getattr(torch, options.dtype)

@@ -11,7 +11,7 @@ from export.bundle import BundleError, read_bundle
 from export.tensorrt import random_feeds
 from export.writer import export_bundle
 from server.engines import _graphs
-from server.torch_engine import TorchOptions, TorchProgramEngine
+from server.torch_engine import TorchOptions, TorchProgramEngine, load_program
 
 from serving import Server
 
@@ -55,6 +55,19 @@ def test_a_changed_program_is_refused(program_bundle, tmp_path):
         handle.write(b"\0")
     with pytest.raises(BundleError, match="teacher_w1.5.pt2 fails its sha256 check"):
         read_bundle(copy)
+
+
+def test_a_program_moves_whole_to_its_device(program_bundle):
+    """The teacher's time embedding builds its frequencies with arange(device=cpu) in the traced graph: moved
+    to another device ("meta" stands in for CUDA here), the graph, weights and example inputs follow."""
+    def devices(program):
+        named = {str(node.kwargs["device"]) for node in program.graph.nodes if "device" in node.kwargs}
+        return named | {str(p.device) for p in program.module().parameters()} | {
+            str(x.device) for x in program.example_inputs[0]}
+
+    teacher = read_bundle(program_bundle).teacher
+    assert devices(load_program(teacher.program, "cpu")) == {"cpu"}
+    assert devices(load_program(teacher.program, "meta")) == {"meta"}
 
 
 def test_bf16_is_checked_against_fp32(program_bundle):
