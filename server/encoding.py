@@ -9,7 +9,7 @@ small images class bundles serve) and Pillow at compression level 1 above (as fa
 smaller). Large requests are encoded in a bounded thread pool, since those encoders release the GIL;
 small ones inline, where the hop to a thread would cost more than the encoding. A format's bytes
 depend only on the pixels and the settings: the same seed gives the same bytes in any batch. On the
-torch backend on CUDA, JPEG goes to the GPU instead (server/gpu_jpeg.py: one nvJPEG call a request).
+torch backend on CUDA, RGB JPEG goes to the GPU instead (server/gpu_jpeg.py: one nvJPEG call a request).
 """
 
 from __future__ import annotations
@@ -17,12 +17,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from server.imaging import png_bytes, to_uint8
+
+log = logging.getLogger("flowmap.encoding")
 
 FORMATS = ("png", "jpeg", "webp")
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -87,14 +90,21 @@ class Encoder:
 
             self.gpu_jpeg = CudaJpeg(jpeg_device)
 
+    def on_gpu(self, images: np.ndarray, output: OutputFormat) -> bool:
+        """Whether these images go to the GPU encoder: RGB JPEG only (nvJPEG encodes no grayscale)."""
+        return self.gpu_jpeg is not None and output.format == "jpeg" and images.shape[1] == 3
+
     def _encode(self, images: np.ndarray, output: OutputFormat) -> list[str]:
-        if self.gpu_jpeg is not None and output.format == "jpeg":
-            return [base64.b64encode(data).decode()
-                    for data in self.gpu_jpeg.encode(images, output.compression, output.upscale)]
+        if self.on_gpu(images, output):
+            try:
+                return [base64.b64encode(data).decode()
+                        for data in self.gpu_jpeg.encode(images, output.compression, output.upscale)]
+            except Exception:  # an admitted request gets its images: the CPU encoder makes the same format
+                log.exception("GPU JPEG encoding failed; encoding this request on the CPU")
         return encode_b64(images, output)
 
     async def encode(self, images: np.ndarray, output: OutputFormat) -> list[str]:
-        on_gpu = self.gpu_jpeg is not None and output.format == "jpeg"  # a device call: never on the event loop
+        on_gpu = self.on_gpu(images, output)  # a device call: never on the event loop
         if images[0, 0].size * output.upscale ** 2 * len(images) <= INLINE_MAX_PIXELS and not on_gpu:
             return encode_b64(images, output)
         async with self.slots:

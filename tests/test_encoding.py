@@ -57,3 +57,33 @@ def test_the_pool_and_inline_encoding_give_the_same_bytes():
     pooled, inline = asyncio.run(scenario())
     assert pooled == encode_b64(images, output) and inline == encode_b64(small, output)
     assert base64.b64decode(pooled[0])[:2] == b"\xff\xd8"  # a JPEG
+
+
+def test_gpu_jpeg_takes_rgb_only_and_a_failure_falls_back_to_the_cpu():
+    """nvJPEG encodes no grayscale (the digits bundle's images), and an admitted request gets its images
+    even when the GPU encoder fails. The GPU encoder here is a stand-in that records what it was given."""
+    class FailingGpuJpeg:
+        def __init__(self):
+            self.given = []
+
+        def encode(self, images, quality, upscale=1):
+            self.given.append(images.shape)
+            raise RuntimeError("nvJPEG is out of memory")
+
+    output = OutputFormat("jpeg", 90)
+    gray = np.random.default_rng(0).uniform(-1, 1, (2, 1, 64, 64)).astype(np.float32)
+    rgb = np.random.default_rng(1).uniform(-1, 1, (2, 3, 64, 64)).astype(np.float32)
+
+    async def scenario(encoder):
+        try:
+            return await encoder.encode(gray, output), await encoder.encode(rgb, output)
+        finally:
+            encoder.close()
+
+    encoder = Encoder(2)
+    encoder.gpu_jpeg = FailingGpuJpeg()
+    assert not encoder.on_gpu(gray, output) and encoder.on_gpu(rgb, output)
+    assert not encoder.on_gpu(rgb, OutputFormat("png"))
+    from_gray, from_rgb = asyncio.run(scenario(encoder))
+    assert encoder.gpu_jpeg.given == [rgb.shape]  # tried for the RGB images alone
+    assert from_gray == encode_b64(gray, output) and from_rgb == encode_b64(rgb, output)

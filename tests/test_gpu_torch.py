@@ -71,13 +71,30 @@ def test_nvjpeg_encodes_what_the_cpu_encoder_does():
         assert decoded.shape == pixels.shape and np.abs(decoded - pixels).mean() < 6
 
 
-def test_a_server_on_cuda_serves_jpeg_from_nvjpeg(program_bundle):
+@pytest.fixture(scope="module")
+def rgb_bundle(tmp_path_factory):
+    """A tiny latent bundle (SiT denoiser, SD-VAE-kind decoder: RGB images) with torch programs."""
+    from flowmap.bench_gpu import sd_vae
+    from flowmap.bench_stages import build_latent_bundle
+
+    return build_latent_bundle(tmp_path_factory.mktemp("gpu-rgb") / "bundle", lambda text: None, "S/2", (4, 8, 8),
+                               sd_vae(tiny=True), programs=True)
+
+
+@pytest.mark.parametrize("fixture", ["program_bundle", "rgb_bundle"])
+def test_a_server_on_cuda_serves_jpeg(fixture, request):
+    """RGB images are encoded by nvJPEG (no fallback logged), grayscale ones (digits) on the CPU."""
     server = Server("--no-ui", "--backend", "torch", "--device", "cuda", "--torch-dtype", "bfloat16", "--cuda-graphs",
-                    "--max-batch-size", "8", "--max-queue-size", "64", bundle=program_bundle).wait_ready(timeout=300)
+                    "--max-batch-size", "8", "--max-queue-size", "64",
+                    bundle=request.getfixturevalue(fixture)).wait_ready(timeout=300)
     try:
-        answer = httpx.post(server.url + "/v1/generate", timeout=120, json={
-            "labels": [3, 7, 1], "seeds": [1, 2, 3], "output_format": "jpeg", "size": "64x64"}).json()
+        response = httpx.post(server.url + "/v1/generate", timeout=120, json={
+            "labels": [3, 7, 1], "seeds": [1, 2, 3], "output_format": "jpeg"})
     finally:
-        server.stop()
+        log = server.stop()
+    assert response.status_code == 200, response.text
+    answer = response.json()
     assert answer["output_format"] == "jpeg" and len(answer["images"]) == 3
-    assert Image.open(io.BytesIO(base64.b64decode(answer["images"][0]))).format == "JPEG"
+    image = Image.open(io.BytesIO(base64.b64decode(answer["images"][0])))
+    assert image.format == "JPEG" and image.mode == ("RGB" if fixture == "rgb_bundle" else "L")
+    assert "GPU JPEG encoding failed" not in log
