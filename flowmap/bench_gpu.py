@@ -17,6 +17,7 @@ import platform
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,7 +51,7 @@ class GpuBenchConfig:
     served_denoiser: str = "B/2"  # the SiT size of the served latent bundle (with the SD-VAE decoder)
     served_clients: int = 64
     served_seconds: float = 20.0
-    parts: tuple[str, ...] = ("peak", "stages", "jpeg", "served")
+    parts: tuple[str, ...] = ("peak", "jpeg", "stages", "served")  # run in this order
     out: str = "docs/gpu"
     resume: bool = False  # keep what OUT.json measured on this card and run only the parts and models it lacks
 
@@ -157,8 +158,10 @@ def flops_per_image(graph, inputs) -> float:
     return float(counter.get_total_flops())
 
 
-def stage_rows(name: str, config: GpuBenchConfig, folder: Path, peak_tflops: float | None, say) -> list[dict]:
-    """Every mode and batch of one model through the torch serving engine."""
+def stage_rows(name: str, modes: list[str], config: GpuBenchConfig, folder: Path, peak_tflops: float | None, say,
+               keep: Callable[[list[dict]], None]) -> None:
+    """One model in each of `modes` at every batch through the torch serving engine, each mode's rows given
+    to `keep` as soon as they are measured."""
     import torch
 
     from export.programs import export_program
@@ -169,18 +172,16 @@ def stage_rows(name: str, config: GpuBenchConfig, folder: Path, peak_tflops: flo
     path = export_program(graph, inputs(2), folder / f"{name.replace('/', '-')}.pt2")
     del graph
     cuda = config.device.startswith("cuda")
-    rows = []
-    for mode in config.modes:
+    for mode in modes:
         if MODES[mode][2] and not cuda:
-            rows.append({"model": name, "mode": mode, "skipped": "CUDA graphs need a CUDA device"})
+            keep([{"model": name, "mode": mode, "skipped": "CUDA graphs need a CUDA device"}])
             continue
         try:
-            rows += mode_rows(name, mode, path, inputs, config, flops, peak_tflops, say)
+            keep(mode_rows(name, mode, path, inputs, config, flops, peak_tflops, say))
         except Exception as err:  # a mode this machine cannot run (no C++ compiler for inductor, memory) is reported
-            rows.append({"model": name, "mode": mode, "skipped": f"{type(err).__name__}: {str(err)[:200]}"})
+            keep([{"model": name, "mode": mode, "skipped": f"{type(err).__name__}: {str(err)[:200]}"}])
         if cuda:
             torch.cuda.empty_cache()
-    return rows
 
 
 def mode_rows(name: str, mode: str, path: Path, inputs, config: GpuBenchConfig, flops: float,
@@ -298,7 +299,11 @@ def run_gpu_bench(config: GpuBenchConfig) -> dict:
         raise ValueError(f"--device {config.device}, but torch {torch.__version__} sees no CUDA GPU; "
                          "`--device cpu --scale tiny` runs the same code at toy sizes")
 
-    say = print
+    started = time.perf_counter()
+
+    def say(text: str) -> None:  # with the seconds since the start: what the next run's time limits are sized by
+        print(f"{text} (+{time.perf_counter() - started:.0f} s)")
+
     report = {"config": asdict(config), "anchors": list(ANCHORS), "torch": torch.__version__,
               "device_name": torch.cuda.get_device_name() if config.device.startswith("cuda") else
               (platform.processor() or platform.machine()), "cpus": torch.get_num_threads(), "errors": []}
@@ -308,13 +313,21 @@ def run_gpu_bench(config: GpuBenchConfig) -> dict:
         say(f"[bench gpu] resuming {config.out}.json: keeping {', '.join(sorted(done)) or 'nothing'}")
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
-        steps = [("peak", lambda: report.update(peak=matmul_peak(config))),
-                 ("jpeg", lambda: report.update(jpeg=jpeg_rows(config)))]
-        steps += [(f"stages {name}", lambda name=name: report.setdefault("stages", []).extend(
-            stage_rows(name, config, folder, report.get("peak", {}).get("tflops"), say))) for name in config.models]
-        steps.append(("served", lambda: report.update(served=served(config, folder / "served", say))))
+        def keep(rows: list[dict]) -> None:  # a model's rows as each mode ends: a cut-off run keeps them
+            report.setdefault("stages", []).extend(rows)
+            report["goals"] = goals(report)
+            write_report(report, config.out, plot, to_markdown)
+
+        parts = {"peak": [("peak", lambda: report.update(peak=matmul_peak(config)))],
+                 "jpeg": [("jpeg", lambda: report.update(jpeg=jpeg_rows(config)))],
+                 "stages": [(f"stages {name}", lambda name=name, modes=modes: stage_rows(
+                     name, modes, config, folder, report.get("peak", {}).get("tflops"), say, keep))
+                            for name in config.models
+                            if (modes := [m for m in config.modes if f"stages {name} {m}" not in done])],
+                 "served": [("served", lambda: report.update(served=served(config, folder / "served", say)))]}
+        steps = [step for part in config.parts for step in parts[part]]  # in the order --parts names them
         for step, run in steps:
-            if step.split()[0] not in config.parts or step in done:
+            if step in done:
                 continue
             try:
                 run()
@@ -330,8 +343,8 @@ def run_gpu_bench(config: GpuBenchConfig) -> dict:
 
 
 def resumed(fresh: dict, config: GpuBenchConfig) -> tuple[dict, set[str]]:
-    """(report, steps it already holds) from an earlier run's OUT.json on the same card and torch: its
-    measured parts and models stay, its failed ones are dropped to run again."""
+    """(report, what it already holds: "peak", "jpeg", "served", "stages MODEL MODE") from an earlier run's
+    OUT.json on the same card and torch: what it measured stays, what failed or is missing runs again."""
     import json
 
     earlier = json.loads(Path(config.out).with_suffix(".json").read_text())
@@ -340,33 +353,54 @@ def resumed(fresh: dict, config: GpuBenchConfig) -> tuple[dict, set[str]]:
             raise ValueError(f"--resume: {config.out}.json was measured with {key} {earlier.get(key)!r}, this run has "
                              f"{fresh[key]!r}; timings from two setups do not go in one report")
     failed = {error.split(":")[0] for error in earlier.get("errors", [])}
-    stages = [row for row in earlier.get("stages", []) if f"stages {row['model']}" not in failed]
-    done = {f"stages {row['model']}" for row in stages} | {part for part in ("peak", "jpeg", "served")
-                                                           if part in earlier and part not in failed}
+    stages = [row for row in earlier.get("stages", []) if f"stages {row['model']}" not in failed and measured(row)]
+    done = {f"stages {row['model']} {row['mode']}" for row in stages} | {
+        part for part in ("peak", "jpeg", "served") if part in earlier and part not in failed}
     runs = earlier.get("runs", [earlier["config"]])
     return {**earlier, "config": asdict(config), "runs": [*runs, asdict(config)], "stages": stages,
             "errors": []}, done
 
 
+def measured(row: dict) -> bool:
+    """A stage row timed, or skipped for a reason no rerun changes (the program's batch limit, no CUDA)."""
+    return "batch" in row or row["skipped"].startswith(("batch ", "CUDA graphs need"))
+
+
+def missing(report: dict) -> list[str]:
+    """What the report's config asked for and it does not hold measured (a run cut off, a mode that failed)."""
+    config = report["config"]
+    held = {(row["model"], row["mode"]) for row in report.get("stages", []) if measured(row)}
+    parts = [part for part in ("peak", "jpeg", "served") if part in config["parts"] and part not in report]
+    stages = [f"{model} {mode}" for model in config["models"] for mode in config["modes"]
+              if "stages" in config["parts"] and (model, mode) not in held]
+    return parts + stages
+
+
 def goals(report: dict) -> dict:
+    """The issue's goals: name -> {"met": bool, "measured": the figure it was judged on}."""
     out = {}
+
+    def judge(name: str, value: float, target: float, text: str) -> None:
+        out[name] = {"met": value >= target, "measured": text}
+
     rows = report.get("stages", [])
     for name in dict.fromkeys(r["model"] for r in rows):
         at = {r["mode"]: r for r in rows if r["model"] == name and r.get("batch") == 32}
-        fastest = min((r["ms"], mode) for mode, r in at.items() if "graphs" in mode) if any(
-            "graphs" in mode for mode in at) else None
+        graphs = [(r["ms"], mode) for mode, r in at.items() if "graphs" in mode]
         for eager in ("eager-fp32", "eager-bf16"):  # against fp32 (the issue's eager) and the same precision
-            if fastest and eager in at:
-                out[f"{name}: {fastest[1]} >= 2x {eager} at batch 32"] = at[eager]["ms"] / fastest[0] >= 2
+            if graphs and eager in at:
+                ms, mode = min(graphs)
+                speedup = at[eager]["ms"] / ms
+                judge(f"{name}: {mode} >= 2x {eager} at batch 32", speedup, 2, f"{speedup:.2f}x")
         mfu = [r.get("mfu", 0) for r in rows if r["model"] == name and r.get("batch") == 64 and "bf16" in r["mode"]]
         if mfu and not name.startswith("sd-vae"):
-            out[f"{name}: denoiser MFU >= 40% at batch 64 in bf16"] = max(mfu) >= 0.4
+            judge(f"{name}: denoiser MFU >= 40% at batch 64 in bf16", max(mfu), 0.4, f"{100 * max(mfu):.1f}%")
         parity = [r["parity"] for r in rows if r["model"] == name and "bf16" in r.get("mode", "") and "parity" in r]
         if parity:
-            out[f"{name}: bf16 within 0.1 of the output's scale"] = max(parity) <= 0.1
+            judge(f"{name}: bf16 within 0.1 of the output's scale", -max(parity), -0.1, f"{max(parity):.3g}")
     served_run = report.get("served")
     if served_run:
-        out["served >= 0.7x the stage limit"] = served_run["vs_limit"] >= 0.7
+        judge("served >= 0.7x the stage limit", served_run["vs_limit"], 0.7, f"{served_run['vs_limit']}x")
     return out
 
 
@@ -423,9 +457,16 @@ def to_markdown(report: dict, plot_name: str) -> str:
                   f"{s['statuses']}; its student and decoder allow {s['limit_images_per_s']} images/s at their "
                   f"largest batch: served {s['vs_limit']}x that limit.", ""]
     lines += ["Public anchors (not measured here):", "", *[f"- {anchor}" for anchor in report["anchors"]], ""]
+    runs = report.get("runs", [])
+    if len(runs) > 1:
+        lines += [f"Measured in {len(runs)} runs of `flowmap bench gpu` on this card, each with `--resume` after the "
+                  "first: a run keeps what the earlier ones measured and runs only what they lack.", ""]
+    if missing(report):
+        lines += [f"Not measured (cut off by the run's time limit, or failed above): {', '.join(missing(report))}.", ""]
     if report.get("errors"):
         lines += ["Parts that failed in this run:", "", *[f"- {error}" for error in report["errors"]], ""]
     if report["goals"]:
-        lines += ["| goal | met |", "|---|---|", *[f"| {g} | {'yes' if met else 'no'} |"
-                                                  for g, met in report["goals"].items()]]
+        lines += ["| goal | measured | met |", "|---|---:|---|",
+                  *[f"| {goal} | {judged['measured']} | {'yes' if judged['met'] else 'no'} |"
+                    for goal, judged in report["goals"].items()]]
     return "\n".join(lines) + "\n"

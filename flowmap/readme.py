@@ -216,6 +216,38 @@ def search_block(root: Path) -> str:
     return "\n".join(lines)
 
 
+def gpu_block(root: Path) -> str:
+    report = _load(root / "docs" / "gpu.json")
+    if report is None:
+        return "_Not measured on a GPU yet: run `scripts/gpu_check.sh` on one._"
+    rows = [r for r in report.get("stages", []) if "batch" in r]
+    lines = [f"Measured by `flowmap bench gpu` on one **{report['device_name']}** (torch {report['torch']}, random "
+             f"weights of the real shapes, the serving engine's own ms with host copies; bf16 matmul peak measured "
+             f"{report['peak']['tflops']:.0f} TFLOP/s; from [docs/gpu.md](docs/gpu.md)), images/s by batch:", "",
+             "| model | mode | batch 1 | batch 8 | batch 32 | batch 64 | MFU at the largest |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for mode in dict.fromkeys(r["mode"] for r in rows if r["model"] == model):
+            at = {r["batch"]: r for r in rows if r["model"] == model and r["mode"] == mode}
+            largest = at[max(at)]
+            lines.append(f"| {model} | {mode} | " + " | ".join(
+                f"{at[b]['images_per_s']:.0f}" if b in at else "-" for b in (1, 8, 32, 64))
+                + f" | {100 * largest['mfu']:.0f}% |")
+    jpeg = {(r["encoder"], r["side"]): r["ms_per_image"] for r in report.get("jpeg", []) if "ms_per_image" in r}
+    if jpeg:
+        lines += ["", "JPEG q90, ms per image: " + "; ".join(
+            f"{side} px: nvJPEG {jpeg[('nvjpeg (torchvision)', side)]}, simplejpeg on the CPU "
+            f"{jpeg[('simplejpeg (cpu)', side)]}" for side in sorted({side for _, side in jpeg})) + "."]
+    from flowmap.bench_gpu import missing
+
+    if missing(report):
+        lines += ["", "Not measured yet (cut off by the device time, or failed): " + ", ".join(missing(report)) + "."]
+    lines += ["", "| goal | measured | met |", "|---|---:|---|",
+              *(f"| {goal} | {judged['measured']} | {'yes' if judged['met'] else '**no**'} |"
+                for goal, judged in report["goals"].items())]
+    return "\n".join(lines)
+
+
 def settings_block(root: Path) -> str:
     from server.settings import Settings
 
@@ -230,7 +262,7 @@ def settings_block(root: Path) -> str:
 
 BLOCKS = {"distill-results": distill_block, "methods-results": methods_block, "serving-results": serving_block,
           "overload-results": overload_block, "recipe-results": recipe_block, "stages-results": stages_block,
-          "search-results": search_block, "settings": settings_block}
+          "search-results": search_block, "gpu-results": gpu_block, "settings": settings_block}
 
 
 def update_readme(root: str | Path = ".") -> bool:

@@ -30,3 +30,32 @@ def test_the_gpu_bench_runs_every_part_on_a_cpu(tmp_path):
     assert "--backend torch" in " ".join(served["flags"])
     text = (tmp_path / "gpu.md").read_text()
     assert "SANA-Sprint" in text and "StreamDiffusion" in text and (tmp_path / "gpu.png").is_file()
+
+
+def test_a_cut_off_gpu_bench_resumes_where_it_stopped(tmp_path):
+    """--resume keeps the rows an earlier run measured, runs only the (model, mode) pairs it lacks or
+    failed, says what is still missing, and refuses a report measured on another card."""
+    import json
+
+    from flowmap.bench_gpu import GpuBenchConfig, missing, run_gpu_bench
+
+    out = tmp_path / "gpu"
+    tiny = {"device": "cpu", "scale": "tiny", "batches": (1, 2), "repeats": 1, "models": ("sit-xl/2",),
+            "parts": ("stages",), "out": str(out)}
+    first = run_gpu_bench(GpuBenchConfig(**tiny, modes=("eager-fp32",)))
+    assert missing(first) == []
+    saved = json.loads(out.with_suffix(".json").read_text())
+    saved["stages"].append({"model": "sit-xl/2", "mode": "eager-bf16", "skipped": "RuntimeError: out of memory"})
+    out.with_suffix(".json").write_text(json.dumps(saved))
+    wanted = GpuBenchConfig(**tiny, modes=("eager-fp32", "eager-bf16"), resume=True)
+    assert missing({**saved, "config": {**saved["config"], "modes": ["eager-fp32", "eager-bf16"]}}) == [
+        "sit-xl/2 eager-bf16"]  # a failed mode is not a measured one
+    second = run_gpu_bench(wanted)
+    rows = {(r["mode"], r["batch"]): r for r in second["stages"] if "batch" in r}
+    assert set(rows) == {(m, b) for m in ("eager-fp32", "eager-bf16") for b in (1, 2)}
+    assert all(r == first_row for first_row in first["stages"] for r in [rows[("eager-fp32", first_row["batch"])]])
+    assert not any("skipped" in r for r in second["stages"]) and len(second["runs"]) == 2
+    saved = json.loads(out.with_suffix(".json").read_text())
+    out.with_suffix(".json").write_text(json.dumps({**saved, "device_name": "NVIDIA H100 80GB HBM3"}))
+    with pytest.raises(ValueError, match="measured with device_name 'NVIDIA H100 80GB HBM3'"):
+        run_gpu_bench(wanted)
