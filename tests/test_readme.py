@@ -15,7 +15,7 @@ def test_generated_blocks_match_the_committed_reports():
         assert match, f"README.md has no generated block {name!r}"
         assert match.group(1) == expected, f"README block {name!r} is stale: run `flowmap readme`"
     assert set(BLOCKS) == {"distill-results", "methods-results", "serving-results", "overload-results",
-                           "recipe-results", "stages-results", "search-results", "settings"}
+                           "recipe-results", "stages-results", "search-results", "gpu-results", "settings"}
 
 
 def test_readme_names_the_quick_start_commands():
