@@ -3,11 +3,12 @@
 Models: a SiT-XL/2-shape denoiser on 4x32x32 latents and the SD-VAE decoder (256 px), and a SANA-like
 1024 px denoiser (SANA-600M's shape on 32x32x32 DC-AE latents, 300 text tokens). Each is exported to a
 torch.export program and run through the serving engine itself (server/torch_engine.py: numpy in,
-numpy out, host copies included) at each batch size: eager float32, eager bfloat16, compiled and
-compiled with CUDA graphs. Beside them: the card's measured bf16 matmul peak, each denoiser's MFU
-against it, JPEG on the GPU (nvJPEG) against the CPU encoder, and a latent bundle served over HTTP
-with the batcher against the limit its stage costs allow. `--scale tiny --device cpu` runs the same
-code on toy sizes (CI does). Writes docs/gpu.{md,json,png}.
+numpy out, host copies included) at each batch size: eager float32, eager bfloat16, bfloat16 replayed
+as hand-captured CUDA graphs, compiled, and compiled with CUDA graphs. Beside them: the card's measured
+bf16 matmul peak, each denoiser's MFU against it, JPEG on the GPU (nvJPEG) against the CPU encoder, and
+a latent bundle served over HTTP with the batcher against the limit its stage costs allow.
+`--scale tiny --device cpu` runs the same code on toy sizes (CI does). Writes docs/gpu.{md,json,png}
+after every mode and part; `--resume` goes on from what an earlier run on the same card wrote.
 """
 
 from __future__ import annotations

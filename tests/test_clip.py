@@ -41,7 +41,7 @@ def test_clip_prefers_an_images_own_caption(clip):
     with torch.no_grad():
         own = score(model, images, token_ids(tokenizer, captions))
         # after 300 steps colour is learnt first, shape (8 px patches of a 32 px image) later; chance is 0.5
-        for words, floor in ((list(COLOURS), 0.95), (list(SHAPES), 0.6)):
+        for words, floor in ((list(COLOURS), 0.95), (list(SHAPES), 0.55)):  # 300 scenes: chance is 0.5 +- 0.03
             other = score(model, images, token_ids(tokenizer, [swapped(c, words) for c in captions]))
             assert (own > other).float().mean() > floor, words
 

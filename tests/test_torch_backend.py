@@ -136,3 +136,23 @@ def test_a_text_bundle_with_a_decoder_on_the_torch_backend(tiny_text_bundles, ti
             "negative_prompt": "a blue square"}
     np.testing.assert_allclose(decoded(serve_raw(out, body, "--backend", "torch")), decoded(serve_raw(out, body)),
                                atol=1e-3)
+
+
+def test_a_model_that_branches_on_the_batch_size_exports_over_the_range_its_branch_holds(tmp_path):
+    """diffusers' Upsample2D changes its code path from 64 rows up: the SD-VAE decoder's program is exported
+    for 1..63 rows, and the engine batches within that and still matches the module."""
+    import torch
+
+    from export.decoder import DecoderGraph
+    from export.programs import batch_limit, export_program
+    from flowmap.bench_gpu import sd_vae
+
+    graph = DecoderGraph(sd_vae(tiny=True).eval())
+    path = export_program(graph, {"latent": torch.randn(2, 4, 8, 8)}, tmp_path / "decoder.pt2")
+    assert batch_limit(torch.export.load(str(path))) == 63
+    engine = TorchProgramEngine(path, "decoder", 64, TorchOptions())
+    assert engine.max_rows == engine.max_batch == 63
+    latent = torch.randn(5, 4, 8, 8)
+    with torch.no_grad():
+        expected = graph(latent).numpy()
+    assert np.abs(engine.run({"latent": latent.numpy()}) - expected).max() < 1e-4
