@@ -6,7 +6,8 @@
 #
 #   scripts/gpu_check.sh [OUT_DIR]      # default: $OUT, else gpu-check/
 #
-# RUN_TESTS=0 runs the bench alone (e.g. a second call resuming it: BENCH_FLAGS="--resume ...").
+# RUN_TESTS=0 runs the bench alone. RESUME_FROM=docs/gpu.json goes on from that report (measured on the same
+# card and torch: the bench refuses another) and runs only what it lacks, e.g. after a call cut off by its limit.
 # BENCH_FLAGS replaces the bench's flags (default: four modes), e.g. BENCH_FLAGS="--batches 1 8 32"; the bench
 # rewrites its report after every part, so one cut off by BENCH_TIMEOUT_S keeps what it measured.
 # Without network, carry the wheels scripts/gpu_wheels.sh downloads (.whl/ in the checkout): they
@@ -32,8 +33,13 @@ timeout "${TESTS_TIMEOUT_S:-240}" $PY -m pytest -q -m gpu -rs -p no:cacheprovide
   2>&1 | tee "$OUT_DIR/gpu-tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
+RESUME=()
+if [ -n "${RESUME_FROM:-}" ]; then
+  [ "$RESUME_FROM" -ef "$OUT_DIR/gpu.json" ] || cp "$RESUME_FROM" "$OUT_DIR/gpu.json" || exit 1
+  RESUME=(--resume)
+fi
 # compiled without CUDA graphs is left out by default: each compiled mode compiles every model twice
-timeout "${BENCH_TIMEOUT_S:-420}" $PY -m flowmap.cli bench gpu --out "$OUT_DIR/gpu" \
+timeout "${BENCH_TIMEOUT_S:-420}" $PY -m flowmap.cli bench gpu --out "$OUT_DIR/gpu" "${RESUME[@]}" \
   ${BENCH_FLAGS:---modes eager-fp32 eager-bf16 graphs-bf16 compiled-graphs-bf16} \
   2>&1 | tee "$OUT_DIR/bench-gpu.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
