@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.imaging import png_bytes, to_uint8
+from server.imaging import on_host, png_bytes, to_uint8
 
 log = logging.getLogger("flowmap.encoding")
 
@@ -94,19 +94,22 @@ class Encoder:
         """Whether these images go to the GPU encoder: RGB JPEG only (nvJPEG encodes no grayscale)."""
         return self.gpu_jpeg is not None and output.format == "jpeg" and images.shape[1] == 3
 
-    def _encode(self, images: np.ndarray, output: OutputFormat) -> list[str]:
+    def _encode(self, images, output: OutputFormat) -> list[str]:
         if self.on_gpu(images, output):
             try:
                 return [base64.b64encode(data).decode()
                         for data in self.gpu_jpeg.encode(images, output.compression, output.upscale)]
             except Exception:  # an admitted request gets its images: the CPU encoder makes the same format
                 log.exception("GPU JPEG encoding failed; encoding this request on the CPU")
-        return encode_b64(images, output)
+        return encode_b64(on_host(images), output)
 
-    async def encode(self, images: np.ndarray, output: OutputFormat) -> list[str]:
+    async def encode(self, images, output: OutputFormat) -> list[str]:
+        """Base64 strings of `images` ([N, C, H, W] in [-1, 1]: a numpy array, or the torch backend's tensor on
+        its device) in the requested format."""
         on_gpu = self.on_gpu(images, output)  # a device call: never on the event loop
-        if images[0, 0].size * output.upscale ** 2 * len(images) <= INLINE_MAX_PIXELS and not on_gpu:
-            return encode_b64(images, output)
+        pixels = images.shape[2] * images.shape[3] * output.upscale ** 2 * len(images)
+        if pixels <= INLINE_MAX_PIXELS and not on_gpu:
+            return encode_b64(on_host(images), output)
         async with self.slots:
             return await asyncio.get_running_loop().run_in_executor(self.pool, self._encode, images, output)
 

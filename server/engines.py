@@ -18,6 +18,8 @@ class Engine(Protocol):
     max_batch: int
     buckets: tuple[int, ...]  # batch sizes the backend is fastest at (padding targets); () = any size
 
+    # an array with rows first, sliced per request by the batcher: numpy, or (the torch backend's decoder) a
+    # tensor left on its device until encoded (server/imaging.on_host copies it where the host needs it)
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray: ...
 
 
@@ -161,8 +163,9 @@ def _program_engines(graphs: dict[str, Graph], settings) -> dict[str, Engine]:
     from server.torch_engine import TorchProgramEngine
 
     options = settings.torch_options()
-    return {name: TorchProgramEngine(graph.program, name, batch_size(name, settings), options)
-            for name, graph in graphs.items()}
+    # the decoder's images stay on the device until encoded (a tensor on the CPU too: one path, tested in CI)
+    return {name: TorchProgramEngine(graph.program, name, batch_size(name, settings), options,
+                                     device_output=name == "decoder") for name, graph in graphs.items()}
 
 
 def batch_size(engine: str, settings, built: Engine | None = None) -> int:

@@ -10,6 +10,12 @@ import zlib
 import numpy as np
 
 
+def on_host(images) -> np.ndarray:
+    """Images as a numpy array: a torch tensor (the torch backend's decoder keeps its images on its
+    device until they are encoded) is copied to the host; a numpy array is returned as it is."""
+    return images if isinstance(images, np.ndarray) else images.cpu().numpy()
+
+
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """[N, C, H, W] in [-1, 1] -> [N, H, W, C] uint8 (values clipped, rounded half to even)."""
     pixels = np.rint((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)

@@ -73,13 +73,16 @@ def load_program(path: str | Path, device):
 
 
 class TorchProgramEngine:
-    """One `.pt2` program as a serving engine: numpy in, numpy out, the `Engine` protocol."""
+    """One `.pt2` program as a serving engine, the `Engine` protocol: numpy in, numpy out (a tensor on the device
+    with `device_output`)."""
 
     def __init__(self, path: str | Path, name: str, max_batch: int, options: TorchOptions,
-                 buckets: tuple[int, ...] | None = None):
+                 buckets: tuple[int, ...] | None = None, device_output: bool = False):
         import torch
 
-        self.torch, self.name, self.options = torch, name, options
+        # device_output: `run` answers a float32 tensor on the device, not a host array (the decoder's images
+        # stay on the GPU until nvJPEG encodes them; server/imaging.on_host copies them where needed)
+        self.torch, self.name, self.options, self.device_output = torch, name, options, device_output
         self.device = torch.device(options.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"{name}: --device {options.device} but torch sees no CUDA GPU "
@@ -157,7 +160,9 @@ class TorchProgramEngine:
         rows = next(iter(inputs.values())).shape[0]
         with torch.no_grad(), self._autocast():
             if not (self.options.cuda_graphs and not self.options.compile and rows in self.buckets):
-                return self.forward(*inputs.values())
+                output = self.forward(*inputs.values())
+                # compiled CUDA graphs overwrite their outputs at the next replay: a kept output is a copy
+                return output.clone() if self.options.compile and self.options.cuda_graphs else output
             if rows not in self.graphs:
                 self.graphs[rows] = self._capture(inputs)
             graph, static_inputs, static_output = self.graphs[rows]
@@ -184,5 +189,5 @@ class TorchProgramEngine:
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         inputs = {name: self.torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.device, non_blocking=True)
                   for name in self.input_names}
-        # C order, as onnxruntime gives: a program's output may be a strided view (a decoder's permute)
-        return np.ascontiguousarray(self._call(inputs).float().cpu().numpy())
+        output = self._call(inputs).float().contiguous()  # C order, as onnxruntime gives (a decoder's permute)
+        return output if self.device_output else output.cpu().numpy()

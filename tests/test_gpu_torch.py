@@ -83,16 +83,21 @@ def rgb_bundle(tmp_path_factory):
 
 @pytest.mark.parametrize("fixture", ["program_bundle", "rgb_bundle"])
 def test_a_server_on_cuda_serves_jpeg(fixture, request):
-    """RGB images are encoded by nvJPEG (no fallback logged), grayscale ones (digits) on the CPU."""
+    """RGB images are encoded by nvJPEG (no fallback logged), grayscale ones (digits) on the CPU; a search
+    scores decoded candidates that stayed on the GPU."""
     server = Server("--no-ui", "--backend", "torch", "--device", "cuda", "--torch-dtype", "bfloat16", "--cuda-graphs",
                     "--max-batch-size", "8", "--max-queue-size", "64",
                     bundle=request.getfixturevalue(fixture)).wait_ready(timeout=300)
     try:
         response = httpx.post(server.url + "/v1/generate", timeout=120, json={
             "labels": [3, 7, 1], "seeds": [1, 2, 3], "output_format": "jpeg"})
+        # Best-of-N: decoded candidates (a latent bundle's stay on the GPU) scored, the best two encoded
+        search = httpx.post(server.url + "/v1/search", timeout=120, json={
+            "label": 3, "seed": 1, "n": 6, "top_k": 2, "teacher_steps": 2, "output_format": "jpeg"})
     finally:
         log = server.stop()
-    assert response.status_code == 200, response.text
+    assert response.status_code == 200 and search.status_code == 200, log[-3000:]
+    assert len(search.json()["images"]) == 2
     answer = response.json()
     assert answer["output_format"] == "jpeg" and len(answer["images"]) == 3
     image = Image.open(io.BytesIO(base64.b64decode(answer["images"][0])))

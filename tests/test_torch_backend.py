@@ -2,10 +2,14 @@
 torch.export programs, each program against onnxruntime, bf16 parity refused past its tolerance,
 compiled buckets against eager, and servers on `--backend torch` answering as onnxruntime ones do."""
 
+import base64
+import io
+
 import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
+from PIL import Image
 
 from export.bundle import BundleError, read_bundle
 from export.tensorrt import random_feeds
@@ -136,6 +140,30 @@ def test_a_text_bundle_with_a_decoder_on_the_torch_backend(tiny_text_bundles, ti
             "negative_prompt": "a blue square"}
     np.testing.assert_allclose(decoded(serve_raw(out, body, "--backend", "torch")), decoded(serve_raw(out, body)),
                                atol=1e-3)
+
+
+def test_a_latent_search_on_the_torch_backend_answers_as_onnxruntime(tiny_latent):
+    """Best-of-N on a latent bundle: decoded candidates (a torch tensor from the torch decoder, kept on its
+    device until used) scored, the best kept, the teacher's finish decoded and scored, then JPEG and PNG."""
+    bundle, _, _ = tiny_latent
+    body = {"label": 2, "seed": 5, "n": 6, "top_k": 2, "teacher_steps": 2}
+    answers = {}
+    for backend in ("torch", "onnxruntime"):
+        server = Server("--no-ui", "--backend", backend, bundle=bundle).wait_ready()
+        try:
+            answers[backend] = [httpx.post(server.url + "/v1/search", json={**body, "output_format": output},
+                                           timeout=60) for output in ("jpeg", "png")]
+        finally:
+            log = server.stop()
+        assert all(r.status_code == 200 for r in answers[backend]), log[-3000:]
+    for ours, theirs in zip(answers["torch"], answers["onnxruntime"], strict=True):
+        ours, theirs = ours.json(), theirs.json()
+        assert ours["chosen_seeds"] == theirs["chosen_seeds"] and len(ours["images"]) == 2
+        np.testing.assert_allclose([c["score"] for c in ours["candidates"]],
+                                   [c["score"] for c in theirs["candidates"]], atol=1e-3)
+        np.testing.assert_allclose(ours["final_scores"], theirs["final_scores"], atol=1e-3)
+    jpeg = Image.open(io.BytesIO(base64.b64decode(answers["torch"][0].json()["images"][0])))
+    assert jpeg.format == "JPEG" and jpeg.mode == "RGB"
 
 
 def test_a_model_that_branches_on_the_batch_size_exports_over_the_range_its_branch_holds(tmp_path):

@@ -61,5 +61,5 @@ def build_latent_bundle(root: Path) -> tuple[Path, Path, dict[str, Path]]:
                     data=random_data(LATENT))
     out = root / "latent"
     export_bundle(runs / "freeflow", str(runs / "teacher"), runs / "verifier", out, (1.5,), progress=False,
-                  decoder=vaes["AutoencoderKL"])
+                  decoder=vaes["AutoencoderKL"], programs=True)  # programs: the torch backend too
     return out, runs, vaes
