@@ -217,6 +217,8 @@ def search_block(root: Path) -> str:
 
 
 def gpu_block(root: Path) -> str:
+    from flowmap.bench_gpu import missing
+
     report = _load(root / "docs" / "gpu.json")
     if report is None:
         return "_Not measured on a GPU yet: run `scripts/gpu_check.sh` on one._"
@@ -238,8 +240,6 @@ def gpu_block(root: Path) -> str:
         lines += ["", "JPEG q90, ms per image: " + "; ".join(
             f"{side} px: nvJPEG {jpeg[('nvjpeg (torchvision)', side)]}, simplejpeg on the CPU "
             f"{jpeg[('simplejpeg (cpu)', side)]}" for side in sorted({side for _, side in jpeg})) + "."]
-    from flowmap.bench_gpu import missing
-
     if missing(report):
         lines += ["", "Not measured yet (cut off by the device time, or failed): " + ", ".join(missing(report)) + "."]
     lines += ["", "| goal | measured | met |", "|---|---:|---|",

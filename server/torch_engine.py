@@ -104,7 +104,7 @@ class TorchProgramEngine:
         self.buckets = wanted if specialised or self.device.type == "cuda" else ()
         self.forward = self.module
         if options.compile:
-            # one compiled graph per bucket: allow that many (the limit's name changed across torch versions)
+            # at most one compiled graph per bucket: allow that many (the limit's name changed across torch versions)
             config = torch._dynamo.config
             limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
             setattr(config, limit, max(getattr(config, limit), 4 * len(BUCKETS)))
