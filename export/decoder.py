@@ -37,6 +37,16 @@ def load_vae(folder: str | Path) -> nn.Module:
     return vae.eval().requires_grad_(False)
 
 
+def decoding_half(vae: nn.Module) -> nn.Module:
+    """A shallow copy of `vae` without its encoder, which decoding never reads: a torch.export program keeps
+    every parameter of the module it was traced from (SD-VAE's encoder is 34M of them), the ONNX file does not."""
+    import copy
+
+    view = copy.copy(vae)  # the same submodules and config; `vae` itself keeps its encoder
+    view._modules = {name: module for name, module in vae._modules.items() if name not in ("encoder", "quant_conv")}
+    return view
+
+
 class DecoderGraph(nn.Module):
     """latent -> image in [-1, 1], the VAE's scaling and shift inside."""
 
@@ -49,7 +59,7 @@ class DecoderGraph(nn.Module):
 
     def __init__(self, vae: nn.Module):
         super().__init__()
-        self.vae = vae
+        self.vae = decoding_half(vae)
         self.scale = float(getattr(vae.config, "scaling_factor", None) or 1.0)
         self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
 

@@ -5,8 +5,11 @@ onnxruntime-gpu can be installed.
 Low precision runs under autocast (matrix products and convolutions in bf16/fp16, reductions and the
 graph's own constants in fp32), checked at start against fp32 on the program's example inputs: an
 engine whose error passes `parity_tolerance` (relative to the output's largest value) refuses to
-start. `compile` runs each batch bucket through torch.compile (the batcher pads every batch to a
-bucket, so every bucket is compiled, at start); `cuda_graphs` replays each bucket as a CUDA graph
+start. The weights only matrix products and convolutions read are cast once at start, which autocast
+would otherwise redo every forward (it keeps no cast cache that could outlive a CUDA graph).
+
+`compile` runs each batch bucket through torch.compile (the batcher pads every batch to a bucket, so
+every bucket is compiled, at start); `cuda_graphs` replays each bucket as a CUDA graph
 (through torch.compile's "reduce-overhead" mode when compiling, captured by hand otherwise).
 """
 
@@ -62,6 +65,35 @@ def without_dtype_asserts(module):
     return module
 
 
+# ops autocast runs in low precision whose argument 1 is a weight and 2 a bias, each castable once
+CASTABLE = {f"aten::{op}" for op in ("linear", "conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d",
+                                     "conv_transpose2d", "conv_transpose3d")}
+
+
+def cast_matmul_weights(module, dtype) -> int:
+    """Cast, in place, every parameter of a program's module that only linear layers and convolutions read (as
+    weight or bias) to `dtype`; returns how many. Autocast would cast them to the same values every forward (a
+    SiT-XL/2 forward reads and writes its 675M weights for it); norms, embeddings and anything else a parameter
+    feeds keep their float32 weights."""
+    import torch
+
+    def read_as_weight(node, user) -> bool:
+        return (user.op == "call_function" and isinstance(user.target, torch._ops.OpOverload)
+                and user.target.name() in CASTABLE and node in user.args[1:3] and node is not user.args[0]
+                and node not in user.kwargs.values())
+
+    readers: dict[str, list[bool]] = {}  # parameter name -> for each read, whether it reads a weight or bias
+    for node in module.graph.nodes:
+        if node.op == "get_attr":
+            readers.setdefault(node.target, []).extend(read_as_weight(node, user) for user in node.users)
+    parameters = dict(module.named_parameters())
+    cast = [name for name, reads in readers.items() if reads and all(reads) and name in parameters]
+    with torch.no_grad():
+        for name in cast:
+            parameters[name].data = parameters[name].data.to(dtype)
+    return len(cast)
+
+
 def load_program(path: str | Path, device):
     """A `.pt2` program on `device`: weights, constants, example inputs, and the devices its graph names (a
     program traced on the CPU creates its constants there, e.g. `arange(..., device=cpu)`), all moved."""
@@ -89,7 +121,7 @@ class TorchProgramEngine:
                                f"(torch {torch.__version__}, CUDA build {torch.version.cuda})")
         program = load_program(path, self.device)
         self.input_names = tuple(program.graph_signature.user_inputs)
-        self.module = without_dtype_asserts(program.module()).to(self.device)
+        self.module = without_dtype_asserts(program.module())  # on the device with its program
         self.dtype = getattr(torch, options.dtype)
         from export.programs import batch_limit
 
@@ -136,6 +168,8 @@ class TorchProgramEngine:
         torch = self.torch
         with torch.no_grad():
             reference = self.module(*example.values()).float()
+            cast = cast_matmul_weights(self.module, self.dtype)
+            log.info("%s: %d matrix-product and convolution weights cast to %s once", self.name, cast, self.dtype)
             with self._autocast():
                 low = self.module(*example.values())
         error = relative_error(reference, low)
@@ -156,20 +190,25 @@ class TorchProgramEngine:
         return self.torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=False)
 
     def _call(self, inputs: dict):
+        """The output as a float32, C-order tensor on the device (C order: as onnxruntime gives a decoder's permute)."""
         torch = self.torch
         rows = next(iter(inputs.values())).shape[0]
         with torch.no_grad(), self._autocast():
-            if not (self.options.cuda_graphs and not self.options.compile and rows in self.buckets):
+            if self.options.cuda_graphs and not self.options.compile and rows in self.buckets:
+                if rows not in self.graphs:
+                    self.graphs[rows] = self._capture(inputs)
+                graph, static_inputs, output = self.graphs[rows]
+                for name, value in inputs.items():
+                    static_inputs[name].copy_(value)
+                graph.replay()
+                replayed = True
+            else:
                 output = self.forward(*inputs.values())
-                # compiled CUDA graphs overwrite their outputs at the next replay: a kept output is a copy
-                return output.clone() if self.options.compile and self.options.cuda_graphs else output
-            if rows not in self.graphs:
-                self.graphs[rows] = self._capture(inputs)
-            graph, static_inputs, static_output = self.graphs[rows]
-            for name, value in inputs.items():
-                static_inputs[name].copy_(value)
-            graph.replay()
-            return static_output.clone()
+                replayed = self.options.compile and self.options.cuda_graphs
+        kept = output.float().contiguous()
+        # a CUDA graph overwrites its output at the next replay: a kept output is a copy (the cast to float32
+        # of a bf16 output already is one)
+        return kept.clone() if replayed and kept.data_ptr() == output.data_ptr() else kept
 
     def _capture(self, inputs: dict) -> tuple:
         """A CUDA graph of the eager module at this batch size, after a warm-up on a side stream."""
@@ -189,5 +228,5 @@ class TorchProgramEngine:
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         inputs = {name: self.torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.device, non_blocking=True)
                   for name in self.input_names}
-        output = self._call(inputs).float().contiguous()  # C order, as onnxruntime gives (a decoder's permute)
+        output = self._call(inputs)
         return output if self.device_output else output.cpu().numpy()

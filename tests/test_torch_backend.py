@@ -184,3 +184,29 @@ def test_a_model_that_branches_on_the_batch_size_exports_over_the_range_its_bran
     with torch.no_grad():
         expected = graph(latent).numpy()
     assert np.abs(engine.run({"latent": latent.numpy()}) - expected).max() < 1e-4
+    assert not [name for name in torch.export.load(str(path)).state_dict if ".encoder." in name]  # decoding only
+
+
+def test_bf16_casts_convolution_and_linear_weights_once_and_answers_as_autocast(tmp_path):
+    """The weights only convolutions and linear layers read are bf16 from the start (norms keep float32), and
+    the engine answers exactly what autocast does casting them every forward."""
+    import torch
+
+    from export.decoder import DecoderGraph
+    from export.programs import export_program
+    from flowmap.bench_gpu import sd_vae
+    from server.torch_engine import without_dtype_asserts
+
+    torch.manual_seed(0)
+    graph = DecoderGraph(sd_vae(tiny=True).eval())
+    path = export_program(graph, {"latent": torch.randn(2, 4, 8, 8)}, tmp_path / "decoder.pt2")
+    engine = TorchProgramEngine(path, "decoder", 8, TorchOptions(dtype="bfloat16"))
+    kinds = {name: type(graph.get_submodule(name.rsplit(".", 1)[0])) for name, _ in engine.module.named_parameters()}
+    low = {name for name, parameter in engine.module.named_parameters() if parameter.dtype == torch.bfloat16}
+    assert low == {name for name, kind in kinds.items() if kind in (torch.nn.Conv2d, torch.nn.Linear)}
+    assert torch.nn.GroupNorm in kinds.values() and low
+    latent = torch.randn(3, 4, 8, 8)
+    module = without_dtype_asserts(load_program(path, "cpu").module())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        expected = module(latent).float().numpy()
+    assert np.array_equal(engine.run({"latent": latent.numpy()}), expected)
