@@ -14,6 +14,7 @@ from distill.verifier import load_verifier
 from export.bundle import GraphEntry, Manifest, read_bundle, sha256_of, takes_negative
 from export.decoder import DECODER_PARITY_BATCHES, DECODER_TOLERANCE, DecoderGraph, load_vae
 from export.onnx_export import (
+    PARITY_BATCHES,
     NegativeTeacherGraph,
     StudentGraph,
     TeacherGraph,
@@ -55,7 +56,7 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
                   guidance_scales: tuple[float, ...] = (1.5,), teacher_guidance_scale: float | None = None,
                   name: str | None = None, metrics: dict | None = None, progress: bool = True,
                   decoder: str | Path | None = None, external_data: bool | None = None,
-                  programs: bool = False) -> Manifest:
+                  programs: bool = False, parity_batches: tuple[int, ...] = PARITY_BATCHES) -> Manifest:
     """Export and check all graphs into `out`, then write `manifest.json` and re-read it.
 
     `teacher_guidance_scale` defaults to the first student scale. `metrics` (an evaluation result) goes into
@@ -67,12 +68,16 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
     text encoders go in as the conditioning, its `vae/` (if it has one) as the decoder unless `decoder`
     names another, and the verifier is optional (without one the bundle serves no search). With
     `programs`, each graph is also saved as a torch.export program (`.pt2`, parity-checked), which the
-    torch serving backend loads.
+    torch serving backend loads. `parity_batches` are the batch sizes the denoisers and verifier are checked
+    at against torch (the largest one also for batch invariance): fewer and smaller ones for a model whose
+    batch of 64 a CPU cannot afford; a decoder and text encoders are checked at 1 and 3 whatever it says.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if not guidance_scales:
         raise ValueError("at least one guidance scale must be baked (--guidance-scales)")
+    if not parity_batches or min(parity_batches) < 1:
+        raise ValueError(f"--parity-batches: batch sizes are 1 or more, got {list(parity_batches)}")
     student, student_meta = load_student(student_dir)
     teacher = load_teacher(teacher_spec)
     text = isinstance(getattr(teacher, "config", None), DiffusersConfig)
@@ -111,6 +116,7 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
     checks = {}
 
     def build(graph, filename, label, guidance_scale=None, shape=sample_shape, make=None, **check) -> GraphEntry:
+        check.setdefault("batches", tuple(parity_batches))
         make = make or (lambda batch, g=graph: example_inputs(g, batch, shape, len(classes), seed=batch,
                                                               conditions=conditions))
         path = export_onnx(graph, make(2), out / filename, external_data)

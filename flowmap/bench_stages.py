@@ -283,10 +283,10 @@ def announce(text: str) -> None:
 
 
 def build_latent_bundle(out: str | Path, say, denoiser: str = "S/2", latent: tuple[int, int, int] = (4, 32, 32),
-                        vae=None, programs: bool = False) -> Path:
+                        vae=None, programs: bool = False, parity_batches: tuple[int, ...] | None = None) -> Path:
     """A SiT teacher (random weights, the public layout), its FreeFlow student after one step, a verifier
     on random images of the decoder's size, and the decoder (by default the tiny one): exported as a
-    format 2 bundle (with torch.export programs when `programs`)."""
+    format 2 bundle (with torch.export programs when `programs`; checked at `parity_batches` if given)."""
     import diffusers
     import torch
 
@@ -315,8 +315,9 @@ def build_latent_bundle(out: str | Path, say, denoiser: str = "S/2", latent: tup
     train_verifier(Dataset("random", images, torch.arange(16) % 1000, [str(i) for i in range(1000)]),
                    VerifierConfig(width=8, feature_dim=32), quick, runs / "verifier", progress=False)
     vae.save_pretrained(runs / "vae")
+    parity = {"parity_batches": parity_batches} if parity_batches else {}
     export_bundle(runs / "student", teacher_spec, runs / "verifier", out, (1.0,), progress=False, decoder=runs / "vae",
-                  programs=programs)
+                  programs=programs, **parity)
     return out
 
 

@@ -225,6 +225,7 @@ def cmd_pipeline(argv: list[str]) -> int:
 
 
 def cmd_export(argv: list[str]) -> int:
+    from export.onnx_export import PARITY_BATCHES
     from export.tensorrt import TensorRTConfig
 
     parser = argparse.ArgumentParser("flowmap export", description="Write a servable bundle: ONNX graphs with the "
@@ -249,6 +250,10 @@ def cmd_export(argv: list[str]) -> int:
     parser.add_argument("--torch-programs", action="store_true",
                         help="also save each graph as a torch.export program (.pt2, parity-checked) for `flowmap serve "
                         "--backend torch` (a GPU without TensorRT or onnxruntime-gpu); it doubles the bundle's size")
+    parser.add_argument("--parity-batches", type=int, nargs="+", default=None, metavar="N",
+                        help="batch sizes each denoiser and the verifier are checked at against torch, the largest "
+                        f"also for batch invariance (default: {' '.join(map(str, PARITY_BATCHES))}; e.g. 1 3 for a "
+                        "model whose batch of 64 a CPU cannot afford)")
     parser.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (needs a GPU)")
     parser.add_argument("--triton", default=None, metavar="DIR", help="also write a Triton model repository to DIR")
     parser.add_argument("--triton-kind", default="KIND_CPU", choices=["KIND_CPU", "KIND_GPU"])
@@ -277,9 +282,10 @@ def cmd_export(argv: list[str]) -> int:
                          "(--verifier is optional with a diffusers teacher)")
 
         metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
+        parity = {"parity_batches": tuple(args.parity_batches)} if args.parity_batches else {}
         export_bundle(args.student, args.teacher, args.verifier, args.out, tuple(args.guidance_scales),
                       args.teacher_guidance_scale, args.name, metrics, decoder=args.decoder,
-                      programs=args.torch_programs)
+                      programs=args.torch_programs, **parity)
     if args.tensorrt:
         from export.tensorrt import add_tensorrt_engines
 

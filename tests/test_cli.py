@@ -85,3 +85,10 @@ def test_every_config_flag_says_what_it_means():
         notes = field_help(config)
         silent = [f.name for f in dataclasses.fields(config) if not notes.get(f.name)]
         assert not silent, f"{config.__name__}: fields without a comment for --help: {silent}"
+
+
+def test_bad_parity_batches_are_refused_before_any_model_loads(tmp_path):
+    result = run("export", "--student", str(tmp_path / "none"), "--teacher", str(tmp_path / "none"), "--verifier",
+                 str(tmp_path / "none"), "--out", str(tmp_path / "b"), "--parity-batches", "1", "0")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--parity-batches: batch sizes are 1 or more, got [1, 0]" in result.stderr

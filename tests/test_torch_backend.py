@@ -25,7 +25,7 @@ def program_bundle(tiny_digits_runs, tmp_path_factory):
     out = tmp_path_factory.mktemp("programs") / "tiny"
     runs = tiny_digits_runs
     export_bundle(runs / "freeflow", str(runs / "teacher"), runs / "verifier", out, (1.5, 3.0), progress=False,
-                  programs=True)
+                  programs=True, parity_batches=(1, 2))
     return out
 
 
@@ -48,6 +48,9 @@ def test_every_graph_has_a_hashed_program_that_matches_onnx(program_bundle):
         np.testing.assert_allclose(actual, expected, atol=1e-4, err_msg=name)
     checks = bundle.provenance["checks"]
     assert checks["student_w1.5.pt2"]["program_max_abs_err_b1"] <= 1e-4
+    assert set(checks["student_w1.5.pt2"]) == {"program_max_abs_err_b1", "program_max_abs_err_b2"}  # --parity-batches
+    assert {"parity_max_abs_err_b1", "parity_max_abs_err_b2"} <= set(checks["teacher_w1.5.onnx"])
+    assert not [key for key in checks["teacher_w1.5.onnx"] if key.endswith("_b64")]
 
 
 def test_a_changed_program_is_refused(program_bundle, tmp_path):
