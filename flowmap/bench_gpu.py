@@ -8,7 +8,7 @@ as hand-captured CUDA graphs, compiled, and compiled with CUDA graphs. Beside th
 bf16 matmul peak, each denoiser's MFU against it, JPEG on the GPU (nvJPEG) against the CPU encoder, and
 a latent bundle served over HTTP with the batcher against the limit its stage costs allow.
 `--scale tiny --device cpu` runs the same code on toy sizes (CI does). Writes docs/gpu.{md,json,png}
-after every mode and part; `--resume` goes on from what an earlier run on the same card wrote.
+after every mode and part; `--resume` goes on from what an earlier run on the same card and code wrote.
 """
 
 from __future__ import annotations
@@ -39,6 +39,21 @@ MODES = {  # name -> (dtype, compile, cuda_graphs)
 }
 
 
+# the code whose changes change the timings: a resumed report must have been measured with the same
+TIMED_CODE = ("server/torch_engine.py", "server/gpu_jpeg.py", "export/programs.py", "flowmap/bench_gpu.py")
+
+
+def code_version() -> str:
+    """The first 12 hex digits of the sha256 of TIMED_CODE's files (a GPU machine's copy has no git)."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for name in TIMED_CODE:
+        digest.update((root / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
 @dataclass
 class GpuBenchConfig:
     device: str = "cuda"  # "cpu" runs the same code (with --scale tiny: what CI checks)
@@ -54,7 +69,7 @@ class GpuBenchConfig:
     served_seconds: float = 20.0
     parts: tuple[str, ...] = ("peak", "jpeg", "stages", "served")  # run in this order
     out: str = "docs/gpu"
-    resume: bool = False  # keep what OUT.json measured on this card and run only the parts and models it lacks
+    resume: bool = False  # keep what OUT.json measured on this card and code, run only the parts and models it lacks
 
 
 def synchronise(device: str) -> None:
@@ -306,7 +321,7 @@ def run_gpu_bench(config: GpuBenchConfig) -> dict:
     def say(text: str) -> None:  # with the seconds since the start: what the next run's time limits are sized by
         print(f"{text} (+{time.perf_counter() - started:.0f} s)")
 
-    report = {"config": asdict(config), "anchors": list(ANCHORS), "torch": torch.__version__,
+    report = {"config": asdict(config), "anchors": list(ANCHORS), "torch": torch.__version__, "code": code_version(),
               "device_name": torch.cuda.get_device_name() if config.device.startswith("cuda") else
               (platform.processor() or platform.machine()), "cpus": torch.get_num_threads(), "errors": []}
     done: set[str] = set()
@@ -349,11 +364,12 @@ def run_gpu_bench(config: GpuBenchConfig) -> dict:
 
 def resumed(fresh: dict, config: GpuBenchConfig) -> tuple[dict, set[str]]:
     """(report, what it already holds: "peak", "jpeg", "served", "stages MODEL MODE") from an earlier run's
-    OUT.json on the same card and torch: what it measured stays, what failed or is missing runs again."""
+    OUT.json on the same card, torch and timed code: what it measured stays, what failed or is missing runs
+    again."""
     import json
 
     earlier = json.loads(Path(config.out).with_suffix(".json").read_text())
-    for key in ("device_name", "torch"):
+    for key in ("device_name", "torch", "code"):  # code: TIMED_CODE's version
         if earlier.get(key) != fresh[key]:
             raise ValueError(f"--resume: {config.out}.json was measured with {key} {earlier.get(key)!r}, this run has "
                              f"{fresh[key]!r}; timings from two setups do not go in one report")
@@ -431,7 +447,8 @@ def plot(report: dict, path) -> None:
 def to_markdown(report: dict, plot_name: str) -> str:
     config = report["config"]
     lines = ["# The torch backend on a GPU", "",
-             f"Written by `flowmap bench gpu` on **{report['device_name']}** (torch {report['torch']}, device "
+             f"Written by `flowmap bench gpu` on **{report['device_name']}** (torch {report['torch']}, timed code "
+             f"{report.get('code', 'unrecorded')}, device "
              f"`{config['device']}`, {config['scale']} sizes, random weights). Times are the serving engine's "
              "own (server/torch_engine.py: numpy in, numpy out, host copies included).", ""]
     if "peak" in report:

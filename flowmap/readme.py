@@ -217,7 +217,7 @@ def search_block(root: Path) -> str:
 
 
 def gpu_block(root: Path) -> str:
-    from flowmap.bench_gpu import missing
+    from flowmap.bench_gpu import TIMED_CODE, code_version, missing
 
     report = _load(root / "docs" / "gpu.json")
     if report is None:
@@ -242,6 +242,9 @@ def gpu_block(root: Path) -> str:
             f"{jpeg[('simplejpeg (cpu)', side)]}" for side in sorted({side for _, side in jpeg})) + "."]
     if missing(report):
         lines += ["", "Not measured yet (cut off by the device time, or failed): " + ", ".join(missing(report)) + "."]
+    if report.get("code") != code_version():
+        lines += ["", f"Measured with an earlier version of the timed code ({', '.join(TIMED_CODE)}): the next "
+                  "`scripts/gpu_check.sh` measures this one (and cannot resume from these figures)."]
     lines += ["", "| goal | measured | met |", "|---|---:|---|",
               *(f"| {goal} | {judged['measured']} | {'yes' if judged['met'] else '**no**'} |"
                 for goal, judged in report["goals"].items())]

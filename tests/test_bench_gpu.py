@@ -34,7 +34,7 @@ def test_the_gpu_bench_runs_every_part_on_a_cpu(tmp_path):
 
 def test_a_cut_off_gpu_bench_resumes_where_it_stopped(tmp_path):
     """--resume keeps the rows an earlier run measured, runs only the (model, mode) pairs it lacks or
-    failed, says what is still missing, and refuses a report measured on another card."""
+    failed, says what is still missing, and refuses a report measured on another card or with other code."""
     import json
 
     from flowmap.bench_gpu import GpuBenchConfig, missing, run_gpu_bench
@@ -58,4 +58,7 @@ def test_a_cut_off_gpu_bench_resumes_where_it_stopped(tmp_path):
     saved = json.loads(out.with_suffix(".json").read_text())
     out.with_suffix(".json").write_text(json.dumps({**saved, "device_name": "NVIDIA H100 80GB HBM3"}))
     with pytest.raises(ValueError, match="measured with device_name 'NVIDIA H100 80GB HBM3'"):
+        run_gpu_bench(wanted)
+    out.with_suffix(".json").write_text(json.dumps({**saved, "code": "0123456789ab"}))
+    with pytest.raises(ValueError, match="measured with code '0123456789ab'"):
         run_gpu_bench(wanted)
