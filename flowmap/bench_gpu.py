@@ -1,12 +1,13 @@
 """`flowmap bench gpu`: the torch serving backend at real sizes on a CUDA GPU, random weights.
 
 Models: a SiT-XL/2-shape denoiser on 4x32x32 latents and the SD-VAE decoder (256 px), and a SANA-like
-1024 px denoiser (SANA-600M's shape on 32x32x32 DC-AE latents, 300 text tokens). Each is exported to a
-torch.export program and run through the serving engine itself (server/torch_engine.py: numpy in,
-numpy out, host copies included) at each batch size: eager float32, eager bfloat16, bfloat16 replayed
-as hand-captured CUDA graphs, compiled, and compiled with CUDA graphs. Beside them: the card's measured
-bf16 matmul peak, each denoiser's MFU against it, JPEG on the GPU (nvJPEG) against the CPU encoder, and
-a latent bundle served over HTTP with the batcher against the limit its stage costs allow.
+1024 px denoiser (SANA-600M's shape on 32x32x32 DC-AE latents, 300 text tokens) with SANA's DC-AE
+decoder (f32c32, 1024 px). Each is exported to a torch.export program and run through the serving
+engine itself (server/torch_engine.py: numpy in, numpy out, host copies included) at each batch size:
+eager float32, eager bfloat16, bfloat16 replayed as hand-captured CUDA graphs, compiled, and compiled
+with CUDA graphs. Beside them: the card's measured bf16 matmul peak, each denoiser's MFU against it,
+one step at 1024 px against SANA-Sprint's figure, JPEG on the GPU (nvJPEG) against the CPU encoder,
+and a latent bundle served over HTTP with the batcher against the limit its stage costs allow.
 `--scale tiny --device cpu` runs the same code on toy sizes (CI does). Writes docs/gpu.{md,json,png}
 after every mode and part; `--resume` goes on from what an earlier run on the same card and code wrote.
 """
@@ -39,6 +40,9 @@ MODES = {  # name -> (dtype, compile, cuda_graphs)
 }
 
 
+DECODERS = ("sd-vae-256", "dc-ae-1024")  # the rest are denoisers (judged on MFU)
+# one-step text-to-image at 1024 px, (denoiser, decoder): set beside SANA-Sprint's figure
+ONE_STEP = ("sana-1024", "dc-ae-1024")
 # the code whose changes change the timings: a resumed report must have been measured with the same
 TIMED_CODE = ("server/torch_engine.py", "server/gpu_jpeg.py", "export/programs.py", "flowmap/bench_gpu.py")
 
@@ -58,7 +62,7 @@ def code_version() -> str:
 class GpuBenchConfig:
     device: str = "cuda"  # "cpu" runs the same code (with --scale tiny: what CI checks)
     scale: str = "real"  # "real" sizes, or "tiny" toy shapes
-    models: tuple[str, ...] = ("sit-xl/2", "sd-vae-256", "sana-1024")
+    models: tuple[str, ...] = ("sit-xl/2", "sd-vae-256", "sana-1024", "dc-ae-1024")
     batches: tuple[int, ...] = (1, 8, 32, 64)
     modes: tuple[str, ...] = tuple(MODES)
     repeats: int = 10  # timed runs per point, after the warm-up
@@ -67,7 +71,7 @@ class GpuBenchConfig:
     served_denoiser: str = "B/2"  # the SiT size of the served latent bundle (with the SD-VAE decoder)
     served_clients: int = 64
     served_seconds: float = 20.0
-    parts: tuple[str, ...] = ("peak", "jpeg", "stages", "served")  # run in this order
+    parts: tuple[str, ...] = ("peak", "jpeg", "served", "stages")  # in this order: the quick ones first
     out: str = "docs/gpu"
     resume: bool = False  # keep what OUT.json measured on this card and code, run only the parts and models it lacks
 
@@ -117,11 +121,12 @@ def model(name: str, scale: str):
                     parameter.normal_(0, 0.02)
         return graph, lambda batch: {"x": torch.randn(batch, *latent), "t": torch.rand(batch),
                                      "label": torch.randint(0, 1000, (batch,))}
-    if name.startswith("sd-vae"):
+    if name in DECODERS:
         from export.decoder import DecoderGraph
 
+        make_vae, channels = (sd_vae, 4) if name.startswith("sd-vae") else (dc_ae, 32)
         side = 8 if tiny else 32
-        return DecoderGraph(sd_vae(tiny).eval()), lambda batch: {"latent": torch.randn(batch, 4, side, side)}
+        return DecoderGraph(make_vae(tiny).eval()), lambda batch: {"latent": torch.randn(batch, channels, side, side)}
     return sana_graph(tiny)
 
 
@@ -134,6 +139,22 @@ def sd_vae(tiny: bool):
                                    down_block_types=["DownEncoderBlock2D"] * len(channels),
                                    up_block_types=["UpDecoderBlock2D"] * len(channels), latent_channels=4,
                                    norm_num_groups=32, scaling_factor=0.18215)
+
+
+def dc_ae(tiny: bool):
+    """SANA 1.0's DC-AE (f32c32: 32x32x32 latents -> 1024 px; ResBlocks, then EfficientViT blocks with 5x5
+    multi-scale linear attention), or a toy one of the same kind."""
+    import diffusers
+
+    channels, layers = ((16, 32), (1, 1)) if tiny else ((128, 256, 512, 512, 1024, 1024), (3,) * 6)
+    kinds = ("ResBlock",) * (len(channels) // 2) + ("EfficientViTBlock",) * (len(channels) - len(channels) // 2)
+    scales = tuple(() if kind == "ResBlock" else (5,) for kind in kinds)
+    return diffusers.AutoencoderDC(
+        latent_channels=32, attention_head_dim=8 if tiny else 32, encoder_block_types=kinds,
+        decoder_block_types=kinds, encoder_block_out_channels=channels, decoder_block_out_channels=channels,
+        encoder_layers_per_block=(1, 1) if tiny else (2, 2, 2, 3, 3, 3), decoder_layers_per_block=layers,
+        encoder_qkv_multiscales=scales, decoder_qkv_multiscales=scales, downsample_block_type="conv",
+        upsample_block_type="interpolate", scaling_factor=0.41407)
 
 
 def sana_graph(tiny: bool):
@@ -202,23 +223,42 @@ def stage_rows(name: str, modes: list[str], config: GpuBenchConfig, folder: Path
 
 def mode_rows(name: str, mode: str, path: Path, inputs, config: GpuBenchConfig, flops: float,
               peak_tflops: float | None, say) -> list[dict]:
-    """One model in one mode at every batch: the engine's start (load, parity, compile/capture) and its ms."""
+    """One model in one mode at every batch: the engine's start (load, parity, compile/capture) and its ms. A
+    batch the card has no memory for (a 1024 px decoder at 64) is reported as such, and the smaller ones run."""
+    import torch
+
     from server.torch_engine import TorchOptions, TorchProgramEngine
 
     dtype, compiled, graphs = MODES[mode]
-    tick = time.perf_counter()
-    engine = TorchProgramEngine(path, name, max(config.batches),
-                                TorchOptions(config.device, dtype, compiled, graphs, parity_tolerance=0.1),
-                                buckets=tuple(config.batches))
+    batches, rows = sorted(config.batches), []
+
+    def out_of_memory(batch: int) -> None:
+        rows.append({"model": name, "mode": mode, "skipped": f"batch {batch}: out of memory on this card"})
+        torch.cuda.empty_cache()
+
+    while True:  # CUDA graphs capture every bucket at start: one too large for the card is dropped there
+        tick = time.perf_counter()
+        try:
+            engine = TorchProgramEngine(path, name, batches[-1],
+                                        TorchOptions(config.device, dtype, compiled, graphs, parity_tolerance=0.1),
+                                        buckets=tuple(batches))
+            break
+        except torch.cuda.OutOfMemoryError:
+            if len(batches) == 1:
+                raise
+            out_of_memory(batches.pop())
     start_s = time.perf_counter() - tick
-    rows = []
-    for batch in config.batches:
+    for batch in batches:
         if batch > engine.max_batch:
             rows.append({"model": name, "mode": mode, "skipped": f"batch {batch}: the program runs at most "
                          f"{engine.max_rows} rows (the model branches on the batch size)"})
             continue
         feeds = {key: value.numpy() for key, value in inputs(batch).items()}
-        ms = timed_ms(lambda run=engine.run, feeds=feeds: run(feeds), config.repeats)
+        try:
+            ms = timed_ms(lambda run=engine.run, feeds=feeds: run(feeds), config.repeats)
+        except torch.cuda.OutOfMemoryError:
+            out_of_memory(batch)
+            continue
         row = {"model": name, "mode": mode, "batch": batch, "ms": round(ms, 3),
                "images_per_s": round(batch / ms * 1000, 2), "start_s": round(start_s, 1),
                "parity": engine.parity, "gflops_per_image": flops / 1e9}
@@ -414,7 +454,7 @@ def goals(report: dict) -> dict:
                 speedup = at[eager]["ms"] / ms
                 judge(f"{name}: {mode} >= 2x {eager} at batch 32", speedup >= 2, f"{speedup:.2f}x")
         mfu = [r.get("mfu", 0) for r in rows if r["model"] == name and r.get("batch") == 64 and "bf16" in r["mode"]]
-        if mfu and not name.startswith("sd-vae"):
+        if mfu and name not in DECODERS:
             judge(f"{name}: denoiser MFU >= 40% at batch 64 in bf16", max(mfu) >= 0.4, f"{100 * max(mfu):.1f}%")
         parity = [r["parity"] for r in rows if r["model"] == name and "bf16" in r.get("mode", "") and "parity" in r]
         if parity:
@@ -423,6 +463,30 @@ def goals(report: dict) -> dict:
     if served_run:
         judge("served >= 0.7x the stage limit", served_run["vs_limit"] >= 0.7, f"{served_run['vs_limit']}x")
     return out
+
+
+def one_step(report: dict) -> dict | None:
+    """One-step text-to-image at 1024 px from the stage rows: the fastest mode of the denoiser and of the decoder
+    at batch 1 (ms each and their sum; the text encoder is not among them), or None before both are measured."""
+    fastest = {}
+    for name in ONE_STEP:
+        rows = [r for r in report.get("stages", []) if r["model"] == name and r.get("batch") == 1]
+        if not rows:
+            return None
+        fastest[name] = min(rows, key=lambda r: r["ms"])
+    denoiser, decoder = (fastest[name] for name in ONE_STEP)
+    return {"ms": round(denoiser["ms"] + decoder["ms"], 2),
+            **{name: {"ms": row["ms"], "mode": row["mode"]} for name, row in fastest.items()}}
+
+
+def one_step_line(report: dict) -> str | None:
+    """The one-step figure as a sentence beside SANA-Sprint's, or None before it is measured."""
+    step = one_step(report)
+    if step is None:
+        return None
+    parts = " + ".join(f"{name} {step[name]['ms']:.2f} ms ({step[name]['mode']})" for name in ONE_STEP)
+    return (f"One step at 1024 px, batch 1: {parts} = **{step['ms']:.2f} ms** (without the text encoder, which "
+            "the server skips for a cached prompt); SANA-Sprint's one step is about 100 ms on an H100.")
 
 
 def plot(report: dict, path) -> None:
@@ -478,6 +542,8 @@ def to_markdown(report: dict, plot_name: str) -> str:
                   f"`{' '.join(s['flags'])}`): {s['images_per_s']} images/s, p50 {s['p50_ms']} ms, statuses "
                   f"{s['statuses']}; its student and decoder allow {s['limit_images_per_s']} images/s at their "
                   f"largest batch: served {s['vs_limit']}x that limit.", ""]
+    if one_step_line(report):
+        lines += [one_step_line(report), ""]
     lines += ["Public anchors (not measured here):", "", *[f"- {anchor}" for anchor in report["anchors"]], ""]
     runs = report.get("runs", [])
     if len(runs) > 1:

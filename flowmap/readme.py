@@ -217,7 +217,7 @@ def search_block(root: Path) -> str:
 
 
 def gpu_block(root: Path) -> str:
-    from flowmap.bench_gpu import TIMED_CODE, code_version, missing
+    from flowmap.bench_gpu import TIMED_CODE, code_version, missing, one_step_line
 
     report = _load(root / "docs" / "gpu.json")
     if report is None:
@@ -240,6 +240,8 @@ def gpu_block(root: Path) -> str:
         lines += ["", "JPEG q90, ms per image: " + "; ".join(
             f"{side} px: nvJPEG {jpeg[('nvjpeg (torchvision)', side)]}, simplejpeg on the CPU "
             f"{jpeg[('simplejpeg (cpu)', side)]}" for side in sorted({side for _, side in jpeg})) + "."]
+    if one_step_line(report):
+        lines += ["", one_step_line(report)]
     if missing(report):
         lines += ["", "Not measured yet (cut off by the device time, or failed): " + ", ".join(missing(report)) + "."]
     if report.get("code") != code_version():

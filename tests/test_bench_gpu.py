@@ -7,7 +7,7 @@ pytest.importorskip("diffusers")
 
 
 def test_the_gpu_bench_runs_every_part_on_a_cpu(tmp_path):
-    from flowmap.bench_gpu import GpuBenchConfig, run_gpu_bench
+    from flowmap.bench_gpu import GpuBenchConfig, one_step, run_gpu_bench
 
     config = GpuBenchConfig(device="cpu", scale="tiny", batches=(1, 2), modes=("eager-fp32", "eager-bf16",
                             "graphs-bf16"), repeats=1, jpeg_sides=(64,), jpeg_images=2, served_clients=2,
@@ -23,12 +23,17 @@ def test_the_gpu_bench_runs_every_part_on_a_cpu(tmp_path):
         assert any(r["mode"] == "eager-bf16" and r["parity"] > 0 for r in measured)
         skipped = next(r for r in rows if r["model"] == name and r["mode"] == "graphs-bf16")
         assert skipped["skipped"] == "CUDA graphs need a CUDA device"
+    fastest = {name: min(r["ms"] for r in rows if r["model"] == name and r.get("batch") == 1)
+               for name in ("sana-1024", "dc-ae-1024")}
+    step = one_step(report)  # SANA's transformer and DC-AE decoder, each in its fastest mode at batch 1
+    assert step["ms"] == round(fastest["sana-1024"] + fastest["dc-ae-1024"], 2) and step["dc-ae-1024"]["ms"] > 0
     assert any(r["encoder"] == "simplejpeg (cpu)" and r["ms_per_image"] > 0 for r in report["jpeg"])
     served = report["served"]
     assert served["images_per_s"] > 0 and served["limit_images_per_s"] > 0
     assert set(map(str, served["statuses"])) == {"200"}  # every request answered
     assert "--backend torch" in " ".join(served["flags"])
     text = (tmp_path / "gpu.md").read_text()
+    assert "One step at 1024 px, batch 1: sana-1024" in text
     assert "SANA-Sprint" in text and "StreamDiffusion" in text and (tmp_path / "gpu.png").is_file()
 
 
