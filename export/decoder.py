@@ -39,11 +39,17 @@ def load_vae(folder: str | Path) -> nn.Module:
 
 def decoding_half(vae: nn.Module) -> nn.Module:
     """A shallow copy of `vae` without its encoder, which decoding never reads: a torch.export program keeps
-    every parameter of the module it was traced from (SD-VAE's encoder is 34M of them), the ONNX file does not."""
+    every parameter of the module it was traced from (SD-VAE's encoder is 34M of them), the ONNX file does not.
+    The decoding submodules are `vae`'s own (moving the copy to a device moves them); its registries of
+    children, parameters, buffers and hooks are its own, so `vae` keeps its encoder."""
     import copy
 
-    view = copy.copy(vae)  # the same submodules and config; `vae` itself keeps its encoder
-    view._modules = {name: module for name, module in vae._modules.items() if name not in ("encoder", "quant_conv")}
+    view = copy.copy(vae)
+    for key, value in vars(vae).items():
+        if key.startswith("_") and isinstance(value, dict | set):
+            view.__dict__[key] = copy.copy(value)
+    for name in ("encoder", "quant_conv"):
+        view._modules.pop(name, None)
     return view
 
 

@@ -68,16 +68,16 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
     text encoders go in as the conditioning, its `vae/` (if it has one) as the decoder unless `decoder`
     names another, and the verifier is optional (without one the bundle serves no search). With
     `programs`, each graph is also saved as a torch.export program (`.pt2`, parity-checked), which the
-    torch serving backend loads. `parity_batches` are the batch sizes the denoisers and verifier are checked
-    at against torch (the largest one also for batch invariance): fewer and smaller ones for a model whose
-    batch of 64 a CPU cannot afford; a decoder and text encoders are checked at 1 and 3 whatever it says.
+    torch serving backend loads. `parity_batches` are the batch sizes the denoisers and a class verifier are
+    checked at against torch (the largest one also for batch invariance): fewer and smaller ones for a model
+    whose batch of 64 a CPU cannot afford; a decoder, text encoders and a CLIP scorer are checked at 1 and 3.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if not guidance_scales:
         raise ValueError("at least one guidance scale must be baked (--guidance-scales)")
     if not parity_batches or min(parity_batches) < 1:
         raise ValueError(f"--parity-batches: batch sizes are 1 or more, got {list(parity_batches)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     student, student_meta = load_student(student_dir)
     teacher = load_teacher(teacher_spec)
     text = isinstance(getattr(teacher, "config", None), DiffusersConfig)

@@ -43,18 +43,21 @@ MODES = {  # name -> (dtype, compile, cuda_graphs)
 DECODERS = ("sd-vae-256", "dc-ae-1024")  # the rest are denoisers (judged on MFU)
 # one-step text-to-image at 1024 px, (denoiser, decoder): set beside SANA-Sprint's figure
 ONE_STEP = ("sana-1024", "dc-ae-1024")
-# the code whose changes change the timings: a resumed report must have been measured with the same
-TIMED_CODE = ("server/torch_engine.py", "server/gpu_jpeg.py", "export/programs.py", "flowmap/bench_gpu.py")
+# the code whose changes change the timings (the engines, the server the served part runs, the timing loops and
+# the bundle it builds): a resumed report must have been measured with the same
+TIMED_CODE = ("server/", "export/programs.py", "export/decoder.py", "flowmap/bench_gpu.py", "flowmap/bench_stages.py",
+              "flowmap/loadgen.py")
 
 
 def code_version() -> str:
-    """The first 12 hex digits of the sha256 of TIMED_CODE's files (a GPU machine's copy has no git)."""
+    """The first 12 hex digits of the sha256 of TIMED_CODE's Python files (a GPU machine's copy has no git)."""
     import hashlib
 
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
     for name in TIMED_CODE:
-        digest.update((root / name).read_bytes())
+        for path in sorted((root / name).glob("*.py")) if name.endswith("/") else [root / name]:
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]
 
 
@@ -234,20 +237,21 @@ def mode_rows(name: str, mode: str, path: Path, inputs, config: GpuBenchConfig, 
     batches, rows = sorted(config.batches), []
 
     def out_of_memory(batch: int) -> None:
-        rows.append({"model": name, "mode": mode, "skipped": f"batch {batch}: out of memory on this card"})
-        torch.cuda.empty_cache()
+        rows.append({"model": name, "mode": mode, "skipped": f"out of memory at batch {batch} on this card"})
 
-    while True:  # CUDA graphs capture every bucket at start: one too large for the card is dropped there
-        tick = time.perf_counter()
+    while True:  # compile and CUDA graphs warm every bucket up at start: one too large for the card is dropped there
+        tick, engine = time.perf_counter(), None
         try:
             engine = TorchProgramEngine(path, name, batches[-1],
                                         TorchOptions(config.device, dtype, compiled, graphs, parity_tolerance=0.1),
                                         buckets=tuple(batches))
-            break
         except torch.cuda.OutOfMemoryError:
-            if len(batches) == 1:
+            if len(batches) == 1 or not (compiled or graphs):  # eager starts alike whatever the batches
                 raise
-            out_of_memory(batches.pop())
+        if engine is not None:
+            break
+        torch.cuda.empty_cache()  # out of the handler: its traceback no longer holds the half-built engine
+        out_of_memory(batches.pop())
     start_s = time.perf_counter() - tick
     for batch in batches:
         if batch > engine.max_batch:
@@ -255,10 +259,13 @@ def mode_rows(name: str, mode: str, path: Path, inputs, config: GpuBenchConfig, 
                          f"{engine.max_rows} rows (the model branches on the batch size)"})
             continue
         feeds = {key: value.numpy() for key, value in inputs(batch).items()}
+        ms = None
         try:
             ms = timed_ms(lambda run=engine.run, feeds=feeds: run(feeds), config.repeats)
         except torch.cuda.OutOfMemoryError:
             out_of_memory(batch)
+        if ms is None:
+            torch.cuda.empty_cache()
             continue
         row = {"model": name, "mode": mode, "batch": batch, "ms": round(ms, 3),
                "images_per_s": round(batch / ms * 1000, 2), "start_s": round(start_s, 1),
@@ -424,8 +431,9 @@ def resumed(fresh: dict, config: GpuBenchConfig) -> tuple[dict, set[str]]:
 
 
 def measured(row: dict) -> bool:
-    """A stage row timed, or skipped for a reason no rerun changes (the program's batch limit, no CUDA)."""
-    return "batch" in row or row["skipped"].startswith(("batch ", "CUDA graphs need"))
+    """A stage row timed, or skipped for a reason a rerun of its mode is not worth: the program's batch limit,
+    no CUDA, or a batch out of memory beside smaller ones measured (a rerun would pay the mode's whole start)."""
+    return "batch" in row or row["skipped"].startswith(("batch ", "CUDA graphs need", "out of memory at batch"))
 
 
 def missing(report: dict) -> list[str]:
@@ -481,13 +489,15 @@ def one_step(report: dict) -> dict | None:
 
 
 def one_step_line(report: dict) -> str | None:
-    """The one-step figure as a sentence beside SANA-Sprint's, or None before it is measured."""
+    """The one-step figure as a sentence (beside SANA-Sprint's at real sizes), or None before it is measured."""
     step = one_step(report)
     if step is None:
         return None
     parts = " + ".join(f"{name} {step[name]['ms']:.2f} ms ({step[name]['mode']})" for name in ONE_STEP)
-    return (f"One step at 1024 px, batch 1: {parts} = **{step['ms']:.2f} ms** (without the text encoder, which "
-            "the server skips for a cached prompt); SANA-Sprint's one step is about 100 ms on an H100.")
+    real = report["config"]["scale"] == "real"
+    return (f"One step at {'1024 px' if real else 'toy sizes'}, batch 1: {parts} = **{step['ms']:.2f} ms** (without "
+            "the text encoder, which the server skips for a cached prompt)" + (
+                "; SANA-Sprint's one step is about 100 ms on an H100." if real else "."))
 
 
 def plot(report: dict, path) -> None:
@@ -543,8 +553,9 @@ def to_markdown(report: dict, plot_name: str) -> str:
                   f"`{' '.join(s['flags'])}`): {s['images_per_s']} images/s, p50 {s['p50_ms']} ms, statuses "
                   f"{s['statuses']}; its student and decoder allow {s['limit_images_per_s']} images/s at their "
                   f"largest batch: served {s['vs_limit']}x that limit.", ""]
-    if one_step_line(report):
-        lines += [one_step_line(report), ""]
+    step = one_step_line(report)
+    if step:
+        lines += [step, ""]
     lines += ["Public anchors (not measured here):", "", *[f"- {anchor}" for anchor in report["anchors"]], ""]
     runs = report.get("runs", [])
     if len(runs) > 1:

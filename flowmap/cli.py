@@ -251,7 +251,7 @@ def cmd_export(argv: list[str]) -> int:
                         help="also save each graph as a torch.export program (.pt2, parity-checked) for `flowmap serve "
                         "--backend torch` (a GPU without TensorRT or onnxruntime-gpu); it doubles the bundle's size")
     parser.add_argument("--parity-batches", type=int, nargs="+", default=None, metavar="N",
-                        help="batch sizes each denoiser and the verifier are checked at against torch, the largest "
+                        help="batch sizes each denoiser and a class verifier are checked at against torch, the largest "
                         f"also for batch invariance (default: {' '.join(map(str, PARITY_BATCHES))}; e.g. 1 3 for a "
                         "model whose batch of 64 a CPU cannot afford)")
     parser.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (needs a GPU)")

@@ -240,8 +240,9 @@ def gpu_block(root: Path) -> str:
         lines += ["", "JPEG q90, ms per image: " + "; ".join(
             f"{side} px: nvJPEG {jpeg[('nvjpeg (torchvision)', side)]}, simplejpeg on the CPU "
             f"{jpeg[('simplejpeg (cpu)', side)]}" for side in sorted({side for _, side in jpeg})) + "."]
-    if one_step_line(report):
-        lines += ["", one_step_line(report)]
+    step = one_step_line(report)
+    if step:
+        lines += ["", step]
     if missing(report):
         lines += ["", "Not measured yet (cut off by the device time, or failed): " + ", ".join(missing(report)) + "."]
     if report.get("code") != code_version():

@@ -7,7 +7,8 @@
 #   scripts/gpu_check.sh [OUT_DIR]      # default: $OUT, else gpu-check/
 #
 # RUN_TESTS=0 runs the bench alone. RESUME_FROM=docs/gpu.json goes on from that report (measured on the same
-# card, torch and timed code: the bench refuses another) and runs only what it lacks, e.g. after a call cut off by its limit.
+# card, torch and timed code: the bench refuses another) and runs only what it lacks, e.g. after a call cut off
+# by its limit.
 # BENCH_FLAGS replaces the bench's flags (default: four modes), e.g. BENCH_FLAGS="--batches 1 8 32"; the bench
 # rewrites its report after every part, so one cut off by BENCH_TIMEOUT_S keeps what it measured.
 # Without network, carry the wheels scripts/gpu_wheels.sh downloads (.whl/ in the checkout): they

@@ -65,22 +65,26 @@ def without_dtype_asserts(module):
     return module
 
 
-# ops autocast runs in low precision whose argument 1 is a weight and 2 a bias, each castable once
-CASTABLE = {f"aten::{op}" for op in ("linear", "conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d",
-                                     "conv_transpose2d", "conv_transpose3d")}
+# ops whose argument 1 is a weight and 2 a bias, which autocast runs in low precision
+WEIGHT_OPS = {f"aten::{op}" for op in ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+                                       "conv_transpose3d")}
 
 
-def cast_matmul_weights(module, dtype) -> int:
+def cast_matmul_weights(module, dtype, device_type: str) -> int:
     """Cast, in place, every parameter of a program's module that only linear layers and convolutions read (as
     weight or bias) to `dtype`; returns how many. Autocast would cast them to the same values every forward (a
     SiT-XL/2 forward reads and writes its 675M weights for it); norms, embeddings and anything else a parameter
-    feeds keep their float32 weights."""
+    feeds keep their float32 weights, and so does an op autocast leaves alone on `device_type` (on CUDA, a
+    convolution with padding="same"), which would otherwise meet float32 inputs with a bf16 weight."""
     import torch
+
+    autocast = f"Autocast{device_type.upper()}"  # AutocastCPU, AutocastCUDA: the dispatch key autocast runs under
 
     def read_as_weight(node, user) -> bool:
         return (user.op == "call_function" and isinstance(user.target, torch._ops.OpOverload)
-                and user.target.name() in CASTABLE and node in user.args[1:3] and node is not user.args[0]
-                and node not in user.kwargs.values())
+                and user.target.name().split(".")[0] in WEIGHT_OPS
+                and torch._C._dispatch_has_kernel_for_dispatch_key(user.target.name(), autocast)
+                and node in user.args[1:3] and node is not user.args[0] and node not in user.kwargs.values())
 
     readers: dict[str, list[bool]] = {}  # parameter name -> for each read, whether it reads a weight or bias
     for node in module.graph.nodes:
@@ -147,7 +151,13 @@ class TorchProgramEngine:
             self.forward = torch.compile(self.module, mode=mode, dynamic=None)
         self.graphs: dict[int, tuple] = {}  # bucket -> (graph, static inputs, static output), hand-captured
         example = self._example(program)
-        self.parity = self._check_parity(example) if options.dtype != "float32" else 0.0
+        self.parity = 0.0
+        if options.dtype != "float32":
+            with torch.no_grad():
+                reference = self.module(*example.values()).float()  # before any weight is cast
+            cast = cast_matmul_weights(self.module, self.dtype, self.device.type)
+            log.info("%s: %d linear and convolution weights and biases cast to %s once", name, cast, options.dtype)
+            self.parity = self._check_parity(reference, example)
         if specialised:
             for bucket in self.buckets:  # compile / capture every bucket now, not in a visitor's request
                 self._call({name: self._rows(value, bucket) for name, value in example.items()})
@@ -164,14 +174,10 @@ class TorchProgramEngine:
         repeats = -(-rows // tensor.shape[0])
         return tensor.repeat(repeats, *([1] * (tensor.dim() - 1)))[:rows].contiguous()
 
-    def _check_parity(self, example: dict) -> float:
-        torch = self.torch
-        with torch.no_grad():
-            reference = self.module(*example.values()).float()
-            cast = cast_matmul_weights(self.module, self.dtype)
-            log.info("%s: %d matrix-product and convolution weights cast to %s once", self.name, cast, self.dtype)
-            with self._autocast():
-                low = self.module(*example.values())
+    def _check_parity(self, reference, example: dict) -> float:
+        """The low-precision output's largest error against the float32 `reference`, relative to its scale."""
+        with self.torch.no_grad(), self._autocast():
+            low = self.module(*example.values())
         error = relative_error(reference, low)
         if not error <= self.options.parity_tolerance:
             raise RuntimeError(f"{self.name}: {self.options.dtype} differs from float32 by {error:.3g} of the output's "

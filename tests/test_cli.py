@@ -92,3 +92,4 @@ def test_bad_parity_batches_are_refused_before_any_model_loads(tmp_path):
                  str(tmp_path / "none"), "--out", str(tmp_path / "b"), "--parity-batches", "1", "0")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--parity-batches: batch sizes are 1 or more, got [1, 0]" in result.stderr
+    assert not (tmp_path / "b").exists()  # refused before anything was written

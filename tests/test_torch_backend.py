@@ -169,6 +169,34 @@ def test_a_latent_search_on_the_torch_backend_answers_as_onnxruntime(tiny_latent
     assert jpeg.format == "JPEG" and jpeg.mode == "RGB"
 
 
+def test_weights_are_cast_only_where_autocast_runs_their_op():
+    """Transposed convolutions and linear layers are cast for both devices and a norm for neither; a convolution
+    with padding="same" only for the CPU: autocast leaves it in float32 on CUDA, where a bf16 weight would meet
+    float32 inputs."""
+    import torch
+
+    from server.torch_engine import cast_matmul_weights
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.same = torch.nn.Conv2d(2, 4, 3, padding="same")
+            self.up = torch.nn.ConvTranspose2d(4, 4, 2, stride=2)
+            self.norm = torch.nn.GroupNorm(2, 4)
+            self.head = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.norm(self.up(self.same(x))))
+
+    for device, same in (("cuda", torch.float32), ("cpu", torch.bfloat16)):
+        module = torch.export.export(Net().eval(), (torch.randn(1, 2, 4, 4),)).module()
+        assert cast_matmul_weights(module, torch.bfloat16, device) == (4 if device == "cuda" else 6)
+        low = {"up", "head"} | ({"same"} if same == torch.bfloat16 else set())
+        assert {name: p.dtype for name, p in module.named_parameters()} == {
+            f"{layer}.{kind}": torch.bfloat16 if layer in low else torch.float32
+            for layer in ("same", "up", "norm", "head") for kind in ("weight", "bias")}
+
+
 def test_a_model_that_branches_on_the_batch_size_exports_over_the_range_its_branch_holds(tmp_path):
     """diffusers' Upsample2D changes its code path from 64 rows up: the SD-VAE decoder's program is exported
     for 1..63 rows, and the engine batches within that and still matches the module."""
