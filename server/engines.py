@@ -27,6 +27,15 @@ class Engine(Protocol):
 POWERS_OF_TWO = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
+# the kinds of engine a bundle makes; a student's engine is named student@<w>, the others by their kind
+STAGES = ("student", "teacher", "verifier", "text_encoder", "decoder")
+
+
+def stage_of(engine: str) -> str:
+    """`student@1.5` -> `student`; `decoder` -> `decoder`."""
+    return engine.split("@")[0]
+
+
 def student_engine(guidance_scale: float) -> str:
     """The engine name of the student graph with this baked guidance scale: `student@1.5`."""
     return f"student@{guidance_scale:g}"
@@ -162,9 +171,8 @@ def _graphs(bundle: Bundle) -> dict[str, Graph]:
 def _program_engines(graphs: dict[str, Graph], settings) -> dict[str, Engine]:
     from server.torch_engine import TorchProgramEngine
 
-    options = settings.torch_options()
     # the decoder's images stay on the device until encoded (a tensor on the CPU too: one path, tested in CI)
-    return {name: TorchProgramEngine(graph.program, name, batch_size(name, settings), options,
+    return {name: TorchProgramEngine(graph.program, name, batch_size(name, settings), settings.torch_options(name),
                                      device_output=name == "decoder") for name, graph in graphs.items()}
 
 

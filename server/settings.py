@@ -23,6 +23,10 @@ class Settings(BaseSettings):
     device: str = Field("cpu", description="torch backend: cpu or cuda[:N]")
     torch_dtype: str = Field("float32", description="torch backend: float32, bfloat16 or float16 (autocast, checked "
                              "against float32 at start)")
+    torch_float32_stages: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="torch backend: comma-separated stages kept in float32 whatever "
+        "--torch-dtype says (student, teacher, verifier, text_encoder, decoder): one whose parity check fails in "
+        "bfloat16/float16, e.g. a T5 text encoder in float16")
     torch_compile: bool = Field(False, description="torch backend: torch.compile every batch bucket at start")
     torch_parity_tolerance: float = Field(0.05, gt=0, description="torch backend: largest error of bfloat16/float16 "
                                           "against float32, relative to the output's largest value")
@@ -56,11 +60,21 @@ class Settings(BaseSettings):
                              "under load)")
     verify_bundle: bool = Field(True, description="check every file's sha256 at start")
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "torch_float32_stages", mode="before")
     @classmethod
-    def _split_keys(cls, value):
+    def _split_commas(cls, value):
         if isinstance(value, str):
-            return [key.strip() for key in value.split(",") if key.strip()]
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("torch_float32_stages")
+    @classmethod
+    def _known_stages(cls, value: list[str]) -> list[str]:
+        from server.engines import STAGES
+
+        unknown = [stage for stage in value if stage not in STAGES]
+        if unknown:
+            raise ValueError(f"torch_float32_stages: unknown stage {unknown[0]!r}; stages: {', '.join(STAGES)}")
         return value
 
     @model_validator(mode="after")
@@ -84,12 +98,14 @@ class Settings(BaseSettings):
             self.torch_options()  # a bad dtype, device or CUDA graphs on a CPU fails here, naming the flag
         return self
 
-    def torch_options(self):
-        """The torch backend's options; torch itself is imported only by the engine."""
+    def torch_options(self, engine: str | None = None):
+        """The torch backend's options (for `engine`: float32 where --torch-float32-stages names its stage); torch
+        itself is imported only by the engine."""
+        from server.engines import stage_of
         from server.torch_engine import TorchOptions
 
-        return TorchOptions(self.device, self.torch_dtype, self.torch_compile, self.cuda_graphs,
-                            self.torch_parity_tolerance)
+        dtype = "float32" if engine and stage_of(engine) in self.torch_float32_stages else self.torch_dtype
+        return TorchOptions(self.device, dtype, self.torch_compile, self.cuda_graphs, self.torch_parity_tolerance)
 
     @field_validator("providers")
     @classmethod

@@ -180,9 +180,11 @@ class TorchProgramEngine:
             low = self.module(*example.values())
         error = relative_error(reference, low)
         if not error <= self.options.parity_tolerance:
+            from server.engines import stage_of
+
             raise RuntimeError(f"{self.name}: {self.options.dtype} differs from float32 by {error:.3g} of the output's "
                                f"scale > {self.options.parity_tolerance:g} (--torch-parity-tolerance); serve it in "
-                               "float32")
+                               f"float32: --torch-float32-stages {stage_of(self.name)}")
         log.info("%s: %s parity with float32 %.3g (tolerance %g)", self.name, self.options.dtype, error,
                  self.options.parity_tolerance)
         return error

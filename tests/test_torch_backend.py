@@ -82,7 +82,8 @@ def test_bf16_is_checked_against_fp32(program_bundle):
     expected, actual, engine = onnx_and_torch(teacher, "teacher", TorchOptions(dtype="bfloat16"))
     assert 0 < engine.parity <= 0.05  # bf16 really ran, and stayed close
     assert np.abs(actual - expected).max() <= 0.05 * np.abs(expected).max() + 1e-6
-    with pytest.raises(RuntimeError, match=r"bfloat16 differs from float32 by .*\(--torch-parity-tolerance\)"):
+    with pytest.raises(RuntimeError, match=r"bfloat16 differs from float32 by .*\(--torch-parity-tolerance\); serve "
+                       r"it in float32: --torch-float32-stages teacher"):
         TorchProgramEngine(teacher.program, "teacher", 8, TorchOptions(dtype="bfloat16", parity_tolerance=1e-9))
 
 
@@ -109,6 +110,20 @@ def test_options_name_the_bad_flag():
     with pytest.raises(ValidationError, match="torch_dtype must be one of float32, bfloat16, float16"):
         Settings(backend="torch", torch_dtype="int8")
     Settings(backend="onnxruntime", torch_dtype="int8")  # only the torch backend reads it
+    with pytest.raises(ValidationError, match="torch_float32_stages: unknown stage 'vae'; stages: student, teacher"):
+        Settings(backend="torch", torch_float32_stages="decoder, vae")
+
+
+def test_stages_named_float32_stay_float32_under_bf16(program_bundle):
+    from server.engines import build_engines
+    from server.settings import Settings
+
+    settings = Settings(bundle=str(program_bundle), backend="torch", torch_dtype="bfloat16",
+                        torch_float32_stages="teacher,verifier")
+    engines = build_engines(read_bundle(program_bundle), settings)
+    assert {name: (engine.options.dtype, engine.parity > 0) for name, engine in engines.items()} == {
+        "student@1.5": ("bfloat16", True), "student@3": ("bfloat16", True), "teacher": ("float32", False),
+        "verifier": ("float32", False)}
 
 
 def serve_raw(bundle, body, *flags):
