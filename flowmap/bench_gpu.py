@@ -475,16 +475,16 @@ def goals(report: dict) -> dict:
 
 
 def one_step(report: dict) -> dict | None:
-    """One-step text-to-image at 1024 px from the stage rows: the fastest mode of the denoiser and of the decoder
-    at batch 1 (ms each and their sum; the text encoder is not among them), or None before both are measured."""
-    fastest = {}
-    for name in ONE_STEP:
-        rows = [r for r in report.get("stages", []) if r["model"] == name and r.get("batch") == 1]
-        if not rows:
-            return None
-        fastest[name] = min(rows, key=lambda r: r["ms"])
+    """One-step text-to-image at 1024 px from the stage rows, the text encoder not among them: latency, the
+    fastest mode of the denoiser and of the decoder at batch 1 (ms each and their sum), and throughput, each at
+    its best batch and mode (images/s of the two in turn); None before both are measured."""
+    timed = {name: [r for r in report.get("stages", []) if r["model"] == name and "batch" in r] for name in ONE_STEP}
+    if not all(any(r["batch"] == 1 for r in rows) for rows in timed.values()):
+        return None
+    fastest = {name: min((r for r in rows if r["batch"] == 1), key=lambda r: r["ms"]) for name, rows in timed.items()}
+    ms_per_image = sum(min(r["ms"] / r["batch"] for r in rows) for rows in timed.values())
     denoiser, decoder = (fastest[name] for name in ONE_STEP)
-    return {"ms": round(denoiser["ms"] + decoder["ms"], 2),
+    return {"ms": round(denoiser["ms"] + decoder["ms"], 2), "images_per_s": round(1000 / ms_per_image, 2),
             **{name: {"ms": row["ms"], "mode": row["mode"]} for name, row in fastest.items()}}
 
 
@@ -495,9 +495,9 @@ def one_step_line(report: dict) -> str | None:
         return None
     parts = " + ".join(f"{name} {step[name]['ms']:.2f} ms ({step[name]['mode']})" for name in ONE_STEP)
     real = report["config"]["scale"] == "real"
-    return (f"One step at {'1024 px' if real else 'toy sizes'}, batch 1: {parts} = **{step['ms']:.2f} ms** (without "
-            "the text encoder, which the server skips for a cached prompt)" + (
-                "; SANA-Sprint's one step is about 100 ms on an H100." if real else "."))
+    return (f"One step at {'1024 px' if real else 'toy sizes'}, batch 1: {parts} = **{step['ms']:.2f} ms**; at the "
+            f"best batch of each, **{step['images_per_s']} images/s** (without the text encoder, which the server "
+            "skips for a cached prompt)" + ("; SANA-Sprint's one step is about 100 ms on an H100." if real else "."))
 
 
 def plot(report: dict, path) -> None:

@@ -169,11 +169,16 @@ def _graphs(bundle: Bundle) -> dict[str, Graph]:
 
 
 def _program_engines(graphs: dict[str, Graph], settings) -> dict[str, Engine]:
-    from server.torch_engine import TorchProgramEngine
+    from server.torch_engine import ParityError, TorchProgramEngine
 
-    # the decoder's images stay on the device until encoded (a tensor on the CPU too: one path, tested in CI)
-    return {name: TorchProgramEngine(graph.program, name, batch_size(name, settings), settings.torch_options(name),
-                                     device_output=name == "decoder") for name, graph in graphs.items()}
+    engines = {}
+    for name, graph in graphs.items():
+        try:  # the decoder's images stay on the device until encoded (a tensor on the CPU too: one path, tested)
+            engines[name] = TorchProgramEngine(graph.program, name, batch_size(name, settings),
+                                               settings.torch_options(name), device_output=name == "decoder")
+        except ParityError as err:
+            raise ParityError(f"{err}: --torch-float32-stages {stage_of(name)}") from None
+    return engines
 
 
 def batch_size(engine: str, settings, built: Engine | None = None) -> int:

@@ -27,6 +27,9 @@ def test_the_gpu_bench_runs_every_part_on_a_cpu(tmp_path):
                for name in ("sana-1024", "dc-ae-1024")}
     step = one_step(report)  # SANA's transformer and DC-AE decoder, each in its fastest mode at batch 1
     assert step["ms"] == round(fastest["sana-1024"] + fastest["dc-ae-1024"], 2) and step["dc-ae-1024"]["ms"] > 0
+    per_image = {name: min(r["ms"] / r["batch"] for r in rows if r["model"] == name and "batch" in r)
+                 for name in fastest}  # throughput: each at its best batch and mode, run in turn
+    assert step["images_per_s"] == round(1000 / (per_image["sana-1024"] + per_image["dc-ae-1024"]), 2)
     assert any(r["encoder"] == "simplejpeg (cpu)" and r["ms_per_image"] > 0 for r in report["jpeg"])
     served = report["served"]
     assert served["images_per_s"] > 0 and served["limit_images_per_s"] > 0

@@ -83,7 +83,7 @@ def test_bf16_is_checked_against_fp32(program_bundle):
     assert 0 < engine.parity <= 0.05  # bf16 really ran, and stayed close
     assert np.abs(actual - expected).max() <= 0.05 * np.abs(expected).max() + 1e-6
     with pytest.raises(RuntimeError, match=r"bfloat16 differs from float32 by .*\(--torch-parity-tolerance\); serve "
-                       r"it in float32: --torch-float32-stages teacher"):
+                       "it in float32"):
         TorchProgramEngine(teacher.program, "teacher", 8, TorchOptions(dtype="bfloat16", parity_tolerance=1e-9))
 
 
@@ -124,6 +124,10 @@ def test_stages_named_float32_stay_float32_under_bf16(program_bundle):
     assert {name: (engine.options.dtype, engine.parity > 0) for name, engine in engines.items()} == {
         "student@1.5": ("bfloat16", True), "student@3": ("bfloat16", True), "teacher": ("float32", False),
         "verifier": ("float32", False)}
+    strict = settings.model_copy(update={"torch_float32_stages": ["student", "verifier"],
+                                         "torch_parity_tolerance": 1e-9})
+    with pytest.raises(RuntimeError, match=r"teacher: bfloat16 differs .* float32: --torch-float32-stages teacher$"):
+        build_engines(read_bundle(program_bundle), strict)  # the failed check names the flag that fixes it
 
 
 def serve_raw(bundle, body, *flags):
