@@ -41,6 +41,20 @@ def test_the_gpu_bench_runs_every_part_on_a_cpu(tmp_path):
     assert "SANA-Sprint" in text and "StreamDiffusion" in text and (tmp_path / "gpu.png").is_file()
 
 
+def test_flops_count_attention_as_a_gpu_runs_it():
+    """Two products of [16, 8] by [8, 16] and [16, 16] by [16, 8] per head: 4 * 16 * 16 * 8 operations each."""
+    import torch
+
+    from flowmap.bench_gpu import flops_per_image
+
+    class Attention(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    inputs = lambda batch: {name: torch.randn(batch, 2, 16, 8) for name in "qkv"}  # noqa: E731
+    assert flops_per_image(Attention(), inputs) == 2 * 4 * 16 * 16 * 8
+
+
 def test_a_cut_off_gpu_bench_resumes_where_it_stopped(tmp_path):
     """--resume keeps the rows an earlier run measured, runs only the (model, mode) pairs it lacks or
     failed, says what is still missing, and refuses a report measured on another card or with other code."""
