@@ -40,7 +40,9 @@ MODES = {  # name -> (dtype, compile, cuda_graphs)
 }
 
 
+MODELS = ("sit-xl/2", "sd-vae-256", "sana-1024", "dc-ae-1024")
 DECODERS = ("sd-vae-256", "dc-ae-1024")  # the rest are denoisers (judged on MFU)
+PARTS = ("peak", "jpeg", "served", "stages")
 # one-step text-to-image at 1024 px, (denoiser, decoder): set beside SANA-Sprint's figure
 ONE_STEP = ("sana-1024", "dc-ae-1024")
 # the code whose changes change the timings (the engines, the server the served part runs, the timing loops and
@@ -65,7 +67,7 @@ def code_version() -> str:
 class GpuBenchConfig:
     device: str = "cuda"  # "cpu" runs the same code (with --scale tiny: what CI checks)
     scale: str = "real"  # "real" sizes, or "tiny" toy shapes
-    models: tuple[str, ...] = ("sit-xl/2", "sd-vae-256", "sana-1024", "dc-ae-1024")
+    models: tuple[str, ...] = MODELS
     batches: tuple[int, ...] = (1, 8, 32, 64)
     modes: tuple[str, ...] = tuple(MODES)
     repeats: int = 10  # timed runs per point, after the warm-up
@@ -74,7 +76,7 @@ class GpuBenchConfig:
     served_denoiser: str = "B/2"  # the SiT size of the served latent bundle (with the SD-VAE decoder)
     served_clients: int = 64
     served_seconds: float = 20.0
-    parts: tuple[str, ...] = ("peak", "jpeg", "served", "stages")  # in this order: the quick ones first
+    parts: tuple[str, ...] = PARTS  # run in the order given; by default the quick ones first
     out: str = "docs/gpu"
     resume: bool = False  # keep what OUT.json measured on this card and code, run only the parts and models it lacks
 
@@ -362,6 +364,11 @@ def served(config: GpuBenchConfig, folder: Path, say) -> dict:
 def run_gpu_bench(config: GpuBenchConfig) -> dict:
     import torch
 
+    for flag, given, known in (("models", config.models, MODELS), ("modes", config.modes, tuple(MODES)),
+                               ("parts", config.parts, PARTS), ("scale", (config.scale,), ("real", "tiny"))):
+        unknown = [name for name in given if name not in known]
+        if unknown:
+            raise ValueError(f"--{flag}: unknown {unknown[0]!r}; choose from {', '.join(known)}")
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {config.device}, but torch {torch.__version__} sees no CUDA GPU; "
                          "`--device cpu --scale tiny` runs the same code at toy sizes")

@@ -41,6 +41,15 @@ def test_the_gpu_bench_runs_every_part_on_a_cpu(tmp_path):
     assert "SANA-Sprint" in text and "StreamDiffusion" in text and (tmp_path / "gpu.png").is_file()
 
 
+def test_unknown_models_modes_and_parts_are_refused_by_name():
+    from flowmap.bench_gpu import GpuBenchConfig, run_gpu_bench
+
+    for field, value, allowed in (("models", ("sdxl",), "sit-xl/2, sd-vae-256, sana-1024, dc-ae-1024"),
+                                  ("modes", ("eager-fp8",), "eager-fp32, eager-bf16"), ("parts", ("flops",), "peak")):
+        with pytest.raises(ValueError, match=f"--{field}: unknown '{value[0]}'; choose from {allowed}"):
+            run_gpu_bench(GpuBenchConfig(device="cpu", scale="tiny", **{field: value}))
+
+
 def test_flops_count_attention_as_a_gpu_runs_it():
     """Two products of [16, 8] by [8, 16] and [16, 16] by [16, 8] per head: 4 * 16 * 16 * 8 operations each."""
     import torch
