@@ -43,11 +43,10 @@ def export_program(graph: nn.Module, inputs: dict[str, torch.Tensor], path: str 
             # the error suggests the range that holds ("batch = Dim('batch', max=63)"); a draft export finds it
             # where it does not, at about twice an export's time
             suggested = re.search(r"Dim\('batch'[^)]*max=(\d+)", str(err))
-            if suggested is None:
-                draft = torch.export.draft_export(graph.eval(), args, dynamic_shapes={
-                    name: {0: torch.export.Dim("batch", min=1, max=65536)} for name in graph.input_names})
-            program = export(torch.export.Dim("batch", min=1, max=int(suggested.group(1)) if suggested
-                                              else batch_limit(draft)))
+            limit = int(suggested.group(1)) if suggested else batch_limit(torch.export.draft_export(
+                graph.eval(), args, dynamic_shapes={name: {0: torch.export.Dim("batch", min=1, max=65536)}
+                                                    for name in graph.input_names}))
+            program = export(torch.export.Dim("batch", min=1, max=limit))
     torch.export.save(program, str(path))
     return path
 

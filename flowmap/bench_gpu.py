@@ -43,6 +43,7 @@ MODES = {  # name -> (dtype, compile, cuda_graphs)
 MODELS = ("sit-xl/2", "sd-vae-256", "sana-1024", "dc-ae-1024")
 DECODERS = ("sd-vae-256", "dc-ae-1024")  # the rest are denoisers (judged on MFU)
 PARTS = ("peak", "jpeg", "served", "stages")
+WHOLE_PARTS = tuple(part for part in PARTS if part != "stages")  # measured at once; stages go by model and mode
 # one-step text-to-image at 1024 px, (denoiser, decoder): set beside SANA-Sprint's figure
 ONE_STEP = ("sana-1024", "dc-ae-1024")
 # the code whose changes change the timings (the engines, the server the served part runs, the timing loops and
@@ -433,7 +434,7 @@ def resumed(fresh: dict, config: GpuBenchConfig) -> tuple[dict, set[str]]:
     failed = {error.split(":")[0] for error in earlier.get("errors", [])}
     stages = [row for row in earlier.get("stages", []) if f"stages {row['model']}" not in failed and measured(row)]
     done = {f"stages {row['model']} {row['mode']}" for row in stages} | {
-        part for part in ("peak", "jpeg", "served") if part in earlier and part not in failed}
+        part for part in WHOLE_PARTS if part in earlier and part not in failed}
     runs = earlier.get("runs", [earlier["config"]])
     return {**earlier, "config": asdict(config), "runs": [*runs, asdict(config)], "stages": stages,
             "errors": []}, done
@@ -449,7 +450,7 @@ def missing(report: dict) -> list[str]:
     """What the report's config asked for and it does not hold measured (a run cut off, a mode that failed)."""
     config = report["config"]
     held = {(row["model"], row["mode"]) for row in report.get("stages", []) if measured(row)}
-    parts = [part for part in ("peak", "jpeg", "served") if part in config["parts"] and part not in report]
+    parts = [part for part in WHOLE_PARTS if part in config["parts"] and part not in report]
     stages = [f"{model} {mode}" for model in config["models"] for mode in config["modes"]
               if "stages" in config["parts"] and (model, mode) not in held]
     return parts + stages
@@ -570,8 +571,9 @@ def to_markdown(report: dict, plot_name: str) -> str:
     if len(runs) > 1:
         lines += [f"Measured in {len(runs)} runs of `flowmap bench gpu` on this card, each with `--resume` after the "
                   "first: a run keeps what the earlier ones measured and runs only what they lack.", ""]
-    if missing(report):
-        lines += [f"Not measured (cut off by the run's time limit, or failed above): {', '.join(missing(report))}.", ""]
+    lacking = missing(report)
+    if lacking:
+        lines += [f"Not measured (cut off by the run's time limit, or failed above): {', '.join(lacking)}.", ""]
     if report.get("errors"):
         lines += ["Parts that failed in this run:", "", *[f"- {error}" for error in report["errors"]], ""]
     if report["goals"]:

@@ -298,6 +298,7 @@ def build_latent_bundle(out: str | Path, say, denoiser: str = "S/2", latent: tup
     from distill.trainer import TrainConfig
     from distill.verifier import VerifierConfig
     from export.decoder import DecoderGraph
+    from export.onnx_export import PARITY_BATCHES
     from export.writer import export_bundle
 
     out = Path(out)
@@ -315,9 +316,8 @@ def build_latent_bundle(out: str | Path, say, denoiser: str = "S/2", latent: tup
     train_verifier(Dataset("random", images, torch.arange(16) % 1000, [str(i) for i in range(1000)]),
                    VerifierConfig(width=8, feature_dim=32), quick, runs / "verifier", progress=False)
     vae.save_pretrained(runs / "vae")
-    parity = {"parity_batches": parity_batches} if parity_batches else {}
     export_bundle(runs / "student", teacher_spec, runs / "verifier", out, (1.0,), progress=False, decoder=runs / "vae",
-                  programs=programs, **parity)
+                  programs=programs, parity_batches=parity_batches or PARITY_BATCHES)
     return out
 
 

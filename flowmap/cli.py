@@ -282,10 +282,9 @@ def cmd_export(argv: list[str]) -> int:
                          "(--verifier is optional with a diffusers teacher)")
 
         metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
-        parity = {"parity_batches": tuple(args.parity_batches)} if args.parity_batches else {}
         export_bundle(args.student, args.teacher, args.verifier, args.out, tuple(args.guidance_scales),
                       args.teacher_guidance_scale, args.name, metrics, decoder=args.decoder,
-                      programs=args.torch_programs, **parity)
+                      programs=args.torch_programs, parity_batches=tuple(args.parity_batches or PARITY_BATCHES))
     if args.tensorrt:
         from export.tensorrt import add_tensorrt_engines
 

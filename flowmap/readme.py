@@ -243,8 +243,9 @@ def gpu_block(root: Path) -> str:
     step = one_step_line(report)
     if step:
         lines += ["", step]
-    if missing(report):
-        lines += ["", "Not measured yet (cut off by the device time, or failed): " + ", ".join(missing(report)) + "."]
+    lacking = missing(report)
+    if lacking:
+        lines += ["", "Not measured yet (cut off by the device time, or failed): " + ", ".join(lacking) + "."]
     if report.get("code") != code_version():
         lines += ["", f"Measured with an earlier version of the timed code ({', '.join(TIMED_CODE)}): the next "
                   "`scripts/gpu_check.sh` measures this one (and cannot resume from these figures)."]

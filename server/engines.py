@@ -172,8 +172,9 @@ def _program_engines(graphs: dict[str, Graph], settings) -> dict[str, Engine]:
     from server.torch_engine import ParityError, TorchProgramEngine
 
     engines = {}
+    # the decoder's images stay on the device until encoded (a tensor on the CPU too: one path, tested in CI)
     for name, graph in graphs.items():
-        try:  # the decoder's images stay on the device until encoded (a tensor on the CPU too: one path, tested)
+        try:
             engines[name] = TorchProgramEngine(graph.program, name, batch_size(name, settings),
                                                settings.torch_options(name), device_output=name == "decoder")
         except ParityError as err:
