@@ -240,6 +240,13 @@ def gpu_block(root: Path) -> str:
         lines += ["", "JPEG q90, ms per image: " + "; ".join(
             f"{side} px: nvJPEG {jpeg[('nvjpeg (torchvision)', side)]}, simplejpeg on the CPU "
             f"{jpeg[('simplejpeg (cpu)', side)]}" for side in sorted({side for _, side in jpeg})) + "."]
+    served = report.get("served")
+    if served:
+        lines += ["", f"Served over HTTP (a SiT-{served['denoiser']} + SD-VAE 256 px bundle, "
+                  f"`{' '.join(served['flags'])}`, {report['config']['served_clients']} clients of one-image jpeg "
+                  f"requests): {served['images_per_s']} images/s, p50 {served['p50_ms']:.0f} ms; "
+                  f"{served['vs_limit']}x the {served['limit_images_per_s']} images/s its student and decoder allow "
+                  "at their largest batch."]
     step = one_step_line(report)
     if step:
         lines += ["", step]
