@@ -11,6 +11,11 @@ would otherwise redo every forward (it keeps no cast cache that could outlive a 
 `compile` runs each batch bucket through torch.compile (the batcher pads every batch to a bucket, so
 every bucket is compiled, at start); `cuda_graphs` replays each bucket as a CUDA graph
 (through torch.compile's "reduce-overhead" mode when compiling, captured by hand otherwise).
+
+On CUDA each engine works on a stream of its own and `run` returns once its batch is done. On one shared
+stream a small batch of the student queued behind a large one of the decoder, and a decoder that returned
+before its images were ready let its batcher queue the next batch ahead of the last one's JPEG encoding.
+Returning when the batch is done also gives the batcher and admission the batch's real time.
 """
 
 from __future__ import annotations
@@ -128,6 +133,10 @@ class TorchProgramEngine:
             raise RuntimeError(f"{name}: --device {options.device} but torch sees no CUDA GPU "
                                f"(torch {torch.__version__}, CUDA build {torch.version.cuda})")
         program = load_program(path, self.device)
+        self.stream = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the weights' copies, queued on the default stream, are done
+            self.stream = torch.cuda.Stream(self.device)
         self.input_names = tuple(program.graph_signature.user_inputs)
         self.module = without_dtype_asserts(program.module())  # on the device with its program
         self.dtype = getattr(torch, options.dtype)
@@ -154,17 +163,30 @@ class TorchProgramEngine:
             # compiles twice, not once per bucket; CUDA graphs are still recorded per bucket
             self.forward = torch.compile(self.module, mode=mode, dynamic=None)
         self.graphs: dict[int, tuple] = {}  # bucket -> (graph, static inputs, static output), hand-captured
-        example = self._example(program)
         self.parity = 0.0
-        if options.dtype != "float32":
-            with torch.no_grad():
-                reference = self.module(*example.values()).float()  # before any weight is cast
-            cast = cast_matmul_weights(self.module, self.dtype, self.device.type)
-            log.info("%s: %d linear and convolution weights and biases cast to %s once", name, cast, options.dtype)
-            self.parity = self._check_parity(reference, example)
-        if specialised:
-            for bucket in self.buckets:  # compile / capture every bucket now, not in a visitor's request
-                self._call({name: self._rows(value, bucket) for name, value in example.items()})
+        with self._on_stream():  # compiled CUDA graphs are recorded on the stream that replays them
+            example = self._example(program)
+            if options.dtype != "float32":
+                with torch.no_grad():
+                    reference = self.module(*example.values()).float()  # before any weight is cast
+                cast = cast_matmul_weights(self.module, self.dtype, self.device.type)
+                log.info("%s: %d linear and convolution weights and biases cast to %s once", name, cast,
+                         options.dtype)
+                self.parity = self._check_parity(reference, example)
+            if specialised:
+                for bucket in self.buckets:  # compile / capture every bucket now, not in a visitor's request
+                    self._call({name: self._rows(value, bucket) for name, value in example.items()})
+            self._synchronize()
+
+    def _on_stream(self):
+        """The engine's own CUDA stream as the current one (nothing on the CPU)."""
+        import contextlib
+
+        return self.torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def _synchronize(self) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()
 
     def _example(self, program) -> dict:
         """The program's own example inputs (saved with it), on the device."""
@@ -236,7 +258,13 @@ class TorchProgramEngine:
         return graph, static_inputs, static_output
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        inputs = {name: self.torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.device, non_blocking=True)
-                  for name in self.input_names}
-        output = self._call(inputs)
-        return output if self.device_output else output.cpu().numpy()
+        """One batch, done when it returns: a device output is ready for any stream that reads it."""
+        with self._on_stream():
+            inputs = {name: self.torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.device,
+                                                                                        non_blocking=True)
+                      for name in self.input_names}
+            output = self._call(inputs)
+            if not self.device_output:
+                return output.cpu().numpy()  # the copy waits for the batch
+            self._synchronize()
+            return output

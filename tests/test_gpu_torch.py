@@ -59,16 +59,54 @@ def test_cuda_engines_match_onnxruntime(program_bundle, compile_, graphs):
         assert np.abs(actual - expected).max() <= 0.05 * np.abs(expected).max()
 
 
+@pytest.mark.parametrize("graphs", [False, True])
+def test_an_engine_runs_on_its_own_stream_and_returns_when_its_batch_is_done(program_bundle, graphs):
+    """A batch queued behind other work on the default stream would wait for it; a device output handed on
+    before its batch is done would let the next batch overtake the encoding of this one."""
+    import torch
+
+    from server.torch_engine import TorchOptions, TorchProgramEngine
+
+    teacher = read_bundle(program_bundle).teacher
+    engine = TorchProgramEngine(teacher.program, "teacher", 8, TorchOptions("cuda", "bfloat16", False, graphs),
+                                buckets=(8,), device_output=True)
+    feeds, expected = reference(teacher, 8)
+    torch.cuda._sleep(2_000_000_000)  # the default stream spins for about a second
+    output = engine.run(feeds)
+    assert not torch.cuda.default_stream().query() and engine.stream.query()
+    torch.cuda.synchronize()
+    assert np.abs(output.cpu().numpy() - expected).max() <= 0.05 * np.abs(expected).max()
+
+
+def images_and_their_jpegs_agree(images: np.ndarray, encoded: list[bytes]) -> bool:
+    from server.imaging import to_uint8
+
+    for data, pixels in zip(encoded, to_uint8(images), strict=True):
+        decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.float32)
+        if decoded.shape != pixels.shape or np.abs(decoded - pixels).mean() >= 6:
+            return False
+    return True
+
+
 def test_nvjpeg_encodes_what_the_cpu_encoder_does():
     from server.gpu_jpeg import CudaJpeg
-    from server.imaging import to_uint8
 
     rng = np.random.default_rng(0)
     images = np.clip(rng.standard_normal((3, 3, 64, 48)) * 0.3, -1, 1).astype(np.float32)
-    encoded = CudaJpeg("cuda").encode(images, 95)
-    for data, pixels in zip(encoded, to_uint8(images), strict=True):
-        decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.float32)
-        assert decoded.shape == pixels.shape and np.abs(decoded - pixels).mean() < 6
+    assert images_and_their_jpegs_agree(images, CudaJpeg("cuda").encode(images, 95))
+
+
+def test_nvjpeg_encodes_images_still_being_made_on_the_callers_stream():
+    """The encoder's stream waits for its caller's: read too early, these pixels are not made yet."""
+    import torch
+
+    from server.gpu_jpeg import CudaJpeg
+
+    rng = np.random.default_rng(1)
+    images = np.clip(rng.standard_normal((3, 3, 64, 48)) * 0.3, -1, 1).astype(np.float32)
+    encoder, on_device = CudaJpeg("cuda"), torch.from_numpy(images).cuda()
+    torch.cuda._sleep(1_000_000_000)
+    assert images_and_their_jpegs_agree(images, encoder.encode(on_device * 1.0, 95))
 
 
 @pytest.fixture(scope="module")
