@@ -352,14 +352,42 @@ def served(config: GpuBenchConfig, folder: Path, say) -> dict:
     server = ServerProcess(str(folder / "bundle"), 8740, *flags, ready_timeout_s=300)
     try:
         bodies = [{"labels": [i % 1000], "seeds": [i], "output_format": "jpeg"} for i in range(256)]
+        before, tick = server.metrics(), time.perf_counter()
         result = asyncio.run(run_load("127.0.0.1", server.port, "/v1/generate", bodies, config.served_clients,
                                       config.served_seconds, 1, warmup_s=3.0)).summary()
+        use = served_use(before, server.metrics(), time.perf_counter() - tick)
     finally:
         server.stop()
     limit = round(1000 / limit_ms, 2)
     return {"images_per_s": result["images_per_s"], "p50_ms": result["p50_ms"], "statuses": result["statuses"],
             "flags": flags, "denoiser": denoiser, "limit_images_per_s": limit,
-            "vs_limit": round(result["images_per_s"] / limit, 3)}
+            "vs_limit": round(result["images_per_s"] / limit, 3), **use}
+
+
+def served_use(before: dict[str, float], after: dict[str, float], seconds: float) -> dict:
+    """Where a load's time went, from a server's /metrics scraped before and `seconds` after it (warm-up
+    included): per engine that ran, its batches, mean rows a batch and the share of the time it computed; per request
+    stage its mean ms, queue waits included."""
+    def delta(series: str) -> float:
+        return after.get(series, 0.0) - before.get(series, 0.0)
+
+    def labels(prefix: str, key: str) -> list[str]:
+        return sorted({series.split(f'{key}="')[1].split('"')[0] for series in after if series.startswith(prefix)})
+
+    engines = {}
+    for engine in labels("flowmap_inference_exec_count_total{", "engine"):
+        label = f'{{engine="{engine}"}}'
+        batches = delta(f"flowmap_inference_exec_count_total{label}")
+        if batches:  # the bundle's teacher and verifier stay idle under generate requests
+            engines[engine] = {"batches": int(batches), "busy": round(
+                delta(f"flowmap_inference_compute_duration_seconds_sum{label}") / seconds, 3),
+                "rows_per_batch": round(delta(f"flowmap_inference_count_total{label}") / batches, 1)}
+    stages = {}
+    for stage in labels("flowmap_stage_duration_seconds_count{", "stage"):
+        label = f'{{stage="{stage}"}}'
+        count = delta(f"flowmap_stage_duration_seconds_count{label}")
+        stages[stage] = round(1000 * delta(f"flowmap_stage_duration_seconds_sum{label}") / count, 2) if count else None
+    return {"engines": engines, "stage_ms_per_request": stages}
 
 
 def run_gpu_bench(config: GpuBenchConfig) -> dict:
@@ -563,6 +591,12 @@ def to_markdown(report: dict, plot_name: str) -> str:
                   f"`{' '.join(s['flags'])}`): {s['images_per_s']} images/s, p50 {s['p50_ms']} ms, statuses "
                   f"{s['statuses']}; its student and decoder allow {s['limit_images_per_s']} images/s at their "
                   f"largest batch: served {s['vs_limit']}x that limit.", ""]
+        if s.get("engines"):  # recorded since the first served run on a GPU (0.504x) left its cause unknown
+            lines += ["Where the load's time went (the server's /metrics over the load and its warm-up): " + "; ".join(
+                f"{name}: {use['batches']} batches of {use['rows_per_batch']} rows on average, computing "
+                f"{100 * use['busy']:.0f}% of the time" for name, use in s["engines"].items())
+                + "; ms a request spent in each stage, queue waits included: " + ", ".join(
+                f"{stage} {ms}" for stage, ms in s["stage_ms_per_request"].items()) + ".", ""]
     step = one_step_line(report)
     if step:
         lines += [step, ""]

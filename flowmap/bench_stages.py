@@ -364,7 +364,7 @@ def served_throughput(config: StagesBenchConfig, say) -> dict:
     finally:
         server.stop()
     return {"images_per_s": result["images_per_s"], "p50_ms": result["p50_ms"], "statuses": result["statuses"],
-            "stage_ms_per_request": _stage_ms(metrics, ("noise", "student", "decoder", "encode"))}
+            "stage_ms_per_request": stage_ms(metrics, ("noise", "student", "decoder", "encode"))}
 
 
 # -- text: a bundle with real-size text encoders, served with and without the prompt cache ---------------
@@ -446,11 +446,12 @@ def served_text(config: StagesBenchConfig, say) -> dict:
             server.stop()
         runs[label] = {"images_per_s": result["images_per_s"], "p50_ms": result["p50_ms"],
                        "statuses": result["statuses"], "cache_hit_ratio": metrics.get("flowmap_prompt_cache_hit_ratio"),
-                       "stage_ms_per_request": _stage_ms(metrics, ("text_encoder", "student", "decoder", "encode"))}
+                       "stage_ms_per_request": stage_ms(metrics, ("text_encoder", "student", "decoder", "encode"))}
     return runs
 
 
-def _stage_ms(metrics: dict, stages) -> dict:
+def stage_ms(metrics: dict, stages) -> dict:
+    """Mean ms a request spent in each of `stages` (its queue waits included), from a server's /metrics."""
     out = {}
     for stage in stages:
         total = metrics.get(f'flowmap_stage_duration_seconds_sum{{stage="{stage}"}}', 0.0)

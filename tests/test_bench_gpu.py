@@ -35,10 +35,16 @@ def test_the_gpu_bench_runs_every_part_on_a_cpu(tmp_path):
     assert served["images_per_s"] > 0 and served["limit_images_per_s"] > 0
     assert set(map(str, served["statuses"])) == {"200"}  # every request answered
     assert "--backend torch" in " ".join(served["flags"])
+    # where its time went: both engines batched rows and computed, and every stage of a request was timed
+    assert set(served["engines"]) >= {"decoder"} and len(served["engines"]) == 2
+    assert all(use["batches"] > 0 and use["rows_per_batch"] >= 1 and 0 < use["busy"] < 1
+               for use in served["engines"].values())
+    assert {"student", "decoder", "encode"} <= set(served["stage_ms_per_request"])
     text = (tmp_path / "gpu.md").read_text()
     step_line = next(line for line in text.splitlines() if line.startswith("One step"))
     assert step_line.startswith("One step at toy sizes, batch 1: sana-1024") and "SANA-Sprint" not in step_line
     assert "SANA-Sprint" in text and "StreamDiffusion" in text and (tmp_path / "gpu.png").is_file()
+    assert "Where the load's time went" in text and "decoder: " in text
 
 
 def test_unknown_models_modes_and_parts_are_refused_by_name():
