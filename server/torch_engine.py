@@ -10,7 +10,8 @@ would otherwise redo every forward (it keeps no cast cache that could outlive a 
 
 `compile` runs each batch bucket through torch.compile (the batcher pads every batch to a bucket, so
 every bucket is compiled, at start); `cuda_graphs` replays each bucket as a CUDA graph
-(through torch.compile's "reduce-overhead" mode when compiling, captured by hand otherwise).
+(through torch.compile's "reduce-overhead" mode when compiling, captured by hand otherwise). torch.compile
+keeps its CUDA graphs per thread, so such an engine makes every call, the start's included, in one thread.
 
 On CUDA each engine works on a stream of its own and `run` returns once its batch is done. On one shared
 stream a small batch of the student queued behind a large one of the decoder, and a decoder that returned
@@ -164,7 +165,7 @@ class TorchProgramEngine:
             self.forward = torch.compile(self.module, mode=mode, dynamic=None)
         self.graphs: dict[int, tuple] = {}  # bucket -> (graph, static inputs, static output), hand-captured
         self.parity = 0.0
-        with self._on_stream():  # compiled CUDA graphs are recorded on the stream that replays them
+        with self._on_stream():
             example = self._example(program)
             if options.dtype != "float32":
                 with torch.no_grad():
@@ -173,10 +174,27 @@ class TorchProgramEngine:
                 log.info("%s: %d linear and convolution weights and biases cast to %s once", name, cast,
                          options.dtype)
                 self.parity = self._check_parity(reference, example)
-            if specialised:
-                for bucket in self.buckets:  # compile / capture every bucket now, not in a visitor's request
-                    self._call({name: self._rows(value, bucket) for name, value in example.items()})
             self._synchronize()
+        # torch.compile keeps its CUDA graphs per thread: graphs recorded here would be recorded again by the
+        # batcher's thread in the first requests, so a compiled engine with CUDA graphs does all its calls in a
+        # thread of its own
+        self._thread = None
+        if options.compile and options.cuda_graphs:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"torch-{name}")
+        if specialised:  # compile / capture every bucket now, not in a visitor's request
+            self._in_thread(self._warm_up, example)
+
+    def _warm_up(self, example: dict) -> None:
+        with self._on_stream():  # compiled CUDA graphs are recorded on the stream that replays them
+            for bucket in self.buckets:
+                self._call({name: self._rows(value, bucket) for name, value in example.items()})
+            self._synchronize()
+
+    def _in_thread(self, function, *args):
+        """`function(*args)` in the engine's own thread where it has one, else in the caller's."""
+        return function(*args) if self._thread is None else self._thread.submit(function, *args).result()
 
     def _on_stream(self):
         """The engine's own CUDA stream as the current one (nothing on the CPU)."""
@@ -259,6 +277,9 @@ class TorchProgramEngine:
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """One batch, done when it returns: a device output is ready for any stream that reads it."""
+        return self._in_thread(self._run, feeds)
+
+    def _run(self, feeds: dict[str, np.ndarray]):
         with self._on_stream():
             inputs = {name: self.torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.device,
                                                                                         non_blocking=True)

@@ -59,6 +59,32 @@ def test_cuda_engines_match_onnxruntime(program_bundle, compile_, graphs):
         assert np.abs(actual - expected).max() <= 0.05 * np.abs(expected).max()
 
 
+def test_a_compiled_engine_replays_for_any_thread_the_cuda_graphs_it_recorded_at_start(program_bundle):
+    """torch.compile keeps its CUDA graphs per thread: called from the batcher's thread, an engine that compiled
+    in another would record them all again in its first requests."""
+    import threading
+
+    import torch
+    from torch._inductor import cudagraph_trees
+
+    from server.torch_engine import TorchOptions, TorchProgramEngine
+
+    teacher = read_bundle(program_bundle).teacher
+    engine = TorchProgramEngine(teacher.program, "teacher", 8, TorchOptions("cuda", "bfloat16", True, True),
+                                buckets=(8,))
+    seen = {}
+
+    def serve() -> None:  # as the batcher's worker thread does
+        feeds, expected = reference(teacher, 8)
+        seen["error"] = np.abs(engine.run(feeds) - expected).max() / np.abs(expected).max()
+        seen["graphs here"] = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    thread.join()
+    assert seen["error"] <= 0.05 and seen["graphs here"] is None
+
+
 @pytest.mark.parametrize("graphs", [False, True])
 def test_an_engine_runs_on_its_own_stream_and_returns_when_its_batch_is_done(program_bundle, graphs):
     """A batch queued behind other work on the default stream would wait for it; a device output handed on
