@@ -22,6 +22,7 @@ import numpy as np
 
 from server.costs import BatchCost
 from server.engines import Engine, padded_size
+from server.imaging import join_rows
 from server.metrics import Metrics
 
 
@@ -92,7 +93,7 @@ class DynamicBatcher:
         if was_empty or self._queued_rows >= self.max_batch_size:
             self._wakeup.set()
         parts = await asyncio.gather(*futures)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return parts[0] if len(parts) == 1 else join_rows(parts)
 
     def _set_depth(self) -> None:
         if self.metrics:

@@ -37,7 +37,8 @@ class CudaJpeg:
             pixels = pixels.contiguous()
             if self.stream is not None:
                 self.stream.synchronize()
-        # outside our stream: torchvision makes the default stream wait for its encoding, so the copies below do
+        # on the default stream, outside ours: torchvision retrieves each encoded image on it, so the copies below
+        # come after
         encoded = self.io.encode_jpeg(list(pixels), quality=max(1, quality))
         return [np.asarray(data.cpu()).tobytes() for data in encoded]
 

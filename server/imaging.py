@@ -16,6 +16,16 @@ def on_host(images) -> np.ndarray:
     return images if isinstance(images, np.ndarray) else images.cpu().numpy()
 
 
+def join_rows(parts: list):
+    """Row blocks joined in order where they are: numpy arrays on the host, the torch backend's tensors on their
+    device (a decoder's images split across its batches)."""
+    if all(isinstance(part, np.ndarray) for part in parts):
+        return np.concatenate(parts)
+    import torch  # only the torch backend hands tensors over
+
+    return torch.cat([torch.as_tensor(part) for part in parts])
+
+
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """[N, C, H, W] in [-1, 1] -> [N, H, W, C] uint8 (values clipped, rounded half to even)."""
     pixels = np.rint((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)

@@ -11,7 +11,8 @@ would otherwise redo every forward (it keeps no cast cache that could outlive a 
 `compile` runs each batch bucket through torch.compile (the batcher pads every batch to a bucket, so
 every bucket is compiled, at start); `cuda_graphs` replays each bucket as a CUDA graph
 (through torch.compile's "reduce-overhead" mode when compiling, captured by hand otherwise). torch.compile
-keeps its CUDA graphs per thread, so such an engine makes every call, the start's included, in one thread.
+keeps its CUDA graphs per thread (torch before 2.13 sets that state up only in the thread that imported it, and
+fails in any other), so such an engine makes every call, the start's included, in a thread of its own.
 
 On CUDA each engine works on a stream of its own and `run` returns once its batch is done. On one shared
 stream a small batch of the student queued behind a large one of the decoder, and a decoder that returned
@@ -108,6 +109,24 @@ def cast_matmul_weights(module, dtype, device_type: str) -> int:
     return len(cast)
 
 
+def own_cuda_graph_trees() -> None:
+    """Set up, in the calling thread, the per-thread state of torch.compile's CUDA graphs: torch before 2.13
+    does so only in the thread that imported it and fails with a bare AssertionError in any other."""
+    import threading
+    from collections import defaultdict
+
+    import torch
+    from torch._inductor import cudagraph_trees
+
+    if hasattr(cudagraph_trees, "_initialize_tls"):  # torch 2.13 and later: what it does itself in a new thread
+        cudagraph_trees._initialize_tls(cudagraph_trees.local)
+        return
+    state = cudagraph_trees.local
+    state.tree_manager_containers, state.tree_manager_locks = {}, defaultdict(threading.Lock)
+    torch._C._stash_obj_in_tls("tree_manager_containers", state.tree_manager_containers)
+    torch._C._stash_obj_in_tls("tree_manager_locks", state.tree_manager_locks)
+
+
 def load_program(path: str | Path, device):
     """A `.pt2` program on `device`: weights, constants, example inputs, and the devices its graph names (a
     program traced on the CPU creates its constants there, e.g. `arange(..., device=cpu)`), all moved."""
@@ -175,21 +194,23 @@ class TorchProgramEngine:
                          options.dtype)
                 self.parity = self._check_parity(reference, example)
             self._synchronize()
-        # torch.compile keeps its CUDA graphs per thread: graphs recorded here would be recorded again by the
-        # batcher's thread in the first requests, so a compiled engine with CUDA graphs does all its calls in a
-        # thread of its own
+        # torch.compile's CUDA graphs belong to the thread that recorded them: a compiled engine with CUDA graphs
+        # makes all its calls in a thread of its own, which the batcher's thread hands each batch to
         self._thread = None
         if options.compile and options.cuda_graphs:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"torch-{name}")
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"torch-{name}",
+                                              initializer=own_cuda_graph_trees)
         if specialised:  # compile / capture every bucket now, not in a visitor's request
             self._in_thread(self._warm_up, example)
 
     def _warm_up(self, example: dict) -> None:
-        with self._on_stream():  # compiled CUDA graphs are recorded on the stream that replays them
+        with self._on_stream():
             for bucket in self.buckets:
-                self._call({name: self._rows(value, bucket) for name, value in example.items()})
+                # twice: torch.compile runs a bucket plain the first time and records its CUDA graph the second
+                for _ in range(2):
+                    self._call({name: self._rows(value, bucket) for name, value in example.items()})
             self._synchronize()
 
     def _in_thread(self, function, *args):
@@ -288,4 +309,8 @@ class TorchProgramEngine:
             if not self.device_output:
                 return output.cpu().numpy()  # the copy waits for the batch
             self._synchronize()
+            if self.stream is not None:
+                # its readers on the default stream (a search keeping its best rows) may still be queued when it is
+                # freed: its memory waits for them before this stream gets it again
+                output.record_stream(self.torch.cuda.default_stream(self.device))
             return output

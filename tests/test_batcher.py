@@ -80,6 +80,26 @@ def test_a_large_request_is_split_into_max_batch_chunks_and_joined_back():
     assert out.tolist() == [10 * tag + (16 if tag < 48 else 2) for tag in range(50)]
 
 
+def test_a_large_request_to_an_engine_answering_tensors_is_joined_as_a_tensor():
+    """The torch backend's decoder answers tensors on its device: a request split across its batches gets its
+    rows joined there (numpy would copy them to the host, or fail on a GPU's)."""
+    torch = pytest.importorskip("torch")
+
+    class TensorEngine(FakeEngine):
+        def run(self, feeds):
+            return torch.as_tensor(super().run(feeds))
+
+    async def scenario():
+        batcher = await started(TensorEngine(), max_batch_size=16)
+        out = await batcher.infer(tagged(*range(40)), far())
+        await batcher.stop()
+        return out
+
+    out = run(scenario())
+    assert isinstance(out, torch.Tensor)
+    assert out.tolist() == [10 * tag + (16 if tag < 32 else 8) for tag in range(40)]
+
+
 def test_batches_are_padded_to_the_engine_buckets_and_the_padding_is_dropped():
     engine = FakeEngine(buckets=(8, 16, 32, 64))
 
