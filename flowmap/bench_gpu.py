@@ -584,7 +584,8 @@ def to_markdown(report: dict, plot_name: str) -> str:
         lines += ["| JPEG q90 | side | ms per image |", "|---|---:|---:|"]
         lines += [f"| {r['encoder']} | {r['side']} | {r.get('ms_per_image', r.get('skipped'))} |"
                   for r in report["jpeg"]]
-        lines.append("")
+        lines += ["", "Each encoder as the server runs it: nvJPEG through torchvision with 4:4:4 chroma (torchvision "
+                  "fixes it), simplejpeg with 4:2:0, so the GPU's files are the larger.", ""]
     if report.get("served"):
         s = report["served"]
         lines += [f"Served over HTTP (SiT-{s['denoiser']} + SD-VAE bundle, one-image jpeg requests, "

@@ -9,7 +9,8 @@ small images class bundles serve) and Pillow at compression level 1 above (as fa
 smaller). Large requests are encoded in a bounded thread pool, since those encoders release the GIL;
 small ones inline, where the hop to a thread would cost more than the encoding. A format's bytes
 depend only on the pixels and the settings: the same seed gives the same bytes in any batch. On the
-torch backend on CUDA, RGB JPEG goes to the GPU instead (server/gpu_jpeg.py: one nvJPEG call a request).
+torch backend on CUDA, RGB JPEG goes to the GPU instead (server/gpu_jpeg.py: one nvJPEG call a request),
+which torchvision encodes with 4:4:4 chroma: larger files than the CPU's 4:2:0, and other bytes.
 """
 
 from __future__ import annotations
@@ -86,9 +87,13 @@ class Encoder:
         # the torch backend on CUDA: JPEG in one batched nvJPEG call per request (server/gpu_jpeg.py)
         self.gpu_jpeg = None
         if jpeg_device is not None:
-            from server.gpu_jpeg import CudaJpeg
+            try:
+                from server.gpu_jpeg import CudaJpeg
 
-            self.gpu_jpeg = CudaJpeg(jpeg_device)
+                self.gpu_jpeg = CudaJpeg(jpeg_device)
+            except Exception as err:  # no torchvision, or one built for another torch: the CPU encoder serves
+                log.warning("no GPU JPEG on %s (%s: %s); JPEG is encoded on the CPU (`pip install torchvision` "
+                            "matching torch for nvJPEG)", jpeg_device, type(err).__name__, err)
 
     def on_gpu(self, images: np.ndarray, output: OutputFormat) -> bool:
         """Whether these images go to the GPU encoder: RGB JPEG only (nvJPEG encodes no grayscale)."""
@@ -106,9 +111,10 @@ class Encoder:
     async def encode(self, images, output: OutputFormat) -> list[str]:
         """Base64 strings of `images` ([N, C, H, W] in [-1, 1]: a numpy array, or the torch backend's tensor on
         its device) in the requested format."""
-        on_gpu = self.on_gpu(images, output)  # a device call: never on the event loop
+        # on the event loop only host images for the CPU: a GPU encode, or a tensor's copy, waits for the device
+        inline = isinstance(images, np.ndarray) and not self.on_gpu(images, output)
         pixels = images.shape[2] * images.shape[3] * output.upscale ** 2 * len(images)
-        if pixels <= INLINE_MAX_PIXELS and not on_gpu:
+        if inline and pixels <= INLINE_MAX_PIXELS:
             return encode_b64(on_host(images), output)
         async with self.slots:
             return await asyncio.get_running_loop().run_in_executor(self.pool, self._encode, images, output)

@@ -135,7 +135,28 @@ def _engine_for(graph: Graph, name: str, bundle: Bundle, settings) -> Engine:
                                f"`flowmap export --tensorrt --skip-onnx ... --out {bundle.root}` on this GPU")
         return TensorRTEngine(plans[0].path, name, settings.cuda_graphs)
     return OnnxRuntimeEngine(graph.path, name, settings.providers, settings.intra_op_threads,
-                             settings.max_batch_size, settings.trt_cache_dir)
+                             batch_size(name, settings), settings.trt_cache_dir)
+
+
+def _development(settings) -> bool:
+    """Whether the torch options are what the development engines (networks rebuilt from runs) run: CPU, fp32,
+    eager."""
+    return (settings.device, settings.torch_dtype, settings.torch_compile, settings.cuda_graphs) == (
+        "cpu", "float32", False, False)
+
+
+def decoder_engine(bundle: Bundle, settings) -> Engine:
+    """The bundle's decoder alone, built for the settings' backend as build_engines builds it (a Ray deployment
+    of its own). Its output is on the host whatever the backend."""
+    if settings.backend != "torch":
+        return _engine_for(bundle.decoder, "decoder", bundle, settings)
+    if bundle.decoder.program is None:
+        raise RuntimeError("the torch backend needs the bundle's torch.export programs: export it with "
+                           "`flowmap export --torch-programs`, or serve it with --backend onnxruntime")
+    from server.torch_engine import TorchProgramEngine
+
+    return TorchProgramEngine(bundle.decoder.program, "decoder", batch_size("decoder", settings),
+                              settings.torch_options("decoder"))
 
 
 def _torch_engines(bundle: Bundle, settings) -> dict[str, Engine]:
@@ -198,8 +219,10 @@ def build_engines(bundle: Bundle, settings, remote: dict[str, Engine] | None = N
     if settings.backend == "torch":
         if all(graph.program is not None for graph in graphs.values()):
             return {**_program_engines(graphs, settings), **remote}
-        if bundle.text is not None or bundle.decoder is not None:
-            raise RuntimeError("the torch backend needs the bundle's torch.export programs: export it with "
-                               "`flowmap export --torch-programs`, or serve it with --backend onnxruntime")
+        if bundle.text is not None or bundle.decoder is not None or not _development(settings):
+            raise RuntimeError("the torch backend needs the bundle's torch.export programs (without them it rebuilds "
+                               "a digits bundle's networks from FLOWMAP_TORCH_RUNS, on the CPU in float32 only): "
+                               "export it with `flowmap export --torch-programs`, or serve it with --backend "
+                               "onnxruntime")
         return _torch_engines(bundle, settings)
     return {**{name: _engine_for(graph, name, bundle, settings) for name, graph in graphs.items()}, **remote}

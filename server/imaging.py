@@ -16,6 +16,15 @@ def on_host(images) -> np.ndarray:
     return images if isinstance(images, np.ndarray) else images.cpu().numpy()
 
 
+async def to_host(images) -> np.ndarray:
+    """`on_host` off the event loop for a tensor: copying a device's images waits for the device."""
+    if isinstance(images, np.ndarray):
+        return images
+    import asyncio
+
+    return await asyncio.to_thread(on_host, images)
+
+
 def join_rows(parts: list):
     """Row blocks joined in order where they are: numpy arrays on the host, the torch backend's tensors on their
     device (a decoder's images split across its batches)."""

@@ -63,7 +63,8 @@ class PromptEncoder:
     def remember(self, prompt: str, condition: np.ndarray) -> None:
         if self.cache_size <= 0:
             return
-        self.cache[prompt] = condition
+        # a copy: the condition is one row of the text encoder's (padded) batch, which a view would keep alive
+        self.cache[prompt] = condition.copy()
         self.cache.move_to_end(prompt)
         while len(self.cache) > self.cache_size:
             self.cache.popitem(last=False)

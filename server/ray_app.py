@@ -63,12 +63,10 @@ class DecoderDeployment:
 
     def __init__(self):
         from export.bundle import read_bundle
-        from server.engines import OnnxRuntimeEngine
+        from server.engines import decoder_engine
 
         settings = Settings()
-        bundle = read_bundle(settings.bundle)
-        self.engine = OnnxRuntimeEngine(bundle.decoder.path, "decoder", settings.providers, settings.intra_op_threads,
-                                        settings.decoder_max_batch_size, settings.trt_cache_dir)
+        self.engine = decoder_engine(read_bundle(settings.bundle), settings)
 
     def __call__(self, latent):
         return self.engine.run({"latent": latent})

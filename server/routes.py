@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.encoding import DEFAULT_COMPRESSION, OutputFormat
-from server.imaging import b64_npy, on_host, parse_size
+from server.imaging import b64_npy, parse_size, to_host
 from server.noise import MAX_SEED, random_seeds
 from server.schemas import (
     GenerateRequest,
@@ -154,7 +154,7 @@ async def generate(body: GenerateRequest, request: Request):
     body_out = {"model": model, "guidance": generation.guidance_scale, "steps": generation.steps, "seeds": seeds,
                 "timings": timing}
     if body.format == "raw":
-        return answer({**body_out, "arrays": on_host(state.x).clip(-1, 1)}, state)
+        return answer({**body_out, "arrays": (await to_host(state.x)).clip(-1, 1)}, state)
     return answer({**body_out, "images": state.encoded, "output_format": body.output_format}, state)
 
 

@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     def _torch_options(self):
         if self.backend == "torch":
             self.torch_options()  # a bad dtype, device or CUDA graphs on a CPU fails here, naming the flag
+        elif self.device != "cpu":  # the other torch flags are only ignored; a GPU that is not used is a surprise
+            raise ValueError(f"--device {self.device} applies to --backend torch only: onnxruntime runs on a GPU with "
+                             "--providers cuda or tensorrt, and --backend tensorrt always does")
         return self
 
     def torch_options(self, engine: str | None = None):

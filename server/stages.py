@@ -22,7 +22,7 @@ import numpy as np
 from server.admission import Need, Ticket
 from server.encoding import Encoder, OutputFormat
 from server.engines import student_engine
-from server.imaging import on_host
+from server.imaging import to_host
 from server.noise import noise_for
 from server.prompts import PromptEncoder
 
@@ -210,7 +210,9 @@ class Score(OneCall):
     engine = "verifier"
 
     async def run(self, state: State, call, ticket: Ticket) -> int:
-        images = np.clip(on_host(state.x), -1, 1)
+        # the host copy the verifier reads replaces the device one: a search's N candidates need not hold the
+        # GPU's memory while the verifier's queue drains (the chosen few are encoded from it)
+        state.x = images = np.clip(await to_host(state.x), -1, 1)
         if state.prompts is not None:
             scores = await call(self.engine, {"image": images, "ids": self.prompts.scorer_ids(state.prompts)}, ticket)
             state.scores = scores.astype(np.float64)

@@ -87,3 +87,16 @@ def test_gpu_jpeg_takes_rgb_only_and_a_failure_falls_back_to_the_cpu():
     from_gray, from_rgb = asyncio.run(scenario(encoder))
     assert encoder.gpu_jpeg.given == [rgb.shape]  # tried for the RGB images alone
     assert from_gray == encode_b64(gray, output) and from_rgb == encode_b64(rgb, output)
+
+
+def test_a_gpu_jpeg_encoder_that_cannot_start_leaves_jpeg_to_the_cpu(caplog):
+    """No torchvision (or one built for another torch), or no such device: the server starts and encodes JPEG on
+    the CPU, and says why once."""
+    rgb = np.random.default_rng(2).uniform(-1, 1, (2, 3, 64, 64)).astype(np.float32)
+    output = OutputFormat("jpeg", 90)
+    encoder = Encoder(1, jpeg_device="cuda:99")  # no machine here has a hundredth GPU
+    try:
+        assert encoder.gpu_jpeg is None and "JPEG is encoded on the CPU" in caplog.text
+        assert asyncio.run(encoder.encode(rgb, output)) == encode_b64(rgb, output)
+    finally:
+        encoder.close()

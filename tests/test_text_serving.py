@@ -187,3 +187,15 @@ def test_the_teacher_takes_a_negative_prompt(tiny_text_bundles, tiny_text_pipeli
         latent = noise - guided_velocity(teacher.velocity, noise, torch.ones(1), condition, 2.0, against)
         expected = DecoderGraph(load_vae(pipeline / "vae"))(latent).numpy().clip(-1, 1)
     assert np.abs(np.array(negative["arrays"], np.float32) - expected).max() < 1e-3
+
+
+def test_the_prompt_cache_keeps_its_own_copy_of_each_condition():
+    """A condition comes as one row of the text encoder's padded batch: a cached view would keep it all alive."""
+    from export.bundle import TextConditioning
+    from server.prompts import PromptEncoder
+
+    cache = PromptEncoder(TextConditioning(tokenizers=(), encoder=None, shape=(2, 3)), cache_size=4)
+    batch = np.arange(48, dtype=np.float32).reshape(8, 2, 3)
+    cache.remember("a red circle", batch[1])
+    kept = cache.lookup("a red circle")
+    assert np.array_equal(kept, batch[1]) and not np.shares_memory(kept, batch)

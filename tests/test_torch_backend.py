@@ -110,6 +110,8 @@ def test_options_name_the_bad_flag():
     with pytest.raises(ValidationError, match="torch_dtype must be one of float32, bfloat16, float16"):
         Settings(backend="torch", torch_dtype="int8")
     Settings(backend="onnxruntime", torch_dtype="int8")  # only the torch backend reads it
+    with pytest.raises(ValidationError, match="--device cuda applies to --backend torch only: onnxruntime runs"):
+        Settings(backend="onnxruntime", device="cuda")  # a GPU asked for and not used is refused, not ignored
     with pytest.raises(ValidationError, match="torch_float32_stages: unknown stage 'vae'; stages: student, teacher"):
         Settings(backend="torch", torch_float32_stages="decoder, vae")
 
@@ -260,3 +262,54 @@ def test_bf16_casts_convolution_and_linear_weights_once_and_answers_as_autocast(
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
         expected = module(latent).float().numpy()
     assert np.array_equal(engine.run({"latent": latent.numpy()}), expected)
+
+
+def test_without_programs_the_torch_backend_refuses_what_only_programs_run():
+    """Without programs it rebuilds a digits bundle's networks, on the CPU in float32: asked for bf16 (or a GPU,
+    compile, CUDA graphs) it refuses rather than serve something else quietly."""
+    from server.engines import build_engines
+    from server.settings import Settings
+
+    from serving import BUNDLE
+
+    assert all(graph.program is None for graph in _graphs(read_bundle(BUNDLE)).values())
+    with pytest.raises(RuntimeError, match="needs the bundle's torch.export programs"):
+        build_engines(read_bundle(BUNDLE), Settings(bundle=str(BUNDLE), backend="torch", torch_dtype="bfloat16"))
+
+
+def test_a_decoder_deployment_runs_the_backend_the_settings_name(tiny_latent):
+    """Ray's decoder deployment: the torch program under --backend torch, answering on the host (Ray ships
+    numpy), as onnxruntime does."""
+    from server.engines import OnnxRuntimeEngine, decoder_engine
+    from server.settings import Settings
+
+    bundle = read_bundle(tiny_latent[0])
+    on_torch = decoder_engine(bundle, Settings(bundle=str(bundle.root), backend="torch"))
+    on_onnx = decoder_engine(bundle, Settings(bundle=str(bundle.root)))
+    assert isinstance(on_torch, TorchProgramEngine) and isinstance(on_onnx, OnnxRuntimeEngine)
+    feeds = random_feeds(on_onnx.session.get_inputs(), 2, 10, seed=0)
+    ours = on_torch.run(feeds)
+    assert isinstance(ours, np.ndarray)
+    np.testing.assert_allclose(ours, on_onnx.run(feeds), atol=1e-3)
+
+
+def test_a_search_scores_a_host_copy_that_replaces_the_device_candidates():
+    """The verifier reads a host copy of the decoded candidates; it replaces the torch decoder's tensor, so a
+    search's N candidates do not hold the GPU's memory while the verifier's queue drains."""
+    import asyncio
+
+    import torch
+
+    from server.stages import Score, State
+
+    state = State(seeds=[1, 2, 3], labels=np.array([0, 1, 2]))
+    state.x = torch.linspace(-2, 2, 3 * 3 * 4 * 4).reshape(3, 3, 4, 4)  # the decoder's tensor, unclipped
+    read = []
+
+    async def call(engine, feeds, ticket):
+        read.append(feeds["image"])
+        return np.zeros((3, 10), np.float32)
+
+    asyncio.run(Score(3, "n").run(state, call, None))
+    assert isinstance(state.x, np.ndarray) and state.x is read[0]
+    assert state.x.min() == -1 and state.x.max() == 1
