@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flowmap.bench_stages import timed_ms
+from flowmap.bench_stages import stage_ms, timed_ms
 from flowmap.reports import pyplot, save_figure, write_report
 
 # public figures printed beside ours (not measured here)
@@ -368,25 +368,20 @@ def served_use(before: dict[str, float], after: dict[str, float], seconds: float
     """Where a load's time went, from a server's /metrics scraped before and `seconds` after it (warm-up
     included): per engine that ran, its batches, mean rows a batch and the share of the time it computed; per request
     stage its mean ms, queue waits included."""
-    def delta(series: str) -> float:
-        return after.get(series, 0.0) - before.get(series, 0.0)
+    delta = {series: value - before.get(series, 0.0) for series, value in after.items()}
 
     def labels(prefix: str, key: str) -> list[str]:
-        return sorted({series.split(f'{key}="')[1].split('"')[0] for series in after if series.startswith(prefix)})
+        return sorted({series.split(f'{key}="')[1].split('"')[0] for series in delta if series.startswith(prefix)})
 
     engines = {}
     for engine in labels("flowmap_inference_exec_count_total{", "engine"):
         label = f'{{engine="{engine}"}}'
-        batches = delta(f"flowmap_inference_exec_count_total{label}")
+        batches = delta[f"flowmap_inference_exec_count_total{label}"]
         if batches:  # the bundle's teacher and verifier stay idle under generate requests
             engines[engine] = {"batches": int(batches), "busy": round(
-                delta(f"flowmap_inference_compute_duration_seconds_sum{label}") / seconds, 3),
-                "rows_per_batch": round(delta(f"flowmap_inference_count_total{label}") / batches, 1)}
-    stages = {}
-    for stage in labels("flowmap_stage_duration_seconds_count{", "stage"):
-        label = f'{{stage="{stage}"}}'
-        count = delta(f"flowmap_stage_duration_seconds_count{label}")
-        stages[stage] = round(1000 * delta(f"flowmap_stage_duration_seconds_sum{label}") / count, 2) if count else None
+                delta[f"flowmap_inference_compute_duration_seconds_sum{label}"] / seconds, 3),
+                "rows_per_batch": round(delta[f"flowmap_inference_count_total{label}"] / batches, 1)}
+    stages = stage_ms(delta, labels("flowmap_stage_duration_seconds_count{", "stage"))
     return {"engines": engines, "stage_ms_per_request": stages}
 
 

@@ -138,6 +138,10 @@ def _engine_for(graph: Graph, name: str, bundle: Bundle, settings) -> Engine:
                              batch_size(name, settings), settings.trt_cache_dir)
 
 
+NEEDS_PROGRAMS = ("the torch backend needs the bundle's torch.export programs: export it with "
+                  "`flowmap export --torch-programs`, or serve it with --backend onnxruntime")
+
+
 def _development(settings) -> bool:
     """Whether the torch options are what the development engines (networks rebuilt from runs) run: CPU, fp32,
     eager."""
@@ -151,12 +155,8 @@ def decoder_engine(bundle: Bundle, settings) -> Engine:
     if settings.backend != "torch":
         return _engine_for(bundle.decoder, "decoder", bundle, settings)
     if bundle.decoder.program is None:
-        raise RuntimeError("the torch backend needs the bundle's torch.export programs: export it with "
-                           "`flowmap export --torch-programs`, or serve it with --backend onnxruntime")
-    from server.torch_engine import TorchProgramEngine
-
-    return TorchProgramEngine(bundle.decoder.program, "decoder", batch_size("decoder", settings),
-                              settings.torch_options("decoder"))
+        raise RuntimeError(NEEDS_PROGRAMS)
+    return _program_engine("decoder", bundle.decoder, settings, device_output=False)
 
 
 def _torch_engines(bundle: Bundle, settings) -> dict[str, Engine]:
@@ -190,17 +190,20 @@ def _graphs(bundle: Bundle) -> dict[str, Graph]:
 
 
 def _program_engines(graphs: dict[str, Graph], settings) -> dict[str, Engine]:
+    # the decoder's images stay on the device until encoded (a tensor on the CPU too: one path, tested in CI)
+    return {name: _program_engine(name, graph, settings, device_output=name == "decoder")
+            for name, graph in graphs.items()}
+
+
+def _program_engine(name: str, graph: Graph, settings, device_output: bool) -> Engine:
+    """One graph's torch program as an engine; a failed parity check names the flag that keeps its stage fp32."""
     from server.torch_engine import ParityError, TorchProgramEngine
 
-    engines = {}
-    # the decoder's images stay on the device until encoded (a tensor on the CPU too: one path, tested in CI)
-    for name, graph in graphs.items():
-        try:
-            engines[name] = TorchProgramEngine(graph.program, name, batch_size(name, settings),
-                                               settings.torch_options(name), device_output=name == "decoder")
-        except ParityError as err:
-            raise ParityError(f"{err}: --torch-float32-stages {stage_of(name)}") from None
-    return engines
+    try:
+        return TorchProgramEngine(graph.program, name, batch_size(name, settings), settings.torch_options(name),
+                                  device_output=device_output)
+    except ParityError as err:
+        raise ParityError(f"{err}: --torch-float32-stages {stage_of(name)}") from None
 
 
 def batch_size(engine: str, settings, built: Engine | None = None) -> int:
@@ -220,9 +223,7 @@ def build_engines(bundle: Bundle, settings, remote: dict[str, Engine] | None = N
         if all(graph.program is not None for graph in graphs.values()):
             return {**_program_engines(graphs, settings), **remote}
         if bundle.text is not None or bundle.decoder is not None or not _development(settings):
-            raise RuntimeError("the torch backend needs the bundle's torch.export programs (without them it rebuilds "
-                               "a digits bundle's networks from FLOWMAP_TORCH_RUNS, on the CPU in float32 only): "
-                               "export it with `flowmap export --torch-programs`, or serve it with --backend "
-                               "onnxruntime")
+            raise RuntimeError(f"{NEEDS_PROGRAMS} (without them it rebuilds a digits bundle's networks from "
+                               "FLOWMAP_TORCH_RUNS, on the CPU in float32 only)")
         return _torch_engines(bundle, settings)
     return {**{name: _engine_for(graph, name, bundle, settings) for name, graph in graphs.items()}, **remote}

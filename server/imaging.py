@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import struct
@@ -20,8 +21,6 @@ async def to_host(images) -> np.ndarray:
     """`on_host` off the event loop for a tensor: copying a device's images waits for the device."""
     if isinstance(images, np.ndarray):
         return images
-    import asyncio
-
     return await asyncio.to_thread(on_host, images)
 
 

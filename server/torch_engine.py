@@ -308,8 +308,8 @@ class TorchProgramEngine:
             output = self._call(inputs)
             if not self.device_output:
                 return output.cpu().numpy()  # the copy waits for the batch
-            self._synchronize()
             if self.stream is not None:
+                self.stream.synchronize()
                 # its readers on the default stream (a search keeping its best rows) may still be queued when it is
                 # freed: its memory waits for them before this stream gets it again
                 output.record_stream(self.torch.cuda.default_stream(self.device))
