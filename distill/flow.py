@@ -18,6 +18,15 @@ def bcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(values.shape[0], *([1] * (like.dim() - 1)))
 
 
+def jvp(function, primals: tuple, tangents: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.func.jvp with attention on its math kernel: the fused ones (flash, memory-efficient) have no
+    forward-mode derivative, and every transformer here (ours, diffusers') calls them."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch.func.jvp(function, primals, tangents)
+
+
 def interpolate(x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """x_t = (1 - t) x + t eps."""
     t = bcast(t, x)

@@ -18,6 +18,7 @@ from distill.flow import (
     draw_guidance_scales,
     guided_velocity,
     interpolate,
+    jvp,
     logit_normal,
     null_condition,
     prior_batch,
@@ -65,7 +66,7 @@ def generating_velocity(student, z, delta, label, w, derivative: str = "fd", fd_
         return student.average_velocity(z, one, one - d, label, w)
 
     if derivative == "jvp":
-        F_delta, dF = torch.func.jvp(average_velocity, (delta,), (torch.ones_like(delta),))
+        F_delta, dF = jvp(average_velocity, (delta,), (torch.ones_like(delta),))
     else:
         F_delta = average_velocity(delta)
         with torch.no_grad():

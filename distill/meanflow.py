@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.flow import bcast, draw_guidance_scales, guided_velocity, interpolate, logit_normal, null_condition
+from distill.flow import bcast, draw_guidance_scales, guided_velocity, interpolate, jvp, logit_normal, null_condition
 from distill.trainer import Setup
 
 
@@ -45,7 +45,7 @@ def total_derivative(student, x, t, s, label, w, direction, derivative: str, fd_
         return student.average_velocity(x_in, t_in, s, label, w)
 
     if derivative == "jvp":
-        F, dF = torch.func.jvp(average_velocity, (x, t), (direction, torch.ones_like(t)))
+        F, dF = jvp(average_velocity, (x, t), (direction, torch.ones_like(t)))
         return F, dF.detach()
     F = average_velocity(x, t)
     with torch.no_grad():

@@ -4,8 +4,8 @@ and the SiT/DiT transformer of the public class-conditional latent models (`arch
 All take (x, t, label) and optional extra scalar conditions (`s` as the jump length t - s, and the
 guidance scale `w`). Extras enter through embeddings whose last layer is zero-initialised, so a
 student built from a teacher's weights computes exactly the teacher's velocity until it trains.
-Only plain tensor math is used (no fused attention), so every network exports to ONNX and
-supports forward-mode AD (JVP).
+Attention is torch's fused kernel (flash attention on a GPU, a fused one on the CPU): it exports to ONNX
+as plain products, and forward-mode AD (MeanFlow's JVP) runs it as its math kernel (distill/flow.py `jvp`).
 """
 
 from __future__ import annotations
@@ -124,9 +124,10 @@ class Attention(nn.Module):
         batch, tokens, width = h.shape
         head_dim = width // self.heads
         qkv = self.qkv(h).reshape(batch, tokens, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = torch.softmax(q @ k.transpose(-2, -1) * head_dim**-0.5, dim=-1)
-        out = (attn @ v).transpose(1, 2).reshape(batch, tokens, width)
+        # softmax(q k^T / sqrt(head_dim)) v, fused: the [tokens, tokens] weights are never held whole, which at
+        # 1024 px (4096 tokens a head) would take more memory than the rest of the forward
+        out = nn.functional.scaled_dot_product_attention(*qkv.unbind(0))
+        out = out.transpose(1, 2).reshape(batch, tokens, width)
         return self.proj(out)
 
 

@@ -46,10 +46,10 @@ PARTS = ("peak", "jpeg", "served", "stages")
 WHOLE_PARTS = tuple(part for part in PARTS if part != "stages")  # measured at once; stages go by model and mode
 # one-step text-to-image at 1024 px, (denoiser, decoder): set beside SANA-Sprint's figure
 ONE_STEP = ("sana-1024", "dc-ae-1024")
-# the code whose changes change the timings (the engines, the server the served part runs, the timing loops and
-# the bundle it builds): a resumed report must have been measured with the same
-TIMED_CODE = ("server/", "export/programs.py", "export/decoder.py", "flowmap/bench_gpu.py", "flowmap/bench_stages.py",
-              "flowmap/loadgen.py")
+# the code whose changes change the timings (the engines, the server the served part runs, SiT's network, the timing
+# loops and the bundle it builds): a resumed report must have been measured with the same
+TIMED_CODE = ("server/", "distill/nets.py", "export/programs.py", "export/decoder.py", "flowmap/bench_gpu.py",
+              "flowmap/bench_stages.py", "flowmap/loadgen.py")
 
 
 def code_version() -> str:

@@ -63,6 +63,26 @@ def test_a_student_starts_as_the_teachers_euler_step(tiny_text_pipelines, family
         assert not torch.allclose(student.jump(x, t, s + 0.05, condition, w), moved, atol=1e-4)  # and t - s
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_jvp_runs_through_a_diffusers_transformer(tiny_text_pipelines, family):
+    """MeanFlow's JVP through a transformer whose attention calls torch's fused kernels, which have no
+    forward-mode derivative: it runs, and agrees with a central difference."""
+    from distill.meanflow import total_derivative
+
+    teacher = load_teacher(f"diffusers:{tiny_text_pipelines[family]}", prompts=CAPTIONS)
+    student = teacher.make_student()
+    generator = torch.Generator().manual_seed(2)
+    x, direction = (torch.randn(2, *teacher.config.shape, generator=generator) for _ in range(2))
+    t, s, w = torch.tensor([0.9, 0.6]), torch.tensor([0.2, 0.1]), torch.tensor([1.0, 2.0])
+    condition = teacher.sample_conditions(2, generator)
+    _, by_jvp = total_derivative(student, x, t, s, condition, w, direction, "jvp", 1e-3)
+    # a step of 3e-5, not the default 1e-3: the transformer takes 1000 t, whose fastest embedding
+    # frequencies a step of 1e-3 cannot follow
+    _, by_difference = total_derivative(student, x, t, s, condition, w, direction, "fd", 3e-5)
+    scale = by_jvp.abs().max()
+    assert scale > 1e-3 and (by_jvp - by_difference).abs().max() <= 1e-2 * scale
+
+
 @pytest.mark.parametrize("method", ["freeflow", "fgm", "dmd2"])  # the data-free methods
 def test_data_free_methods_distil_a_diffusers_teacher_from_prompts(tiny_text_pipelines, tmp_path, method):
     from distill.methods import get_method

@@ -99,7 +99,7 @@ def test_finite_difference_and_jvp_agree(teacher):
     delta, w = torch.rand(6), 1 + torch.rand(6)
     F_jvp, v_jvp = generating_velocity(student, z, delta, label, w, "jvp")
     F_fd, v_fd = generating_velocity(student, z, delta, label, w, "fd", 1e-3)
-    assert torch.equal(F_jvp, F_fd)
+    assert torch.allclose(F_jvp, F_fd, atol=1e-6)  # attention's math kernel (in the JVP) against its fused one
     scale = v_jvp.abs().max()
     assert (v_jvp - v_fd).abs().max() <= 2e-3 * scale
     # and the derivative term is not trivially zero (which would make agreement meaningless)
