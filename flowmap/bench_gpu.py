@@ -77,6 +77,8 @@ class GpuBenchConfig:
     served_denoiser: str = "B/2"  # the SiT size of the served latent bundle (with the SD-VAE decoder)
     served_clients: int = 64
     served_seconds: float = 20.0
+    # serve this class-conditioned latent bundle (exported with --torch-programs) instead of building a random one
+    served_bundle: str = ""
     parts: tuple[str, ...] = PARTS  # run in the order given; by default the quick ones first
     out: str = "docs/gpu"
     resume: bool = False  # keep what OUT.json measured on this card and code, run only the parts and models it lacks
@@ -314,26 +316,28 @@ def jpeg_costs(images: np.ndarray, config: GpuBenchConfig) -> list[dict]:
 
 
 def served(config: GpuBenchConfig, folder: Path, say) -> dict:
-    """A latent bundle (SiT denoiser, SD-VAE decoder, torch programs) served by the torch backend (bf16,
-    CUDA graphs on a GPU), one-image jpeg requests, against the images/s its own student and decoder allow at the
-    largest batch (timed here through the same engine and options)."""
-    from export.bundle import read_bundle
+    """A latent bundle (by default a random SiT denoiser and the SD-VAE decoder, with torch programs) served by the
+    torch backend (bf16, CUDA graphs on a GPU), one-image jpeg requests, against the images/s its own student and
+    decoder allow at the largest batch (timed here through the same engine and options)."""
     from flowmap.bench_serve import ServerProcess
     from flowmap.bench_stages import build_latent_bundle
     from flowmap.loadgen import run_load
     from server.torch_engine import TorchOptions, TorchProgramEngine
 
     tiny, cuda = config.scale == "tiny", config.device.startswith("cuda")
-    latent = (4, 8, 8) if tiny else (4, 32, 32)
-    denoiser = "S/2" if tiny else config.served_denoiser
-    # checked at batch 1 and 3: at 64 the checks were two thirds of the build (194 of 294 s on a 2-core CPU)
-    build_latent_bundle(folder / "bundle", lambda text: say(f"[bench gpu] {text}"), denoiser, latent, sd_vae(tiny),
-                        programs=True, parity_batches=(1, 3))
+    root, denoiser = Path(config.served_bundle), None
+    if not config.served_bundle:
+        root, denoiser = folder / "bundle", "S/2" if tiny else config.served_denoiser
+        # checked at batch 1 and 3: at 64 the checks were two thirds of the build (194 of 294 s on a 2-core CPU)
+        build_latent_bundle(root, lambda text: say(f"[bench gpu] {text}"), denoiser, (4, 8, 8) if tiny else (4, 32, 32),
+                            sd_vae(tiny), programs=True, parity_batches=(1, 3))
+    bundle = servable_bundle(root)
+    manifest = bundle.manifest
+    latent, classes = manifest.latent_shape, len(manifest.classes)
     rows, decoder_rows = max(config.batches), max(1, max(config.batches) // 2)
     # bf16 with hand-captured CUDA graphs: the server captures every bucket of four engines at start, which
     # compiling them all would stretch to minutes
     options = TorchOptions(config.device, "bfloat16" if cuda else "float32", False, cuda, parity_tolerance=0.1)
-    bundle = read_bundle(folder / "bundle")
     limit_ms = 0.0
     for graph, batch, feeds in ((bundle.students[0], rows, {"x": np.zeros((rows, *latent), np.float32),
                                                             "t": np.ones(rows, np.float32),
@@ -349,9 +353,9 @@ def served(config: GpuBenchConfig, folder: Path, say) -> dict:
     if cuda:
         flags += ["--torch-dtype", "bfloat16", "--cuda-graphs"]
     say(f"[bench gpu] serving: {config.served_clients} clients, {config.served_seconds:g} s")
-    server = ServerProcess(str(folder / "bundle"), 8740, *flags, ready_timeout_s=300)
+    server = ServerProcess(str(root), 8740, *flags, ready_timeout_s=300)
     try:
-        bodies = [{"labels": [i % 1000], "seeds": [i], "output_format": "jpeg"} for i in range(256)]
+        bodies = [{"labels": [i % classes], "seeds": [i], "output_format": "jpeg"} for i in range(256)]
         before, tick = server.metrics(), time.perf_counter()
         result = asyncio.run(run_load("127.0.0.1", server.port, "/v1/generate", bodies, config.served_clients,
                                       config.served_seconds, 1, warmup_s=3.0)).summary()
@@ -360,8 +364,27 @@ def served(config: GpuBenchConfig, folder: Path, say) -> dict:
         server.stop()
     limit = round(1000 / limit_ms, 2)
     return {"images_per_s": result["images_per_s"], "p50_ms": result["p50_ms"], "statuses": result["statuses"],
-            "flags": flags, "denoiser": denoiser, "limit_images_per_s": limit,
+            "flags": flags, "bundle": f"{f'SiT-{denoiser} + SD-VAE' if denoiser else manifest.name}, "
+                                      f"{manifest.image_shape[1]} px",
+            "limit_images_per_s": limit,
             "vs_limit": round(result["images_per_s"] / limit, 3), **use}
+
+
+def servable_bundle(root: str | Path):
+    """The bundle at `root`, if the served part can serve it: class labels, a decoder and torch programs."""
+    from export.bundle import read_bundle
+
+    bundle = read_bundle(root)
+    if bundle.manifest.decoder is None or bundle.manifest.text is not None or bundle.students[0].program is None:
+        raise ValueError(f"--served-bundle {root}: the served part takes a class-conditioned latent bundle (a decoder, "
+                         "no text encoder) exported with torch programs (`flowmap export --torch-programs`)")
+    return bundle
+
+
+def served_name(served_run: dict) -> str:
+    """What the served part served, as the reports name it."""
+    # a report from before --served-bundle named only its SiT size
+    return served_run.get("bundle") or f"SiT-{served_run['denoiser']} + SD-VAE, 256 px"
 
 
 def served_use(before: dict[str, float], after: dict[str, float], seconds: float) -> dict:
@@ -393,6 +416,8 @@ def run_gpu_bench(config: GpuBenchConfig) -> dict:
         unknown = [name for name in given if name not in known]
         if unknown:
             raise ValueError(f"--{flag}: unknown {unknown[0]!r}; choose from {', '.join(known)}")
+    if config.served_bundle and "served" in config.parts:
+        servable_bundle(config.served_bundle)  # refused now, not after the other parts
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {config.device}, but torch {torch.__version__} sees no CUDA GPU; "
                          "`--device cpu --scale tiny` runs the same code at toy sizes")
@@ -583,7 +608,7 @@ def to_markdown(report: dict, plot_name: str) -> str:
                   "fixes it), simplejpeg with 4:2:0, so the GPU's files are the larger.", ""]
     if report.get("served"):
         s = report["served"]
-        lines += [f"Served over HTTP (SiT-{s['denoiser']} + SD-VAE bundle, one-image jpeg requests, "
+        lines += [f"Served over HTTP ({served_name(s)} bundle, one-image jpeg requests, "
                   f"`{' '.join(s['flags'])}`): {s['images_per_s']} images/s, p50 {s['p50_ms']} ms, statuses "
                   f"{s['statuses']}; its student and decoder allow {s['limit_images_per_s']} images/s at their "
                   f"largest batch: served {s['vs_limit']}x that limit.", ""]

@@ -217,7 +217,7 @@ def search_block(root: Path) -> str:
 
 
 def gpu_block(root: Path) -> str:
-    from flowmap.bench_gpu import TIMED_CODE, code_version, missing, one_step_line
+    from flowmap.bench_gpu import TIMED_CODE, code_version, missing, one_step_line, served_name
 
     report = _load(root / "docs" / "gpu.json")
     if report is None:
@@ -242,7 +242,7 @@ def gpu_block(root: Path) -> str:
             f"{jpeg[('simplejpeg (cpu)', side)]}" for side in sorted({side for _, side in jpeg})) + "."]
     served = report.get("served")
     if served:
-        lines += ["", f"Served over HTTP (a SiT-{served['denoiser']} + SD-VAE 256 px bundle, "
+        lines += ["", f"Served over HTTP (a {served_name(served)} bundle, "
                   f"`{' '.join(served['flags'])}`, {report['config']['served_clients']} clients of one-image jpeg "
                   f"requests): {served['images_per_s']} images/s, p50 {served['p50_ms']:.0f} ms; "
                   f"{served['vs_limit']}x the {served['limit_images_per_s']} images/s its student and decoder allow "

@@ -56,6 +56,16 @@ def test_unknown_models_modes_and_parts_are_refused_by_name():
             run_gpu_bench(GpuBenchConfig(device="cpu", scale="tiny", **{field: value}))
 
 
+def test_a_served_bundle_it_cannot_serve_is_refused_before_any_part_runs(tmp_path):
+    from flowmap.bench_gpu import GpuBenchConfig, run_gpu_bench
+
+    config = GpuBenchConfig(device="cpu", scale="tiny", served_bundle="models/digits", out=str(tmp_path / "gpu"))
+    with pytest.raises(ValueError, match="--served-bundle models/digits: the served part takes a class-conditioned "
+                                         "latent bundle"):
+        run_gpu_bench(config)
+    assert not (tmp_path / "gpu.json").exists()
+
+
 def test_flops_count_attention_as_a_gpu_runs_it():
     """Two products of [16, 8] by [8, 16] and [16, 16] by [16, 8] per head: 4 * 16 * 16 * 8 operations each."""
     import torch
