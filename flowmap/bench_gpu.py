@@ -72,6 +72,7 @@ class GpuBenchConfig:
     batches: tuple[int, ...] = (1, 8, 32, 64)
     modes: tuple[str, ...] = tuple(MODES)
     repeats: int = 10  # timed runs per point, after the warm-up
+    restart: bool = True  # compiled modes: also start the engine in a new process from the compile cache
     jpeg_sides: tuple[int, ...] = (256, 1024)
     jpeg_images: int = 16
     served_denoiser: str = "B/2"  # the SiT size of the served latent bundle (with the SD-VAE decoder)
@@ -246,12 +247,13 @@ def mode_rows(name: str, mode: str, path: Path, inputs, config: GpuBenchConfig, 
     def out_of_memory(batch: int) -> None:
         rows.append({"model": name, "mode": mode, "skipped": f"out of memory at batch {batch} on this card"})
 
+    # compiled into a cache folder of this run's own: the first start compiles cold, and a restart can load it
+    options = TorchOptions(config.device, dtype, compiled, graphs, parity_tolerance=0.1,
+                           compile_cache=str(path.parent / "compile-cache") if compiled else "")
     while True:  # compile and CUDA graphs warm every bucket up at start: one too large for the card is dropped there
         tick, engine = time.perf_counter(), None
         try:
-            engine = TorchProgramEngine(path, name, batches[-1],
-                                        TorchOptions(config.device, dtype, compiled, graphs, parity_tolerance=0.1),
-                                        buckets=tuple(batches))
+            engine = TorchProgramEngine(path, name, batches[-1], options, buckets=tuple(batches))
         except torch.cuda.OutOfMemoryError:
             if len(batches) == 1 or not (compiled or graphs):  # eager starts alike whatever the batches
                 raise
@@ -281,7 +283,45 @@ def mode_rows(name: str, mode: str, path: Path, inputs, config: GpuBenchConfig, 
             row["mfu"] = flops * batch / (ms / 1000) / (peak_tflops * 1e12)
         rows.append(row)
         say(f"[bench gpu] {name} {mode} batch {batch}: {ms:.2f} ms")
+    if compiled and config.restart:
+        del engine  # the restart's engine gets the card's memory
+        if config.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        try:
+            restart_s = restart_seconds(path, name, options, tuple(batches))
+        except Exception as err:  # the figures measured above stand without it
+            say(f"[bench gpu] {name} {mode}: no restart figure: {type(err).__name__}: {err}")
+            return rows
+        say(f"[bench gpu] {name} {mode}: started in {start_s:.1f} s, restarted from the compile cache in "
+            f"{restart_s:.1f} s")
+        for row in rows:
+            if "batch" in row:
+                row["restart_s"] = round(restart_s, 1)
     return rows
+
+
+def restart_seconds(path: Path, name: str, options, buckets: tuple[int, ...]) -> float:
+    """Seconds a new process takes to start the same engine from the compile cache the first start filled: what
+    a restarted or added replica pays (Python's and torch's imports left out, as in the first start's figure)."""
+    import json
+    import subprocess
+    import sys
+
+    script = ("import json, sys, time\n"
+              "from server.torch_engine import TorchOptions, TorchProgramEngine\n"
+              "import torch\n"
+              "path, name, options, buckets = json.loads(sys.argv[1])\n"
+              "torch.zeros(1, device=options['device'])  # the device set up, as in the first start's process\n"
+              "tick = time.perf_counter()\n"
+              "TorchProgramEngine(path, name, max(buckets), TorchOptions(**options), buckets=tuple(buckets))\n"
+              "print(time.perf_counter() - tick)\n")
+    argument = json.dumps([str(path), name, asdict(options), list(buckets)])
+    done = subprocess.run([sys.executable, "-c", script, argument], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    if done.returncode:
+        lines = done.stderr.strip().splitlines() or ["no output"]
+        raise RuntimeError(f"the restarted engine failed: {lines[-1][:300]}")
+    return float(done.stdout.split()[-1])
 
 
 def jpeg_rows(config: GpuBenchConfig) -> list[dict]:
@@ -590,16 +630,18 @@ def to_markdown(report: dict, plot_name: str) -> str:
                   f"{peak['side']}^3); MFU below is against it.", ""]
     if report.get("stages"):
         lines += [f"![images/s by batch]({plot_name})", "",
-                  "| model | mode | batch | ms | images/s | MFU | bf16 parity | start s |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+                  "| model | mode | batch | ms | images/s | MFU | bf16 parity | start s | restart s |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in report["stages"]:
             if "skipped" in r:
-                lines.append(f"| {r['model']} | {r['mode']} | - | skipped: {r['skipped']} | | | | |")
+                lines.append(f"| {r['model']} | {r['mode']} | - | skipped: {r['skipped']} | | | | | |")
                 continue
             mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
             lines.append(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['ms']:.2f} | {r['images_per_s']:.1f} | "
-                         f"{mfu} | {r['parity']:.3g} | {r['start_s']} |")
-        lines.append("")
+                         f"{mfu} | {r['parity']:.3g} | {r['start_s']} | {r.get('restart_s', '-')} |")
+        lines += ["", "start s: the engine's start in this process (load, parity check, and for the compiled modes a "
+                  "cold compile of every bucket); restart s: a new process starting it again from the compile cache "
+                  "the first start filled (`--torch-compile-cache`).", ""]
     if report.get("jpeg"):
         lines += ["| JPEG q90 | side | ms per image |", "|---|---:|---:|"]
         lines += [f"| {r['encoder']} | {r['side']} | {r.get('ms_per_image', r.get('skipped'))} |"

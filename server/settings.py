@@ -28,6 +28,9 @@ class Settings(BaseSettings):
         "--torch-dtype says (student, teacher, verifier, text_encoder, decoder): one whose parity check fails in "
         "bfloat16/float16, e.g. a T5 text encoder in float16")
     torch_compile: bool = Field(False, description="torch backend: torch.compile every batch bucket at start")
+    torch_compile_cache: str = Field("", description="torch backend with --torch-compile: a folder for "
+                                     "torch.compile's cache (compiled graphs and kernels), which a restart or another "
+                                     "replica given the same folder starts from instead of compiling again")
     torch_parity_tolerance: float = Field(0.05, gt=0, description="torch backend: largest error of bfloat16/float16 "
                                           "against float32, relative to the output's largest value")
     intra_op_threads: int = Field(0, ge=0, description="threads per engine run; 0 = onnxruntime's default")
@@ -108,7 +111,8 @@ class Settings(BaseSettings):
         from server.torch_engine import TorchOptions
 
         dtype = "float32" if engine and stage_of(engine) in self.torch_float32_stages else self.torch_dtype
-        return TorchOptions(self.device, dtype, self.torch_compile, self.cuda_graphs, self.torch_parity_tolerance)
+        return TorchOptions(self.device, dtype, self.torch_compile, self.cuda_graphs, self.torch_parity_tolerance,
+                            self.torch_compile_cache)
 
     @field_validator("providers")
     @classmethod

@@ -9,8 +9,9 @@ start. The weights only matrix products and convolutions read are cast once at s
 would otherwise redo every forward (it keeps no cast cache that could outlive a CUDA graph).
 
 `compile` runs each batch bucket through torch.compile (the batcher pads every batch to a bucket, so
-every bucket is compiled, at start); `cuda_graphs` replays each bucket as a CUDA graph
-(through torch.compile's "reduce-overhead" mode when compiling, captured by hand otherwise). torch.compile
+every bucket is compiled, at start; `compile_cache` keeps what it compiled on disk for the next start);
+`cuda_graphs` replays each bucket as a CUDA graph (through torch.compile's "reduce-overhead" mode when
+compiling, captured by hand otherwise). torch.compile
 keeps its CUDA graphs per thread (torch before 2.13 sets that state up only in the thread that imported it, and
 fails in any other), so such an engine makes every call, the start's included, in a thread of its own.
 
@@ -23,6 +24,7 @@ Returning when the batch is done also gives the batcher and admission the batch'
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,9 @@ class TorchOptions:
     compile: bool = False  # torch.compile each batch bucket
     cuda_graphs: bool = False  # replay each bucket as a CUDA graph
     parity_tolerance: float = 0.05  # low precision against fp32: max abs error / max abs fp32 output
+    # torch.compile's on-disk cache (inductor's compiled graphs and kernels): a restart, or another replica, with the
+    # same folder loads what the first start compiled ("": torch's default, a folder under /tmp)
+    compile_cache: str = ""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -49,6 +54,8 @@ class TorchOptions:
             raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
         if self.cuda_graphs and not self.device.startswith("cuda"):
             raise ValueError("cuda_graphs needs --device cuda")
+        if self.compile_cache and not self.compile:
+            raise ValueError("torch_compile_cache needs --torch-compile")
 
 
 class ParityError(RuntimeError):
@@ -173,6 +180,8 @@ class TorchProgramEngine:
         self.buckets = wanted if specialised or self.device.type == "cuda" else ()
         self.forward = self.module
         if options.compile:
+            if options.compile_cache:  # inductor reads its cache's folder from the environment, at each lookup
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(options.compile_cache).resolve())
             # at most one compiled graph per bucket: allow that many (the limit's name changed across torch versions)
             config = torch._dynamo.config
             limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"

@@ -66,6 +66,22 @@ def test_a_served_bundle_it_cannot_serve_is_refused_before_any_part_runs(tmp_pat
     assert not (tmp_path / "gpu.json").exists()
 
 
+def test_a_restart_is_timed_in_a_new_process_from_the_same_program(tmp_path):
+    """What a compiled mode's restart figure runs (eager here: a cold compile on a CPU takes most of a minute)."""
+    import torch
+
+    from export.programs import export_program
+    from flowmap.bench_gpu import model, restart_seconds
+    from server.torch_engine import TorchOptions
+
+    graph, inputs = model("sd-vae-256", "tiny")
+    path = export_program(graph, inputs(2), tmp_path / "decoder.pt2")
+    assert restart_seconds(path, "decoder", TorchOptions(), (1, 2)) > 0
+    torch.save({"not": "a program"}, tmp_path / "broken.pt2")
+    with pytest.raises(RuntimeError, match="the restarted engine failed: RuntimeError: We ran into an error"):
+        restart_seconds(tmp_path / "broken.pt2", "decoder", TorchOptions(), (1,))
+
+
 def test_flops_count_attention_as_a_gpu_runs_it():
     """Two products of [16, 8] by [8, 16] and [16, 16] by [16, 8] per head: 4 * 16 * 16 * 8 operations each."""
     import torch

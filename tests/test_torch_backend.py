@@ -87,10 +87,18 @@ def test_bf16_is_checked_against_fp32(program_bundle):
         TorchProgramEngine(teacher.program, "teacher", 8, TorchOptions(dtype="bfloat16", parity_tolerance=1e-9))
 
 
-def test_compiled_buckets_match_eager(program_bundle):
+def test_compiled_buckets_match_eager_and_a_restart_loads_them_from_the_cache(program_bundle, tmp_path, monkeypatch):
+    import torch
+    from torch._dynamo.utils import counters
+
+    from server.settings import Settings
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "default"))  # what the test leaves is put back
+    cache = tmp_path / "compiled"
+    options = Settings(backend="torch", torch_compile=True, torch_compile_cache=str(cache)).torch_options("student")
     student = read_bundle(program_bundle).students[0]
     try:
-        engine = TorchProgramEngine(student.program, "student", 4, TorchOptions(compile=True), buckets=(2, 4))
+        engine = TorchProgramEngine(student.program, "student", 4, options, buckets=(2, 4))
     except Exception as err:  # inductor needs a C++ compiler; where there is none, compile is not available
         pytest.skip(f"torch.compile does not run here: {type(err).__name__}: {str(err)[:120]}")
     assert engine.buckets == (2, 4)
@@ -98,6 +106,12 @@ def test_compiled_buckets_match_eager(program_bundle):
     session = ort.InferenceSession(str(student.path), providers=["CPUExecutionProvider"])
     feeds = random_feeds(session.get_inputs(), 4, 10, seed=4)
     np.testing.assert_allclose(engine.run(feeds), expected, atol=1e-4)
+    assert any((cache / "fxgraph").rglob("*")) and not (tmp_path / "default").exists()
+    torch._dynamo.reset()  # as a new process: what it compiled is forgotten, only the folder remembers
+    counters.clear()
+    restarted = TorchProgramEngine(student.program, "student", 4, options, buckets=(2, 4))
+    assert counters["inductor"]["fxgraph_cache_hit"] >= 2 and not counters["inductor"]["fxgraph_cache_miss"]
+    np.testing.assert_allclose(restarted.run(feeds), expected, atol=1e-4)
 
 
 def test_options_name_the_bad_flag():
@@ -107,6 +121,8 @@ def test_options_name_the_bad_flag():
 
     with pytest.raises(ValidationError, match="cuda_graphs needs --device cuda"):
         Settings(backend="torch", cuda_graphs=True)
+    with pytest.raises(ValidationError, match="torch_compile_cache needs --torch-compile"):
+        Settings(backend="torch", torch_compile_cache="models/.compiled")
     with pytest.raises(ValidationError, match="torch_dtype must be one of float32, bfloat16, float16"):
         Settings(backend="torch", torch_dtype="int8")
     Settings(backend="onnxruntime", torch_dtype="int8")  # only the torch backend reads it
