@@ -6,12 +6,14 @@ import pytest
 pytest.importorskip("diffusers")
 
 
-def test_the_gpu_bench_runs_every_part_on_a_cpu(tmp_path):
+def test_the_gpu_bench_runs_every_part_on_a_cpu(tmp_path, tiny_latent):
     from flowmap.bench_gpu import GpuBenchConfig, one_step, run_gpu_bench
 
+    # the served part on the tests' latent bundle (--served-bundle): building its own SiT + SD-VAE bundle took half
+    # this test's time, and its parts are tested on their own (the public layout in tests/test_sit.py)
     config = GpuBenchConfig(device="cpu", scale="tiny", batches=(1, 2), modes=("eager-fp32", "eager-bf16",
                             "graphs-bf16"), repeats=1, jpeg_sides=(64,), jpeg_images=2, served_clients=2,
-                            served_seconds=1.0, out=str(tmp_path / "gpu"))
+                            served_seconds=1.0, served_bundle=str(tiny_latent[0]), out=str(tmp_path / "gpu"))
     report = run_gpu_bench(config)
     assert report["peak"]["tflops"] > 0
     rows = report["stages"]

@@ -93,6 +93,25 @@ def test_a_public_checkpoint_loads_into_our_convention(learn_sigma, tmp_path):
     assert torch.allclose(ours, -theirs, atol=1e-5), (ours + theirs).abs().max()  # ...and predicts x - eps
 
 
+def test_the_benches_write_a_teacher_back_in_the_public_layout(tmp_path):
+    """flowmap/bench_stages.public_layout (the real-size benches' SiT teachers) inverts our loader: the written
+    checkpoint loads as the same network."""
+    from distill.models import Teacher
+    from flowmap.bench_stages import public_layout
+
+    torch.manual_seed(0)
+    teacher = Teacher(sit_config("S/2", (CHANNELS, SIDE, SIDE), num_classes=CLASSES))
+    with torch.no_grad():
+        for parameter in teacher.parameters():  # adaLN-Zero's zeros would hide a dropped or misplaced key
+            parameter.add_(0.02 * torch.randn(parameter.shape))
+    torch.save(public_layout(teacher), tmp_path / "sit.pt")
+    loaded = load_teacher(f"sit:{tmp_path / 'sit.pt'}")
+    gen = torch.Generator().manual_seed(1)
+    x, t, y = torch.randn(2, CHANNELS, SIDE, SIDE, generator=gen), torch.rand(2, generator=gen), torch.tensor([3, 9])
+    with torch.no_grad():
+        assert torch.allclose(loaded.velocity(x, t, y), teacher.velocity(x, t, y), atol=1e-5)
+
+
 def test_sizes_and_errors():
     xl = sit_config("XL/2")
     assert (xl.width, xl.depth, xl.heads, xl.patch, xl.shape, xl.num_classes) == (1152, 28, 16, 2, (4, 32, 32), 1000)
