@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,12 +216,18 @@ class TorchProgramEngine:
             self._in_thread(self._warm_up, example)
 
     def _warm_up(self, example: dict) -> None:
+        done = " and ".join(what for what, on in (("compiled", self.options.compile),
+                                                  ("its CUDA graph recorded", self.options.cuda_graphs)) if on)
         with self._on_stream():
-            for bucket in self.buckets:
+            for number, bucket in enumerate(self.buckets, 1):
+                tick = time.perf_counter()
                 # twice: torch.compile runs a bucket plain the first time and records its CUDA graph the second
                 for _ in range(2):
                     self._call({name: self._rows(value, bucket) for name, value in example.items()})
-            self._synchronize()
+                self._synchronize()
+                # a compiled start takes minutes on a large model: say how far it has got
+                log.info("%s: batch %d %s in %.1f s (bucket %d of %d)", self.name, bucket, done,
+                         time.perf_counter() - tick, number, len(self.buckets))
 
     def _in_thread(self, function, *args):
         """`function(*args)` in the engine's own thread where it has one, else in the caller's."""

@@ -4,6 +4,7 @@ compiled buckets against eager, and servers on `--backend torch` answering as on
 
 import base64
 import io
+import re
 
 import httpx
 import numpy as np
@@ -87,13 +88,17 @@ def test_bf16_is_checked_against_fp32(program_bundle):
         TorchProgramEngine(teacher.program, "teacher", 8, TorchOptions(dtype="bfloat16", parity_tolerance=1e-9))
 
 
-def test_compiled_buckets_match_eager_and_a_restart_loads_them_from_the_cache(program_bundle, tmp_path, monkeypatch):
+def test_compiled_buckets_match_eager_and_a_restart_loads_them_from_the_cache(program_bundle, tmp_path, monkeypatch,
+                                                                             caplog):
+    import logging
+
     import torch
     from torch._dynamo.utils import counters
 
     from server.settings import Settings
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "default"))  # what the test leaves is put back
+    caplog.set_level(logging.INFO, logger="flowmap.torch")
     cache = tmp_path / "compiled"
     options = Settings(backend="torch", torch_compile=True, torch_compile_cache=str(cache)).torch_options("student")
     student = read_bundle(program_bundle).students[0]
@@ -102,6 +107,9 @@ def test_compiled_buckets_match_eager_and_a_restart_loads_them_from_the_cache(pr
     except Exception as err:  # inductor needs a C++ compiler; where there is none, compile is not available
         pytest.skip(f"torch.compile does not run here: {type(err).__name__}: {str(err)[:120]}")
     assert engine.buckets == (2, 4)
+    # a start that compiles for minutes says how far it has got
+    assert re.search(r"student: batch 2 compiled in [0-9.]+ s \(bucket 1 of 2\)", caplog.text)
+    assert re.search(r"student: batch 4 compiled in [0-9.]+ s \(bucket 2 of 2\)", caplog.text)
     expected, actual, _ = onnx_and_torch(student, "student", batch=4)
     session = ort.InferenceSession(str(student.path), providers=["CPUExecutionProvider"])
     feeds = random_feeds(session.get_inputs(), 4, 10, seed=4)
