@@ -6,23 +6,28 @@
 #
 #   scripts/gpu_check.sh [OUT_DIR]      # default: $OUT, else gpu-check/
 #
-# RUN_TESTS=0 runs the bench alone. RESUME_FROM=docs/gpu.json goes on from that report (measured on the same
-# card, torch and timed code: the bench refuses another) and runs only what it lacks, e.g. after a call cut off
-# by its limit.
-# BENCH_FLAGS replaces the bench's flags (default: four modes), e.g. BENCH_FLAGS="--batches 1 8 32"; the bench
-# rewrites its report after every part, so one cut off by BENCH_TIMEOUT_S keeps what it measured.
+# The whole check keeps to TOTAL_S seconds (default 570: one call of a 10-minute limit): the tests get at most
+# TESTS_TIMEOUT_S (240) of it and the bench what is left (or BENCH_TIMEOUT_S). The bench rewrites its report
+# after every mode and part, so one cut off keeps what it measured, and the check ends by saying how to go on:
+# RESUME_FROM=OUT_DIR/gpu.json goes on from that report (measured on the same card, torch and timed code: the
+# bench refuses another) and runs only what it lacks; RUN_TESTS=0 runs the bench alone.
+# BENCH_FLAGS replaces the bench's flags (default: four modes), e.g. BENCH_FLAGS="--batches 1 8 32".
 # Without network, carry the wheels scripts/gpu_wheels.sh downloads (.whl/ in the checkout): they
 # are installed into a scratch folder first. With network, `pip install -e ".[train,dev]"` instead.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-gpu-check}}
 mkdir -p "$OUT_DIR"
+TOTAL_S=${TOTAL_S:-570}
+started=$SECONDS
+left() { local s=$(( TOTAL_S - (SECONDS - started) )); echo $(( s > 1 ? s : 1 )); }  # timeout 0 would mean none
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1  # a run cut off by its timeout still leaves its log
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if compgen -G ".whl/*.whl" > /dev/null; then
+WHEELS=${WHEELS:-.whl}  # the folder scripts/gpu_wheels.sh fills
+if compgen -G "$WHEELS/*.whl" > /dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/flowmap-site \
-    .whl/*.whl || exit 1
+    "$WHEELS"/*.whl || exit 1
   export PYTHONPATH="/tmp/flowmap-site:$PYTHONPATH"
 fi
 { nvidia-smi; $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"; } \
@@ -30,7 +35,8 @@ fi
 status=0
 if [ "${RUN_TESTS:-1}" = 1 ]; then
 # the gpu-marked modules only: other modules import packages (ray, gradio, playwright) a bare GPU image lacks
-timeout "${TESTS_TIMEOUT_S:-240}" $PY -m pytest -q -m gpu -rs -p no:cacheprovider tests/test_gpu.py tests/test_gpu_torch.py \
+tests_s=$(left); tests_s=$(( ${TESTS_TIMEOUT_S:-240} < tests_s ? ${TESTS_TIMEOUT_S:-240} : tests_s ))
+timeout "$tests_s" $PY -m pytest -q -m gpu -rs -p no:cacheprovider tests/test_gpu.py tests/test_gpu_torch.py \
   2>&1 | tee "$OUT_DIR/gpu-tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
@@ -40,9 +46,12 @@ if [ -n "${RESUME_FROM:-}" ]; then
   RESUME=(--resume)
 fi
 # compiled without CUDA graphs is left out by default: each compiled mode compiles every model twice
-timeout "${BENCH_TIMEOUT_S:-420}" $PY -m flowmap.cli bench gpu --out "$OUT_DIR/gpu" "${RESUME[@]}" \
-  ${BENCH_FLAGS:---modes eager-fp32 eager-bf16 graphs-bf16 compiled-graphs-bf16} \
+timeout "${BENCH_TIMEOUT_S:-$(left)}" $PY -m flowmap.cli bench gpu --out "$OUT_DIR/gpu" \
+  "${RESUME[@]}" ${BENCH_FLAGS:---modes eager-fp32 eager-bf16 graphs-bf16 compiled-graphs-bf16} \
   2>&1 | tee "$OUT_DIR/bench-gpu.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-echo "gpu check finished (status $status); the report is $OUT_DIR/gpu.md"
+echo "gpu check finished in $(( SECONDS - started )) s (status $status); the report is $OUT_DIR/gpu.md"
+if grep -q "^Not measured" "$OUT_DIR/gpu.md" 2>/dev/null; then
+  echo "to measure what it lacks: RESUME_FROM=$OUT_DIR/gpu.json RUN_TESTS=0 $0 OUT_DIR (the same card, with the same flags)"
+fi
 exit $status

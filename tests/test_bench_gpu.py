@@ -49,10 +49,37 @@ def test_the_gpu_bench_runs_every_part_on_a_cpu(tmp_path, tiny_latent):
     assert "Where the load's time went" in text and "decoder: " in text
 
 
+def test_the_one_command_check_runs_the_gpu_tests_and_resumes_the_bench(tmp_path):
+    """scripts/gpu_check.sh on a CPU: the gpu-marked tests run (and skip, saying why), the bench goes on from an
+    earlier report, and all of it lands in the output folder."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from flowmap.bench_gpu import GpuBenchConfig, run_gpu_bench
+
+    out, tiny = tmp_path / "check", ["--device", "cpu", "--scale", "tiny", "--repeats", "1"]
+    earlier = run_gpu_bench(GpuBenchConfig(device="cpu", scale="tiny", repeats=1, parts=("peak",),
+                                           out=str(tmp_path / "earlier")))
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh"), str(out)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable, "TOTAL_S": "300", "WHEELS": str(tmp_path),
+                               "RESUME_FROM": str(tmp_path / "earlier.json"),
+                               "BENCH_FLAGS": " ".join([*tiny, "--parts", "peak", "jpeg", "--jpeg-sides", "64"])})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "gpu check finished in" in done.stdout and "(status 0)" in done.stdout
+    assert "needs a CUDA GPU" in (out / "gpu-tests.txt").read_text()  # skipped, and why
+    report = json.loads((out / "gpu.json").read_text())
+    assert report["peak"] == earlier["peak"] and report["jpeg"] and len(report["runs"]) == 2  # kept, then went on
+    assert (out / "gpu.md").is_file() and (out / "device.txt").is_file()
+
+
 def test_unknown_models_modes_and_parts_are_refused_by_name():
     from flowmap.bench_gpu import GpuBenchConfig, run_gpu_bench
 
-    for field, value, allowed in (("models", ("sdxl",), "sit-xl/2, sd-vae-256, sana-1024, dc-ae-1024"),
+    for field, value, allowed in (("models", ("sdxl",), "sit-xl/2, sana-1024, sd-vae-256, dc-ae-1024"),
                                   ("modes", ("eager-fp8",), "eager-fp32, eager-bf16"), ("parts", ("flops",), "peak")):
         with pytest.raises(ValueError, match=f"--{field}: unknown '{value[0]}'; choose from {allowed}"):
             run_gpu_bench(GpuBenchConfig(device="cpu", scale="tiny", **{field: value}))
