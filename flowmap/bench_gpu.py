@@ -248,9 +248,11 @@ def mode_rows(name: str, mode: str, path: Path, inputs, config: GpuBenchConfig, 
     def out_of_memory(batch: int) -> None:
         rows.append({"model": name, "mode": mode, "skipped": f"out of memory at batch {batch} on this card"})
 
-    # compiled into a cache folder of this run's own: the first start compiles cold, and a restart can load it
+    # compiled into a cache folder of this run, model and mode's own: the first start compiles cold (another mode of
+    # the same model would find its kernels), and a restart can load it
+    cache = path.parent / f"compile-cache-{path.stem}-{mode}"
     options = TorchOptions(config.device, dtype, compiled, graphs, parity_tolerance=0.1,
-                           compile_cache=str(path.parent / "compile-cache") if compiled else "")
+                           compile_cache=str(cache) if compiled else "")
     while True:  # compile and CUDA graphs warm every bucket up at start: one too large for the card is dropped there
         tick, engine = time.perf_counter(), None
         try:
@@ -284,12 +286,16 @@ def mode_rows(name: str, mode: str, path: Path, inputs, config: GpuBenchConfig, 
             row["mfu"] = flops * batch / (ms / 1000) / (peak_tflops * 1e12)
         rows.append(row)
         say(f"[bench gpu] {name} {mode} batch {batch}: {ms:.2f} ms")
-    if compiled and config.restart:
-        del engine  # the restart's engine gets the card's memory
+    if compiled and config.restart and any("batch" in row for row in rows):
+        import gc
+
+        del engine  # the restart's engine gets the card's memory, compiled graphs and CUDA graph pools included
+        torch._dynamo.reset()
+        gc.collect()
         if config.device.startswith("cuda"):
             torch.cuda.empty_cache()
         try:
-            restart_s = restart_seconds(path, name, options, tuple(batches))
+            restart_s = restart_seconds(path, name, options, tuple(batches), timeout_s=max(300.0, 3 * start_s))
         except Exception as err:  # the figures measured above stand without it
             say(f"[bench gpu] {name} {mode}: no restart figure: {type(err).__name__}: {err}")
             return rows
@@ -301,7 +307,7 @@ def mode_rows(name: str, mode: str, path: Path, inputs, config: GpuBenchConfig, 
     return rows
 
 
-def restart_seconds(path: Path, name: str, options, buckets: tuple[int, ...]) -> float:
+def restart_seconds(path: Path, name: str, options, buckets: tuple[int, ...], timeout_s: float = 300.0) -> float:
     """Seconds a new process takes to start the same engine from the compile cache the first start filled: what
     a restarted or added replica pays (Python's and torch's imports left out, as in the first start's figure)."""
     import json
@@ -318,7 +324,7 @@ def restart_seconds(path: Path, name: str, options, buckets: tuple[int, ...]) ->
               "print(time.perf_counter() - tick)\n")
     argument = json.dumps([str(path), name, asdict(options), list(buckets)])
     done = subprocess.run([sys.executable, "-c", script, argument], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=Path(__file__).resolve().parents[1], timeout=timeout_s)
     if done.returncode:
         lines = done.stderr.strip().splitlines() or ["no output"]
         raise RuntimeError(f"the restarted engine failed: {lines[-1][:300]}")
@@ -366,7 +372,7 @@ def served(config: GpuBenchConfig, folder: Path, say) -> dict:
     from server.torch_engine import TorchOptions, TorchProgramEngine
 
     tiny, cuda = config.scale == "tiny", config.device.startswith("cuda")
-    root, denoiser = Path(config.served_bundle), None
+    root, denoiser = Path(config.served_bundle).resolve(), None  # the server runs from the repository's root
     if not config.served_bundle:
         root, denoiser = folder / "bundle", "S/2" if tiny else config.served_denoiser
         # checked at batch 1 and 3: at 64 the checks were two thirds of the build (194 of 294 s on a 2-core CPU)
@@ -415,7 +421,7 @@ def servable_bundle(root: str | Path):
     """The bundle at `root`, if the served part can serve it: class labels, a decoder and torch programs."""
     from export.bundle import read_bundle
 
-    bundle = read_bundle(root)
+    bundle = read_bundle(Path(root).resolve())
     if bundle.manifest.decoder is None or bundle.manifest.text is not None or bundle.students[0].program is None:
         raise ValueError(f"--served-bundle {root}: the served part takes a class-conditioned latent bundle (a decoder, "
                          "no text encoder) exported with torch programs (`flowmap export --torch-programs`)")
@@ -522,11 +528,16 @@ def resumed(fresh: dict, config: GpuBenchConfig) -> tuple[dict, set[str]]:
                              f"{fresh[key]!r}; timings from two setups do not go in one report")
     failed = {error.split(":")[0] for error in earlier.get("errors", [])}
     stages = [row for row in earlier.get("stages", []) if f"stages {row['model']}" not in failed and measured(row)]
+    def served_as(run: dict) -> tuple:  # a served figure stands only for the bundle and load it was measured with
+        bundle = run.get("served_bundle", "")
+        return str(Path(bundle).resolve()) if bundle else "", run.get("served_denoiser"), run.get("served_clients")
+
     done = {f"stages {row['model']} {row['mode']}" for row in stages} | {
-        part for part in WHOLE_PARTS if part in earlier and part not in failed}
+        part for part in WHOLE_PARTS if part in earlier and part not in failed
+        and (part != "served" or served_as(earlier["config"]) == served_as(asdict(config)))}
     runs = earlier.get("runs", [earlier["config"]])
-    return {**earlier, "config": asdict(config), "runs": [*runs, asdict(config)], "stages": stages,
-            "errors": []}, done
+    kept = {key: value for key, value in earlier.items() if key not in WHOLE_PARTS or key in done}
+    return {**kept, "config": asdict(config), "runs": [*runs, asdict(config)], "stages": stages, "errors": []}, done
 
 
 def measured(row: dict) -> bool:

@@ -20,7 +20,12 @@ OUT_DIR=${1:-${OUT:-gpu-check}}
 mkdir -p "$OUT_DIR"
 TOTAL_S=${TOTAL_S:-570}
 started=$SECONDS
-left() { local s=$(( TOTAL_S - (SECONDS - started) )); echo $(( s > 1 ? s : 1 )); }  # timeout 0 would mean none
+# seconds left of TOTAL_S, at most $1 where given, at least 1 (timeout 0 would mean no limit)
+left() {
+  local s=$(( TOTAL_S - (SECONDS - started) ))
+  [ -n "${1:-}" ] && [ "$1" -lt "$s" ] && s=$1
+  echo $(( s > 1 ? s : 1 ))
+}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1  # a run cut off by its timeout still leaves its log
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -35,8 +40,7 @@ fi
 status=0
 if [ "${RUN_TESTS:-1}" = 1 ]; then
 # the gpu-marked modules only: other modules import packages (ray, gradio, playwright) a bare GPU image lacks
-tests_s=$(left); tests_s=$(( ${TESTS_TIMEOUT_S:-240} < tests_s ? ${TESTS_TIMEOUT_S:-240} : tests_s ))
-timeout "$tests_s" $PY -m pytest -q -m gpu -rs -p no:cacheprovider tests/test_gpu.py tests/test_gpu_torch.py \
+timeout "$(left "${TESTS_TIMEOUT_S:-240}")" $PY -m pytest -q -m gpu -rs -p no:cacheprovider tests/test_gpu.py tests/test_gpu_torch.py \
   2>&1 | tee "$OUT_DIR/gpu-tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
@@ -46,12 +50,15 @@ if [ -n "${RESUME_FROM:-}" ]; then
   RESUME=(--resume)
 fi
 # compiled without CUDA graphs is left out by default: each compiled mode compiles every model twice
-timeout "${BENCH_TIMEOUT_S:-$(left)}" $PY -m flowmap.cli bench gpu --out "$OUT_DIR/gpu" \
+rm -f "$OUT_DIR/gpu.md"  # a report from an earlier check in this folder would say what this one lacks
+timeout "$(left "${BENCH_TIMEOUT_S:-}")" $PY -m flowmap.cli bench gpu --out "$OUT_DIR/gpu" \
   "${RESUME[@]}" ${BENCH_FLAGS:---modes eager-fp32 eager-bf16 graphs-bf16 compiled-graphs-bf16} \
   2>&1 | tee "$OUT_DIR/bench-gpu.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+bench_status=${PIPESTATUS[0]}
+[ "$bench_status" -eq 0 ] || status=1
 echo "gpu check finished in $(( SECONDS - started )) s (status $status); the report is $OUT_DIR/gpu.md"
-if grep -q "^Not measured" "$OUT_DIR/gpu.md" 2>/dev/null; then
-  echo "to measure what it lacks: RESUME_FROM=$OUT_DIR/gpu.json RUN_TESTS=0 $0 OUT_DIR (the same card, with the same flags)"
+if [ -f "$OUT_DIR/gpu.json" ] && { [ "$bench_status" -eq 124 ] || grep -q "^Not measured" "$OUT_DIR/gpu.md"; }; then
+  echo "to measure what it lacks, with the same flags on the same card:" \
+    "RESUME_FROM=$OUT_DIR/gpu.json RUN_TESTS=0 $0 $OUT_DIR"
 fi
 exit $status
