@@ -79,7 +79,7 @@ class GpuBenchConfig:
     served_denoiser: str = "B/2"  # the SiT size of the served latent bundle (with the SD-VAE decoder)
     served_clients: int = 64
     served_seconds: float = 20.0
-    # serve this class-conditioned latent bundle (exported with --torch-programs) instead of building a random one
+    # serve this latent bundle (class or text; exported with --torch-programs) instead of building a random one
     served_bundle: str = ""
     parts: tuple[str, ...] = PARTS  # run in the order given; by default the quick ones first
     out: str = "docs/gpu"
@@ -365,7 +365,9 @@ def jpeg_costs(images: np.ndarray, config: GpuBenchConfig) -> list[dict]:
 def served(config: GpuBenchConfig, folder: Path, say) -> dict:
     """A latent bundle (by default a random SiT denoiser and the SD-VAE decoder, with torch programs) served by the
     torch backend (bf16, CUDA graphs on a GPU), one-image jpeg requests, against the images/s its own student and
-    decoder allow at the largest batch (timed here through the same engine and options)."""
+    decoder allow at the largest batch (timed here through the same engine and options). A text bundle's requests
+    cycle through 256 prompts, so once each has been seen the prompt cache answers and the text encoder, left out of
+    the limit, rests."""
     from flowmap.bench_serve import ServerProcess
     from flowmap.bench_stages import build_latent_bundle
     from flowmap.loadgen import run_load
@@ -380,7 +382,7 @@ def served(config: GpuBenchConfig, folder: Path, say) -> dict:
                             sd_vae(tiny), programs=True, parity_batches=(1, 3))
     bundle = servable_bundle(root)
     manifest = bundle.manifest
-    latent, classes = manifest.latent_shape, len(manifest.classes)
+    latent, text = manifest.latent_shape, bundle.text
     rows, decoder_rows = max(config.batches), max(1, max(config.batches) // 2)
     # bf16 with hand-captured CUDA graphs: the server captures every bucket of four engines at start, which
     # compiling them all would stretch to minutes
@@ -389,7 +391,8 @@ def served(config: GpuBenchConfig, folder: Path, say) -> dict:
     for graph, batch, feeds in ((bundle.students[0], rows, {"x": np.zeros((rows, *latent), np.float32),
                                                             "t": np.ones(rows, np.float32),
                                                             "s": np.zeros(rows, np.float32),
-                                                            "label": np.zeros(rows, np.int64)}),
+                                                            "label": np.zeros((rows, *text.shape), np.float32)
+                                                            if text else np.zeros(rows, np.int64)}),
                                 (bundle.decoder, decoder_rows, {"latent": np.zeros((decoder_rows, *latent),
                                                                                    np.float32)})):
         engine = TorchProgramEngine(graph.program, graph.path.stem, batch, options, buckets=(batch,))
@@ -402,7 +405,9 @@ def served(config: GpuBenchConfig, folder: Path, say) -> dict:
     say(f"[bench gpu] serving: {config.served_clients} clients, {config.served_seconds:g} s")
     server = ServerProcess(str(root), 8740, *flags, ready_timeout_s=300)
     try:
-        bodies = [{"labels": [i % classes], "seeds": [i], "output_format": "jpeg"} for i in range(256)]
+        bodies = [{"prompts": [f"picture number {i}"]} if text else {"labels": [i % len(manifest.classes)]}
+                  for i in range(256)]
+        bodies = [{**body, "seeds": [i], "output_format": "jpeg"} for i, body in enumerate(bodies)]
         before, tick = server.metrics(), time.perf_counter()
         result = asyncio.run(run_load("127.0.0.1", server.port, "/v1/generate", bodies, config.served_clients,
                                       config.served_seconds, 1, warmup_s=3.0)).summary()
@@ -418,13 +423,15 @@ def served(config: GpuBenchConfig, folder: Path, say) -> dict:
 
 
 def servable_bundle(root: str | Path):
-    """The bundle at `root`, if the served part can serve it: class labels, a decoder and torch programs."""
+    """The bundle at `root`, if the served part can serve it: a decoder, and torch programs of its student, decoder
+    and (a text bundle's) text encoder."""
     from export.bundle import read_bundle
 
     bundle = read_bundle(Path(root).resolve())
-    if bundle.manifest.decoder is None or bundle.manifest.text is not None or bundle.students[0].program is None:
-        raise ValueError(f"--served-bundle {root}: the served part takes a class-conditioned latent bundle (a decoder, "
-                         "no text encoder) exported with torch programs (`flowmap export --torch-programs`)")
+    graphs = [bundle.students[0], bundle.decoder] + ([bundle.text.encoder] if bundle.text else [])
+    if bundle.decoder is None or any(graph.program is None for graph in graphs):
+        raise ValueError(f"--served-bundle {root}: the served part takes a latent bundle (one with a decoder) exported "
+                         "with torch programs (`flowmap export --torch-programs`)")
     return bundle
 
 

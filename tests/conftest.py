@@ -88,3 +88,16 @@ def tiny_text_bundles(tiny_text_pipelines, tmp_path_factory):
                       teacher_guidance_scale=1.0 if family == "flux" else 2.0, progress=False)
         bundles[family] = (root / family, run)
     return bundles
+
+
+@pytest.fixture(scope="session")
+def sana_program_bundle(tiny_text_bundles, tiny_text_pipelines, tmp_path_factory):
+    """The tiny SANA student exported again with torch programs (text encoder, negative-prompt teacher, DC-AE
+    decoder): a text bundle the torch backend serves."""
+    from export.writer import export_bundle
+
+    _, run = tiny_text_bundles["sana"]
+    out = tmp_path_factory.mktemp("sana-programs") / "sana"
+    export_bundle(run, f"diffusers:{tiny_text_pipelines['sana']}", None, out, (1.0,), teacher_guidance_scale=2.0,
+                  progress=False, programs=True)
+    return out

@@ -177,12 +177,9 @@ def test_a_server_on_the_torch_backend_answers_as_onnxruntime(program_bundle):
     np.testing.assert_allclose(decoded(torch_answer), decoded(onnx_answer), atol=1e-4)
 
 
-def test_a_text_bundle_with_a_decoder_on_the_torch_backend(tiny_text_bundles, tiny_text_pipelines, tmp_path):
+def test_a_text_bundle_with_a_decoder_on_the_torch_backend(sana_program_bundle):
     """Text encoder, negative-prompt teacher and VAE decoder programs too (SANA: its mask and DC-AE)."""
-    _, run = tiny_text_bundles["sana"]
-    out = tmp_path / "sana"
-    export_bundle(run, f"diffusers:{tiny_text_pipelines['sana']}", None, out, (1.0,), teacher_guidance_scale=2.0,
-                  progress=False, programs=True)
+    out = sana_program_bundle
     assert set(_graphs(read_bundle(out))) == {"student@1", "teacher", "text_encoder", "decoder"}
     body = {"prompts": ["a red circle"], "seeds": [3], "steps": 2, "model": "sana-teacher",
             "negative_prompt": "a blue square"}
