@@ -374,8 +374,9 @@ def served(config: GpuBenchConfig, folder: Path, say) -> dict:
     from server.torch_engine import TorchOptions, TorchProgramEngine
 
     tiny, cuda = config.scale == "tiny", config.device.startswith("cuda")
-    root, denoiser = Path(config.served_bundle).resolve(), None  # the server runs from the repository's root
-    if not config.served_bundle:
+    if config.served_bundle:
+        root, denoiser = Path(config.served_bundle).resolve(), None  # the server runs from the repository's root
+    else:
         root, denoiser = folder / "bundle", "S/2" if tiny else config.served_denoiser
         # checked at batch 1 and 3: at 64 the checks were two thirds of the build (194 of 294 s on a 2-core CPU)
         build_latent_bundle(root, lambda text: say(f"[bench gpu] {text}"), denoiser, (4, 8, 8) if tiny else (4, 32, 32),
@@ -435,10 +436,17 @@ def servable_bundle(root: str | Path):
     return bundle
 
 
-def served_name(served_run: dict) -> str:
-    """What the served part served, as the reports name it."""
+def served_line(report: dict) -> str | None:
+    """The served figure as a sentence (the report's and the README's), or None before it is measured."""
+    served = report.get("served")
+    if not served:
+        return None
     # a report from before --served-bundle named only its SiT size
-    return served_run.get("bundle") or f"SiT-{served_run['denoiser']} + SD-VAE, 256 px"
+    bundle = served.get("bundle") or f"SiT-{served['denoiser']} + SD-VAE, 256 px"
+    return (f"Served over HTTP ({bundle} bundle, {report['config']['served_clients']} clients of one-image jpeg "
+            f"requests, `{' '.join(served['flags'])}`): {served['images_per_s']} images/s, p50 {served['p50_ms']} ms, "
+            f"statuses {served['statuses']}; its student and decoder allow {served['limit_images_per_s']} images/s "
+            f"at their largest batch: served {served['vs_limit']}x that limit.")
 
 
 def served_use(before: dict[str, float], after: dict[str, float], seconds: float) -> dict:
@@ -669,10 +677,7 @@ def to_markdown(report: dict, plot_name: str) -> str:
                   "fixes it), simplejpeg with 4:2:0, so the GPU's files are the larger.", ""]
     if report.get("served"):
         s = report["served"]
-        lines += [f"Served over HTTP ({served_name(s)} bundle, one-image jpeg requests, "
-                  f"`{' '.join(s['flags'])}`): {s['images_per_s']} images/s, p50 {s['p50_ms']} ms, statuses "
-                  f"{s['statuses']}; its student and decoder allow {s['limit_images_per_s']} images/s at their "
-                  f"largest batch: served {s['vs_limit']}x that limit.", ""]
+        lines += [served_line(report), ""]
         if s.get("engines"):  # recorded since the first served run on a GPU (0.504x) left its cause unknown
             lines += ["Where the load's time went (the server's /metrics over the load and its warm-up): " + "; ".join(
                 f"{name}: {use['batches']} batches of {use['rows_per_batch']} rows on average, computing "

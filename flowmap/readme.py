@@ -217,7 +217,7 @@ def search_block(root: Path) -> str:
 
 
 def gpu_block(root: Path) -> str:
-    from flowmap.bench_gpu import TIMED_CODE, code_version, missing, one_step_line, served_name
+    from flowmap.bench_gpu import TIMED_CODE, code_version, missing, one_step_line, served_line
 
     report = _load(root / "docs" / "gpu.json")
     if report is None:
@@ -240,13 +240,9 @@ def gpu_block(root: Path) -> str:
         lines += ["", "JPEG q90, ms per image: " + "; ".join(
             f"{side} px: nvJPEG {jpeg[('nvjpeg (torchvision)', side)]}, simplejpeg on the CPU "
             f"{jpeg[('simplejpeg (cpu)', side)]}" for side in sorted({side for _, side in jpeg})) + "."]
-    served = report.get("served")
+    served = served_line(report)
     if served:
-        lines += ["", f"Served over HTTP (a {served_name(served)} bundle, "
-                  f"`{' '.join(served['flags'])}`, {report['config']['served_clients']} clients of one-image jpeg "
-                  f"requests): {served['images_per_s']} images/s, p50 {served['p50_ms']:.0f} ms; "
-                  f"{served['vs_limit']}x the {served['limit_images_per_s']} images/s its student and decoder allow "
-                  "at their largest batch."]
+        lines += ["", served]
     step = one_step_line(report)
     if step:
         lines += ["", step]

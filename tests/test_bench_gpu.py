@@ -63,11 +63,14 @@ def test_the_one_command_check_runs_the_gpu_tests_and_resumes_the_bench(tmp_path
     out, tiny = tmp_path / "check", ["--device", "cpu", "--scale", "tiny", "--repeats", "1"]
     earlier = run_gpu_bench(GpuBenchConfig(device="cpu", scale="tiny", repeats=1, parts=("peak",),
                                            out=str(tmp_path / "earlier")))
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh"), str(out)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHON": sys.executable, "TOTAL_S": "300", "WHEELS": str(tmp_path),
-                               "RESUME_FROM": str(tmp_path / "earlier.json"),
-                               "BENCH_FLAGS": " ".join([*tiny, "--parts", "peak", "jpeg", "--jpeg-sides", "64"])})
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+
+    def check(**env: str) -> subprocess.CompletedProcess:  # no wheels to install: this Python has what it needs
+        return subprocess.run(["bash", str(script), str(out)], capture_output=True, text=True,
+                              env={**os.environ, "PYTHON": sys.executable, "WHEELS": str(tmp_path), **env})
+
+    done = check(TOTAL_S="300", RESUME_FROM=str(tmp_path / "earlier.json"),
+                 BENCH_FLAGS=" ".join([*tiny, "--parts", "peak", "jpeg", "--jpeg-sides", "64"]))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "gpu check finished in" in done.stdout and "(status 0)" in done.stdout
     assert "needs a CUDA GPU" in (out / "gpu-tests.txt").read_text()  # skipped, and why
@@ -75,9 +78,7 @@ def test_the_one_command_check_runs_the_gpu_tests_and_resumes_the_bench(tmp_path
     assert report["peak"] == earlier["peak"] and report["jpeg"] and len(report["runs"]) == 2  # kept, then went on
     assert (out / "gpu.md").is_file() and (out / "device.txt").is_file()
     # cut off by its time: it says how to go on from what it saved
-    cut = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh"), str(out)], capture_output=True, text=True,
-                         env={**os.environ, "PYTHON": sys.executable, "WHEELS": str(tmp_path), "RUN_TESTS": "0",
-                              "BENCH_TIMEOUT_S": "1", "BENCH_FLAGS": " ".join(tiny)})
+    cut = check(RUN_TESTS="0", BENCH_TIMEOUT_S="1", BENCH_FLAGS=" ".join(tiny))
     assert cut.returncode == 1 and f"RESUME_FROM={out}/gpu.json RUN_TESTS=0" in cut.stdout, cut.stdout[-2000:]
 
 
