@@ -68,7 +68,8 @@ def tiny_text_pipelines(tmp_path_factory):
 def tiny_text_bundles(tiny_text_pipelines, tmp_path_factory):
     """{family: (bundle, student run)}: each tiny pipeline distilled by two FreeFlow steps on prompts and
     exported as a text bundle (student at w=1 and 2, teacher at 2 (FLUX: 1), tokenizers, text encoder, decoder;
-    SD3's with a tiny CLIP as its verifier, in root/clip)."""
+    SD3's with a tiny CLIP as its verifier, in root/clip; SANA's with torch programs too, which the torch backend
+    serves)."""
     from distill.freeflow import FreeFlowConfig
     from distill.pipeline import distill_student
     from distill.trainer import TrainConfig
@@ -85,19 +86,14 @@ def tiny_text_bundles(tiny_text_pipelines, tmp_path_factory):
         scorer = f"clip:{tiny_clip(root / 'clip')}" if family == "sd3" else None
         # teachers with guidance 2 take negative prompts; FLUX-dev style has its guidance embedded (w = 1)
         export_bundle(run, f"diffusers:{folder}", scorer, root / family, (1.0, 2.0),
-                      teacher_guidance_scale=1.0 if family == "flux" else 2.0, progress=False)
+                      teacher_guidance_scale=1.0 if family == "flux" else 2.0, progress=False,
+                      programs=family == "sana")
         bundles[family] = (root / family, run)
     return bundles
 
 
 @pytest.fixture(scope="session")
-def sana_program_bundle(tiny_text_bundles, tiny_text_pipelines, tmp_path_factory):
-    """The tiny SANA student exported again with torch programs (text encoder, negative-prompt teacher, DC-AE
-    decoder): a text bundle the torch backend serves."""
-    from export.writer import export_bundle
-
-    _, run = tiny_text_bundles["sana"]
-    out = tmp_path_factory.mktemp("sana-programs") / "sana"
-    export_bundle(run, f"diffusers:{tiny_text_pipelines['sana']}", None, out, (1.0,), teacher_guidance_scale=2.0,
-                  progress=False, programs=True)
-    return out
+def sana_program_bundle(tiny_text_bundles):
+    """The tiny SANA text bundle, whose graphs (text encoder, negative-prompt teacher, DC-AE decoder) have torch
+    programs: a text bundle the torch backend serves."""
+    return tiny_text_bundles["sana"][0]

@@ -20,7 +20,7 @@ from distill.shapes import COLOURS, SHAPES, batch
 
 @pytest.fixture(scope="module")
 def clip():
-    return train_clip(ClipConfig(steps=300), progress=False)
+    return train_clip(ClipConfig(steps=300, batch_size=64), progress=False)
 
 
 def swapped(caption: str, words) -> str:
@@ -40,8 +40,9 @@ def test_clip_prefers_an_images_own_caption(clip):
     images, captions = torch.from_numpy(images), [scene.caption for scene in scenes]
     with torch.no_grad():
         own = score(model, images, token_ids(tokenizer, captions))
-        # after 300 steps colour is learnt first, shape (8 px patches of a 32 px image) later; chance is 0.5
-        for words, floor in ((list(COLOURS), 0.95), (list(SHAPES), 0.55)):  # 300 scenes: chance is 0.5 +- 0.03
+        # colour is learnt first, shape (8 px patches of a 32 px image) later: after 300 steps of 64 pairs about
+        # 0.97 and 0.65 (from run to run a few points either way); chance is 0.5
+        for words, floor in ((list(COLOURS), 0.9), (list(SHAPES), 0.55)):  # 300 scenes: chance is 0.5 +- 0.03
             other = score(model, images, token_ids(tokenizer, [swapped(c, words) for c in captions]))
             assert (own > other).float().mean() > floor, words
 

@@ -180,7 +180,7 @@ def test_a_server_on_the_torch_backend_answers_as_onnxruntime(program_bundle):
 def test_a_text_bundle_with_a_decoder_on_the_torch_backend(sana_program_bundle):
     """Text encoder, negative-prompt teacher and VAE decoder programs too (SANA: its mask and DC-AE)."""
     out = sana_program_bundle
-    assert set(_graphs(read_bundle(out))) == {"student@1", "teacher", "text_encoder", "decoder"}
+    assert set(_graphs(read_bundle(out))) == {"student@1", "student@2", "teacher", "text_encoder", "decoder"}
     body = {"prompts": ["a red circle"], "seeds": [3], "steps": 2, "model": "sana-teacher",
             "negative_prompt": "a blue square"}
     np.testing.assert_allclose(decoded(serve_raw(out, body, "--backend", "torch")), decoded(serve_raw(out, body)),
