@@ -77,7 +77,9 @@ class GpuBenchConfig:
     jpeg_sides: tuple[int, ...] = (256, 1024)
     jpeg_images: int = 16
     served_denoiser: str = "B/2"  # the SiT size of the served latent bundle (with the SD-VAE decoder)
-    served_clients: int = 64
+    # 0: twice the largest batch, so a full batch waits while another computes (as many clients as one batch holds
+    # move through the stages in step, and the student's batcher takes them in two halves: measured on a CPU)
+    served_clients: int = 0
     served_seconds: float = 20.0
     # serve this latent bundle (class or text; exported with --torch-programs) instead of building a random one
     served_bundle: str = ""
@@ -403,22 +405,23 @@ def served(config: GpuBenchConfig, folder: Path, say) -> dict:
              "--decoder-max-batch-size", str(decoder_rows), "--max-queue-size", "4096", "--no-ui"]
     if cuda:
         flags += ["--torch-dtype", "bfloat16", "--cuda-graphs"]
-    say(f"[bench gpu] serving: {config.served_clients} clients, {config.served_seconds:g} s")
+    clients = config.served_clients or 2 * rows
+    say(f"[bench gpu] serving: {clients} clients, {config.served_seconds:g} s")
     server = ServerProcess(str(root), 8740, *flags, ready_timeout_s=300)
     try:
         bodies = [{"prompts": [f"picture number {i}"]} if text else {"labels": [i % len(manifest.classes)]}
                   for i in range(256)]
         bodies = [{**body, "seeds": [i], "output_format": "jpeg"} for i, body in enumerate(bodies)]
         before, tick = server.metrics(), time.perf_counter()
-        result = asyncio.run(run_load("127.0.0.1", server.port, "/v1/generate", bodies, config.served_clients,
+        result = asyncio.run(run_load("127.0.0.1", server.port, "/v1/generate", bodies, clients,
                                       config.served_seconds, 1, warmup_s=3.0)).summary()
         use = served_use(before, server.metrics(), time.perf_counter() - tick)
     finally:
         server.stop()
     limit = round(1000 / limit_ms, 2)
     return {"images_per_s": result["images_per_s"], "p50_ms": result["p50_ms"], "statuses": result["statuses"],
-            "flags": flags, "bundle": f"{f'SiT-{denoiser} + SD-VAE' if denoiser else manifest.name}, "
-                                      f"{manifest.image_shape[1]} px",
+            "clients": clients, "flags": flags,
+            "bundle": f"{f'SiT-{denoiser} + SD-VAE' if denoiser else manifest.name}, {manifest.image_shape[1]} px",
             "limit_images_per_s": limit,
             "vs_limit": round(result["images_per_s"] / limit, 3), **use}
 
@@ -443,7 +446,8 @@ def served_line(report: dict) -> str | None:
         return None
     # a report from before --served-bundle named only its SiT size
     bundle = served.get("bundle") or f"SiT-{served['denoiser']} + SD-VAE, 256 px"
-    return (f"Served over HTTP ({bundle} bundle, {report['config']['served_clients']} clients of one-image jpeg "
+    clients = served.get("clients") or report["config"]["served_clients"]  # a report before the default was 0
+    return (f"Served over HTTP ({bundle} bundle, {clients} clients of one-image jpeg "
             f"requests, `{' '.join(served['flags'])}`): {served['images_per_s']} images/s, p50 {served['p50_ms']} ms, "
             f"statuses {served['statuses']}; its student and decoder allow {served['limit_images_per_s']} images/s "
             f"at their largest batch: served {served['vs_limit']}x that limit.")

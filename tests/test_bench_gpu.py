@@ -12,8 +12,8 @@ def test_the_gpu_bench_runs_every_part_on_a_cpu(tmp_path, tiny_latent):
     # the served part on the tests' latent bundle (--served-bundle): building its own SiT + SD-VAE bundle took half
     # this test's time, and its parts are tested on their own (the public layout in tests/test_sit.py)
     config = GpuBenchConfig(device="cpu", scale="tiny", batches=(1, 2), modes=("eager-fp32", "eager-bf16",
-                            "graphs-bf16"), repeats=1, jpeg_sides=(64,), jpeg_images=2, served_clients=2,
-                            served_seconds=1.0, served_bundle=str(tiny_latent[0]), out=str(tmp_path / "gpu"))
+                            "graphs-bf16"), repeats=1, jpeg_sides=(64,), jpeg_images=2, served_seconds=1.0,
+                            served_bundle=str(tiny_latent[0]), out=str(tmp_path / "gpu"))
     report = run_gpu_bench(config)
     assert report["peak"]["tflops"] > 0
     rows = report["stages"]
@@ -37,6 +37,7 @@ def test_the_gpu_bench_runs_every_part_on_a_cpu(tmp_path, tiny_latent):
     assert served["images_per_s"] > 0 and served["limit_images_per_s"] > 0
     assert set(map(str, served["statuses"])) == {"200"}  # every request answered
     assert "--backend torch" in " ".join(served["flags"])
+    assert served["clients"] == 4  # by default twice the largest batch: one batch waits while another computes
     # where its time went: both engines batched rows and computed, and every stage of a request was timed
     assert set(served["engines"]) >= {"decoder"} and len(served["engines"]) == 2
     assert all(use["batches"] > 0 and use["rows_per_batch"] >= 1 and 0 < use["busy"] < 1
@@ -46,7 +47,7 @@ def test_the_gpu_bench_runs_every_part_on_a_cpu(tmp_path, tiny_latent):
     step_line = next(line for line in text.splitlines() if line.startswith("One step"))
     assert step_line.startswith("One step at toy sizes, batch 1: sana-1024") and "SANA-Sprint" not in step_line
     assert "SANA-Sprint" in text and "StreamDiffusion" in text and (tmp_path / "gpu.png").is_file()
-    assert "Where the load's time went" in text and "decoder: " in text
+    assert "Where the load's time went" in text and "decoder: " in text and "4 clients of one-image" in text
 
 
 def test_the_one_command_check_runs_the_gpu_tests_and_resumes_the_bench(tmp_path):
