@@ -334,8 +334,8 @@ def restart_seconds(path: Path, name: str, options, buckets: tuple[int, ...], ti
 
 
 def jpeg_rows(config: GpuBenchConfig) -> list[dict]:
-    """ms per image of JPEG q90 for a batch of images: nvJPEG on the device (torchvision) and the CPU
-    encoder the server uses otherwise (simplejpeg)."""
+    """ms per image of JPEG q90 for a batch of images: nvJPEG on the device (torchvision), in one call and one image
+    a call, and the CPU encoder the server uses otherwise (simplejpeg)."""
     rng = np.random.default_rng(0)
     rows = []
     for side in config.jpeg_sides:
@@ -357,6 +357,9 @@ def jpeg_costs(images: np.ndarray, config: GpuBenchConfig) -> list[dict]:
         on_device = gpu.torch.from_numpy(images).to(gpu.device)
         encoders["nvjpeg (torchvision)"] = lambda: gpu.encode(images, 90)
         encoders["nvjpeg, images already on the device"] = lambda: gpu.encode(on_device, 90)
+        # as one-image requests use it: what a call costs beyond its image tells whether batching across requests pays
+        encoders["nvjpeg, on the device, one image a call"] = lambda: [gpu.encode(on_device[i:i + 1], 90)
+                                                                       for i in range(len(on_device))]
     except Exception as err:  # torchvision missing, or no encoder for this device
         rows.append({"encoder": "nvjpeg", "skipped": f"{type(err).__name__}: {str(err)[:200]}"})
     for label, encode in encoders.items():
