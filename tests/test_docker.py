@@ -11,7 +11,7 @@ from server.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
-DOCKERFILES = ["Dockerfile.cpu", "Dockerfile.gpu"]
+DOCKERFILES = ["Dockerfile.cpu", "Dockerfile.gpu", "Dockerfile.torch-gpu"]
 
 
 def instructions(dockerfile: Path) -> list[tuple[str, str]]:
@@ -45,6 +45,32 @@ def test_dockerfile_copies_exist_and_it_runs_as_non_root(name):
 def test_cpu_image_installs_no_torch():
     runs = " ".join(rest for keyword, rest in instructions(DOCKER / "Dockerfile.cpu") if keyword == "RUN")
     assert "pip install -c constraints.txt ." in runs and "[train" not in runs and "torch" not in runs.lower()
+
+
+def flowmap_env(dockerfile: Path) -> dict[str, str]:
+    """The FLOWMAP_* variables an image's ENV lines set."""
+    pairs = " ".join(rest for keyword, rest in instructions(dockerfile) if keyword == "ENV").split()
+    return dict(pair.split("=", 1) for pair in pairs if pair.startswith("FLOWMAP_"))
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_every_setting_an_image_sets_is_one_the_server_reads(name):
+    """A misspelt FLOWMAP_ variable would be ignored without a word (pydantic-settings drops unknown ones)."""
+    from server.settings import Settings
+
+    env = flowmap_env(DOCKER / name)
+    known = {f"FLOWMAP_{field.upper()}" for field in Settings.model_fields}
+    assert env and set(env) <= known, sorted(set(env) - known)
+    Settings(**{key.removeprefix("FLOWMAP_").lower(): value for key, value in env.items()})  # and each value parses
+
+
+def test_the_torch_gpu_image_serves_the_torch_backend_on_cuda_with_nvjpeg():
+    env = flowmap_env(DOCKER / "Dockerfile.torch-gpu")
+    assert env["FLOWMAP_BACKEND"] == "torch" and env["FLOWMAP_DEVICE"] == "cuda"
+    runs = " ".join(rest for keyword, rest in instructions(DOCKER / "Dockerfile.torch-gpu") if keyword == "RUN")
+    assert '-c constraints.txt ".[torch-gpu]"' in runs
+    extra = re.search(r"^torch-gpu = \[(.*?)^\]", (ROOT / "pyproject.toml").read_text(), re.M | re.S).group(1)
+    assert set(re.findall(r'^\s*"([a-z-]+)', extra, re.M)) == {"torch", "torchvision"}
 
 
 def test_the_server_and_demo_import_no_torch():
