@@ -408,7 +408,7 @@ def served(config: GpuBenchConfig, folder: Path, say) -> dict:
              "--decoder-max-batch-size", str(decoder_rows), "--max-queue-size", "4096", "--no-ui"]
     if cuda:
         flags += ["--torch-dtype", "bfloat16", "--cuda-graphs"]
-    clients = config.served_clients or 2 * rows
+    clients = served_clients(config.served_clients, rows)
     say(f"[bench gpu] serving: {clients} clients, {config.served_seconds:g} s")
     server = ServerProcess(str(root), 8740, *flags, ready_timeout_s=300)
     try:
@@ -427,6 +427,11 @@ def served(config: GpuBenchConfig, folder: Path, say) -> dict:
             "bundle": f"{f'SiT-{denoiser} + SD-VAE' if denoiser else manifest.name}, {manifest.image_shape[1]} px",
             "limit_images_per_s": limit,
             "vs_limit": round(result["images_per_s"] / limit, 3), **use}
+
+
+def served_clients(given: int, largest_batch: int) -> int:
+    """The served load's clients: as given, or (0) twice the largest batch."""
+    return given or 2 * largest_batch
 
 
 def servable_bundle(root: str | Path):
@@ -551,8 +556,9 @@ def resumed(fresh: dict, config: GpuBenchConfig) -> tuple[dict, set[str]]:
     failed = {error.split(":")[0] for error in earlier.get("errors", [])}
     stages = [row for row in earlier.get("stages", []) if f"stages {row['model']}" not in failed and measured(row)]
     def served_as(run: dict) -> tuple:  # a served figure stands only for the bundle and load it was measured with
-        bundle = run.get("served_bundle", "")
-        return str(Path(bundle).resolve()) if bundle else "", run.get("served_denoiser"), run.get("served_clients")
+        bundle, batch = run.get("served_bundle", ""), max(run["batches"])
+        return (str(Path(bundle).resolve()) if bundle else "", run.get("served_denoiser"), batch,
+                served_clients(run["served_clients"], batch))
 
     done = {f"stages {row['model']} {row['mode']}" for row in stages} | {
         part for part in WHOLE_PARTS if part in earlier and part not in failed

@@ -49,7 +49,7 @@ if [ -n "${RESUME_FROM:-}" ]; then
   [ "$RESUME_FROM" -ef "$OUT_DIR/gpu.json" ] || cp "$RESUME_FROM" "$OUT_DIR/gpu.json" || exit 1
   RESUME=(--resume)
 fi
-# the goals' modes only by default (add graphs-bf16 or compiled-bf16 through BENCH_FLAGS): each compiled mode
+# the goals' modes only by default (BENCH_FLAGS="--modes ..." naming more runs graphs-bf16 too): each compiled mode
 # compiles every model twice and times a restart, and a lent card's minutes are few
 rm -f "$OUT_DIR/gpu.md"  # a report from an earlier check in this folder would say what this one lacks
 timeout "$(left "${BENCH_TIMEOUT_S:-}")" $PY -m flowmap.cli bench gpu --out "$OUT_DIR/gpu" \

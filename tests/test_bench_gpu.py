@@ -145,9 +145,21 @@ def test_a_resumed_report_keeps_a_served_figure_only_for_the_same_bundle_and_loa
                                                    "peak": {"tflops": 780.0}, "served": {"images_per_s": 119.5}}))
     report, done = resumed(setup, earlier)
     assert {"peak", "served"} <= done and report["served"] == {"images_per_s": 119.5}
-    for changed in ({"served_bundle": str(tmp_path)}, {"served_denoiser": "XL/2"}, {"served_clients": 128}):
+    for changed in ({"served_bundle": str(tmp_path)}, {"served_denoiser": "XL/2"}, {"served_clients": 64},
+                    {"batches": (1, 8, 32)}):  # the default 0 is twice the largest batch: 128 for 64, 64 for 32
         report, done = resumed(setup, GpuBenchConfig(**{**asdict(earlier), **changed}))
         assert "peak" in done and "served" not in done and "served" not in report, changed
+    assert "served" in resumed(setup, GpuBenchConfig(**{**asdict(earlier), "served_clients": 128}))[1]  # the same load
+
+
+def test_the_served_sentence_names_the_clients_of_a_report_from_before_their_default_was_0():
+    from flowmap.bench_gpu import served_line
+
+    served = {"denoiser": "B/2", "flags": ["--backend", "torch"], "images_per_s": 119.5, "p50_ms": 536.1,
+              "statuses": {"200": 2390}, "limit_images_per_s": 237.19, "vs_limit": 0.504}
+    assert "64 clients of one-image" in served_line({"config": {"served_clients": 64}, "served": served})
+    assert "128 clients of one-image" in served_line({"config": {"served_clients": 0},
+                                                      "served": {**served, "clients": 128}})
 
 
 def test_flops_count_attention_as_a_gpu_runs_it():
