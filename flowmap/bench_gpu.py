@@ -1,6 +1,6 @@
 """`flowmap bench gpu`: the torch serving backend at real sizes on a CUDA GPU, random weights.
 
-Models: a SiT-XL/2-shape denoiser on 4x32x32 latents and the SD-VAE decoder (256 px), and a SANA-like
+Models (flowmap/gpu_stages.py): a SiT-XL/2-shape denoiser on 4x32x32 latents and the SD-VAE decoder (256 px), and a SANA-like
 1024 px denoiser (SANA-600M's shape on 32x32x32 DC-AE latents, 300 text tokens) with SANA's DC-AE
 decoder (f32c32, 1024 px). Each is exported to a torch.export program and run through the serving
 engine itself (server/torch_engine.py: numpy in, numpy out, host copies included) at each batch size:
@@ -9,7 +9,8 @@ with CUDA graphs. Beside them: the card's measured bf16 matmul peak, each denois
 one step at 1024 px against SANA-Sprint's figure, JPEG on the GPU (nvJPEG) against the CPU encoder,
 and a latent bundle served over HTTP with the batcher against the limit its stage costs allow.
 `--scale tiny --device cpu` runs the same code on toy sizes (CI does). Writes docs/gpu.{md,json,png}
-after every mode and part; `--resume` goes on from what an earlier run on the same card and code wrote.
+(flowmap/gpu_report.py) after every mode and part; `--resume` goes on from what an earlier run on the same card
+and timed code wrote.
 """
 
 from __future__ import annotations
@@ -26,31 +27,14 @@ from pathlib import Path
 import numpy as np
 
 from flowmap.bench_stages import stage_ms, timed_ms
-from flowmap.reports import pyplot, save_figure, write_report
+from flowmap.gpu_report import ANCHORS, PARTS, WHOLE_PARTS, goals, measured, plot, to_markdown
+from flowmap.gpu_stages import MODELS, MODES, flops_per_image, model, sd_vae
+from flowmap.reports import write_report
 
-# public figures printed beside ours (not measured here)
-ANCHORS = ("SANA-Sprint: one-step 1024 px in about 0.1 s on an H100 (Chen et al. 2025)",
-           "StreamDiffusion: SD-Turbo 512 px at 106 images/s on an RTX 4090 with TensorRT (Kodaira et al. 2023)")
-MODES = {  # name -> (dtype, compile, cuda_graphs)
-    "eager-fp32": ("float32", False, False),
-    "eager-bf16": ("bfloat16", False, False),
-    "graphs-bf16": ("bfloat16", False, True),  # eager kernels replayed as hand-captured CUDA graphs (what serving uses)
-    "compiled-bf16": ("bfloat16", True, False),
-    "compiled-graphs-bf16": ("bfloat16", True, True),  # torch.compile's "reduce-overhead"
-}
-
-
-# in the order a run cut off by its time limit would want them: the goals' denoisers first
-MODELS = ("sit-xl/2", "sana-1024", "sd-vae-256", "dc-ae-1024")
-DECODERS = ("sd-vae-256", "dc-ae-1024")  # the rest are denoisers (judged on MFU)
-PARTS = ("peak", "jpeg", "served", "stages")
-WHOLE_PARTS = tuple(part for part in PARTS if part != "stages")  # measured at once; stages go by model and mode
-# one-step text-to-image at 1024 px, (denoiser, decoder): set beside SANA-Sprint's figure
-ONE_STEP = ("sana-1024", "dc-ae-1024")
 # the code whose changes change the timings (the engines, the server the served part runs, SiT's network, the timing
 # loops and the bundle it builds): a resumed report must have been measured with the same
 TIMED_CODE = ("server/", "distill/nets.py", "export/programs.py", "export/decoder.py", "flowmap/bench_gpu.py",
-              "flowmap/bench_stages.py", "flowmap/loadgen.py")
+              "flowmap/gpu_stages.py", "flowmap/bench_stages.py", "flowmap/loadgen.py")
 
 
 def code_version() -> str:
@@ -113,101 +97,6 @@ def matmul_peak(config: GpuBenchConfig) -> dict:
     synchronise(config.device)
     seconds = (time.perf_counter() - tick) / config.repeats
     return {"tflops": 2 * side ** 3 / seconds / 1e12, "side": side, "dtype": str(dtype).replace("torch.", "")}
-
-
-def model(name: str, scale: str):
-    """(graph module, inputs for batch b): the random-weight stage at its real or toy size."""
-    import torch
-
-    from export.onnx_export import TeacherGraph
-
-    tiny = scale == "tiny"
-    if name.startswith("sit"):
-        from distill.models import Teacher
-        from distill.sit import sit_config
-
-        latent = (4, 8, 8) if tiny else (4, 32, 32)
-        graph = TeacherGraph(Teacher(sit_config("S/2" if tiny else "XL/2", latent)), 1.0)
-        with torch.no_grad():  # adaLN-Zero starts at zero: random there too, or outputs (and parity) are zero
-            for parameter in graph.parameters():
-                if not parameter.any():
-                    parameter.normal_(0, 0.02)
-        return graph, lambda batch: {"x": torch.randn(batch, *latent), "t": torch.rand(batch),
-                                     "label": torch.randint(0, 1000, (batch,))}
-    if name in DECODERS:
-        from export.decoder import DecoderGraph
-
-        make_vae, channels = (sd_vae, 4) if name.startswith("sd-vae") else (dc_ae, 32)
-        side = 8 if tiny else 32
-        return DecoderGraph(make_vae(tiny).eval()), lambda batch: {"latent": torch.randn(batch, channels, side, side)}
-    return sana_graph(tiny)
-
-
-def sd_vae(tiny: bool):
-    """Stable Diffusion's AutoencoderKL (8x: 4x32x32 latents -> 256 px), or a toy one of the same kind."""
-    import diffusers
-
-    channels = [32, 32] if tiny else [128, 256, 512, 512]
-    return diffusers.AutoencoderKL(block_out_channels=channels, layers_per_block=1 if tiny else 2,
-                                   down_block_types=["DownEncoderBlock2D"] * len(channels),
-                                   up_block_types=["UpDecoderBlock2D"] * len(channels), latent_channels=4,
-                                   norm_num_groups=32, scaling_factor=0.18215)
-
-
-def dc_ae(tiny: bool):
-    """SANA 1.0's DC-AE (f32c32: 32x32x32 latents -> 1024 px; ResBlocks, then EfficientViT blocks with 5x5
-    multi-scale linear attention), or a toy one of the same kind."""
-    import diffusers
-
-    channels, layers = ((16, 32), (1, 1)) if tiny else ((128, 256, 512, 512, 1024, 1024), (3,) * 6)
-    kinds = ("ResBlock",) * (len(channels) // 2) + ("EfficientViTBlock",) * (len(channels) - len(channels) // 2)
-    scales = tuple(() if kind == "ResBlock" else (5,) for kind in kinds)
-    return diffusers.AutoencoderDC(
-        latent_channels=32, attention_head_dim=8 if tiny else 32, encoder_block_types=kinds,
-        decoder_block_types=kinds, encoder_block_out_channels=channels, decoder_block_out_channels=channels,
-        encoder_layers_per_block=(1, 1) if tiny else (2, 2, 2, 3, 3, 3), decoder_layers_per_block=layers,
-        encoder_qkv_multiscales=scales, decoder_qkv_multiscales=scales, downsample_block_type="conv",
-        upsample_block_type="interpolate", scaling_factor=0.41407)
-
-
-def sana_graph(tiny: bool):
-    """SANA-600M's transformer shape (28 layers, width 1152, Gemma-2B text width 2304) on the 32x32x32
-    latents of a 1024 px DC-AE, conditioned on 300 tokens; as one velocity call."""
-    import diffusers
-    import torch
-
-    layers, heads, head, text, tokens, latent = (1, 2, 16, 64, 8, (32, 4, 4)) if tiny else (
-        28, 16, 72, 2304, 300, (32, 32, 32))
-    transformer = diffusers.SanaTransformer2DModel(
-        in_channels=latent[0], out_channels=latent[0], num_attention_heads=heads, attention_head_dim=head,
-        num_layers=layers, num_cross_attention_heads=heads, cross_attention_head_dim=head,
-        cross_attention_dim=heads * head, caption_channels=text, sample_size=latent[1], patch_size=1).eval()
-
-    class SanaVelocity(torch.nn.Module):
-        input_names, output_name = ("x", "t", "label"), "velocity"
-
-        def __init__(self):
-            super().__init__()
-            self.transformer = transformer
-
-        def forward(self, x, t, label):
-            return self.transformer(x, encoder_hidden_states=label, timestep=t * 1000, return_dict=False)[0]
-
-    return SanaVelocity(), lambda batch: {"x": torch.randn(batch, *latent), "t": torch.rand(batch),
-                                          "label": torch.randn(batch, tokens, text)}
-
-
-def flops_per_image(graph, inputs) -> float:
-    """Floating-point operations of one image's forward (torch's FLOP counter, batch 1), counted on the meta
-    device: nothing is computed, and attention counts as a GPU runs it (the CPU's fused attention kernel has no
-    FLOP formula, so a count on the CPU left SANA's cross-attention out). Moves `graph` to meta for good."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        graph.to("meta")(*(value.to("meta") for value in inputs(1).values()))
-    return float(counter.get_total_flops())
 
 
 def stage_rows(name: str, modes: list[str], config: GpuBenchConfig, folder: Path, peak_tflops: float | None, say,
@@ -447,20 +336,6 @@ def servable_bundle(root: str | Path):
     return bundle
 
 
-def served_line(report: dict) -> str | None:
-    """The served figure as a sentence (the report's and the README's), or None before it is measured."""
-    served = report.get("served")
-    if not served:
-        return None
-    # a report from before --served-bundle named only its SiT size
-    bundle = served.get("bundle") or f"SiT-{served['denoiser']} + SD-VAE, 256 px"
-    clients = served.get("clients") or report["config"]["served_clients"]  # a report before the default was 0
-    return (f"Served over HTTP ({bundle} bundle, {clients} clients of one-image jpeg "
-            f"requests, `{' '.join(served['flags'])}`): {served['images_per_s']} images/s, p50 {served['p50_ms']} ms, "
-            f"statuses {served['statuses']}; its student and decoder allow {served['limit_images_per_s']} images/s "
-            f"at their largest batch: served {served['vs_limit']}x that limit.")
-
-
 def served_use(before: dict[str, float], after: dict[str, float], seconds: float) -> dict:
     """Where a load's time went, from a server's /metrics scraped before and `seconds` after it (warm-up
     included): per engine that ran, its batches, mean rows a batch and the share of the time it computed; per request
@@ -568,150 +443,3 @@ def resumed(fresh: dict, config: GpuBenchConfig) -> tuple[dict, set[str]]:
     return {**kept, "config": asdict(config), "runs": [*runs, asdict(config)], "stages": stages, "errors": []}, done
 
 
-def measured(row: dict) -> bool:
-    """A stage row timed, or skipped for a reason a rerun of its mode is not worth: the program's batch limit,
-    no CUDA, or a batch out of memory beside smaller ones measured (a rerun would pay the mode's whole start)."""
-    return "batch" in row or row["skipped"].startswith(("batch ", "CUDA graphs need", "out of memory at batch"))
-
-
-def missing(report: dict) -> list[str]:
-    """What the report's config asked for and it does not hold measured (a run cut off, a mode that failed)."""
-    config = report["config"]
-    held = {(row["model"], row["mode"]) for row in report.get("stages", []) if measured(row)}
-    parts = [part for part in WHOLE_PARTS if part in config["parts"] and part not in report]
-    stages = [f"{model} {mode}" for model in config["models"] for mode in config["modes"]
-              if "stages" in config["parts"] and (model, mode) not in held]
-    return parts + stages
-
-
-def goals(report: dict) -> dict:
-    """The issue's goals: name -> {"met": bool, "measured": the figure it was judged on}."""
-    out = {}
-
-    def judge(name: str, met: bool, measured: str) -> None:
-        out[name] = {"met": met, "measured": measured}
-
-    rows = report.get("stages", [])
-    for name in dict.fromkeys(r["model"] for r in rows):
-        at = {r["mode"]: r for r in rows if r["model"] == name and r.get("batch") == 32}
-        graphs = [(r["ms"], mode) for mode, r in at.items() if "graphs" in mode]
-        for eager in ("eager-fp32", "eager-bf16"):  # against fp32 (the issue's eager) and the same precision
-            if graphs and eager in at:
-                ms, mode = min(graphs)
-                speedup = at[eager]["ms"] / ms
-                judge(f"{name}: {mode} >= 2x {eager} at batch 32", speedup >= 2, f"{speedup:.2f}x")
-        mfu = [r.get("mfu", 0) for r in rows if r["model"] == name and r.get("batch") == 64 and "bf16" in r["mode"]]
-        if mfu and name not in DECODERS:
-            judge(f"{name}: denoiser MFU >= 40% at batch 64 in bf16", max(mfu) >= 0.4, f"{100 * max(mfu):.1f}%")
-        parity = [r["parity"] for r in rows if r["model"] == name and "bf16" in r.get("mode", "") and "parity" in r]
-        if parity:
-            judge(f"{name}: bf16 within 0.1 of the output's scale", max(parity) <= 0.1, f"{max(parity):.3g}")
-    served_run = report.get("served")
-    if served_run:
-        judge("served >= 0.7x the stage limit", served_run["vs_limit"] >= 0.7, f"{served_run['vs_limit']}x")
-    return out
-
-
-def one_step(report: dict) -> dict | None:
-    """One-step text-to-image at 1024 px from the stage rows, the text encoder not among them: latency, the
-    fastest mode of the denoiser and of the decoder at batch 1 (ms each and their sum), and throughput, each at
-    its best batch and mode (images/s of the two in turn); None before both are measured."""
-    timed = {name: [r for r in report.get("stages", []) if r["model"] == name and "batch" in r] for name in ONE_STEP}
-    if not all(any(r["batch"] == 1 for r in rows) for rows in timed.values()):
-        return None
-    fastest = {name: min((r for r in rows if r["batch"] == 1), key=lambda r: r["ms"]) for name, rows in timed.items()}
-    ms_per_image = sum(min(r["ms"] / r["batch"] for r in rows) for rows in timed.values())
-    denoiser, decoder = (fastest[name] for name in ONE_STEP)
-    return {"ms": round(denoiser["ms"] + decoder["ms"], 2), "images_per_s": round(1000 / ms_per_image, 2),
-            **{name: {"ms": row["ms"], "mode": row["mode"]} for name, row in fastest.items()}}
-
-
-def one_step_line(report: dict) -> str | None:
-    """The one-step figure as a sentence (beside SANA-Sprint's at real sizes), or None before it is measured."""
-    step = one_step(report)
-    if step is None:
-        return None
-    parts = " + ".join(f"{name} {step[name]['ms']:.2f} ms ({step[name]['mode']})" for name in ONE_STEP)
-    real = report["config"]["scale"] == "real"
-    return (f"One step at {'1024 px' if real else 'toy sizes'}, batch 1: {parts} = **{step['ms']:.2f} ms**; at the "
-            f"best batch of each, **{step['images_per_s']} images/s** (without the text encoder, which the server "
-            "skips for a cached prompt)" + ("; SANA-Sprint's one step is about 100 ms on an H100." if real else "."))
-
-
-def plot(report: dict, path) -> None:
-    plt = pyplot()
-    models = sorted({r["model"] for r in report.get("stages", []) if "batch" in r})
-    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(5 * max(1, len(models)), 3.8), squeeze=False)
-    for ax, name in zip(axes[0], models, strict=False):
-        for mode in MODES:
-            rows = [r for r in report["stages"] if r["model"] == name and r.get("mode") == mode and "batch" in r]
-            if rows:
-                ax.plot([r["batch"] for r in rows], [r["images_per_s"] for r in rows], marker="o", label=mode)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("batch")
-        ax.set_ylabel("images/s")
-        ax.set_title(name)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    save_figure(fig, path)
-
-
-def to_markdown(report: dict, plot_name: str) -> str:
-    config = report["config"]
-    lines = ["# The torch backend on a GPU", "",
-             f"Written by `flowmap bench gpu` on **{report['device_name']}** (torch {report['torch']}, timed code "
-             f"{report.get('code', 'unrecorded')}, device "
-             f"`{config['device']}`, {config['scale']} sizes, random weights). Times are the serving engine's "
-             "own (server/torch_engine.py: numpy in, numpy out, host copies included).", ""]
-    if "peak" in report:
-        peak = report["peak"]
-        lines += [f"Matrix-product peak measured in this run: {peak['tflops']:.1f} TFLOP/s ({peak['dtype']}, "
-                  f"{peak['side']}^3); MFU below is against it.", ""]
-    if report.get("stages"):
-        lines += [f"![images/s by batch]({plot_name})", "",
-                  "| model | mode | batch | ms | images/s | MFU | bf16 parity | start s | restart s |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in report["stages"]:
-            if "skipped" in r:
-                lines.append(f"| {r['model']} | {r['mode']} | - | skipped: {r['skipped']} | | | | | |")
-                continue
-            mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
-            lines.append(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['ms']:.2f} | {r['images_per_s']:.1f} | "
-                         f"{mfu} | {r['parity']:.3g} | {r['start_s']} | {r.get('restart_s', '-')} |")
-        lines += ["", "start s: the engine's start in this process (load, parity check, and for the compiled modes a "
-                  "cold compile of every bucket); restart s: a new process starting it again from the compile cache "
-                  "the first start filled (`--torch-compile-cache`).", ""]
-    if report.get("jpeg"):
-        lines += ["| JPEG q90 | side | ms per image |", "|---|---:|---:|"]
-        lines += [f"| {r['encoder']} | {r['side']} | {r.get('ms_per_image', r.get('skipped'))} |"
-                  for r in report["jpeg"]]
-        lines += ["", "Each encoder as the server runs it: nvJPEG through torchvision with 4:4:4 chroma (torchvision "
-                  "fixes it), simplejpeg with 4:2:0, so the GPU's files are the larger.", ""]
-    if report.get("served"):
-        s = report["served"]
-        lines += [served_line(report), ""]
-        if s.get("engines"):  # recorded since the first served run on a GPU (0.504x) left its cause unknown
-            lines += ["Where the load's time went (the server's /metrics over the load and its warm-up): " + "; ".join(
-                f"{name}: {use['batches']} batches of {use['rows_per_batch']} rows on average, computing "
-                f"{100 * use['busy']:.0f}% of the time" for name, use in s["engines"].items())
-                + "; ms a request spent in each stage, queue waits included: " + ", ".join(
-                f"{stage} {ms}" for stage, ms in s["stage_ms_per_request"].items()) + ".", ""]
-    step = one_step_line(report)
-    if step:
-        lines += [step, ""]
-    lines += ["Public anchors (not measured here):", "", *[f"- {anchor}" for anchor in report["anchors"]], ""]
-    runs = report.get("runs", [])
-    if len(runs) > 1:
-        lines += [f"Measured in {len(runs)} runs of `flowmap bench gpu` on this card, each with `--resume` after the "
-                  "first: a run keeps what the earlier ones measured and runs only what they lack.", ""]
-    lacking = missing(report)
-    if lacking:
-        lines += [f"Not measured (cut off by the run's time limit, or failed above): {', '.join(lacking)}.", ""]
-    if report.get("errors"):
-        lines += ["Parts that failed in this run:", "", *[f"- {error}" for error in report["errors"]], ""]
-    if report["goals"]:
-        lines += ["| goal | measured | met |", "|---|---:|---|",
-                  *[f"| {goal} | {judged['measured']} | {'yes' if judged['met'] else 'no'} |"
-                    for goal, judged in report["goals"].items()]]
-    return "\n".join(lines) + "\n"

@@ -217,7 +217,8 @@ def search_block(root: Path) -> str:
 
 
 def gpu_block(root: Path) -> str:
-    from flowmap.bench_gpu import TIMED_CODE, code_version, missing, one_step_line, served_line
+    from flowmap.bench_gpu import TIMED_CODE, code_version
+    from flowmap.gpu_report import missing, one_step_line, served_line
 
     report = _load(root / "docs" / "gpu.json")
     if report is None:

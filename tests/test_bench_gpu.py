@@ -7,7 +7,8 @@ pytest.importorskip("diffusers")
 
 
 def test_the_gpu_bench_runs_every_part_on_a_cpu(tmp_path, tiny_latent):
-    from flowmap.bench_gpu import GpuBenchConfig, one_step, run_gpu_bench
+    from flowmap.bench_gpu import GpuBenchConfig, run_gpu_bench
+    from flowmap.gpu_report import one_step
 
     # the served part on the tests' latent bundle (--served-bundle): building its own SiT + SD-VAE bundle took half
     # this test's time, and its parts are tested on their own (the public layout in tests/test_sit.py)
@@ -122,7 +123,8 @@ def test_a_restart_is_timed_in_a_new_process_from_the_same_program(tmp_path):
     import torch
 
     from export.programs import export_program
-    from flowmap.bench_gpu import model, restart_seconds
+    from flowmap.bench_gpu import restart_seconds
+    from flowmap.gpu_stages import model
     from server.torch_engine import TorchOptions
 
     graph, inputs = model("sd-vae-256", "tiny")
@@ -153,7 +155,7 @@ def test_a_resumed_report_keeps_a_served_figure_only_for_the_same_bundle_and_loa
 
 
 def test_the_served_sentence_names_the_clients_of_a_report_from_before_their_default_was_0():
-    from flowmap.bench_gpu import served_line
+    from flowmap.gpu_report import served_line
 
     served = {"denoiser": "B/2", "flags": ["--backend", "torch"], "images_per_s": 119.5, "p50_ms": 536.1,
               "statuses": {"200": 2390}, "limit_images_per_s": 237.19, "vs_limit": 0.504}
@@ -166,7 +168,7 @@ def test_flops_count_attention_as_a_gpu_runs_it():
     """Two products of [16, 8] by [8, 16] and [16, 16] by [16, 8] per head: 4 * 16 * 16 * 8 operations each."""
     import torch
 
-    from flowmap.bench_gpu import flops_per_image
+    from flowmap.gpu_stages import flops_per_image
 
     class Attention(torch.nn.Module):
         def forward(self, q, k, v):
@@ -181,7 +183,8 @@ def test_a_cut_off_gpu_bench_resumes_where_it_stopped(tmp_path):
     failed, says what is still missing, and refuses a report measured on another card or with other code."""
     import json
 
-    from flowmap.bench_gpu import GpuBenchConfig, missing, run_gpu_bench
+    from flowmap.bench_gpu import GpuBenchConfig, run_gpu_bench
+    from flowmap.gpu_report import missing
 
     out = tmp_path / "gpu"
     tiny = {"device": "cpu", "scale": "tiny", "batches": (1, 2), "repeats": 1, "models": ("sit-xl/2",),

@@ -163,8 +163,8 @@ def test_nvjpeg_encodes_images_still_being_made_on_the_callers_stream():
 @pytest.fixture(scope="module")
 def rgb_bundle(tmp_path_factory):
     """A tiny latent bundle (SiT denoiser, SD-VAE-kind decoder: RGB images) with torch programs."""
-    from flowmap.bench_gpu import sd_vae
     from flowmap.bench_stages import build_latent_bundle
+    from flowmap.gpu_stages import sd_vae
 
     return build_latent_bundle(tmp_path_factory.mktemp("gpu-rgb") / "bundle", lambda text: None, "S/2", (4, 8, 8),
                                sd_vae(tiny=True), programs=True)

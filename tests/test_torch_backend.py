@@ -246,7 +246,7 @@ def test_a_model_that_branches_on_the_batch_size_exports_over_the_range_its_bran
 
     from export.decoder import DecoderGraph
     from export.programs import batch_limit, export_program
-    from flowmap.bench_gpu import sd_vae
+    from flowmap.gpu_stages import sd_vae
 
     graph = DecoderGraph(sd_vae(tiny=True).eval())
     path = export_program(graph, {"latent": torch.randn(2, 4, 8, 8)}, tmp_path / "decoder.pt2")
@@ -267,7 +267,7 @@ def test_bf16_casts_convolution_and_linear_weights_once_and_answers_as_autocast(
 
     from export.decoder import DecoderGraph
     from export.programs import export_program
-    from flowmap.bench_gpu import sd_vae
+    from flowmap.gpu_stages import sd_vae
     from server.torch_engine import without_dtype_asserts
 
     torch.manual_seed(0)
