@@ -11,7 +11,8 @@
 # after every mode and part, so one cut off keeps what it measured, and the check ends by saying how to go on:
 # RESUME_FROM=OUT_DIR/gpu.json goes on from that report (measured on the same card, torch and timed code: the
 # bench refuses another) and runs only what it lacks; RUN_TESTS=0 runs the bench alone.
-# BENCH_FLAGS replaces the bench's flags (default: the three modes the goals compare), e.g. BENCH_FLAGS="--batches 1 8 32".
+# BENCH_FLAGS replaces the bench's flags (default: the three modes the goals compare, --no-restart), e.g.
+# BENCH_FLAGS="--batches 1 8 32".
 # Without network, carry the wheels scripts/gpu_wheels.sh downloads (.whl/ in the checkout): they
 # are installed into a scratch folder first. With network, `pip install -e ".[train,dev]"` instead.
 set -uo pipefail
@@ -49,11 +50,12 @@ if [ -n "${RESUME_FROM:-}" ]; then
   [ "$RESUME_FROM" -ef "$OUT_DIR/gpu.json" ] || cp "$RESUME_FROM" "$OUT_DIR/gpu.json" || exit 1
   RESUME=(--resume)
 fi
-# the goals' modes only by default (BENCH_FLAGS="--modes ..." naming more runs graphs-bf16 too): each compiled mode
-# compiles every model twice and times a restart, and a lent card's minutes are few
+# the goals' modes only by default, and no restart timed from the compile cache (each costs a compiled start again):
+# a lent card's minutes are few. BENCH_FLAGS="--modes ..." naming more runs graphs-bf16 too; without --no-restart
+# the compiled modes time a restart
 rm -f "$OUT_DIR/gpu.md"  # a report from an earlier check in this folder would say what this one lacks
 timeout "$(left "${BENCH_TIMEOUT_S:-}")" $PY -m flowmap.cli bench gpu --out "$OUT_DIR/gpu" \
-  "${RESUME[@]}" ${BENCH_FLAGS:---modes eager-fp32 eager-bf16 compiled-graphs-bf16} \
+  "${RESUME[@]}" ${BENCH_FLAGS:---modes eager-fp32 eager-bf16 compiled-graphs-bf16 --no-restart} \
   2>&1 | tee "$OUT_DIR/bench-gpu.txt"
 bench_status=${PIPESTATUS[0]}
 [ "$bench_status" -eq 0 ] || status=1
