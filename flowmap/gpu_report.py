@@ -158,6 +158,13 @@ def to_markdown(report: dict, plot_name: str) -> str:
                 f"{100 * use['busy']:.0f}% of the time" for name, use in s["engines"].items())
                 + "; ms a request spent in each stage, queue waits included: " + ", ".join(
                 f"{stage} {ms}" for stage, ms in s["stage_ms_per_request"].items()) + ".", ""]
+        if s.get("in_step"):
+            step = s["in_step"]
+            lines += [f"The same server with {step['clients']} clients, as many as one batch holds (they move "
+                      f"through the stages in step): {step['images_per_s']} images/s, p50 {step['p50_ms']} ms, "
+                      f"{step['vs_limit']}x the limit; " + "; ".join(
+                          f"{name}: batches of {use['rows_per_batch']} rows on average"
+                          for name, use in step["engines"].items()) + ".", ""]
     step = one_step_line(report)
     if step:
         lines += [step, ""]

@@ -39,6 +39,9 @@ def test_the_gpu_bench_runs_every_part_on_a_cpu(tmp_path, tiny_latent):
     assert set(map(str, served["statuses"])) == {"200"}  # every request answered
     assert "--backend torch" in " ".join(served["flags"])
     assert served["clients"] == 4  # by default twice the largest batch: one batch waits while another computes
+    in_step = served["in_step"]  # and as many as one batch holds, on the same server
+    assert in_step["clients"] == 2 and in_step["images_per_s"] > 0 and set(map(str, in_step["statuses"])) == {"200"}
+    assert all(0 < use["rows_per_batch"] <= 2 for use in in_step["engines"].values())
     # where its time went: both engines batched rows and computed, and every stage of a request was timed
     assert set(served["engines"]) >= {"decoder"} and len(served["engines"]) == 2
     assert all(use["batches"] > 0 and use["rows_per_batch"] >= 1 and 0 < use["busy"] < 1
@@ -49,6 +52,7 @@ def test_the_gpu_bench_runs_every_part_on_a_cpu(tmp_path, tiny_latent):
     assert step_line.startswith("One step at toy sizes, batch 1: sana-1024") and "SANA-Sprint" not in step_line
     assert "SANA-Sprint" in text and "StreamDiffusion" in text and (tmp_path / "gpu.png").is_file()
     assert "Where the load's time went" in text and "decoder: " in text and "4 clients of one-image" in text
+    assert "The same server with 2 clients, as many as one batch holds" in text
 
 
 def test_the_one_command_check_runs_the_gpu_tests_and_resumes_the_bench(tmp_path):
