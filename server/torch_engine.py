@@ -59,6 +59,14 @@ class TorchOptions:
             raise ValueError("torch_compile_cache needs --torch-compile")
 
 
+def batch_buckets(max_batch: int, buckets: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """The batch sizes an engine pads to and specialises (compiles, captures) at start: `buckets`, or the powers of
+    two, up to `max_batch`; without given buckets `max_batch` itself too (a batch of 48 from a batcher of 48 rows
+    would otherwise run at a size of its own, and compile or record a CUDA graph inside a visitor's request)."""
+    wanted = tuple(b for b in (buckets or BUCKETS) if b <= max_batch)
+    return wanted if buckets or max_batch in wanted else (*wanted, max_batch)
+
+
 class ParityError(RuntimeError):
     """Low precision strays from float32 past the tolerance: the engine refuses to start."""
 
@@ -177,8 +185,7 @@ class TorchProgramEngine:
         self.max_batch = min(max_batch, self.max_rows)
         specialised = options.compile or options.cuda_graphs
         # buckets only where shapes are specialised (compile, CUDA graphs) or a GPU likes them; else any size
-        wanted = tuple(b for b in (buckets or BUCKETS) if b <= self.max_batch)
-        self.buckets = wanted if specialised or self.device.type == "cuda" else ()
+        self.buckets = batch_buckets(self.max_batch, buckets) if specialised or self.device.type == "cuda" else ()
         self.forward = self.module
         if options.compile:
             if options.compile_cache:  # inductor reads its cache's folder from the environment, at each lookup

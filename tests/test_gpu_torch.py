@@ -89,15 +89,23 @@ def test_a_compiled_engine_records_its_cuda_graphs_at_start_and_replays_them_for
     seen = {}
 
     def serve() -> None:  # as a batcher's worker thread does
-        for engine in engines:
-            for batch in (4, 8):
-                feeds, expected = reference(teacher, batch)
-                seen[engine.name, batch] = np.abs(engine.run(feeds) - expected).max() / np.abs(expected).max()
-        seen["graphs here"] = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+        try:
+            for engine in engines:
+                for batch in (4, 8):
+                    feeds, expected = reference(teacher, batch)
+                    seen[engine.name, batch] = np.abs(engine.run(feeds) - expected).max() / np.abs(expected).max()
+            try:
+                here = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+            except AssertionError:  # torch before 2.13: a thread that never set CUDA-graph state up has none
+                here = None
+            seen["graphs here"] = here
+        except Exception as err:  # noqa: BLE001 (reported below, not lost with the thread)
+            seen["error"] = err
 
     thread = threading.Thread(target=serve)
     thread.start()
     thread.join()
+    assert "error" not in seen, seen.get("error")
     assert seen.pop("graphs here") is None and max(seen.values()) <= 0.05
     assert at_start == [recorded_graphs(engine) for engine in engines] and min(at_start) >= 2
 
@@ -114,6 +122,7 @@ def test_an_engine_runs_on_its_own_stream_and_returns_when_its_batch_is_done(pro
     engine = TorchProgramEngine(teacher.program, "teacher", 8, TorchOptions("cuda", "bfloat16", False, graphs),
                                 buckets=(8,), device_output=True)
     feeds, expected = reference(teacher, 8)
+    engine.run(feeds)  # once before: a kernel's first load may wait for the whole device, the spin below included
     torch.cuda._sleep(2_000_000_000)  # the default stream spins for about a second
     with torch.cuda.stream(engine.stream):
         torch.cuda._sleep(200_000_000)  # and the engine's own for a tenth of one: its batch comes after

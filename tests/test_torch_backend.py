@@ -122,6 +122,14 @@ def test_compiled_buckets_match_eager_and_a_restart_loads_them_from_the_cache(pr
     np.testing.assert_allclose(restarted.run(feeds), expected, atol=1e-4)
 
 
+def test_every_batch_a_batcher_can_send_has_a_bucket_made_at_start():
+    from server.torch_engine import batch_buckets
+
+    assert batch_buckets(64) == (1, 2, 4, 8, 16, 32, 64)
+    assert batch_buckets(48) == (1, 2, 4, 8, 16, 32, 48)  # 33..48 rows: padded to 48, not run at sizes of their own
+    assert batch_buckets(63, (1, 8, 32, 64)) == (1, 8, 32)  # given buckets are the caller's: only cut to the limit
+
+
 def test_options_name_the_bad_flag():
     from pydantic import ValidationError
 
