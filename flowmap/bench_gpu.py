@@ -114,7 +114,7 @@ def stage_rows(name: str, modes: list[str], config: GpuBenchConfig, folder: Path
     del graph
     cuda = config.device.startswith("cuda")
     for mode in modes:
-        if MODES[mode][2] and not cuda:
+        if MODES[mode].get("cuda_graphs") and not cuda:
             keep([{"model": name, "mode": mode, "skipped": "CUDA graphs need a CUDA device"}])
             continue
         try:
@@ -133,7 +133,7 @@ def mode_rows(name: str, mode: str, path: Path, inputs, config: GpuBenchConfig, 
 
     from server.torch_engine import TorchOptions, TorchProgramEngine
 
-    dtype, compiled, graphs = MODES[mode]
+    compiled, graphs = (MODES[mode].get(option, False) for option in ("compile", "cuda_graphs"))
     batches, rows = sorted(config.batches), []
 
     def out_of_memory(batch: int) -> None:
@@ -142,8 +142,8 @@ def mode_rows(name: str, mode: str, path: Path, inputs, config: GpuBenchConfig, 
     # compiled into a cache folder of this run, model and mode's own: the first start compiles cold (another mode of
     # the same model would find its kernels), and a restart can load it
     cache = path.parent / f"compile-cache-{path.stem}-{mode}"
-    options = TorchOptions(config.device, dtype, compiled, graphs, parity_tolerance=0.1,
-                           compile_cache=str(cache) if compiled else "")
+    options = TorchOptions(config.device, parity_tolerance=0.1, compile_cache=str(cache) if compiled else "",
+                           **MODES[mode])
     while True:  # compile and CUDA graphs warm every bucket up at start: one too large for the card is dropped there
         tick, engine = time.perf_counter(), None
         try:
@@ -306,12 +306,12 @@ def served(config: GpuBenchConfig, folder: Path, say) -> dict:
         bodies = [{"prompts": [f"picture number {i}"]} if text else {"labels": [i % len(manifest.classes)]}
                   for i in range(256)]
         bodies = [{**body, "seeds": [i], "output_format": "jpeg"} for i, body in enumerate(bodies)]
-        runs = []
+        runs, warmup_s = [], min(3.0, config.served_seconds / 2)  # uncounted: connections open, caches fill
         for count in loads:
             say(f"[bench gpu] serving: {count} clients, {config.served_seconds:g} s")
             before, tick = server.metrics(), time.perf_counter()
             result = asyncio.run(run_load("127.0.0.1", server.port, "/v1/generate", bodies, count,
-                                          config.served_seconds, 1, warmup_s=3.0)).summary()
+                                          config.served_seconds, 1, warmup_s=warmup_s)).summary()
             runs.append((result, served_use(before, server.metrics(), time.perf_counter() - tick)))
     finally:
         server.stop()

@@ -7,12 +7,16 @@ latents with 300 text tokens and SANA's DC-AE decoder (1024 px).
 
 from __future__ import annotations
 
-MODES = {  # name -> (dtype, compile, cuda_graphs)
-    "eager-fp32": ("float32", False, False),
-    "eager-bf16": ("bfloat16", False, False),
-    "graphs-bf16": ("bfloat16", False, True),  # eager kernels replayed as hand-captured CUDA graphs (what serving uses)
-    "compiled-bf16": ("bfloat16", True, False),
-    "compiled-graphs-bf16": ("bfloat16", True, True),  # torch.compile's "reduce-overhead"
+MODES = {  # name -> the torch engine's options (server/torch_engine.py's TorchOptions) beside device and cache
+    "eager-fp32": {"dtype": "float32"},
+    "eager-bf16": {"dtype": "bfloat16"},
+    # eager kernels replayed as hand-captured CUDA graphs (what serving uses)
+    "graphs-bf16": {"dtype": "bfloat16", "cuda_graphs": True},
+    "compiled-bf16": {"dtype": "bfloat16", "compile": True},
+    "compiled-graphs-bf16": {"dtype": "bfloat16", "compile": True, "cuda_graphs": True},  # "reduce-overhead"
+    # each bucket compiled static with inductor's tuned matrix products, CUDA graphs: "max-autotune"
+    "autotuned-graphs-bf16": {"dtype": "bfloat16", "compile": True, "cuda_graphs": True,
+                              "compile_mode": "max-autotune"},
 }
 
 # in the order a run cut off by its time limit would want them: the goals' denoisers first

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     torch_compile_cache: str = Field("", description="torch backend with --torch-compile: a folder for "
                                      "torch.compile's cache (compiled graphs and kernels), which a restart or another "
                                      "replica given the same folder starts from instead of compiling again")
+    torch_compile_mode: str = Field("default", description="torch backend with --torch-compile: default, or "
+                                    "max-autotune (each batch bucket compiled static with matrix-product kernels that "
+                                    "inductor times against cuBLAS: minutes more at start, for a faster forward)")
     torch_parity_tolerance: float = Field(0.05, gt=0, description="torch backend: largest error of bfloat16/float16 "
                                           "against float32, relative to the output's largest value")
     intra_op_threads: int = Field(0, ge=0, description="threads per engine run; 0 = onnxruntime's default")
@@ -112,7 +115,7 @@ class Settings(BaseSettings):
 
         dtype = "float32" if engine and stage_of(engine) in self.torch_float32_stages else self.torch_dtype
         return TorchOptions(self.device, dtype, self.torch_compile, self.cuda_graphs, self.torch_parity_tolerance,
-                            self.torch_compile_cache)
+                            self.torch_compile_cache, self.torch_compile_mode)
 
     @field_validator("providers")
     @classmethod

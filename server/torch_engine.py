@@ -11,7 +11,9 @@ would otherwise redo every forward (it keeps no cast cache that could outlive a 
 `compile` runs each batch bucket through torch.compile (the batcher pads every batch to a bucket, so
 every bucket is compiled, at start; `compile_cache` keeps what it compiled on disk for the next start);
 `cuda_graphs` replays each bucket as a CUDA graph (through torch.compile's "reduce-overhead" mode when
-compiling, captured by hand otherwise). torch.compile
+compiling, captured by hand otherwise). `compile_mode="max-autotune"` has inductor time its own matrix-product
+kernels against cuBLAS for each bucket, compiled static (a kernel tuned for one shape), and fuse what follows
+a product into it: minutes more at start, for a faster forward where the tuned kernels win. torch.compile
 keeps its CUDA graphs per thread (torch before 2.13 sets that state up only in the thread that imported it, and
 fails in any other), so such an engine makes every call, the start's included, in a thread of its own.
 
@@ -34,6 +36,7 @@ import numpy as np
 log = logging.getLogger("flowmap.torch")
 
 DTYPES = ("float32", "bfloat16", "float16")
+COMPILE_MODES = ("default", "max-autotune")
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # what compile and CUDA graphs specialise to
 
 
@@ -47,8 +50,13 @@ class TorchOptions:
     # torch.compile's on-disk cache (inductor's compiled graphs and kernels): a restart, or another replica, with the
     # same folder loads what the first start compiled ("": torch's default, a folder under /tmp)
     compile_cache: str = ""
+    compile_mode: str = "default"  # or "max-autotune": each bucket compiled static with inductor's tuned kernels
 
     def __post_init__(self) -> None:
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"torch_compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError("torch_compile_mode needs --torch-compile")
         if self.dtype not in DTYPES:
             raise ValueError(f"torch_dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
@@ -57,6 +65,16 @@ class TorchOptions:
             raise ValueError("cuda_graphs needs --device cuda")
         if self.compile_cache and not self.compile:
             raise ValueError("torch_compile_cache needs --torch-compile")
+
+
+def inductor_mode(options: TorchOptions) -> tuple[str, bool | None]:
+    """torch.compile's (mode, dynamic) for compiled options. By default, automatic dynamic shapes: the first bucket
+    compiles static (torch always specialises a batch of 1), the next one compiles a graph general in the batch that
+    every later bucket reuses, so start-up compiles twice, not once per bucket. Tuned kernels are tuned for one
+    shape, so max-autotune compiles each bucket static. CUDA graphs are recorded per bucket either way."""
+    if options.compile_mode == "max-autotune":
+        return ("max-autotune" if options.cuda_graphs else "max-autotune-no-cudagraphs"), False
+    return ("reduce-overhead" if options.cuda_graphs else "default"), None
 
 
 def batch_buckets(max_batch: int, buckets: tuple[int, ...] | None = None) -> tuple[int, ...]:
@@ -194,11 +212,8 @@ class TorchProgramEngine:
             config = torch._dynamo.config
             limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
             setattr(config, limit, max(getattr(config, limit), 4 * len(BUCKETS)))
-            mode = "reduce-overhead" if options.cuda_graphs else "default"
-            # automatic dynamic shapes: the first bucket compiles static (torch always specialises a batch of 1),
-            # the next one compiles a graph general in the batch that every later bucket reuses, so start-up
-            # compiles twice, not once per bucket; CUDA graphs are still recorded per bucket
-            self.forward = torch.compile(self.module, mode=mode, dynamic=None)
+            mode, dynamic = inductor_mode(options)
+            self.forward = torch.compile(self.module, mode=mode, dynamic=dynamic)
         self.graphs: dict[int, tuple] = {}  # bucket -> (graph, static inputs, static output), hand-captured
         self.parity = 0.0
         with self._on_stream():

@@ -168,6 +168,27 @@ def test_the_served_sentence_names_the_clients_of_a_report_from_before_their_def
                                                       "served": {**served, "clients": 128}})
 
 
+def test_the_goals_judge_compiled_cuda_graphs_by_their_faster_mode_against_each_eager():
+    from flowmap.gpu_report import goals
+
+    def row(mode, batch, ms, **extra):
+        return {"model": "sit-xl/2", "mode": mode, "batch": batch, "ms": ms, "parity": 0.004, **extra}
+
+    rows = [row("eager-fp32", 32, 200.0), row("eager-bf16", 32, 40.0), row("graphs-bf16", 32, 10.0),
+            row("compiled-graphs-bf16", 32, 21.0), row("autotuned-graphs-bf16", 32, 19.0),
+            row("compiled-graphs-bf16", 64, 40.0, mfu=0.48), row("eager-bf16", 64, 70.0, mfu=0.26)]
+    judged = goals({"stages": rows, "served": {"vs_limit": 0.69}})
+    # hand-captured graphs of eager kernels (10 ms) are not "compiled + CUDA graphs"; the autotuned mode is
+    assert judged["sit-xl/2: autotuned-graphs-bf16 >= 2x eager-bf16 at batch 32"] == {"met": True,
+                                                                                      "measured": "2.11x"}
+    assert judged["sit-xl/2: autotuned-graphs-bf16 >= 2x eager-fp32 at batch 32"]["measured"] == "10.53x"
+    assert judged["sit-xl/2: denoiser MFU >= 40% at batch 64 in bf16"] == {"met": True, "measured": "48.0%"}
+    assert judged["served >= 0.7x the stage limit"] == {"met": False, "measured": "0.69x"}
+    slower = goals({"stages": [r for r in rows if r["mode"] != "autotuned-graphs-bf16"]})
+    assert slower["sit-xl/2: compiled-graphs-bf16 >= 2x eager-bf16 at batch 32"] == {"met": False,
+                                                                                     "measured": "1.90x"}
+
+
 def test_flops_count_attention_as_a_gpu_runs_it():
     """Two products of [16, 8] by [8, 16] and [16, 16] by [16, 8] per head: 4 * 16 * 16 * 8 operations each."""
     import torch

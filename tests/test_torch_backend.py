@@ -122,6 +122,31 @@ def test_compiled_buckets_match_eager_and_a_restart_loads_them_from_the_cache(pr
     np.testing.assert_allclose(restarted.run(feeds), expected, atol=1e-4)
 
 
+def test_max_autotune_compiles_each_bucket_static_and_matches_eager(program_bundle, tmp_path, monkeypatch):
+    import torch
+    from torch._dynamo.utils import counters
+
+    from server.settings import Settings
+    from server.torch_engine import inductor_mode
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # a cold compile: the graphs are counted
+    options = Settings(backend="torch", torch_compile=True, torch_compile_mode="max-autotune").torch_options()
+    assert inductor_mode(options) == ("max-autotune-no-cudagraphs", False)
+    assert inductor_mode(Settings(backend="torch", torch_compile=True).torch_options()) == ("default", None)
+    student = read_bundle(program_bundle).students[0]
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        engine = TorchProgramEngine(student.program, "student", 8, options, buckets=(2, 4, 8))
+    except Exception as err:  # inductor needs a C++ compiler; where there is none, compile is not available
+        pytest.skip(f"torch.compile does not run here: {type(err).__name__}: {str(err)[:120]}")
+    # one graph per bucket (automatic dynamic shapes would have made two: 2, then one general in the batch)
+    assert counters["stats"]["unique_graphs"] == 3
+    session = ort.InferenceSession(str(student.path), providers=["CPUExecutionProvider"])
+    feeds = random_feeds(session.get_inputs(), 3, 10, seed=3)  # padded to the bucket of 4
+    np.testing.assert_allclose(engine.run(feeds), session.run(None, feeds)[0], atol=1e-4)
+
+
 def test_every_batch_a_batcher_can_send_has_a_bucket_made_at_start():
     from server.torch_engine import batch_buckets
 
@@ -139,6 +164,10 @@ def test_options_name_the_bad_flag():
         Settings(backend="torch", cuda_graphs=True)
     with pytest.raises(ValidationError, match="torch_compile_cache needs --torch-compile"):
         Settings(backend="torch", torch_compile_cache="models/.compiled")
+    with pytest.raises(ValidationError, match="torch_compile_mode needs --torch-compile"):
+        Settings(backend="torch", torch_compile_mode="max-autotune")
+    with pytest.raises(ValidationError, match="torch_compile_mode must be one of default, max-autotune, got 'fast'"):
+        Settings(backend="torch", torch_compile=True, torch_compile_mode="fast")
     with pytest.raises(ValidationError, match="torch_dtype must be one of float32, bfloat16, float16"):
         Settings(backend="torch", torch_dtype="int8")
     Settings(backend="onnxruntime", torch_dtype="int8")  # only the torch backend reads it
