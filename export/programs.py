@@ -1,10 +1,13 @@
 """Graphs as `torch.export` programs (`.pt2`), beside their ONNX files: what the torch serving backend
 loads on a GPU where neither TensorRT nor onnxruntime-gpu can be installed. The program is the same
 graph module the ONNX file came from, with the same input names and a dynamic batch axis, and it is
-parity-checked against that module like every graph."""
+parity-checked against that module like every graph. Its archive also holds the module's float32 output at
+the program's example inputs, which the torch backend checks its low-precision output against."""
 
 from __future__ import annotations
 
+import base64
+import io
 import re
 import warnings
 from collections.abc import Callable
@@ -15,6 +18,10 @@ import torch
 from torch import nn
 
 from export.onnx_export import PARITY_BATCHES, PARITY_TOLERANCE, ExportError
+
+# in each program's archive: the module's float32 output at the program's example inputs, which a server checks its
+# bf16/fp16 output against without holding float32 weights on its GPU (a FLUX-size transformer's are 48 GB)
+REFERENCE_FILE = "reference_output.npy"
 
 
 def program_file(onnx_file: str) -> str:
@@ -47,8 +54,20 @@ def export_program(graph: nn.Module, inputs: dict[str, torch.Tensor], path: str 
                 graph.eval(), args, dynamic_shapes={name: {0: torch.export.Dim("batch", min=1, max=65536)}
                                                     for name in graph.input_names}))
             program = export(torch.export.Dim("batch", min=1, max=limit))
-    torch.export.save(program, str(path))
+        reference = graph.eval()(*args)
+    buffer = io.BytesIO()
+    np.save(buffer, reference.float().numpy())
+    torch.export.save(program, str(path), extra_files={REFERENCE_FILE: base64.b64encode(buffer.getvalue()).decode()})
     return path
+
+
+def read_program(path: str | Path) -> tuple[torch.export.ExportedProgram, np.ndarray | None]:
+    """A `.pt2` program on the CPU, and the float32 output at its example inputs that export saved beside it (None
+    in an archive written before it was)."""
+    extra = {REFERENCE_FILE: ""}
+    program = torch.export.load(str(path), extra_files=extra)
+    text = extra[REFERENCE_FILE]
+    return program, np.load(io.BytesIO(base64.b64decode(text))) if text else None
 
 
 def batch_limit(program) -> int:

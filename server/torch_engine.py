@@ -5,8 +5,11 @@ onnxruntime-gpu can be installed.
 Low precision runs under autocast (matrix products and convolutions in bf16/fp16, reductions and the
 graph's own constants in fp32), checked at start against fp32 on the program's example inputs: an
 engine whose error passes `parity_tolerance` (relative to the output's largest value) refuses to
-start. The weights only matrix products and convolutions read are cast once at start, which autocast
-would otherwise redo every forward (it keeps no cast cache that could outlive a CUDA graph).
+start. The weights only matrix products and convolutions read are cast once, which autocast would
+otherwise redo every forward (it keeps no cast cache that could outlive a CUDA graph). The fp32 output
+comes from the program's archive, where export saved it, so the weights are cast on the host and reach the
+device in low precision (a FLUX-size transformer's weights take 24 GB there, not 48); a program exported before
+that holds none, and its fp32 output is computed on the device before its weights are cast.
 
 `compile` runs each batch bucket through torch.compile (the batcher pads every batch to a bucket, so
 every bucket is compiled, at start; `compile_cache` keeps what it compiled on disk for the next start);
@@ -161,13 +164,12 @@ def own_cuda_graph_trees() -> None:
     torch._C._stash_obj_in_tls("tree_manager_locks", state.tree_manager_locks)
 
 
-def load_program(path: str | Path, device):
-    """A `.pt2` program on `device`: weights, constants, example inputs, and the devices its graph names (a
-    program traced on the CPU creates its constants there, e.g. `arange(..., device=cpu)`), all moved."""
+def on_device(program, device):
+    """The program with its weights, constants, example inputs, and the devices its graph names (a program traced
+    on the CPU creates its constants there, e.g. `arange(..., device=cpu)`), all moved to `device`."""
     import torch
     from torch.export.passes import move_to_device_pass
 
-    program = torch.export.load(str(path))
     return program if torch.device(device).type == "cpu" else move_to_device_pass(program, torch.device(device))
 
 
@@ -186,16 +188,20 @@ class TorchProgramEngine:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"{name}: --device {options.device} but torch sees no CUDA GPU "
                                f"(torch {torch.__version__}, CUDA build {torch.version.cuda})")
-        program = load_program(path, self.device)
+        from export.programs import batch_limit, read_program
+
+        program, reference = read_program(path)
+        self.dtype = getattr(torch, options.dtype)
+        low = options.dtype != "float32"
+        if low and reference is not None:  # cast on the host (the module shares the program's weights), then moved
+            cast = cast_matmul_weights(program.module(), self.dtype, self.device.type)
+        program = on_device(program, self.device)
         self.stream = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the weights' copies, queued on the default stream, are done
             self.stream = torch.cuda.Stream(self.device)
         self.input_names = tuple(program.graph_signature.user_inputs)
         self.module = without_dtype_asserts(program.module())  # on the device with its program
-        self.dtype = getattr(torch, options.dtype)
-        from export.programs import batch_limit
-
         self.max_rows = batch_limit(program)  # a program traced through a batch-size branch runs fewer rows
         if max_batch > self.max_rows:
             log.warning("%s: the program runs at most %d rows a batch; batching at %d, not %d", name, self.max_rows,
@@ -218,10 +224,13 @@ class TorchProgramEngine:
         self.parity = 0.0
         with self._on_stream():
             example = self._example(program)
-            if options.dtype != "float32":
-                with torch.no_grad():
-                    reference = self.module(*example.values()).float()  # before any weight is cast
-                cast = cast_matmul_weights(self.module, self.dtype, self.device.type)
+            if low:
+                if reference is None:  # an archive exported without its fp32 output: computed here, before the cast
+                    with torch.no_grad():
+                        reference = self.module(*example.values()).float()
+                    cast = cast_matmul_weights(self.module, self.dtype, self.device.type)
+                else:
+                    reference = torch.from_numpy(reference).to(self.device)
                 log.info("%s: %d linear and convolution weights and biases cast to %s once", name, cast,
                          options.dtype)
                 self.parity = self._check_parity(reference, example)

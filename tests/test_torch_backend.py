@@ -16,7 +16,7 @@ from export.bundle import BundleError, read_bundle
 from export.tensorrt import random_feeds
 from export.writer import export_bundle
 from server.engines import _graphs
-from server.torch_engine import TorchOptions, TorchProgramEngine, load_program
+from server.torch_engine import TorchOptions, TorchProgramEngine, on_device
 
 from serving import Server
 
@@ -68,14 +68,16 @@ def test_a_changed_program_is_refused(program_bundle, tmp_path):
 def test_a_program_moves_whole_to_its_device(program_bundle):
     """The teacher's time embedding builds its frequencies with arange(device=cpu) in the traced graph: moved
     to another device ("meta" stands in for CUDA here), the graph, weights and example inputs follow."""
+    import torch
+
     def devices(program):
         named = {str(node.kwargs["device"]) for node in program.graph.nodes if "device" in node.kwargs}
         return named | {str(p.device) for p in program.module().parameters()} | {
             str(x.device) for x in program.example_inputs[0]}
 
     teacher = read_bundle(program_bundle).teacher
-    assert devices(load_program(teacher.program, "cpu")) == {"cpu"}
-    assert devices(load_program(teacher.program, "meta")) == {"meta"}
+    assert devices(on_device(torch.export.load(str(teacher.program)), "cpu")) == {"cpu"}
+    assert devices(on_device(torch.export.load(str(teacher.program)), "meta")) == {"meta"}
 
 
 def test_bf16_is_checked_against_fp32(program_bundle):
@@ -86,6 +88,30 @@ def test_bf16_is_checked_against_fp32(program_bundle):
     with pytest.raises(RuntimeError, match=r"bfloat16 differs from float32 by .*\(--torch-parity-tolerance\); serve "
                        "it in float32"):
         TorchProgramEngine(teacher.program, "teacher", 8, TorchOptions(dtype="bfloat16", parity_tolerance=1e-9))
+
+
+def test_low_precision_is_checked_against_the_float32_output_export_saved(program_bundle, tmp_path):
+    """The weights reach the device cast (no float32 copy there for the check): the float32 output comes from the
+    archive. One without it (exported before it was saved) is checked against float32 computed at start."""
+    import torch
+
+    from export.programs import REFERENCE_FILE, read_program
+    from server.torch_engine import ParityError
+
+    teacher = read_bundle(program_bundle).teacher
+    program, reference = read_program(teacher.program)
+    with torch.no_grad():
+        np.testing.assert_allclose(reference, program.module()(*program.example_inputs[0]).numpy(), atol=1e-5)
+    saved = TorchProgramEngine(teacher.program, "teacher", 8, TorchOptions(dtype="bfloat16"))
+    bare, wrong = tmp_path / "bare.pt2", tmp_path / "wrong.pt2"
+    torch.export.save(program, str(bare))
+    computed = TorchProgramEngine(bare, "teacher", 8, TorchOptions(dtype="bfloat16"))
+    assert read_program(bare)[1] is None and 0 < computed.parity == pytest.approx(saved.parity, rel=1e-3)
+    buffer = io.BytesIO()
+    np.save(buffer, 2 * reference)  # the check reads the saved output: a wrong one stops the engine
+    torch.export.save(program, str(wrong), extra_files={REFERENCE_FILE: base64.b64encode(buffer.getvalue()).decode()})
+    with pytest.raises(ParityError, match=r"bfloat16 differs from float32 by 0\.[45]"):
+        TorchProgramEngine(wrong, "teacher", 8, TorchOptions(dtype="bfloat16"))
 
 
 def test_compiled_buckets_match_eager_and_a_restart_loads_them_from_the_cache(program_bundle, tmp_path, monkeypatch,
@@ -316,7 +342,7 @@ def test_bf16_casts_convolution_and_linear_weights_once_and_answers_as_autocast(
     assert low == {name for name, kind in kinds.items() if kind in (torch.nn.Conv2d, torch.nn.Linear)}
     assert torch.nn.GroupNorm in kinds.values() and low
     latent = torch.randn(3, 4, 8, 8)
-    module = without_dtype_asserts(load_program(path, "cpu").module())
+    module = without_dtype_asserts(torch.export.load(str(path)).module())
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
         expected = module(latent).float().numpy()
     assert np.array_equal(engine.run({"latent": latent.numpy()}), expected)
