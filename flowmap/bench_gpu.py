@@ -144,8 +144,11 @@ def mode_rows(name: str, mode: str, path: Path, inputs, config: GpuBenchConfig, 
     cache = path.parent / f"compile-cache-{path.stem}-{mode}"
     options = TorchOptions(config.device, parity_tolerance=0.1, compile_cache=str(cache) if compiled else "",
                            **MODES[mode])
+    cuda = config.device.startswith("cuda")
     while True:  # compile and CUDA graphs warm every bucket up at start: one too large for the card is dropped there
         tick, engine = time.perf_counter(), None
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         try:
             engine = TorchProgramEngine(path, name, batches[-1], options, buckets=tuple(batches))
         except torch.cuda.OutOfMemoryError:
@@ -156,6 +159,9 @@ def mode_rows(name: str, mode: str, path: Path, inputs, config: GpuBenchConfig, 
         torch.cuda.empty_cache()  # out of the handler: its traceback no longer holds the half-built engine
         out_of_memory(batches.pop())
     start_s = time.perf_counter() - tick
+    # the most GPU memory the start held: weights, the parity check, and in the compiled and graph modes every
+    # bucket's warm-up
+    start_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
     for batch in batches:
         if batch > engine.max_batch:
             rows.append({"model": name, "mode": mode, "skipped": f"batch {batch}: the program runs at most "
@@ -171,7 +177,7 @@ def mode_rows(name: str, mode: str, path: Path, inputs, config: GpuBenchConfig, 
             torch.cuda.empty_cache()
             continue
         row = {"model": name, "mode": mode, "batch": batch, "ms": round(ms, 3),
-               "images_per_s": round(batch / ms * 1000, 2), "start_s": round(start_s, 1),
+               "images_per_s": round(batch / ms * 1000, 2), "start_s": round(start_s, 1), "start_gib": start_gib,
                "parity": engine.parity, "gflops_per_image": flops / 1e9}
         if peak_tflops:
             row["mfu"] = flops * batch / (ms / 1000) / (peak_tflops * 1e12)

@@ -133,18 +133,20 @@ def to_markdown(report: dict, plot_name: str) -> str:
                   f"{peak['side']}^3); MFU below is against it.", ""]
     if report.get("stages"):
         lines += [f"![images/s by batch]({plot_name})", "",
-                  "| model | mode | batch | ms | images/s | MFU | bf16 parity | start s | restart s |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| model | mode | batch | ms | images/s | MFU | bf16 parity | start s | start GiB | restart s |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in report["stages"]:
             if "skipped" in r:
-                lines.append(f"| {r['model']} | {r['mode']} | - | skipped: {r['skipped']} | | | | | |")
+                lines.append(f"| {r['model']} | {r['mode']} | - | skipped: {r['skipped']} | | | | | | |")
                 continue
             mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
             lines.append(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['ms']:.2f} | {r['images_per_s']:.1f} | "
-                         f"{mfu} | {r['parity']:.3g} | {r['start_s']} | {r.get('restart_s', '-')} |")
+                         f"{mfu} | {r['parity']:.3g} | {r['start_s']} | {r.get('start_gib') or '-'} | "
+                         f"{r.get('restart_s', '-')} |")
         lines += ["", "start s: the engine's start in this process (load, parity check, and for the compiled modes a "
-                  "cold compile of every bucket); restart s: a new process starting it again from the compile cache "
-                  "the first start filled (`--torch-compile-cache`).", ""]
+                  "cold compile of every bucket); start GiB: the most GPU memory that start held (weights, parity "
+                  "check, and every bucket's warm-up in the compiled and graph modes); restart s: a new process "
+                  "starting it again from the compile cache the first start filled (`--torch-compile-cache`).", ""]
     if report.get("jpeg"):
         lines += ["| JPEG q90 | side | ms per image |", "|---|---:|---:|"]
         lines += [f"| {r['encoder']} | {r['side']} | {r.get('ms_per_image', r.get('skipped'))} |"
