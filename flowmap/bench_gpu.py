@@ -71,6 +71,10 @@ class GpuBenchConfig:
     out: str = "docs/gpu"
     resume: bool = False  # keep what OUT.json measured on this card and code, run only the parts and models it lacks
 
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
 
 def synchronise(device: str) -> None:
     import torch
@@ -84,8 +88,7 @@ def matmul_peak(config: GpuBenchConfig) -> dict:
     CPU too: against an fp32 peak, its bf16 rows would pass 100%)."""
     import torch
 
-    cuda = config.device.startswith("cuda")
-    side = (8192 if cuda else 2048) if config.scale == "real" else 1024
+    side = (8192 if config.cuda else 2048) if config.scale == "real" else 1024
     dtype = torch.bfloat16
     a, b = (torch.randn(side, side, device=config.device, dtype=dtype) for _ in range(2))
     for _ in range(3):
@@ -112,16 +115,15 @@ def stage_rows(name: str, modes: list[str], config: GpuBenchConfig, folder: Path
     path = export_program(graph, inputs(2), folder / f"{name.replace('/', '-')}.pt2")
     flops = flops_per_image(graph, inputs)  # last: it leaves the graph on the meta device
     del graph
-    cuda = config.device.startswith("cuda")
     for mode in modes:
-        if MODES[mode].get("cuda_graphs") and not cuda:
+        if MODES[mode].get("cuda_graphs") and not config.cuda:
             keep([{"model": name, "mode": mode, "skipped": "CUDA graphs need a CUDA device"}])
             continue
         try:
             keep(mode_rows(name, mode, path, inputs, config, flops, peak_tflops, say))
         except Exception as err:  # a mode this machine cannot run (no C++ compiler for inductor, memory) is reported
             keep([{"model": name, "mode": mode, "skipped": f"{type(err).__name__}: {str(err)[:200]}"}])
-        if cuda:
+        if config.cuda:
             torch.cuda.empty_cache()
 
 
@@ -144,10 +146,9 @@ def mode_rows(name: str, mode: str, path: Path, inputs, config: GpuBenchConfig, 
     cache = path.parent / f"compile-cache-{path.stem}-{mode}"
     options = TorchOptions(config.device, parity_tolerance=0.1, compile_cache=str(cache) if compiled else "",
                            **MODES[mode])
-    cuda = config.device.startswith("cuda")
     while True:  # compile and CUDA graphs warm every bucket up at start: one too large for the card is dropped there
         tick, engine = time.perf_counter(), None
-        if cuda:
+        if config.cuda:
             torch.cuda.reset_peak_memory_stats()
         try:
             engine = TorchProgramEngine(path, name, batches[-1], options, buckets=tuple(batches))
@@ -161,7 +162,7 @@ def mode_rows(name: str, mode: str, path: Path, inputs, config: GpuBenchConfig, 
     start_s = time.perf_counter() - tick
     # the most GPU memory the start held: weights, the parity check, and in the compiled and graph modes every
     # bucket's warm-up
-    start_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
+    start_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2) if config.cuda else None
     for batch in batches:
         if batch > engine.max_batch:
             rows.append({"model": name, "mode": mode, "skipped": f"batch {batch}: the program runs at most "
@@ -189,7 +190,7 @@ def mode_rows(name: str, mode: str, path: Path, inputs, config: GpuBenchConfig, 
         del engine  # the restart's engine gets the card's memory, compiled graphs and CUDA graph pools included
         torch._dynamo.reset()
         gc.collect()
-        if config.device.startswith("cuda"):
+        if config.cuda:
             torch.cuda.empty_cache()
         try:
             restart_s = restart_seconds(path, name, options, tuple(batches), timeout_s=max(300.0, 3 * start_s))
@@ -273,7 +274,7 @@ def served(config: GpuBenchConfig, folder: Path, say) -> dict:
     from flowmap.loadgen import run_load
     from server.torch_engine import TorchOptions, TorchProgramEngine
 
-    tiny, cuda = config.scale == "tiny", config.device.startswith("cuda")
+    tiny = config.scale == "tiny"
     if config.served_bundle:
         root, denoiser = Path(config.served_bundle).resolve(), None  # the server runs from the repository's root
     else:
@@ -287,7 +288,8 @@ def served(config: GpuBenchConfig, folder: Path, say) -> dict:
     rows, decoder_rows = max(config.batches), max(1, max(config.batches) // 2)
     # bf16 with hand-captured CUDA graphs: the server captures every bucket of four engines at start, which
     # compiling them all would stretch to minutes
-    options = TorchOptions(config.device, "bfloat16" if cuda else "float32", False, cuda, parity_tolerance=0.1)
+    options = TorchOptions(config.device, "bfloat16" if config.cuda else "float32", False, config.cuda,
+                           parity_tolerance=0.1)
     limit_ms = 0.0
     for graph, batch, feeds in ((bundle.students[0], rows, {"x": np.zeros((rows, *latent), np.float32),
                                                             "t": np.ones(rows, np.float32),
@@ -301,7 +303,7 @@ def served(config: GpuBenchConfig, folder: Path, say) -> dict:
         del engine
     flags = ["--backend", "torch", "--device", config.device, "--max-batch-size", str(rows),
              "--decoder-max-batch-size", str(decoder_rows), "--max-queue-size", "4096", "--no-ui"]
-    if cuda:
+    if config.cuda:
         flags += ["--torch-dtype", "bfloat16", "--cuda-graphs"]
     clients = served_clients(config.served_clients, rows)
     # by default also as many clients as one batch holds, on the same server: they move through the stages in step,
@@ -386,7 +388,7 @@ def run_gpu_bench(config: GpuBenchConfig) -> dict:
             raise ValueError(f"--{flag}: unknown {unknown[0]!r}; choose from {', '.join(known)}")
     if config.served_bundle and "served" in config.parts:
         servable_bundle(config.served_bundle)  # refused now, not after the other parts
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
+    if config.cuda and not torch.cuda.is_available():
         raise ValueError(f"--device {config.device}, but torch {torch.__version__} sees no CUDA GPU; "
                          "`--device cpu --scale tiny` runs the same code at toy sizes")
 
@@ -396,7 +398,7 @@ def run_gpu_bench(config: GpuBenchConfig) -> dict:
         print(f"{text} (+{time.perf_counter() - started:.0f} s)")
 
     report = {"config": asdict(config), "anchors": list(ANCHORS), "torch": torch.__version__, "code": code_version(),
-              "device_name": torch.cuda.get_device_name() if config.device.startswith("cuda") else
+              "device_name": torch.cuda.get_device_name() if config.cuda else
               (platform.processor() or platform.machine()), "cpus": torch.get_num_threads(), "errors": []}
     done: set[str] = set()
     if config.resume and Path(config.out).with_suffix(".json").is_file():

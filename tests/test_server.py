@@ -311,8 +311,8 @@ def test_concurrent_teacher_requests_are_admitted_only_if_they_can_finish():
             per_step = (time.perf_counter() - tick) / 20
             # about 2.3 s alone: one is admitted (its estimate with the safety margin about 3.2 s, 20% under the 4 s
             # deadline) and finishes with most of the deadline to spare; a second is refused (about 4.8 s, 20% over).
-            # Sized so that two or three are admitted, the last one admitted had only the 25% margin to finish in and
-            # missed it on a busy machine. Four shared fairly (9.2 s) would all miss.
+            # (Sized for two or three admitted, the last of them had only the 25% margin to finish in, and missed it
+            # on a busy machine.) Four shared fairly (9.2 s) would all miss.
             body["steps"] = max(20, min(1000, int(2.3 / per_step)))
             return await crowd_of(client, body, 4)
 
