@@ -329,19 +329,37 @@ class TorchProgramEngine:
         return kept.clone() if replayed and kept.data_ptr() == output.data_ptr() else kept
 
     def _capture(self, inputs: dict) -> tuple:
-        """A CUDA graph of the eager module at this batch size, after a warm-up on a side stream."""
+        """A CUDA graph of the eager module at this batch size, warmed up and captured on the engine's own stream.
+        Graphs captured on torch's one default capture stream would share cuBLAS's workspace (torch keys it by
+        stream), which two engines replaying at once would race on; and a new stream per bucket would wrap around
+        torch's pool of 32 streams onto another engine's."""
         torch = self.torch
         static_inputs = {name: value.clone() for name, value in inputs.items()}
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(self.stream):
             for _ in range(2):
                 self.module(*static_inputs.values())
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_output = self.module(*static_inputs.values())
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=self.stream):
+                static_output = self.module(*static_inputs.values())
         return graph, static_inputs, static_output
+
+    def close(self) -> None:
+        """Give back the memory the engine holds on its device (weights, CUDA graphs, compiled graphs' pools), for a
+        process that starts engines one after another (the GPU bench). Its objects refer to each other, so without
+        this only a garbage collection frees them, and torch.compile keeps its CUDA graphs in the engine's thread."""
+        import gc
+
+        if self._thread is not None:
+            from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+            self._thread.submit(reset_cudagraph_trees).result()
+            self._thread.shutdown()
+            self._thread = None
+        self.graphs.clear()
+        self.module = self.forward = None
+        gc.collect()
+        if self.device.type == "cuda":
+            self.torch.cuda.empty_cache()
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """One batch, done when it returns: a device output is ready for any stream that reads it."""

@@ -136,6 +136,34 @@ def test_an_engine_runs_on_its_own_stream_and_returns_when_its_batch_is_done(pro
     torch.cuda.synchronize()
 
 
+def test_engines_replaying_cuda_graphs_at_once_keep_streams_of_their_own_and_answer_right(program_bundle):
+    """Eight engines of seven buckets each, as a server's stages replay them, from threads of their own: a stream
+    taken per bucket would wrap around torch's pool of 32 onto another engine's, and graphs captured on torch's one
+    default capture stream share cuBLAS's workspace, which engines replaying at once would race on."""
+    import threading
+
+    from server.torch_engine import TorchOptions, TorchProgramEngine
+
+    teacher = read_bundle(program_bundle).teacher
+    options = TorchOptions("cuda", "bfloat16", False, True)  # hand-captured CUDA graphs
+    engines = [TorchProgramEngine(teacher.program, f"teacher{number}", 64, options) for number in range(8)]
+    assert all(len(engine.graphs) == 7 for engine in engines)
+    assert len({engine.stream.cuda_stream for engine in engines}) == len(engines)
+    feeds, expected = reference(teacher, 64)
+    errors = []
+
+    def replay(engine) -> None:
+        for _ in range(20):
+            errors.append(float(np.abs(engine.run(feeds) - expected).max()))
+
+    threads = [threading.Thread(target=replay, args=(engine,)) for engine in engines]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(errors) == 8 * 20 and max(errors) <= 0.05 * np.abs(expected).max()
+
+
 def images_and_their_jpegs_agree(images: np.ndarray, encoded: list[bytes]) -> bool:
     from server.imaging import to_uint8
 
