@@ -123,8 +123,7 @@ def stage_rows(name: str, modes: list[str], config: GpuBenchConfig, folder: Path
             keep(mode_rows(name, mode, path, inputs, config, flops, peak_tflops, say))
         except Exception as err:  # a mode this machine cannot run (no C++ compiler for inductor, memory) is reported
             keep([{"model": name, "mode": mode, "skipped": f"{type(err).__name__}: {str(err)[:200]}"}])
-        if config.cuda:
-            torch.cuda.empty_cache()
+        release_device(config)  # the next mode's start GiB counts its own memory, not this one's leftovers
 
 
 def mode_rows(name: str, mode: str, path: Path, inputs, config: GpuBenchConfig, flops: float,
@@ -157,41 +156,38 @@ def mode_rows(name: str, mode: str, path: Path, inputs, config: GpuBenchConfig, 
                 raise
         if engine is not None:
             break
-        torch.cuda.empty_cache()  # out of the handler: its traceback no longer holds the half-built engine
+        release_device(config)  # out of the handler: its traceback no longer holds the half-built engine
         out_of_memory(batches.pop())
     start_s = time.perf_counter() - tick
     # the most GPU memory the start held: weights, the parity check, and in the compiled and graph modes every
     # bucket's warm-up
     start_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2) if config.cuda else None
-    for batch in batches:
-        if batch > engine.max_batch:
-            rows.append({"model": name, "mode": mode, "skipped": f"batch {batch}: the program runs at most "
-                         f"{engine.max_rows} rows (the model branches on the batch size)"})
-            continue
-        feeds = {key: value.numpy() for key, value in inputs(batch).items()}
-        ms = None
-        try:
-            ms = timed_ms(lambda run=engine.run, feeds=feeds: run(feeds), config.repeats)
-        except torch.cuda.OutOfMemoryError:
-            out_of_memory(batch)
-        if ms is None:
-            torch.cuda.empty_cache()
-            continue
-        row = {"model": name, "mode": mode, "batch": batch, "ms": round(ms, 3),
-               "images_per_s": round(batch / ms * 1000, 2), "start_s": round(start_s, 1), "start_gib": start_gib,
-               "parity": engine.parity, "gflops_per_image": flops / 1e9}
-        if peak_tflops:
-            row["mfu"] = flops * batch / (ms / 1000) / (peak_tflops * 1e12)
-        rows.append(row)
-        say(f"[bench gpu] {name} {mode} batch {batch}: {ms:.2f} ms")
+    try:
+        for batch in batches:
+            if batch > engine.max_batch:
+                rows.append({"model": name, "mode": mode, "skipped": f"batch {batch}: the program runs at most "
+                             f"{engine.max_rows} rows (the model branches on the batch size)"})
+                continue
+            feeds = {key: value.numpy() for key, value in inputs(batch).items()}
+            ms = None
+            try:
+                ms = timed_ms(lambda run=engine.run, feeds=feeds: run(feeds), config.repeats)
+            except torch.cuda.OutOfMemoryError:
+                out_of_memory(batch)
+            if ms is None:
+                torch.cuda.empty_cache()
+                continue
+            row = {"model": name, "mode": mode, "batch": batch, "ms": round(ms, 3),
+                   "images_per_s": round(batch / ms * 1000, 2), "start_s": round(start_s, 1), "start_gib": start_gib,
+                   "parity": engine.parity, "gflops_per_image": flops / 1e9}
+            if peak_tflops:
+                row["mfu"] = flops * batch / (ms / 1000) / (peak_tflops * 1e12)
+            rows.append(row)
+            say(f"[bench gpu] {name} {mode} batch {batch}: {ms:.2f} ms")
+    finally:
+        engine.close()  # its weights and graphs leave the card before the next start
     if compiled and config.restart and any("batch" in row for row in rows):
-        import gc
-
-        del engine  # the restart's engine gets the card's memory, compiled graphs and CUDA graph pools included
-        torch._dynamo.reset()
-        gc.collect()
-        if config.cuda:
-            torch.cuda.empty_cache()
+        release_device(config)  # the restart's engine gets the card's memory
         try:
             restart_s = restart_seconds(path, name, options, tuple(batches), timeout_s=max(300.0, 3 * start_s))
         except Exception as err:  # the figures measured above stand without it
@@ -203,6 +199,19 @@ def mode_rows(name: str, mode: str, path: Path, inputs, config: GpuBenchConfig, 
             if "batch" in row:
                 row["restart_s"] = round(restart_s, 1)
     return rows
+
+
+def release_device(config: GpuBenchConfig) -> None:
+    """What closed and failed engines left behind, given back before the next one starts: torch.compile's code (it
+    holds the module it compiled) and objects that refer to each other, then the allocator's cached blocks."""
+    import gc
+
+    import torch
+
+    torch._dynamo.reset()
+    gc.collect()
+    if config.cuda:
+        torch.cuda.empty_cache()
 
 
 def restart_seconds(path: Path, name: str, options, buckets: tuple[int, ...], timeout_s: float = 300.0) -> float:
@@ -300,11 +309,13 @@ def served(config: GpuBenchConfig, folder: Path, say) -> dict:
                                                                                    np.float32)})):
         engine = TorchProgramEngine(graph.program, graph.path.stem, batch, options, buckets=(batch,))
         limit_ms += timed_ms(lambda engine=engine, feeds=feeds: engine.run(feeds), config.repeats) / batch
-        del engine
+        engine.close()
+    release_device(config)  # the server's process gets the whole card
     flags = ["--backend", "torch", "--device", config.device, "--max-batch-size", str(rows),
              "--decoder-max-batch-size", str(decoder_rows), "--max-queue-size", "4096", "--no-ui"]
-    if config.cuda:
-        flags += ["--torch-dtype", "bfloat16", "--cuda-graphs"]
+    if config.cuda:  # checked against float32 as the limit's engines were
+        flags += ["--torch-dtype", "bfloat16", "--cuda-graphs",
+                  "--torch-parity-tolerance", str(options.parity_tolerance)]
     clients = served_clients(config.served_clients, rows)
     # by default also as many clients as one batch holds, on the same server: they move through the stages in step,
     # and what the default's second batch of clients buys is measured, not assumed

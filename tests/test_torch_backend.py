@@ -90,6 +90,18 @@ def test_bf16_is_checked_against_fp32(program_bundle):
         TorchProgramEngine(teacher.program, "teacher", 8, TorchOptions(dtype="bfloat16", parity_tolerance=1e-9))
 
 
+def test_a_closed_engine_lets_go_of_its_weights(program_bundle):
+    """The GPU bench starts engine after engine in one process: a closed one gives its weights back at once (its
+    objects refer to each other, so dropping it would leave them to a garbage collection some time later)."""
+    import weakref
+
+    teacher = read_bundle(program_bundle).teacher
+    engine = TorchProgramEngine(teacher.program, "teacher", 8, TorchOptions(dtype="bfloat16"))
+    weights = [weakref.ref(parameter) for parameter in engine.module.parameters()]
+    engine.close()
+    assert weights and not any(weight() is not None for weight in weights)
+
+
 def test_low_precision_is_checked_against_the_float32_output_export_saved(program_bundle, tmp_path):
     """The weights reach the device cast (no float32 copy there for the check): the float32 output comes from the
     archive. One without it (exported before it was saved) is checked against float32 computed at start."""
