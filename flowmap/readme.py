@@ -224,9 +224,11 @@ def gpu_block(root: Path) -> str:
     if report is None:
         return "_Not measured on a GPU yet: run `scripts/gpu_check.sh` on one._"
     rows = [r for r in report.get("stages", []) if "batch" in r]
+    tflops = report.get("peak", {}).get("tflops")  # a run cut off before its peak, or resumed without it, has none
+    peak = f"bf16 matmul peak measured {tflops:.0f} TFLOP/s; " if tflops else ""
     lines = [f"Measured by `flowmap bench gpu` on one **{report['device_name']}** (torch {report['torch']}, random "
-             f"weights of the real shapes, the serving engine's own ms with host copies; bf16 matmul peak measured "
-             f"{report['peak']['tflops']:.0f} TFLOP/s; from [docs/gpu.md](docs/gpu.md)), images/s by batch:", "",
+             f"weights of the real shapes, the serving engine's own ms with host copies; {peak}from "
+             "[docs/gpu.md](docs/gpu.md)), images/s by batch:", "",
              "| model | mode | batch 1 | batch 8 | batch 32 | batch 64 | MFU at the largest |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -235,12 +237,14 @@ def gpu_block(root: Path) -> str:
             largest = at[max(at)]
             lines.append(f"| {model} | {mode} | " + " | ".join(
                 f"{at[b]['images_per_s']:.0f}" if b in at else "-" for b in (1, 8, 32, 64))
-                + f" | {100 * largest['mfu']:.0f}% |")
+                + (f" | {100 * largest['mfu']:.0f}% |" if "mfu" in largest else " | - |"))
     jpeg = {(r["encoder"], r["side"]): r["ms_per_image"] for r in report.get("jpeg", []) if "ms_per_image" in r}
-    if jpeg:
+    if jpeg:  # each side with the encoders that ran (nvJPEG is skipped without torchvision)
+        encoders = {"nvjpeg (torchvision)": "nvJPEG", "simplejpeg (cpu)": "simplejpeg on the CPU"}
         lines += ["", "JPEG q90, ms per image: " + "; ".join(
-            f"{side} px: nvJPEG {jpeg[('nvjpeg (torchvision)', side)]}, simplejpeg on the CPU "
-            f"{jpeg[('simplejpeg (cpu)', side)]}" for side in sorted({side for _, side in jpeg})) + "."]
+            f"{side} px: " + ", ".join(f"{label} {jpeg[(encoder, side)]}" for encoder, label in encoders.items()
+                                       if (encoder, side) in jpeg)
+            for side in sorted({side for _, side in jpeg})) + "."]
     served = served_line(report)
     if served:
         lines += ["", served]

@@ -234,3 +234,23 @@ def test_a_cut_off_gpu_bench_resumes_where_it_stopped(tmp_path):
     out.with_suffix(".json").write_text(json.dumps({**saved, "code": "0123456789ab"}))
     with pytest.raises(ValueError, match="measured with code '0123456789ab'"):
         run_gpu_bench(wanted)
+
+
+def test_the_readme_block_reads_a_report_without_a_peak_or_nvjpeg(tmp_path):
+    """A run cut off before its peak, or on a card without torchvision, still writes its README block."""
+    import json
+    from pathlib import Path
+
+    from flowmap.readme import gpu_block
+
+    report = json.loads((Path(__file__).resolve().parents[1] / "docs" / "gpu.json").read_text())
+    report.pop("peak")
+    report["jpeg"] = [row for row in report["jpeg"] if not row["encoder"].startswith("nvjpeg")] + [
+        {"encoder": "nvjpeg", "skipped": "ModuleNotFoundError: No module named 'torchvision'"}]
+    report["stages"] = [{key: value for key, value in row.items() if key != "mfu"} for row in report["stages"]]
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "gpu.json").write_text(json.dumps(report))
+    text = gpu_block(tmp_path)
+    assert "matmul peak" not in text and "nvJPEG" not in text
+    assert "256 px: simplejpeg on the CPU 1.4737; 1024 px: simplejpeg on the CPU 33.5961." in text
+    assert "| sit-xl/2 | compiled-graphs-bf16 | 367 | 1022 | 1503 | 1595 | - |" in text
