@@ -143,8 +143,7 @@ def mode_rows(name: str, mode: str, path: Path, inputs, config: GpuBenchConfig, 
     # compiled into a cache folder of this run, model and mode's own: the first start compiles cold (another mode of
     # the same model would find its kernels), and a restart can load it
     cache = path.parent / f"compile-cache-{path.stem}-{mode}"
-    options = TorchOptions(config.device, parity_tolerance=0.1, compile_cache=str(cache) if compiled else "",
-                           **MODES[mode])
+    options = TorchOptions(config.device, compile_cache=str(cache) if compiled else "", **MODES[mode])
     while True:  # compile and CUDA graphs warm every bucket up at start: one too large for the card is dropped there
         tick, engine = time.perf_counter(), None
         if config.cuda:
@@ -297,8 +296,7 @@ def served(config: GpuBenchConfig, folder: Path, say) -> dict:
     rows, decoder_rows = max(config.batches), max(1, max(config.batches) // 2)
     # bf16 with hand-captured CUDA graphs: the server captures every bucket of four engines at start, which
     # compiling them all would stretch to minutes
-    options = TorchOptions(config.device, "bfloat16" if config.cuda else "float32", False, config.cuda,
-                           parity_tolerance=0.1)
+    options = TorchOptions(config.device, "bfloat16" if config.cuda else "float32", False, config.cuda)
     limit_ms = 0.0
     for graph, batch, feeds in ((bundle.students[0], rows, {"x": np.zeros((rows, *latent), np.float32),
                                                             "t": np.ones(rows, np.float32),
@@ -313,9 +311,8 @@ def served(config: GpuBenchConfig, folder: Path, say) -> dict:
     release_device(config)  # the server's process gets the whole card
     flags = ["--backend", "torch", "--device", config.device, "--max-batch-size", str(rows),
              "--decoder-max-batch-size", str(decoder_rows), "--max-queue-size", "4096", "--no-ui"]
-    if config.cuda:  # checked against float32 as the limit's engines were
-        flags += ["--torch-dtype", "bfloat16", "--cuda-graphs",
-                  "--torch-parity-tolerance", str(options.parity_tolerance)]
+    if config.cuda:
+        flags += ["--torch-dtype", "bfloat16", "--cuda-graphs"]
     clients = served_clients(config.served_clients, rows)
     # by default also as many clients as one batch holds, on the same server: they move through the stages in step,
     # and what the default's second batch of clients buys is measured, not assumed
