@@ -306,8 +306,10 @@ def served(config: GpuBenchConfig, folder: Path, say) -> dict:
                                 (bundle.decoder, decoder_rows, {"latent": np.zeros((decoder_rows, *latent),
                                                                                    np.float32)})):
         engine = TorchProgramEngine(graph.program, graph.path.stem, batch, options, buckets=(batch,))
-        limit_ms += timed_ms(lambda engine=engine, feeds=feeds: engine.run(feeds), config.repeats) / batch
-        engine.close()
+        try:
+            limit_ms += timed_ms(lambda engine=engine, feeds=feeds: engine.run(feeds), config.repeats) / batch
+        finally:
+            engine.close()
     release_device(config)  # the server's process gets the whole card
     flags = ["--backend", "torch", "--device", config.device, "--max-batch-size", str(rows),
              "--decoder-max-batch-size", str(decoder_rows), "--max-queue-size", "4096", "--no-ui"]

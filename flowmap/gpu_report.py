@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from flowmap.gpu_stages import DECODERS, MODES, ONE_STEP
 from flowmap.reports import pyplot, save_figure
-from server.torch_engine import PARITY_TOLERANCE
+from server.torch_engine import LOW_PRECISION_TOLERANCE
 
 # public figures printed beside ours (not measured here)
 ANCHORS = ("SANA-Sprint: one-step 1024 px in about 0.1 s on an H100 (Chen et al. 2025)",
@@ -55,8 +55,8 @@ def goals(report: dict) -> dict:
             judge(f"{name}: denoiser MFU >= 40% at batch 64 in bf16", max(mfu) >= 0.4, f"{100 * max(mfu):.1f}%")
         parity = [r["parity"] for r in rows if r["model"] == name and "bf16" in r.get("mode", "") and "parity" in r]
         if parity:
-            judge(f"{name}: bf16 within {PARITY_TOLERANCE:g} of the output's scale", max(parity) <= PARITY_TOLERANCE,
-                  f"{max(parity):.3g}")
+            judge(f"{name}: bf16 within {LOW_PRECISION_TOLERANCE:g} of the output's scale",
+                  max(parity) <= LOW_PRECISION_TOLERANCE, f"{max(parity):.3g}")
     served_run = report.get("served")
     if served_run:
         judge("served >= 0.7x the stage limit", served_run["vs_limit"] >= 0.7, f"{served_run['vs_limit']}x")

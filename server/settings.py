@@ -8,7 +8,7 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from server.torch_engine import PARITY_TOLERANCE
+from server.torch_engine import LOW_PRECISION_TOLERANCE
 
 
 class Settings(BaseSettings):
@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     torch_compile_mode: str = Field("default", description="torch backend with --torch-compile: default, or "
                                     "max-autotune (each batch bucket compiled static with matrix-product kernels that "
                                     "inductor times against cuBLAS: minutes more at start, for a faster forward)")
-    torch_parity_tolerance: float = Field(PARITY_TOLERANCE, gt=0, description="torch backend: largest error of "
+    torch_parity_tolerance: float = Field(LOW_PRECISION_TOLERANCE, gt=0, description="torch backend: largest error of "
                                           "bfloat16/float16 against float32, relative to the output's largest value")
     intra_op_threads: int = Field(0, ge=0, description="threads per engine run; 0 = onnxruntime's default")
     max_batch_size: int = Field(64, ge=1, le=4096, description="rows per engine run, 1..4096")

@@ -44,7 +44,7 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # what compile and CUDA graphs spe
 # low precision's largest error against float32, relative to the output's largest value, past which an engine refuses
 # to start: what the check is for (fp16 overflowing in a T5, a norm losing its precision) errs by far more, while bf16
 # transformers err by about 0.005 and a bf16 SD-VAE decoder by 0.055 (measured on an H200, docs/gpu.md)
-PARITY_TOLERANCE = 0.1
+LOW_PRECISION_TOLERANCE = 0.1
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class TorchOptions:
     dtype: str = "float32"  # float32, bfloat16 or float16 (autocast)
     compile: bool = False  # torch.compile each batch bucket
     cuda_graphs: bool = False  # replay each bucket as a CUDA graph
-    parity_tolerance: float = PARITY_TOLERANCE  # low precision against fp32: max abs error / max abs fp32 output
+    parity_tolerance: float = LOW_PRECISION_TOLERANCE  # low precision against fp32: max abs error / max abs fp32 output
     # torch.compile's on-disk cache (inductor's compiled graphs and kernels): a restart, or another replica, with the
     # same folder loads what the first start compiled ("": torch's default, a folder under /tmp)
     compile_cache: str = ""
@@ -248,7 +248,11 @@ class TorchProgramEngine:
             self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"torch-{name}",
                                               initializer=own_cuda_graph_trees)
         if specialised:  # compile / capture every bucket now, not in a visitor's request
-            self._in_thread(self._warm_up, example)
+            try:
+                self._in_thread(self._warm_up, example)
+            except BaseException:  # out of memory at a large bucket, say: what the smaller ones recorded goes too
+                self.close()
+                raise
 
     def _warm_up(self, example: dict) -> None:
         done = " and ".join(what for what, on in (("compiled", self.options.compile),
@@ -350,7 +354,8 @@ class TorchProgramEngine:
     def close(self) -> None:
         """Give back the memory the engine holds on its device (weights, CUDA graphs, compiled graphs' pools), for a
         process that starts engines one after another (the GPU bench). Its objects refer to each other, so without
-        this only a garbage collection frees them, and torch.compile keeps its CUDA graphs in the engine's thread."""
+        this only a garbage collection frees them, and torch.compile keeps its CUDA graphs in the engine's thread.
+        Code torch.compile made for it is torch's to drop (`torch._dynamo.reset()`, for every engine at once)."""
         import gc
 
         if self._thread is not None:

@@ -161,6 +161,8 @@ def test_engines_replaying_cuda_graphs_at_once_keep_streams_of_their_own_and_ans
         thread.start()
     for thread in threads:
         thread.join()
+    for engine in engines:  # the card's memory back for the tests after this one
+        engine.close()
     assert len(errors) == 8 * 20 and max(errors) <= 0.05 * np.abs(expected).max()
 
 
