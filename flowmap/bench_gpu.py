@@ -370,7 +370,7 @@ def servable_bundle(root: str | Path):
 def served_use(before: dict[str, float], after: dict[str, float], seconds: float) -> dict:
     """Where a load's time went, from a server's /metrics scraped before and `seconds` after it (warm-up
     included): per engine that ran, its batches, mean rows a batch and the share of the time it computed; per request
-    stage its mean ms, queue waits included."""
+    stage its mean ms, queue waits included; images encoded by each encoder (nvjpeg, cpu)."""
     delta = {series: value - before.get(series, 0.0) for series, value in after.items()}
 
     def labels(prefix: str, key: str) -> list[str]:
@@ -385,7 +385,10 @@ def served_use(before: dict[str, float], after: dict[str, float], seconds: float
                 delta[f"flowmap_inference_compute_duration_seconds_sum{label}"] / seconds, 3),
                 "rows_per_batch": round(delta[f"flowmap_inference_count_total{label}"] / batches, 1)}
     stages = stage_ms(delta, labels("flowmap_stage_duration_seconds_count{", "stage"))
-    return {"engines": engines, "stage_ms_per_request": stages}
+    encoded = {encoder: int(delta[f'flowmap_images_encoded_total{{encoder="{encoder}"}}'])
+               for encoder in labels("flowmap_images_encoded_total{", "encoder")}
+    return {"engines": engines, "stage_ms_per_request": stages,
+            "images_encoded": {encoder: count for encoder, count in encoded.items() if count}}
 
 
 def run_gpu_bench(config: GpuBenchConfig) -> dict:

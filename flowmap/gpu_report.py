@@ -103,6 +103,16 @@ def served_line(report: dict) -> str | None:
             f"at their largest batch: served {served['vs_limit']}x that limit.")
 
 
+def encoded_clause(served: dict) -> str:
+    """Which encoder made the served images (recorded since JPEG below --gpu-jpeg-min-side goes to the CPU)."""
+    names = {"nvjpeg": "nvJPEG on the GPU", "cpu": "the CPU"}
+    counts = served.get("images_encoded")
+    if not counts:
+        return ""
+    return "; images encoded by " + ", ".join(f"{names.get(encoder, encoder)} {count}"
+                                             for encoder, count in counts.items())
+
+
 def plot(report: dict, path) -> None:
     plt = pyplot()
     models = sorted({r["model"] for r in report.get("stages", []) if "batch" in r})
@@ -163,7 +173,7 @@ def to_markdown(report: dict, plot_name: str) -> str:
                 f"{name}: {use['batches']} batches of {use['rows_per_batch']} rows on average, computing "
                 f"{100 * use['busy']:.0f}% of the time" for name, use in s["engines"].items())
                 + "; ms a request spent in each stage, queue waits included: " + ", ".join(
-                f"{stage} {ms}" for stage, ms in s["stage_ms_per_request"].items()) + ".", ""]
+                f"{stage} {ms}" for stage, ms in s["stage_ms_per_request"].items()) + encoded_clause(s) + ".", ""]
         if s.get("in_step"):
             step = s["in_step"]
             lines += [f"The same server with {step['clients']} clients, as many as one batch holds (they move "

@@ -146,6 +146,14 @@ MUTANTS = [
     Mutant("batcher: a request's tensor rows joined on the host", "server/batcher.py",
            "else join_rows(parts)", "else np.concatenate(parts)",
            ("tests/test_batcher.py::test_a_large_request_to_an_engine_answering_tensors_is_joined_as_a_tensor",)),
+    Mutant("encoding: nvJPEG's side judged before upscaling", "server/encoding.py",
+           "side = max(images.shape[2:]) * output.upscale", "side = max(images.shape[2:])",
+           ("tests/test_encoding.py::test_images_below_the_gpu_jpeg_side_are_encoded_on_the_cpu_and_each_encoder_"
+            "counts_its_images",)),
+    Mutant("encoding: images below nvJPEG's side still go to the GPU", "server/encoding.py",
+           "and side >= self.gpu_jpeg_min_side", "",
+           ("tests/test_encoding.py::test_images_below_the_gpu_jpeg_side_are_encoded_on_the_cpu_and_each_encoder_"
+            "counts_its_images",)),
     Mutant("search: the scored candidates left on the decoder's device", "server/stages.py",
            "state.x = images = np.clip(", "images = np.clip(",
            ("tests/test_torch_backend.py::test_a_search_scores_a_host_copy_that_replaces_the_device_candidates",)),

@@ -100,7 +100,8 @@ def create_app(settings: Settings | None = None, mount_ui: bool | None = None, r
                             for name, engine in engines.items()}
         service.admission = Admission.for_batchers(service.batchers, settings, service.metrics)
         on_gpu = settings.backend == "torch" and settings.device.startswith("cuda")
-        service.encoder = Encoder(settings.encode_workers, settings.device if on_gpu else None)
+        service.encoder = Encoder(settings.encode_workers, settings.device if on_gpu else None,
+                                  settings.gpu_jpeg_min_side, service.metrics.images_encoded)
         for batcher in service.batchers.values():
             batcher.start()
         warming = asyncio.create_task(warm_up_or_stop(service, app.state.stop))

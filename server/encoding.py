@@ -9,8 +9,9 @@ small images class bundles serve) and Pillow at compression level 1 above (as fa
 smaller). Large requests are encoded in a bounded thread pool, since those encoders release the GIL;
 small ones inline, where the hop to a thread would cost more than the encoding. A format's bytes
 depend only on the pixels and the settings: the same seed gives the same bytes in any batch. On the
-torch backend on CUDA, RGB JPEG goes to the GPU instead (server/gpu_jpeg.py: one nvJPEG call a request),
-which torchvision encodes with 4:4:4 chroma: larger files than the CPU's 4:2:0, and other bytes.
+torch backend on CUDA, RGB JPEG of GPU_JPEG_MIN_SIDE pixels or more goes to the GPU instead (server/gpu_jpeg.py:
+one nvJPEG call a request), which torchvision encodes with 4:4:4 chroma: larger files than the CPU's 4:2:0, and
+other bytes.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 DEFAULT_COMPRESSION = 100
 OWN_PNG_MAX_PIXELS = 128 * 128  # our PNG writer wins up to this size, Pillow's level 1 beyond
 INLINE_MAX_PIXELS = 128 * 128  # a request with fewer pixels in all is encoded on the event loop
+# The shortest longer side nvJPEG encodes; smaller images go to the CPU. Alone on an H200, nvJPEG took 0.28 ms a
+# 256 px image and simplejpeg 1.3 ms; served beside the engines (docs/gpu.md), requests waited 712 of their 782 ms
+# for nvJPEG: torchvision encodes one image at a time under a lock, syncing its stream twice an image, and its
+# kernels share the SMs with the decoder's. At 1024 px the CPU took 31 ms an image, 14x nvJPEG; between, unmeasured.
+GPU_JPEG_MIN_SIDE = 768
 
 
 @dataclass(frozen=True)
@@ -79,13 +85,16 @@ def encode_b64(images: np.ndarray, output: OutputFormat) -> list[str]:
 
 class Encoder:
     """A bounded pool of encoding threads: a request's images are encoded in one job, at most
-    `workers` jobs at a time (the rest wait their turn), so the event loop never waits on an encoder."""
+    `workers` jobs at a time (the rest wait their turn), so the event loop never waits on an encoder.
+    `encoded`, where given, is a counter labelled by encoder ("nvjpeg" or "cpu") that each image adds one to."""
 
-    def __init__(self, workers: int, jpeg_device: str | None = None):
+    def __init__(self, workers: int, jpeg_device: str | None = None, gpu_jpeg_min_side: int = GPU_JPEG_MIN_SIDE,
+                 encoded=None):
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="encode")
         self.slots = asyncio.Semaphore(workers)
+        self.encoded = encoded
         # the torch backend on CUDA: JPEG in one batched nvJPEG call per request (server/gpu_jpeg.py)
-        self.gpu_jpeg = None
+        self.gpu_jpeg, self.gpu_jpeg_min_side = None, gpu_jpeg_min_side
         if jpeg_device is not None:
             try:
                 from server.gpu_jpeg import CudaJpeg
@@ -96,17 +105,26 @@ class Encoder:
                             "matching torch for nvJPEG)", jpeg_device, type(err).__name__, err)
 
     def on_gpu(self, images: np.ndarray, output: OutputFormat) -> bool:
-        """Whether these images go to the GPU encoder: RGB JPEG only (nvJPEG encodes no grayscale)."""
-        return self.gpu_jpeg is not None and output.format == "jpeg" and images.shape[1] == 3
+        """Whether these images go to the GPU encoder: RGB JPEG only (nvJPEG encodes no grayscale), with a longer
+        side, once upscaled, of at least `gpu_jpeg_min_side` pixels."""
+        side = max(images.shape[2:]) * output.upscale
+        return (self.gpu_jpeg is not None and output.format == "jpeg" and images.shape[1] == 3
+                and side >= self.gpu_jpeg_min_side)
 
     def _encode(self, images, output: OutputFormat) -> list[str]:
         if self.on_gpu(images, output):
             try:
-                return [base64.b64encode(data).decode()
-                        for data in self.gpu_jpeg.encode(images, output.compression, output.upscale)]
+                encoded = [base64.b64encode(data).decode()
+                           for data in self.gpu_jpeg.encode(images, output.compression, output.upscale)]
+                return self._count("nvjpeg", encoded)
             except Exception:  # an admitted request gets its images: the CPU encoder makes the same format
                 log.exception("GPU JPEG encoding failed; encoding this request on the CPU")
-        return encode_b64(on_host(images), output)
+        return self._count("cpu", encode_b64(on_host(images), output))
+
+    def _count(self, encoder: str, encoded: list[str]) -> list[str]:
+        if self.encoded is not None:
+            self.encoded.labels(encoder=encoder).inc(len(encoded))
+        return encoded
 
     async def encode(self, images, output: OutputFormat) -> list[str]:
         """Base64 strings of `images` ([N, C, H, W] in [-1, 1]: a numpy array, or the torch backend's tensor on
@@ -115,7 +133,7 @@ class Encoder:
         inline = isinstance(images, np.ndarray) and not self.on_gpu(images, output)
         pixels = images.shape[2] * images.shape[3] * output.upscale ** 2 * len(images)
         if inline and pixels <= INLINE_MAX_PIXELS:
-            return encode_b64(on_host(images), output)
+            return self._count("cpu", encode_b64(on_host(images), output))
         async with self.slots:
             return await asyncio.get_running_loop().run_in_executor(self.pool, self._encode, images, output)
 

@@ -40,6 +40,8 @@ class Metrics:
                                      registry=reg)
         self.rejected = Counter("flowmap_inference_rejected", "Work refused or dropped", ["reason"], registry=reg)
         self.images = Counter("flowmap_images_generated", "Images returned", ["model"], registry=reg)
+        self.images_encoded = Counter("flowmap_images_encoded", "Images encoded (png, jpeg or webp) by encoder: "
+                                      "nvjpeg on the GPU, or cpu", ["encoder"], registry=reg)
         self.nfe = Counter("flowmap_nfe", "Network function evaluations (rows x steps) by request stage", ["stage"],
                            registry=reg)
         self.stage_duration = Histogram("flowmap_stage_duration_seconds", "Per request stage (noise, student, "

@@ -8,6 +8,7 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from server.encoding import GPU_JPEG_MIN_SIDE
 from server.torch_engine import LOW_PRECISION_TOLERANCE
 
 
@@ -54,6 +55,9 @@ class Settings(BaseSettings):
                                    "kept, so a repeated prompt skips the text encoder; 0 = off")
     encode_workers: int = Field(2, ge=1, le=64, description="threads that encode images (png/jpeg/webp) off the "
                                 "event loop; the encoders release the GIL")
+    gpu_jpeg_min_side: int = Field(GPU_JPEG_MIN_SIDE, ge=0, description="torch backend on CUDA: RGB JPEG images this "
+                                   "many pixels wide or high, or more, are encoded by nvJPEG on the GPU, smaller ones "
+                                   "on the CPU (faster under load); 0 = all on the GPU")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body accepted (413 beyond)")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long queued work may take")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list,

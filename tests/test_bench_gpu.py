@@ -47,11 +47,14 @@ def test_the_gpu_bench_runs_every_part_on_a_cpu(tmp_path, tiny_latent):
     assert all(use["batches"] > 0 and use["rows_per_batch"] >= 1 and 0 < use["busy"] < 1
                for use in served["engines"].values())
     assert {"student", "decoder", "encode"} <= set(served["stage_ms_per_request"])
+    assert set(served["images_encoded"]) == {"cpu"}  # no GPU here; the load's images (and warm-up's) counted
+    assert served["images_encoded"]["cpu"] >= sum(served["statuses"].values())
     text = (tmp_path / "gpu.md").read_text()
     step_line = next(line for line in text.splitlines() if line.startswith("One step"))
     assert step_line.startswith("One step at toy sizes, batch 1: sana-1024") and "SANA-Sprint" not in step_line
     assert "SANA-Sprint" in text and "StreamDiffusion" in text and (tmp_path / "gpu.png").is_file()
     assert "Where the load's time went" in text and "decoder: " in text and "4 clients of one-image" in text
+    assert f"images encoded by the CPU {served['images_encoded']['cpu']}." in text
     assert "The same server with 2 clients, as many as one batch holds" in text
 
 
@@ -252,5 +255,9 @@ def test_the_readme_block_reads_a_report_without_a_peak_or_nvjpeg(tmp_path):
     (tmp_path / "docs" / "gpu.json").write_text(json.dumps(report))
     text = gpu_block(tmp_path)
     assert "matmul peak" not in text and "nvJPEG" not in text
-    assert "256 px: simplejpeg on the CPU 1.4737; 1024 px: simplejpeg on the CPU 33.5961." in text
-    assert "| sit-xl/2 | compiled-graphs-bf16 | 367 | 1022 | 1503 | 1595 | - |" in text
+    cpu = {row["side"]: row["ms_per_image"] for row in report["jpeg"] if row["encoder"] == "simplejpeg (cpu)"}
+    assert f"256 px: simplejpeg on the CPU {cpu[256]}; 1024 px: simplejpeg on the CPU {cpu[1024]}." in text
+    compiled = {row["batch"]: round(row["images_per_s"]) for row in report["stages"]
+                if (row["model"], row["mode"]) == ("sit-xl/2", "compiled-graphs-bf16")}
+    assert (f"| sit-xl/2 | compiled-graphs-bf16 | {compiled[1]} | {compiled[8]} | {compiled[32]} | {compiled[64]} "
+            "| - |") in text  # no MFU without a peak

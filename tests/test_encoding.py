@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from server.encoding import Encoder, OutputFormat, encode_b64, encode_image
+from server.imaging import to_uint8
 
 
 def smooth_image(side: int, channels: int) -> np.ndarray:
@@ -80,13 +81,48 @@ def test_gpu_jpeg_takes_rgb_only_and_a_failure_falls_back_to_the_cpu():
         finally:
             encoder.close()
 
-    encoder = Encoder(2)
+    encoder = Encoder(2, gpu_jpeg_min_side=64)
     encoder.gpu_jpeg = FailingGpuJpeg()
     assert not encoder.on_gpu(gray, output) and encoder.on_gpu(rgb, output)
     assert not encoder.on_gpu(rgb, OutputFormat("png"))
     from_gray, from_rgb = asyncio.run(scenario(encoder))
     assert encoder.gpu_jpeg.given == [rgb.shape]  # tried for the RGB images alone
     assert from_gray == encode_b64(gray, output) and from_rgb == encode_b64(rgb, output)
+
+
+def test_images_below_the_gpu_jpeg_side_are_encoded_on_the_cpu_and_each_encoder_counts_its_images():
+    """Small images go to the CPU's encoder (beside the engines' kernels nvJPEG was the slower at 256 px); the
+    longer side counts after upscaling; the counter says which encoder made each image."""
+    from prometheus_client import CollectorRegistry, Counter
+
+    class RecordingGpuJpeg:
+        def __init__(self):
+            self.given = []
+
+        def encode(self, images, quality, upscale=1):
+            self.given.append((images.shape, upscale))
+            return [encode_image(pixels, OutputFormat("jpeg", quality, upscale)) for pixels in to_uint8(images)]
+
+    registry = CollectorRegistry()
+    encoded = Counter("encoded", "images by encoder", ["encoder"], registry=registry)
+    wide = np.random.default_rng(3).uniform(-1, 1, (2, 3, 48, 96)).astype(np.float32)  # longer side 96
+    encoder = Encoder(2, gpu_jpeg_min_side=96, encoded=encoded)
+    encoder.gpu_jpeg = RecordingGpuJpeg()
+    narrow = wide[:, :, :, :48]
+
+    async def scenario():
+        try:
+            return [await encoder.encode(images, output) for images, output in (
+                (wide, OutputFormat("jpeg", 90)), (narrow, OutputFormat("jpeg", 90)),
+                (narrow, OutputFormat("jpeg", 90, upscale=2)), (narrow, OutputFormat("png")))]
+        finally:
+            encoder.close()
+
+    results = asyncio.run(scenario())
+    assert encoder.gpu_jpeg.given == [(wide.shape, 1), (narrow.shape, 2)]  # 96 wide, and 48 upscaled to 96
+    assert results[1] == encode_b64(narrow, OutputFormat("jpeg", 90))  # the CPU's 4:2:0 bytes
+    assert registry.get_sample_value("encoded_total", {"encoder": "nvjpeg"}) == 4
+    assert registry.get_sample_value("encoded_total", {"encoder": "cpu"}) == 4
 
 
 def test_a_gpu_jpeg_encoder_that_cannot_start_leaves_jpeg_to_the_cpu(caplog):

@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 from export.bundle import read_bundle
 from export.tensorrt import random_feeds
@@ -211,10 +211,10 @@ def rgb_bundle(tmp_path_factory):
 
 @pytest.mark.parametrize("fixture", ["program_bundle", "rgb_bundle"])
 def test_a_server_on_cuda_serves_jpeg(fixture, request):
-    """RGB images are encoded by nvJPEG (no fallback logged), grayscale ones (digits) on the CPU; a search
-    scores decoded candidates that stayed on the GPU."""
+    """RGB images are encoded by nvJPEG (4:4:4 chroma, no fallback logged) at any size with --gpu-jpeg-min-side 0,
+    grayscale ones (digits) on the CPU; a search scores decoded candidates that stayed on the GPU."""
     server = Server("--no-ui", "--backend", "torch", "--device", "cuda", "--torch-dtype", "bfloat16", "--cuda-graphs",
-                    "--max-batch-size", "8", "--max-queue-size", "64",
+                    "--max-batch-size", "8", "--max-queue-size", "64", "--gpu-jpeg-min-side", "0",
                     bundle=request.getfixturevalue(fixture)).wait_ready(timeout=300)
     try:
         response = httpx.post(server.url + "/v1/generate", timeout=120, json={
@@ -230,4 +230,6 @@ def test_a_server_on_cuda_serves_jpeg(fixture, request):
     assert answer["output_format"] == "jpeg" and len(answer["images"]) == 3
     image = Image.open(io.BytesIO(base64.b64decode(answer["images"][0])))
     assert image.format == "JPEG" and image.mode == ("RGB" if fixture == "rgb_bundle" else "L")
+    if fixture == "rgb_bundle":
+        assert JpegImagePlugin.get_sampling(image) == 0  # 4:4:4, nvJPEG's; the CPU's simplejpeg writes 4:2:0
     assert "GPU JPEG encoding failed" not in log
