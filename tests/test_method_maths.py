@@ -134,16 +134,19 @@ def test_freeflow_correction_moves_a_biased_prediction_towards_the_teacher(toy_t
 
 
 def test_meanflow_learns_the_guided_teacher(toy_teacher, tmp_path):
-    guidance = 1.5  # the toy's guided one-step map is hard; at w = 1.5 400 steps learn it steadily
+    # the toy's guided one-step map is hard: at w = 1.5 and 400 steps, seeds 0-3 ended between 0.44 and 0.70 of
+    # Euler's distance at one step and 0.63-0.96 at two (and a CPU with other float kernels turned seed 0's pass
+    # into a failure); at 800 steps between 0.31 and 0.43, and 0.22 and 0.58
+    guidance = 1.5
     gen = torch.Generator().manual_seed(7)
     eps, label = torch.randn(3000, 2, generator=gen), torch.randint(0, 8, (3000,), generator=gen)
     teacher = load_teacher(str(toy_teacher))
     reference = sample_teacher(teacher, eps, label, guidance, 100)
     config = MeanFlowConfig(guidance_min=guidance, guidance_max=guidance)
-    distill_student("meanflow", str(toy_teacher), config, TrainConfig(steps=400, lr=1e-3, ema_decay=0.99),
+    distill_student("meanflow", str(toy_teacher), config, TrainConfig(steps=800, lr=1e-3, ema_decay=0.99),
                     tmp_path / "meanflow", progress=False, data=toy_gaussians())
     student, _ = load_student(tmp_path / "meanflow")
-    for steps, bound in ((1, 0.75), (2, 0.5)):
+    for steps, bound in ((1, 0.6), (2, 0.8)):
         euler = sliced_wasserstein(sample_teacher(teacher, eps, label, guidance, steps), reference)
         distance = sliced_wasserstein(sample_student(student, eps, label, guidance, steps), reference)
         assert distance < bound * euler, f"{steps}-NFE SW {distance:.3f} vs {steps} Euler steps {euler:.3f}"
