@@ -36,9 +36,10 @@ DEFAULT_COMPRESSION = 100
 OWN_PNG_MAX_PIXELS = 128 * 128  # our PNG writer wins up to this size, Pillow's level 1 beyond
 INLINE_MAX_PIXELS = 128 * 128  # a request with fewer pixels in all is encoded on the event loop
 # The shortest longer side nvJPEG encodes; smaller images go to the CPU. Alone on an H200, nvJPEG took 0.28 ms a
-# 256 px image and simplejpeg 1.3 ms; served beside the engines (docs/gpu.md), requests waited 712 of their 782 ms
-# for nvJPEG: torchvision encodes one image at a time under a lock, syncing its stream twice an image, and its
-# kernels share the SMs with the decoder's. At 1024 px the CPU took 31 ms an image, 14x nvJPEG; between, unmeasured.
+# 256 px image and simplejpeg 1.3 ms; served beside the engines (docs/gpu.md), a request spent 712 ms on average in
+# the encode stage (782 ms end to end at the median): torchvision encodes one image at a time under a lock, syncing
+# its stream twice an image, and its kernels share the SMs with the decoder's. At 1024 px the CPU took 31 ms an
+# image, 14x nvJPEG; between, unmeasured.
 GPU_JPEG_MIN_SIDE = 768
 
 
