@@ -48,6 +48,9 @@ def _worker(rank: int, world: int, port: int, teacher_dir, out_dir, steps: int) 
     train(method, out_dir / "run", {"kind": "student"}, TrainConfig(steps=steps, lr=1e-3, seed=SEED, ema_decay=0.0),
           resume=False, progress=False)
     torch.save(method.trainable["student"].state_dict(), out_dir / f"rank{rank}.pt")
+    # no rank tears down while another still works: once in a full suite rank 1 aborted ("terminate called without an
+    # active exception") as the group went down around it
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
