@@ -93,7 +93,8 @@ class Encoder:
                  encoded=None):
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="encode")
         self.slots = asyncio.Semaphore(workers)
-        self.encoded = encoded
+        # each encoder's series bound once: a label lookup per request would cost more than the count
+        self.encoded = None if encoded is None else {name: encoded.labels(encoder=name) for name in ("nvjpeg", "cpu")}
         # the torch backend on CUDA: JPEG in one batched nvJPEG call per request (server/gpu_jpeg.py)
         self.gpu_jpeg, self.gpu_jpeg_min_side = None, gpu_jpeg_min_side
         if jpeg_device is not None:
@@ -124,7 +125,7 @@ class Encoder:
 
     def _count(self, encoder: str, encoded: list[str]) -> list[str]:
         if self.encoded is not None:
-            self.encoded.labels(encoder=encoder).inc(len(encoded))
+            self.encoded[encoder].inc(len(encoded))
         return encoded
 
     async def encode(self, images, output: OutputFormat) -> list[str]:
