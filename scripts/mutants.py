@@ -233,6 +233,9 @@ MUTANTS = [
     Mutant("search bench: the teacher finish not charged to (c)", "flowmap/bench_search.py",
            "n = (m - 1) * cost", "n = m * cost",
            ("tests/test_text_teacher.py::test_the_search_bench_counts_network_evaluations_honestly",)),
+    Mutant("demo: the sweeper walks Gradio's live set of files", "ui/temp_files.py",
+           "for name in list(names):", "for name in names:",
+           ("tests/test_ui.py::test_the_sweeper_deletes_old_files_while_requests_add_new_ones",)),
 ]
 
 

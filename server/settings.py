@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.encoding import GPU_JPEG_MIN_SIDE
 from server.torch_engine import LOW_PRECISION_TOLERANCE
+from ui.temp_files import DEFAULT_CACHE_SECONDS
 
 
 class Settings(BaseSettings):
@@ -64,8 +65,8 @@ class Settings(BaseSettings):
                                                      description="comma-separated bearer tokens; when set, /v1, "
                                                                  "/metrics and the demo's calls need one")
     ui: bool = Field(True, description="mount the Gradio demo at /ui (with api_keys set it asks visitors for a key)")
-    ui_cache_seconds: int = Field(300, ge=1, description="the demo's temporary image files are deleted after "
-                                  "this many seconds")
+    ui_cache_seconds: int = Field(DEFAULT_CACHE_SECONDS, ge=1, description="the demo's temporary image files are "
+                                  "deleted after this many seconds")
     fast_path: bool = Field(True, description="dispatch the generation routes straight from ASGI (same handlers "
                             "and errors, less CPU per request)")
     access_log: bool = Field(False, description="uvicorn's per-request log line (costs about 4 percent of a core "

@@ -167,3 +167,43 @@ def test_one_page_over_two_servers(server, tiny_text_bundles):
     assert len(digits) == 2 and len(prompted) == 2
     assert "prompt `a red circle left of a blue square`" in info
     assert np.asarray(Image.open(digits[0]["image"])).shape[-1] == 3 and digits[0]["caption"] == "seed 5"
+
+
+def test_the_sweeper_deletes_old_files_while_requests_add_new_ones(tmp_path):
+    """Gradio's own deletion walks its live set of files while request threads add to it, and dies at the first
+    clash; the demo's sweeper walks a copy, so a sweep meeting a growing set still deletes what it should."""
+    import threading
+
+    import gradio as gr
+
+    from ui.temp_files import sweep
+
+    with gr.Blocks() as demo:
+        image = gr.Image()
+    names = demo.temp_file_sets[0]
+    kept = tmp_path / "kept.png"
+    kept.write_bytes(b"x")
+    image.keep_in_cache.add(str(kept))  # an example image the page shows: never deleted
+    paths = [tmp_path / f"{index}.png" for index in range(2000)]
+    for path in paths:
+        path.write_bytes(b"x")
+    names.update(map(str, [*paths, kept]))
+    assert sweep(demo, 3600) == 0 and all(path.exists() for path in paths)  # none is an hour old
+
+    stop = threading.Event()
+
+    def add() -> None:  # a request thread: a new name while the sweep walks the set
+        index = 0
+        while not stop.is_set():
+            names.add(str(tmp_path / f"new-{index}.png"))
+            index += 1
+
+    adder = threading.Thread(target=add)
+    adder.start()
+    try:
+        deleted = sweep(demo, None)
+    finally:
+        stop.set()
+        adder.join()
+    assert deleted >= len(paths) and not any(path.exists() for path in paths) and kept.exists()
+    assert str(kept) in names and not names & set(map(str, paths))

@@ -17,6 +17,8 @@ import httpx
 import numpy as np
 from PIL import Image, ImageOps
 
+from ui.temp_files import DEFAULT_CACHE_SECONDS, deleting_temp_files
+
 DISPLAY_SIZE = 128  # pixels a side in the gallery; the API upscales by nearest neighbour
 CSS = ".pixelated img { image-rendering: pixelated; }"
 
@@ -97,15 +99,15 @@ def size_for(model: dict) -> str:
 
 
 def build_demo(urls: str | list[str], api_key: str | None = None, models: dict | None = None,
-               asks_for_key: bool = False, cache_seconds: int = 300) -> gr.Blocks:
+               asks_for_key: bool = False) -> gr.Blocks:
     """The page, for one server or several (one tab a server's bundle, e.g. digits and shapes side by
     side). `models` ({kind: card} as /v1/models lists them) is fetched from each URL when not given.
     With `asks_for_key` the page shows an API key box and forwards the visitor's key with each call.
-    Images Gradio keeps on disk for the page are deleted after `cache_seconds`."""
+    Whoever runs it deletes the images Gradio keeps on disk for the page (`deleting_temp_files`)."""
     urls = [urls] if isinstance(urls, str) else list(urls)
     clients = [ApiClient(url, api_key) for url in urls]
     cards = [models] if models and len(urls) == 1 else [client.models() for client in clients]
-    with gr.Blocks(title="flowmap-serve demo", delete_cache=(cache_seconds, cache_seconds)) as demo:
+    with gr.Blocks(title="flowmap-serve demo") as demo:
         if len(urls) == 1:
             gr.Markdown(f"# flowmap-serve: `{cards[0]['student']['id']}`\n" + describe(cards[0], urls[0]))
         else:
@@ -228,9 +230,20 @@ def mount_demo(app, settings, model_cards: list[dict]) -> None:
     """Mount the demo at /ui of the server app; its handlers call that server over HTTP with the
     visitor's key, never the server's own."""
     demo = build_demo(f"http://127.0.0.1:{settings.port}", None, {m["kind"]: m for m in model_cards},
-                      asks_for_key=bool(settings.api_keys), cache_seconds=settings.ui_cache_seconds)
+                      asks_for_key=bool(settings.api_keys))
     gr.mount_gradio_app(app, demo, path="/ui", css=CSS, max_file_size="1mb")
+    served = app.router.lifespan_context  # the server's, which Gradio wrapped with its own
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        async with served(app) as state:
+            with deleting_temp_files(demo, settings.ui_cache_seconds):
+                yield state
+
+    app.router.lifespan_context = lifespan
 
 
 def launch(urls: str | list[str], host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None) -> None:
-    build_demo(urls, api_key).launch(server_name=host, server_port=port, css=CSS)
+    demo = build_demo(urls, api_key)
+    with deleting_temp_files(demo, DEFAULT_CACHE_SECONDS):
+        demo.launch(server_name=host, server_port=port, css=CSS)

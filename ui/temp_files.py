@@ -1,0 +1,77 @@
+"""The demo's temporary image files, deleted once they are `age_s` old.
+
+Gradio's own `delete_cache` walks each of its live sets of file names in a worker thread while request threads
+add to them: under load the walk meets a set that grew ("Set changed size during iteration"), and that error
+ends its deletion task for good, so files pile up on disk until the process stops (seen in `make test` with two
+workers). This sweeper walks a copy of each set, taken in one step (copying a set of strings holds the GIL
+throughout), in a thread of its own, and an error in one sweep only skips that sweep."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+
+log = logging.getLogger("flowmap.ui")
+
+DEFAULT_CACHE_SECONDS = 300  # how long a page's image stays on disk (`--ui-cache-seconds`)
+
+
+def sweep(blocks, age_s: float | None) -> int:
+    """Delete the files `blocks` wrote for its pages (Gradio's temporary file sets) that are more than `age_s`
+    seconds old (by ctime, which Gradio touches when it hands a cached file out again), or all of them where `age_s`
+    is None; return how many went."""
+    now = time.time()
+    keep = set()
+    for component in list(blocks.blocks.values()):
+        keep.update(getattr(component, "keep_in_cache", ()))
+    deleted = 0
+    for names in list(blocks.temp_file_sets):
+        gone = set()
+        for name in list(names):  # a copy: request threads add to the set meanwhile
+            if name in keep:
+                continue
+            try:
+                if age_s is None or now - os.lstat(name).st_ctime > age_s:
+                    os.remove(name)
+                    gone.add(name)
+            except FileNotFoundError:
+                gone.add(name)
+        names.difference_update(gone)  # one step, as the copy was
+        deleted += len(gone)
+    return deleted
+
+
+class TempFileSweeper:
+    """Calls `sweep(blocks, age_s)` every `age_s` seconds in a daemon thread until `stop()`."""
+
+    def __init__(self, blocks, age_s: float):
+        self.blocks, self.age_s = blocks, age_s
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="ui-temp-files", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stopped.wait(self.age_s):
+            try:
+                sweep(self.blocks, self.age_s)
+            except Exception:  # one failed sweep must not end the ones after it
+                log.exception("deleting the demo's temporary files failed; trying again in %g s", self.age_s)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+
+@contextlib.contextmanager
+def deleting_temp_files(blocks, age_s: float):
+    """Old files swept every `age_s` seconds while inside; on the way out, all of them (a restarted demo would not
+    know them)."""
+    sweeper = TempFileSweeper(blocks, age_s)
+    try:
+        yield sweeper
+    finally:
+        sweeper.stop()
+        sweep(blocks, None)
