@@ -7,6 +7,27 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+def built_once(tmp_path_factory, name: str, build):
+    """`build(folder)`'s value, built once for the whole `make test`: its two pytest-xdist workers share one folder,
+    and the second to ask waits for the first to finish building instead of building its own (the text bundles
+    take a minute). Without xdist: built in this session's temporary folder."""
+    import fcntl
+    import os
+    import pickle
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # this run's folder, above each worker's own
+    folder, value_file = root / name, root / f"{name}.pickle"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when a worker that holds it dies
+        if not value_file.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            value = build(folder)
+            value_file.write_bytes(pickle.dumps(value))
+        return pickle.loads(value_file.read_bytes())
+
+
 @pytest.fixture(scope="session")
 def toy_teacher(tmp_path_factory):
     """A flow-matching teacher of the 2-D toy, trained once for every test that distils from it."""
@@ -51,7 +72,7 @@ def tiny_latent(tmp_path_factory):
     pytest.importorskip("diffusers", reason="diffusers is not installed (the train extra)")
     from tiny_latent import build_latent_bundle
 
-    return build_latent_bundle(tmp_path_factory.mktemp("tiny-latent"))
+    return built_once(tmp_path_factory, "tiny-latent", build_latent_bundle)
 
 
 @pytest.fixture(scope="session")
@@ -60,8 +81,8 @@ def tiny_text_pipelines(tmp_path_factory):
     pytest.importorskip("transformers", reason="transformers is not installed (the train extra)")
     from tiny_text import FAMILIES, tiny_pipeline
 
-    root = tmp_path_factory.mktemp("tiny-text")
-    return {family: tiny_pipeline(family, root / family) for family in FAMILIES}
+    return built_once(tmp_path_factory, "tiny-text",
+                      lambda root: {family: tiny_pipeline(family, root / family) for family in FAMILIES})
 
 
 @pytest.fixture(scope="session")
@@ -77,19 +98,22 @@ def tiny_text_bundles(tiny_text_pipelines, tmp_path_factory):
 
     from tiny_text import CAPTIONS, tiny_clip
 
-    root, bundles = tmp_path_factory.mktemp("text-bundles"), {}
-    for family, folder in tiny_text_pipelines.items():
-        run = root / f"{family}-student"
-        distill_student("freeflow", f"diffusers:{folder}", FreeFlowConfig(), TrainConfig(steps=2, batch_size=4),
-                        run, progress=False, prompts=CAPTIONS)
-        # SD3's bundle carries a CLIP scorer as its verifier (search); the others serve without one
-        scorer = f"clip:{tiny_clip(root / 'clip')}" if family == "sd3" else None
-        # teachers with guidance 2 take negative prompts; FLUX-dev style has its guidance embedded (w = 1)
-        export_bundle(run, f"diffusers:{folder}", scorer, root / family, (1.0, 2.0),
-                      teacher_guidance_scale=1.0 if family == "flux" else 2.0, progress=False,
-                      programs=family == "sana")
-        bundles[family] = (root / family, run)
-    return bundles
+    def build(root):
+        bundles = {}
+        for family, folder in tiny_text_pipelines.items():
+            run = root / f"{family}-student"
+            distill_student("freeflow", f"diffusers:{folder}", FreeFlowConfig(), TrainConfig(steps=2, batch_size=4),
+                            run, progress=False, prompts=CAPTIONS)
+            # SD3's bundle carries a CLIP scorer as its verifier (search); the others serve without one
+            scorer = f"clip:{tiny_clip(root / 'clip')}" if family == "sd3" else None
+            # teachers with guidance 2 take negative prompts; FLUX-dev style has its guidance embedded (w = 1)
+            export_bundle(run, f"diffusers:{folder}", scorer, root / family, (1.0, 2.0),
+                          teacher_guidance_scale=1.0 if family == "flux" else 2.0, progress=False,
+                          programs=family == "sana")
+            bundles[family] = (root / family, run)
+        return bundles
+
+    return built_once(tmp_path_factory, "text-bundles", build)
 
 
 @pytest.fixture(scope="session")

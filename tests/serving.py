@@ -92,7 +92,18 @@ async def in_process(bundle: Path = BUNDLE, **settings):
 
 
 def ray_serve(bundle, *flags):
-    """`flowmap serve --ray` on a free port until ready; yields its URL, then stops Ray."""
+    """`flowmap serve --ray` on a free port until ready; yields its URL, then stops Ray. One at a time on the machine
+    (`make test`'s workers take turns): `ray stop --force` stops every Ray there, and a second local Ray would be
+    joined by `ray.init(address="auto")`."""
+    import fcntl
+    import tempfile
+
+    with open(Path(tempfile.gettempdir()) / "flowmap-tests-ray.lock", "w") as turn:
+        fcntl.flock(turn, fcntl.LOCK_EX)  # until the file closes: the next worker's turn
+        yield from _ray_serve(bundle, *flags)
+
+
+def _ray_serve(bundle, *flags):
     port = free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
     process = subprocess.Popen(
