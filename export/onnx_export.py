@@ -18,6 +18,7 @@ from distill.flow import guided_velocity, null_condition
 OPSET = 18  # torch's exporter implements >= 18; TensorRT 10 and onnxruntime >= 1.16 read it
 PARITY_BATCHES = (1, 7, 64)
 PARITY_TOLERANCE = 1e-4
+BATCH_AXIS_MAX = 65536  # the dynamic batch axis's upper bound in every exported graph and program
 # protobuf cannot hold a message over 2 GB: heavier graphs keep their weights in `<file>.data` beside them
 EXTERNAL_DATA_BYTES = 1 << 30
 
@@ -116,28 +117,31 @@ def external_data_file(path: str | Path) -> Path:
 
 
 def export_onnx(graph: nn.Module, inputs: dict[str, torch.Tensor], path: str | Path,
-                external_data: bool | None = None) -> Path:
+                external_data: bool | None = None, program: torch.export.ExportedProgram | None = None) -> Path:
     """Export with a dynamic batch axis named `batch` on every input and the output. The weights go to
     `<file>.data` when `external_data` is set, or (None) when they pass EXTERNAL_DATA_BYTES. A graph
-    class with `onnx_optimize = False` skips the exporter's graph optimizer."""
+    class with `onnx_optimize = False` skips the exporter's graph optimizer. `program`, the graph already
+    traced by torch.export with that axis (the bundle's .pt2 program), is converted instead of tracing the
+    graph a second time."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if external_data is None:
         external_data = weight_bytes(graph) > EXTERNAL_DATA_BYTES
     external_data_file(path).unlink(missing_ok=True)  # a stale file from an earlier export would mislead
-    batch = torch.export.Dim("batch", min=1, max=65536)
+    batch = torch.export.Dim("batch", min=1, max=BATCH_AXIS_MAX)
     graph = graph.eval()
     # the exporter logs a warning per torchvision operator it cannot register when torchvision is absent;
     # none of our graphs use them
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            graph, tuple(inputs.values()), input_names=list(graph.input_names), output_names=[graph.output_name],
-            dynamic_shapes={name: {0: batch} for name in graph.input_names}, opset_version=OPSET, dynamo=True,
-            external_data=external_data, optimize=getattr(graph, "onnx_optimize", True), verbose=False,
+        onnx_program = torch.onnx.export(
+            graph if program is None else program, tuple(inputs.values()), input_names=list(graph.input_names),
+            output_names=[graph.output_name], opset_version=OPSET, dynamo=True, external_data=external_data,
+            dynamic_shapes=None if program is not None else {name: {0: batch} for name in graph.input_names},
+            optimize=getattr(graph, "onnx_optimize", True), verbose=False,
         )
-        program.save(str(path), external_data=external_data)
+        onnx_program.save(str(path), external_data=external_data)
     strip_source_metadata(path)
     return path
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.onnx_export import PARITY_BATCHES, PARITY_TOLERANCE, ExportError
+from export.onnx_export import BATCH_AXIS_MAX, PARITY_BATCHES, PARITY_TOLERANCE, ExportError
 
 # in each program's archive: the module's float32 output at the program's example inputs, which a server checks its
 # bf16/fp16 output against without holding float32 weights on its GPU (a FLUX-size transformer's are 48 GB)
@@ -30,13 +30,16 @@ def program_file(onnx_file: str) -> str:
 
 
 def export_program(graph: nn.Module, inputs: dict[str, torch.Tensor], path: str | Path) -> Path:
-    """torch.export with a dynamic batch axis on every input, saved as a .pt2 archive.
+    """torch.export with a dynamic batch axis on every input, saved as a .pt2 archive."""
+    return save_program(trace_program(graph, inputs), graph, inputs, path)
+
+
+def trace_program(graph: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.export.ExportedProgram:
+    """torch.export with a dynamic batch axis on every input.
 
     Some models branch on the batch size (diffusers' Upsample2D makes its input contiguous from 64 rows
     up), which a dynamic axis cannot follow: a draft export finds the range the traced branch holds for,
     and the program is exported over that range (the torch engine then batches within it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     args = tuple(inputs.values())
 
     def export(batch):
@@ -45,16 +48,24 @@ def export_program(graph: nn.Module, inputs: dict[str, torch.Tensor], path: str 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
-            program = export(torch.export.Dim("batch", min=1, max=65536))
+            return export(torch.export.Dim("batch", min=1, max=BATCH_AXIS_MAX))
         except (torch.fx.experimental.symbolic_shapes.ConstraintViolationError, torch._dynamo.exc.UserError) as err:
             # the error suggests the range that holds ("batch = Dim('batch', max=63)"); a draft export finds it
             # where it does not, at about twice an export's time
             suggested = re.search(r"Dim\('batch'[^)]*max=(\d+)", str(err))
             limit = int(suggested.group(1)) if suggested else batch_limit(torch.export.draft_export(
-                graph.eval(), args, dynamic_shapes={name: {0: torch.export.Dim("batch", min=1, max=65536)}
+                graph.eval(), args, dynamic_shapes={name: {0: torch.export.Dim("batch", min=1, max=BATCH_AXIS_MAX)}
                                                     for name in graph.input_names}))
-            program = export(torch.export.Dim("batch", min=1, max=limit))
-        reference = graph.eval()(*args)
+            return export(torch.export.Dim("batch", min=1, max=limit))
+
+
+def save_program(program: torch.export.ExportedProgram, graph: nn.Module, inputs: dict[str, torch.Tensor],
+                 path: str | Path) -> Path:
+    """The traced `program` as a .pt2 archive at `path`, with `graph`'s float32 output at `inputs` beside it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        reference = graph.eval()(*inputs.values())
     buffer = io.BytesIO()
     np.save(buffer, reference.float().numpy())
     torch.export.save(program, str(path), extra_files={REFERENCE_FILE: base64.b64encode(buffer.getvalue()).decode()})
@@ -71,9 +82,10 @@ def read_program(path: str | Path) -> tuple[torch.export.ExportedProgram, np.nda
 
 
 def batch_limit(program) -> int:
-    """The most rows a program runs (65536 when its batch axis is unbounded)."""
+    """The most rows a program runs (BATCH_AXIS_MAX where its batch axis was not narrowed)."""
     uppers = [value.upper for value in program.range_constraints.values()]
-    return int(min([65536, *(upper for upper in uppers if upper != float("inf") and int(upper) < 65536)]))
+    bounded = (int(upper) for upper in uppers if upper != float("inf") and int(upper) < BATCH_AXIS_MAX)
+    return min([BATCH_AXIS_MAX, *bounded])
 
 
 def check_program(graph: nn.Module, path: str | Path, make_inputs: Callable[[int], dict[str, torch.Tensor]],

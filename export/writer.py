@@ -14,6 +14,7 @@ from distill.verifier import load_verifier
 from export.bundle import GraphEntry, Manifest, read_bundle, sha256_of, takes_negative
 from export.decoder import DECODER_PARITY_BATCHES, DECODER_TOLERANCE, DecoderGraph, load_vae
 from export.onnx_export import (
+    BATCH_AXIS_MAX,
     PARITY_BATCHES,
     NegativeTeacherGraph,
     StudentGraph,
@@ -24,7 +25,7 @@ from export.onnx_export import (
     export_onnx,
     external_data_file,
 )
-from export.programs import check_program, export_program, program_file
+from export.programs import batch_limit, check_program, program_file, save_program, trace_program
 from export.scorer import load_clip_scorer, scorer_inputs
 from export.text import export_text, random_ids
 
@@ -119,17 +120,20 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
         check.setdefault("batches", tuple(parity_batches))
         make = make or (lambda batch, g=graph: example_inputs(g, batch, shape, len(classes), seed=batch,
                                                               conditions=conditions))
-        path = export_onnx(graph, make(2), out / filename, external_data)
+        program, traced = None, None
+        if programs:
+            traced = trace_program(graph, make(2))
+            program_path = save_program(traced, graph, make(2), out / program_file(filename))
+            checks[program_path.name] = check_program(graph, program_path, make, label, **check)
+            program = GraphEntry(program_path.name, sha256_of(program_path))
+            if batch_limit(traced) < BATCH_AXIS_MAX:  # narrowed to one branch: the ONNX exporter traces its own way
+                traced = None
+        path = export_onnx(graph, make(2), out / filename, external_data, program=traced)  # one trace for both files
         checks[filename] = check_graph(graph, path, make, label, **check)
         if progress:
             print(f"  exported {filename}: parity and batch invariance within tolerance", flush=True)
         data = external_data_file(path)
         data_entry = GraphEntry(data.name, sha256_of(data)) if data.is_file() else None
-        program = None
-        if programs:
-            program_path = export_program(graph, make(2), out / program_file(filename))
-            checks[program_path.name] = check_program(graph, program_path, make, label, **check)
-            program = GraphEntry(program_path.name, sha256_of(program_path))
         return GraphEntry(filename, sha256_of(path), guidance_scale, data_entry, program)
 
     students = [build(StudentGraph(student, scale), f"student_w{scale_tag(scale)}.onnx",

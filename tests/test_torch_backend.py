@@ -23,10 +23,17 @@ from serving import Server
 
 @pytest.fixture(scope="module")
 def program_bundle(tiny_digits_runs, tmp_path_factory):
+    import torch
+
     out = tmp_path_factory.mktemp("programs") / "tiny"
     runs = tiny_digits_runs
-    export_bundle(runs / "freeflow", str(runs / "teacher"), runs / "verifier", out, (1.5, 3.0), progress=False,
-                  programs=True, parity_batches=(1, 2))
+    traces, trace = [], torch.export.export
+    with pytest.MonkeyPatch.context() as patch:  # counts torch.export's traces, the ONNX exporter's own included
+        patch.setattr(torch.export, "export", lambda *args, **kwargs: traces.append(1) or trace(*args, **kwargs))
+        export_bundle(runs / "freeflow", str(runs / "teacher"), runs / "verifier", out, (1.5, 3.0), progress=False,
+                      programs=True, parity_batches=(1, 2))
+    # four graphs, each traced once for both its ONNX file and its program
+    assert len(traces) == 4, f"{len(traces)} torch.export traces for 4 graphs"
     return out
 
 
