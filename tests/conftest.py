@@ -14,6 +14,7 @@ def built_once(tmp_path_factory, name: str, build):
     import fcntl
     import os
     import pickle
+    import shutil
 
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -22,7 +23,8 @@ def built_once(tmp_path_factory, name: str, build):
     with open(root / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when a worker that holds it dies
         if not value_file.exists():
-            folder.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(folder, ignore_errors=True)  # what a worker that died while building left
+            folder.mkdir(parents=True)
             value = build(folder)
             value_file.write_bytes(pickle.dumps(value))
         return pickle.loads(value_file.read_bytes())
