@@ -120,15 +120,15 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
         check.setdefault("batches", tuple(parity_batches))
         make = make or (lambda batch, g=graph: example_inputs(g, batch, shape, len(classes), seed=batch,
                                                               conditions=conditions))
-        program, traced = None, None
+        example, program, traced = make(2), None, None
         if programs:
-            traced = trace_program(graph, make(2))
-            program_path = save_program(traced, graph, make(2), out / program_file(filename))
+            traced = trace_program(graph, example)
+            program_path = save_program(traced, graph, example, out / program_file(filename))
             checks[program_path.name] = check_program(graph, program_path, make, label, **check)
             program = GraphEntry(program_path.name, sha256_of(program_path))
             if batch_limit(traced) < BATCH_AXIS_MAX:  # narrowed to one branch: the ONNX exporter traces its own way
                 traced = None
-        path = export_onnx(graph, make(2), out / filename, external_data, program=traced)  # one trace for both files
+        path = export_onnx(graph, example, out / filename, external_data, program=traced)  # one trace for both files
         checks[filename] = check_graph(graph, path, make, label, **check)
         if progress:
             print(f"  exported {filename}: parity and batch invariance within tolerance", flush=True)

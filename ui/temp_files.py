@@ -44,34 +44,24 @@ def sweep(blocks, age_s: float | None) -> int:
     return deleted
 
 
-class TempFileSweeper:
-    """Calls `sweep(blocks, age_s)` every `age_s` seconds in a daemon thread until `stop()`."""
-
-    def __init__(self, blocks, age_s: float):
-        self.blocks, self.age_s = blocks, age_s
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="ui-temp-files", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stopped.wait(self.age_s):
-            try:
-                sweep(self.blocks, self.age_s)
-            except Exception:  # one failed sweep must not end the ones after it
-                log.exception("deleting the demo's temporary files failed; trying again in %g s", self.age_s)
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self._thread.join()
-
-
 @contextlib.contextmanager
 def deleting_temp_files(blocks, age_s: float):
-    """Old files swept every `age_s` seconds while inside; on the way out, all of them (a restarted demo would not
-    know them)."""
-    sweeper = TempFileSweeper(blocks, age_s)
+    """Old files swept every `age_s` seconds, in a daemon thread, while inside; on the way out, all of them (a
+    restarted demo would not know them)."""
+    stopped = threading.Event()
+
+    def sweep_until_stopped() -> None:
+        while not stopped.wait(age_s):
+            try:
+                sweep(blocks, age_s)
+            except Exception:  # one failed sweep must not end the ones after it
+                log.exception("deleting the demo's temporary files failed; trying again in %g s", age_s)
+
+    sweeper = threading.Thread(target=sweep_until_stopped, name="ui-temp-files", daemon=True)
+    sweeper.start()
     try:
-        yield sweeper
+        yield
     finally:
-        sweeper.stop()
+        stopped.set()
+        sweeper.join()
         sweep(blocks, None)
