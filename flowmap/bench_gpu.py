@@ -30,6 +30,7 @@ from flowmap.bench_stages import stage_ms, timed_ms
 from flowmap.gpu_report import ANCHORS, PARTS, WHOLE_PARTS, goals, measured, plot, to_markdown
 from flowmap.gpu_stages import MODELS, MODES, flops_per_image, model, sd_vae
 from flowmap.reports import write_report
+from server.encoding import ENCODE_STEPS
 
 # the code whose changes change the timings (the engines, the server the served part runs, SiT's network, the timing
 # loops and the bundle it builds): a resumed report must have been measured with the same
@@ -327,10 +328,14 @@ def served(config: GpuBenchConfig, folder: Path, say) -> dict:
         runs, warmup_s = [], min(3.0, config.served_seconds / 2)  # uncounted: connections open, caches fill
         for count in loads:
             say(f"[bench gpu] serving: {count} clients, {config.served_seconds:g} s")
-            before, tick = server.metrics(), time.perf_counter()
+            before, cpu, tick = server.metrics(), thread_cpu_s(server.process.pid), time.perf_counter()
             result = asyncio.run(run_load("127.0.0.1", server.port, "/v1/generate", bodies, count,
                                           config.served_seconds, 1, warmup_s=warmup_s)).summary()
-            runs.append((result, served_use(before, server.metrics(), time.perf_counter() - tick)))
+            seconds = time.perf_counter() - tick
+            cores = {thread: round((spent - cpu[thread]) / seconds, 2)
+                     for thread, spent in thread_cpu_s(server.process.pid).items()}
+            runs.append((result, served_use(before, server.metrics(), seconds) | ({"cpu_cores": cores} if cores
+                                                                                  else {})))
     finally:
         server.stop()
     limit = round(1000 / limit_ms, 2)
@@ -367,10 +372,28 @@ def servable_bundle(root: str | Path):
     return bundle
 
 
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds a process has spent so far (Linux's /proc; elsewhere nothing): "event_loop", its main thread (the
+    server's), and "process", all its threads."""
+    import os
+
+    spent = {"event_loop": 0.0, "process": 0.0}
+    try:
+        for thread in os.listdir(f"/proc/{pid}/task"):
+            fields = Path(f"/proc/{pid}/task/{thread}/stat").read_text().rsplit(")", 1)[1].split()
+            seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+            spent["process"] += seconds
+            spent["event_loop"] += seconds if thread == str(pid) else 0.0
+    except OSError:  # no /proc, or a thread that ended while read: no figure rather than a wrong one
+        return {}
+    return spent
+
+
 def served_use(before: dict[str, float], after: dict[str, float], seconds: float) -> dict:
     """Where a load's time went, from a server's /metrics scraped before and `seconds` after it (warm-up
     included): per engine that ran, its batches, mean rows a batch and the share of the time it computed; per request
-    stage its mean ms, queue waits included; images encoded by each encoder (nvjpeg, cpu)."""
+    stage its mean ms, queue waits included, and the encode stage's ms by step (waiting for a thread, copying to the
+    host, encoding); how late the event loop woke on average; images encoded by each encoder (nvjpeg, cpu)."""
     delta = {series: value - before.get(series, 0.0) for series, value in after.items()}
 
     def labels(prefix: str, key: str) -> list[str]:
@@ -387,7 +410,13 @@ def served_use(before: dict[str, float], after: dict[str, float], seconds: float
     stages = stage_ms(delta, labels("flowmap_stage_duration_seconds_count{", "stage"))
     encoded = {encoder: int(delta[f'flowmap_images_encoded_total{{encoder="{encoder}"}}'])
                for encoder in labels("flowmap_images_encoded_total{", "encoder")}
-    return {"engines": engines, "stage_ms_per_request": stages,
+    encodes = delta.get('flowmap_stage_duration_seconds_count{stage="encode"}', 0.0)
+    encode_steps = {step: round(1000 * delta.get(f'flowmap_encode_seconds_total{{step="{step}"}}', 0.0) / encodes, 2)
+                    for step in ENCODE_STEPS} if encodes else {}
+    wakes = delta.get("flowmap_event_loop_lag_seconds_count", 0.0)
+    lag = round(1000 * delta["flowmap_event_loop_lag_seconds_sum"] / wakes, 2) if wakes else None
+    return {"engines": engines, "stage_ms_per_request": stages, "encode_ms_per_request": encode_steps,
+            "loop_lag_ms": lag,
             "images_encoded": {encoder: count for encoder, count in encoded.items() if count}}
 
 

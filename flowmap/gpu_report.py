@@ -113,6 +113,23 @@ def encoded_clause(served: dict) -> str:
                                              for encoder, count in counts.items())
 
 
+def waits_clause(served: dict) -> str:
+    """Where the encode stage's time went, how late the event loop ran, and the server's CPU (recorded since the
+    encode stage held a request about 700 ms whichever encoder served it)."""
+    steps = {"wait": "waiting for an encode thread", "copy": "copying to the host", "encode": "encoding"}
+    clauses = []
+    if served.get("encode_ms_per_request"):
+        clauses.append("the encode stage's ms a request: " + ", ".join(
+            f"{steps[step]} {ms}" for step, ms in served["encode_ms_per_request"].items()))
+    if served.get("loop_lag_ms") is not None:
+        clauses.append(f"the event loop woke {served['loop_lag_ms']} ms late on average")
+    if served.get("cpu_cores"):
+        cores = served["cpu_cores"]
+        clauses.append(f"the server's threads kept {cores['process']} cores busy, its event loop "
+                       f"{cores['event_loop']}")
+    return "".join(f"; {clause}" for clause in clauses)
+
+
 def plot(report: dict, path) -> None:
     plt = pyplot()
     models = sorted({r["model"] for r in report.get("stages", []) if "batch" in r})
@@ -173,7 +190,8 @@ def to_markdown(report: dict, plot_name: str) -> str:
                 f"{name}: {use['batches']} batches of {use['rows_per_batch']} rows on average, computing "
                 f"{100 * use['busy']:.0f}% of the time" for name, use in s["engines"].items())
                 + "; ms a request spent in each stage, queue waits included: " + ", ".join(
-                f"{stage} {ms}" for stage, ms in s["stage_ms_per_request"].items()) + encoded_clause(s) + ".", ""]
+                f"{stage} {ms}" for stage, ms in s["stage_ms_per_request"].items())
+                + encoded_clause(s) + waits_clause(s) + ".", ""]
         if s.get("in_step"):
             step = s["in_step"]
             lines += [f"The same server with {step['clients']} clients, as many as one batch holds (they move "

@@ -24,7 +24,7 @@ from server.engines import batch_size, build_engines
 from server.errors import error_for
 from server.fast_path import FastPath
 from server.http_metrics import HttpMetrics
-from server.metrics import Metrics
+from server.metrics import Metrics, watch_loop_lag
 from server.prompts import PromptEncoder
 from server.routes import router
 from server.service import ApiError, ClientDisconnected, Service
@@ -101,15 +101,18 @@ def create_app(settings: Settings | None = None, mount_ui: bool | None = None, r
         service.admission = Admission.for_batchers(service.batchers, settings, service.metrics)
         on_gpu = settings.backend == "torch" and settings.device.startswith("cuda")
         service.encoder = Encoder(settings.encode_workers, settings.device if on_gpu else None,
-                                  settings.gpu_jpeg_min_side, service.metrics.images_encoded)
+                                  settings.gpu_jpeg_min_side, service.metrics.images_encoded,
+                                  service.metrics.encode_seconds)
         for batcher in service.batchers.values():
             batcher.start()
         warming = asyncio.create_task(warm_up_or_stop(service, app.state.stop))
+        lag = asyncio.create_task(watch_loop_lag(service.metrics.loop_lag))
         try:
             yield
         finally:
             service.draining = True
             warming.cancel()
+            lag.cancel()
             await asyncio.gather(*(b.stop() for b in service.batchers.values()))
             service.encoder.close()
 

@@ -20,6 +20,7 @@ import asyncio
 import base64
 import io
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -31,15 +32,16 @@ log = logging.getLogger("flowmap.encoding")
 
 FORMATS = ("png", "jpeg", "webp")
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+ENCODE_STEPS = ("wait", "copy", "encode")  # for an encode thread; the images to the host; pixels to bytes
 # OpenAI's default: 100 is the least compression (the best quality) for jpeg and webp
 DEFAULT_COMPRESSION = 100
 OWN_PNG_MAX_PIXELS = 128 * 128  # our PNG writer wins up to this size, Pillow's level 1 beyond
 INLINE_MAX_PIXELS = 128 * 128  # a request with fewer pixels in all is encoded on the event loop
-# The shortest longer side nvJPEG encodes; smaller images go to the CPU. Alone on an H200, nvJPEG took 0.28 ms a
-# 256 px image and simplejpeg 1.3 ms; served beside the engines (docs/gpu.md), a request spent 712 ms on average in
-# the encode stage (782 ms end to end at the median): torchvision encodes one image at a time under a lock, syncing
-# its stream twice an image, and its kernels share the SMs with the decoder's. At 1024 px the CPU took 31 ms an
-# image, 14x nvJPEG; between, unmeasured.
+# The shortest longer side nvJPEG encodes; smaller images go to the CPU, in the CPU backend's 4:2:0 (smaller files,
+# the same bytes on either backend). Alone on an H200 nvJPEG took 0.28 ms a 256 px image and simplejpeg 1.3 ms, yet
+# served beside the engines (docs/gpu.md) the two made the same images/s (0.67x and 0.663x the stage limit), with a
+# request's encode stage taking about 700 ms either way: nvJPEG is not what holds it. At 1024 px the CPU took 31 ms
+# an image, 14x nvJPEG; between, unmeasured.
 GPU_JPEG_MIN_SIDE = 768
 
 
@@ -87,14 +89,16 @@ def encode_b64(images: np.ndarray, output: OutputFormat) -> list[str]:
 class Encoder:
     """A bounded pool of encoding threads: a request's images are encoded in one job, at most
     `workers` jobs at a time (the rest wait their turn), so the event loop never waits on an encoder.
-    `encoded`, where given, is a counter labelled by encoder ("nvjpeg" or "cpu") that each image adds one to."""
+    `encoded`, where given, is a counter labelled by encoder ("nvjpeg" or "cpu") that each image adds one to;
+    `seconds` one labelled by step (ENCODE_STEPS) that each request adds its time in that step to."""
 
     def __init__(self, workers: int, jpeg_device: str | None = None, gpu_jpeg_min_side: int = GPU_JPEG_MIN_SIDE,
-                 encoded=None):
+                 encoded=None, seconds=None):
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="encode")
         self.slots = asyncio.Semaphore(workers)
-        # each encoder's series bound once: a label lookup per request would cost more than the count
+        # each series bound once: a label lookup per request would cost more than the count
         self.encoded = None if encoded is None else {name: encoded.labels(encoder=name) for name in ("nvjpeg", "cpu")}
+        self.seconds = None if seconds is None else {step: seconds.labels(step=step) for step in ENCODE_STEPS}
         # the torch backend on CUDA: JPEG in one batched nvJPEG call per request (server/gpu_jpeg.py)
         self.gpu_jpeg, self.gpu_jpeg_min_side = None, gpu_jpeg_min_side
         if jpeg_device is not None:
@@ -114,19 +118,31 @@ class Encoder:
                 and side >= self.gpu_jpeg_min_side)
 
     def _encode(self, images, output: OutputFormat) -> list[str]:
+        started = time.perf_counter()
         if self.on_gpu(images, output):
             try:
                 encoded = [base64.b64encode(data).decode()
                            for data in self.gpu_jpeg.encode(images, output.compression, output.upscale)]
+                self._spent("encode", time.perf_counter() - started)
                 return self._count("nvjpeg", encoded)
             except Exception:  # an admitted request gets its images: the CPU encoder makes the same format
                 log.exception("GPU JPEG encoding failed; encoding this request on the CPU")
-        return self._count("cpu", encode_b64(on_host(images), output))
+                started = time.perf_counter()
+        pixels = on_host(images)
+        copied = time.perf_counter()
+        encoded = encode_b64(pixels, output)
+        self._spent("copy", copied - started)
+        self._spent("encode", time.perf_counter() - copied)
+        return self._count("cpu", encoded)
 
     def _count(self, encoder: str, encoded: list[str]) -> list[str]:
         if self.encoded is not None:
             self.encoded[encoder].inc(len(encoded))
         return encoded
+
+    def _spent(self, step: str, seconds: float) -> None:
+        if self.seconds is not None:
+            self.seconds[step].inc(seconds)
 
     async def encode(self, images, output: OutputFormat) -> list[str]:
         """Base64 strings of `images` ([N, C, H, W] in [-1, 1]: a numpy array, or the torch backend's tensor on
@@ -135,8 +151,10 @@ class Encoder:
         inline = isinstance(images, np.ndarray) and not self.on_gpu(images, output)
         pixels = images.shape[2] * images.shape[3] * output.upscale ** 2 * len(images)
         if inline and pixels <= INLINE_MAX_PIXELS:
-            return self._count("cpu", encode_b64(on_host(images), output))
+            return self._encode(images, output)
+        queued = time.perf_counter()
         async with self.slots:
+            self._spent("wait", time.perf_counter() - queued)
             return await asyncio.get_running_loop().run_in_executor(self.pool, self._encode, images, output)
 
     def close(self) -> None:

@@ -3,6 +3,7 @@ queue (waiting for a batch) and compute (the engine run). One registry per app, 
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -42,6 +43,12 @@ class Metrics:
         self.images = Counter("flowmap_images_generated", "Images returned", ["model"], registry=reg)
         self.images_encoded = Counter("flowmap_images_encoded", "Images encoded (png, jpeg or webp) by encoder: "
                                       "nvjpeg on the GPU, or cpu", ["encoder"], registry=reg)
+        self.encode_seconds = Counter("flowmap_encode_seconds", "Encoding's time summed over requests, by step: "
+                                      "wait (for an encode thread), copy (the images from the device to the host), "
+                                      "encode (pixels to bytes)", ["step"], registry=reg)
+        self.loop_lag = Histogram("flowmap_event_loop_lag_seconds", "How much later than asked the event loop woke "
+                                  "from a short sleep: its own work, or other threads holding the GIL, delay every "
+                                  "request's every step by as much", buckets=LATENCY_BUCKETS, registry=reg)
         self.nfe = Counter("flowmap_nfe", "Network function evaluations (rows x steps) by request stage", ["stage"],
                            registry=reg)
         self.stage_duration = Histogram("flowmap_stage_duration_seconds", "Per request stage (noise, student, "
@@ -83,6 +90,15 @@ class EngineMetrics:
         for item in batch:
             self.queue_duration.observe(started - item.enqueued)
             self.request_duration.observe(finished - item.enqueued)
+
+
+async def watch_loop_lag(lag: Histogram, period_s: float = 0.02) -> None:
+    """Sleep `period_s` again and again, observing into `lag` how late each wake-up came (until cancelled)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        asked = loop.time() + period_s
+        await asyncio.sleep(period_s)
+        lag.observe(max(0.0, loop.time() - asked))
 
 
 class AdmissionCollector:

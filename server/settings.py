@@ -58,7 +58,7 @@ class Settings(BaseSettings):
                                 "event loop; the encoders release the GIL")
     gpu_jpeg_min_side: int = Field(GPU_JPEG_MIN_SIDE, ge=0, description="torch backend on CUDA: RGB JPEG images this "
                                    "many pixels wide or high, or more, are encoded by nvJPEG on the GPU, smaller ones "
-                                   "on the CPU (faster under load); 0 = all on the GPU")
+                                   "on the CPU (4:2:0, as the CPU backend encodes); 0 = all on the GPU")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body accepted (413 beyond)")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long queued work may take")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list,

@@ -49,12 +49,16 @@ def test_the_gpu_bench_runs_every_part_on_a_cpu(tmp_path, tiny_latent):
     assert {"student", "decoder", "encode"} <= set(served["stage_ms_per_request"])
     assert set(served["images_encoded"]) == {"cpu"}  # no GPU here; the load's images (and warm-up's) counted
     assert served["images_encoded"]["cpu"] >= sum(served["statuses"].values())
+    assert set(served["encode_ms_per_request"]) == {"wait", "copy", "encode"}
+    assert served["encode_ms_per_request"]["encode"] > 0 and served["loop_lag_ms"] >= 0
+    assert served["cpu_cores"]["process"] >= served["cpu_cores"]["event_loop"] > 0  # the server's, from /proc
     text = (tmp_path / "gpu.md").read_text()
     step_line = next(line for line in text.splitlines() if line.startswith("One step"))
     assert step_line.startswith("One step at toy sizes, batch 1: sana-1024") and "SANA-Sprint" not in step_line
     assert "SANA-Sprint" in text and "StreamDiffusion" in text and (tmp_path / "gpu.png").is_file()
     assert "Where the load's time went" in text and "decoder: " in text and "4 clients of one-image" in text
-    assert f"images encoded by the CPU {served['images_encoded']['cpu']}." in text
+    assert f"images encoded by the CPU {served['images_encoded']['cpu']};" in text
+    assert "the encode stage's ms a request: waiting for an encode thread" in text and "its event loop" in text
     assert "The same server with 2 clients, as many as one batch holds" in text
 
 

@@ -136,3 +136,26 @@ def test_a_gpu_jpeg_encoder_that_cannot_start_leaves_jpeg_to_the_cpu(caplog):
         assert asyncio.run(encoder.encode(rgb, output)) == encode_b64(rgb, output)
     finally:
         encoder.close()
+
+
+def test_the_encoder_times_its_waits_its_copies_and_its_encoding():
+    """With one thread and two requests at once, the second waits about as long as the first takes to encode: the
+    wait is counted apart from the encoding (a host array needs no copy)."""
+    from prometheus_client import CollectorRegistry, Counter
+
+    registry = CollectorRegistry()
+    seconds = Counter("encode_seconds", "time by step", ["step"], registry=registry)
+    encoder = Encoder(1, seconds=seconds)
+    images = np.random.default_rng(4).uniform(-1, 1, (1, 3, 768, 768)).astype(np.float32)
+
+    async def two_at_once():
+        try:
+            return await asyncio.gather(*(encoder.encode(images, OutputFormat("png")) for _ in range(2)))
+        finally:
+            encoder.close()
+
+    asyncio.run(two_at_once())
+    spent = {step: registry.get_sample_value("encode_seconds_total", {"step": step}) for step in ("wait", "copy",
+                                                                                                  "encode")}
+    assert spent["encode"] > 0 and spent["copy"] < 0.1 * spent["encode"]
+    assert 0.3 * spent["encode"] < spent["wait"] < spent["encode"]  # one request waited for the other's encoding

@@ -105,6 +105,7 @@ def test_lower_compression_makes_smaller_jpegs(server):
 def test_200_concurrent_requests_are_all_answered_in_shared_batches(server):
     rows_before = server.metric("flowmap_inference_count_total", engine="student@1.5")
     execs_before = server.metric("flowmap_inference_exec_count_total", engine="student@1.5")
+    spent_before = {step: server.metric("flowmap_encode_seconds_total", step=step) for step in ("wait", "encode")}
 
     async def crowd():
         async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=200)) as client:
@@ -120,6 +121,10 @@ def test_200_concurrent_requests_are_all_answered_in_shared_batches(server):
     assert rows == 200
     assert execs < 200, "no batch held more than one request"
     assert server.metric("flowmap_inference_batch_size_count", engine="student@1.5") > 0
+    # the crowd's 8x8 images were encoded on the event loop: time spent encoding, none waiting for a thread
+    assert server.metric("flowmap_encode_seconds_total", step="encode") > spent_before["encode"]
+    assert server.metric("flowmap_encode_seconds_total", step="wait") == spent_before["wait"]
+    assert server.metric("flowmap_event_loop_lag_seconds_count") > 0  # the loop's probe runs from the start
 
 
 # -- search ---------------------------------------------------------------------------------------
