@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from flowmap.reports import pyplot, save_figure, write_report
+from flowmap.timing import timed_ms
 
 
 @dataclass
@@ -128,15 +129,6 @@ def encoder_costs(config: StagesBenchConfig) -> list[dict]:
 # -- network stages, each measured in a fresh process ------------------------------------------------
 def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def timed_ms(run, repeats: int) -> float:
-    """Milliseconds of one call, after one call that warms up."""
-    run()
-    tick = time.perf_counter()
-    for _ in range(repeats):
-        run()
-    return 1000 * (time.perf_counter() - tick) / repeats
 
 
 def _graph_of(kind: str, name: str):

@@ -5,15 +5,13 @@ stop a lent GPU from resuming what an earlier run measured.
 
 from __future__ import annotations
 
-from flowmap.gpu_stages import DECODERS, MODES, ONE_STEP
+from flowmap.gpu_config import DECODERS, MODES, ONE_STEP, WHOLE_PARTS
 from flowmap.reports import pyplot, save_figure
 from server.torch_engine import LOW_PRECISION_TOLERANCE
 
 # public figures printed beside ours (not measured here)
 ANCHORS = ("SANA-Sprint: one-step 1024 px in about 0.1 s on an H100 (Chen et al. 2025)",
            "StreamDiffusion: SD-Turbo 512 px at 106 images/s on an RTX 4090 with TensorRT (Kodaira et al. 2023)")
-PARTS = ("peak", "jpeg", "served", "stages")
-WHOLE_PARTS = tuple(part for part in PARTS if part != "stages")  # measured at once; stages go by model and mode
 
 
 def measured(row: dict) -> bool:
@@ -130,6 +128,13 @@ def waits_clause(served: dict) -> str:
     return "".join(f"; {clause}" for clause in clauses)
 
 
+def code_line(versions) -> str:
+    """The timed code's versions: one per part (an older report has one for all, or none)."""
+    if isinstance(versions, dict):
+        return ", ".join(f"{part} {version}" for part, version in versions.items())
+    return versions or "unrecorded"
+
+
 def plot(report: dict, path) -> None:
     plt = pyplot()
     models = sorted({r["model"] for r in report.get("stages", []) if "batch" in r})
@@ -153,7 +158,7 @@ def to_markdown(report: dict, plot_name: str) -> str:
     config = report["config"]
     lines = ["# The torch backend on a GPU", "",
              f"Written by `flowmap bench gpu` on **{report['device_name']}** (torch {report['torch']}, timed code "
-             f"{report.get('code', 'unrecorded')}, device "
+             f"{code_line(report.get('code'))}, device "
              f"`{config['device']}`, {config['scale']} sizes, random weights). Times are the serving engine's "
              "own (server/torch_engine.py: numpy in, numpy out, host copies included).", ""]
     if "peak" in report:

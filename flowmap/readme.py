@@ -217,7 +217,7 @@ def search_block(root: Path) -> str:
 
 
 def gpu_block(root: Path) -> str:
-    from flowmap.bench_gpu import TIMED_CODE, code_version
+    from flowmap.bench_gpu import TIMED_MODULES, code_versions
     from flowmap.gpu_report import missing, one_step_line, served_line
 
     report = _load(root / "docs" / "gpu.json")
@@ -254,9 +254,13 @@ def gpu_block(root: Path) -> str:
     lacking = missing(report)
     if lacking:
         lines += ["", "Not measured yet (cut off by the device time, or failed): " + ", ".join(lacking) + "."]
-    if report.get("code") != code_version():
-        lines += ["", f"Measured with an earlier version of the timed code ({', '.join(TIMED_CODE)}): the next "
-                  "`scripts/gpu_check.sh` measures this one (and cannot resume from these figures)."]
+    versions = report.get("code") if isinstance(report.get("code"), dict) else {}  # one version: an older report
+    changed = [part for part, version in code_versions().items() if versions.get(part) != version
+               and (part in report or part == "stages" and rows)]
+    if changed:
+        lines += ["", "Measured with an earlier version of the code that times " + ", ".join(
+            f"{part} ({', '.join(TIMED_MODULES[part])}, with their imports)" for part in changed)
+            + ": the next `scripts/gpu_check.sh` measures these parts again, and resumes from the others."]
     lines += ["", "| goal | measured | met |", "|---|---:|---|",
               *(f"| {goal} | {judged['measured']} | {'yes' if judged['met'] else '**no**'} |"
                 for goal, judged in report["goals"].items())]

@@ -9,8 +9,8 @@
 # The whole check keeps to TOTAL_S seconds (default 570: one call of a 10-minute limit): the tests get at most
 # TESTS_TIMEOUT_S (240) of it and the bench what is left (or BENCH_TIMEOUT_S). The bench rewrites its report
 # after every mode and part, so one cut off keeps what it measured, and the check ends by saying how to go on:
-# RESUME_FROM=OUT_DIR/gpu.json goes on from that report (measured on the same card, torch and timed code: the
-# bench refuses another) and runs only what it lacks; RUN_TESTS=0 runs the bench alone.
+# RESUME_FROM=OUT_DIR/gpu.json goes on from that report (measured on the same card and torch: the bench refuses
+# another; a part timed by other code is measured again) and runs only what it lacks; RUN_TESTS=0 runs the bench alone.
 # BENCH_FLAGS replaces the bench's flags (default: the three modes the goals compare, --no-restart), e.g.
 # BENCH_FLAGS="--batches 1 8 32".
 # Without network, carry the wheels scripts/gpu_wheels.sh downloads (.whl/ in the checkout): they

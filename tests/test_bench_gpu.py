@@ -134,8 +134,7 @@ def test_a_restart_is_timed_in_a_new_process_from_the_same_program(tmp_path):
     import torch
 
     from export.programs import export_program
-    from flowmap.bench_gpu import restart_seconds
-    from flowmap.gpu_stages import model
+    from flowmap.gpu_stages import model, restart_seconds
     from server.torch_engine import TorchOptions
 
     graph, inputs = model("sd-vae-256", "tiny")
@@ -150,17 +149,17 @@ def test_a_resumed_report_keeps_a_served_figure_only_for_the_same_bundle_and_loa
     import json
     from dataclasses import asdict
 
-    from flowmap.bench_gpu import GpuBenchConfig, resumed
+    from flowmap.bench_gpu import GpuBenchConfig, code_versions, resumed
 
-    setup = {"device_name": "NVIDIA H200", "torch": "2.11.0", "code": "0123456789ab"}
+    setup = {"device_name": "NVIDIA H200", "torch": "2.11.0", "code": code_versions()}
     earlier = GpuBenchConfig(out=str(tmp_path / "gpu"))
     (tmp_path / "gpu.json").write_text(json.dumps({**setup, "config": asdict(earlier), "errors": [], "stages": [],
                                                    "peak": {"tflops": 780.0}, "served": {"images_per_s": 119.5}}))
-    report, done = resumed(setup, earlier)
-    assert {"peak", "served"} <= done and report["served"] == {"images_per_s": 119.5}
+    report, done, other_code = resumed(setup, earlier)
+    assert other_code == [] and {"peak", "served"} <= done and report["served"] == {"images_per_s": 119.5}
     for changed in ({"served_bundle": str(tmp_path)}, {"served_denoiser": "XL/2"}, {"served_clients": 64},
                     {"batches": (1, 8, 32)}):  # the default 0 is twice the largest batch: 128 for 64, 64 for 32
-        report, done = resumed(setup, GpuBenchConfig(**{**asdict(earlier), **changed}))
+        report, done, _ = resumed(setup, GpuBenchConfig(**{**asdict(earlier), **changed}))
         assert "peak" in done and "served" not in done and "served" not in report, changed
     assert "served" in resumed(setup, GpuBenchConfig(**{**asdict(earlier), "served_clients": 128}))[1]  # the same load
 
@@ -210,9 +209,10 @@ def test_flops_count_attention_as_a_gpu_runs_it():
     assert flops_per_image(Attention(), inputs) == 2 * 4 * 16 * 16 * 8
 
 
-def test_a_cut_off_gpu_bench_resumes_where_it_stopped(tmp_path):
+def test_a_cut_off_gpu_bench_resumes_where_it_stopped(tmp_path, capsys):
     """--resume keeps the rows an earlier run measured, runs only the (model, mode) pairs it lacks or
-    failed, says what is still missing, and refuses a report measured on another card or with other code."""
+    failed, says what is still missing, refuses a report measured on another card, and measures again a part
+    timed by other code."""
     import json
 
     from flowmap.bench_gpu import GpuBenchConfig, run_gpu_bench
@@ -238,9 +238,13 @@ def test_a_cut_off_gpu_bench_resumes_where_it_stopped(tmp_path):
     out.with_suffix(".json").write_text(json.dumps({**saved, "device_name": "NVIDIA H100 80GB HBM3"}))
     with pytest.raises(ValueError, match="measured with device_name 'NVIDIA H100 80GB HBM3'"):
         run_gpu_bench(wanted)
-    out.with_suffix(".json").write_text(json.dumps({**saved, "code": "0123456789ab"}))
-    with pytest.raises(ValueError, match="measured with code '0123456789ab'"):
-        run_gpu_bench(wanted)
+    for code in ({**saved["code"], "stages": "0123456789ab"}, "0123456789ab"):  # one version: an older report
+        out.with_suffix(".json").write_text(json.dumps({**saved, "code": code}))
+        capsys.readouterr()  # what the earlier runs said
+        again = run_gpu_bench(wanted)
+        assert "stages" in capsys.readouterr().out.split("timed by other code: ")[1].split(" (")[0]
+        assert {(r["mode"], r["batch"]) for r in again["stages"] if "batch" in r} == set(rows)
+        assert again["code"] == second["code"] and len(again["runs"]) == 3
 
 
 def test_the_readme_block_reads_a_report_without_a_peak_or_nvjpeg(tmp_path):
@@ -252,8 +256,9 @@ def test_the_readme_block_reads_a_report_without_a_peak_or_nvjpeg(tmp_path):
 
     report = json.loads((Path(__file__).resolve().parents[1] / "docs" / "gpu.json").read_text())
     report.pop("peak")
-    report["jpeg"] = [row for row in report["jpeg"] if not row["encoder"].startswith("nvjpeg")] + [
-        {"encoder": "nvjpeg", "skipped": "ModuleNotFoundError: No module named 'torchvision'"}]
+    report["jpeg"] = [{"encoder": "simplejpeg (cpu)", "side": 256, "ms_per_image": 1.287},  # a report may lack it
+                      {"encoder": "simplejpeg (cpu)", "side": 1024, "ms_per_image": 31.3587},
+                      {"encoder": "nvjpeg", "skipped": "ModuleNotFoundError: No module named 'torchvision'"}]
     report["stages"] = [{key: value for key, value in row.items() if key != "mfu"} for row in report["stages"]]
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "gpu.json").write_text(json.dumps(report))
@@ -265,3 +270,16 @@ def test_the_readme_block_reads_a_report_without_a_peak_or_nvjpeg(tmp_path):
                 if (row["model"], row["mode"]) == ("sit-xl/2", "compiled-graphs-bf16")}
     assert (f"| sit-xl/2 | compiled-graphs-bf16 | {compiled[1]} | {compiled[8]} | {compiled[32]} | {compiled[64]} "
             "| - |") in text  # no MFU without a peak
+
+
+def test_each_part_is_versioned_by_the_code_it_runs():
+    """A part's version hashes the files its modules import, inside functions too and transitively: the server's
+    encoder is timed by the served part, not by the stages, and the torch engine by both."""
+    from flowmap.bench_gpu import TIMED_MODULES
+    from flowmap.provenance import ROOT, imported_files
+
+    stages, served = (set(imported_files(TIMED_MODULES[part])) for part in ("stages", "served"))
+    engine, encoder, programs = (ROOT / name for name in ("server/torch_engine.py", "server/encoding.py",
+                                                          "export/programs.py"))
+    assert {engine, programs} <= stages and {engine, programs, encoder, ROOT / "server/app.py"} <= served
+    assert encoder not in stages and ROOT / "flowmap/gpu_report.py" not in served | stages  # rewording is free
