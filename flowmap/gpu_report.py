@@ -114,7 +114,7 @@ def encoded_clause(served: dict) -> str:
 def waits_clause(served: dict) -> str:
     """Where the encode stage's time went, how late the event loop ran, and the server's CPU (recorded since the
     encode stage held a request about 700 ms whichever encoder served it)."""
-    steps = {"wait": "waiting for an encode thread", "copy": "copying to the host", "encode": "encoding"}
+    steps = {"wait": "waiting for an encode thread", "copy": "making 8-bit pixels on the host", "encode": "encoding"}
     clauses = []
     if served.get("encode_ms_per_request"):
         clauses.append("the encode stage's ms a request: " + ", ".join(

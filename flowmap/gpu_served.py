@@ -86,7 +86,9 @@ def served(config: GpuBenchConfig, folder: Path, say) -> dict:
                                                             if text else np.zeros(rows, np.int64)}),
                                 (bundle.decoder, decoder_rows, {"latent": np.zeros((decoder_rows, *latent),
                                                                                    np.float32)})):
-        engine = TorchProgramEngine(graph.program, graph.path.stem, batch, options, buckets=(batch,))
+        # the decoder as the server runs it: its images left on the device, their 8-bit pixels copied to the host
+        engine = TorchProgramEngine(graph.program, graph.path.stem, batch, options, buckets=(batch,),
+                                    device_output=graph is bundle.decoder)
         try:
             limit_ms += timed_ms(lambda engine=engine, feeds=feeds: engine.run(feeds), config.repeats) / batch
         finally:

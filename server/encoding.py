@@ -26,13 +26,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.imaging import on_host, png_bytes, to_uint8
+from server.imaging import DeviceImages, on_host, png_bytes, to_uint8
 
 log = logging.getLogger("flowmap.encoding")
 
 FORMATS = ("png", "jpeg", "webp")
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-ENCODE_STEPS = ("wait", "copy", "encode")  # for an encode thread; the images to the host; pixels to bytes
+# for an encode thread; the images to the host as 8-bit pixels; pixels to bytes
+ENCODE_STEPS = ("wait", "copy", "encode")
 # OpenAI's default: 100 is the least compression (the best quality) for jpeg and webp
 DEFAULT_COMPRESSION = 100
 OWN_PNG_MAX_PIXELS = 128 * 128  # our PNG writer wins up to this size, Pillow's level 1 beyond
@@ -83,7 +84,12 @@ def encode_image(pixels: np.ndarray, output: OutputFormat) -> bytes:
 
 def encode_b64(images: np.ndarray, output: OutputFormat) -> list[str]:
     """[N, C, H, W] images in [-1, 1] -> base64 strings of the encoded images."""
-    return [base64.b64encode(encode_image(pixels, output)).decode() for pixels in to_uint8(images)]
+    return encode_pixels_b64(to_uint8(images), output)
+
+
+def encode_pixels_b64(pixels: np.ndarray, output: OutputFormat) -> list[str]:
+    """[N, H, W, C] uint8 images -> base64 strings of the encoded images."""
+    return [base64.b64encode(encode_image(image, output)).decode() for image in pixels]
 
 
 class Encoder:
@@ -121,16 +127,18 @@ class Encoder:
         started = time.perf_counter()
         if self.on_gpu(images, output):
             try:
+                on_device = images.images if isinstance(images, DeviceImages) else images
                 encoded = [base64.b64encode(data).decode()
-                           for data in self.gpu_jpeg.encode(images, output.compression, output.upscale)]
+                           for data in self.gpu_jpeg.encode(on_device, output.compression, output.upscale)]
                 self._spent("encode", time.perf_counter() - started)
                 return self._count("nvjpeg", encoded)
             except Exception:  # an admitted request gets its images: the CPU encoder makes the same format
                 log.exception("GPU JPEG encoding failed; encoding this request on the CPU")
                 started = time.perf_counter()
-        pixels = on_host(images)
+        # the torch backend's decoder quantised its batch on the device and copied it to the host once
+        pixels = images.pixels if isinstance(images, DeviceImages) else to_uint8(on_host(images))
         copied = time.perf_counter()
-        encoded = encode_b64(pixels, output)
+        encoded = encode_pixels_b64(pixels, output)
         self._spent("copy", copied - started)
         self._spent("encode", time.perf_counter() - copied)
         return self._count("cpu", encoded)

@@ -18,8 +18,8 @@ class Engine(Protocol):
     max_batch: int
     buckets: tuple[int, ...]  # batch sizes the backend is fastest at (padding targets); () = any size
 
-    # an array with rows first, sliced per request by the batcher: numpy, or (the torch backend's decoder) a
-    # tensor left on its device until encoded (server/imaging.on_host copies it where the host needs it)
+    # an array with rows first, sliced per request by the batcher: numpy, or (the torch backend's decoder)
+    # server/imaging.DeviceImages: its images left on its device, their 8-bit pixels on the host
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray: ...
 
 
@@ -190,7 +190,8 @@ def _graphs(bundle: Bundle) -> dict[str, Graph]:
 
 
 def _program_engines(graphs: dict[str, Graph], settings) -> dict[str, Engine]:
-    # the decoder's images stay on the device until encoded (a tensor on the CPU too: one path, tested in CI)
+    # the decoder's images stay on the device, their pixels come to the host per batch (on the CPU too: one path,
+    # tested in CI)
     return {name: _program_engine(name, graph, settings, device_output=name == "decoder")
             for name, graph in graphs.items()}
 

@@ -12,6 +12,14 @@ import contextlib
 import numpy as np
 
 
+def quantised(images):
+    """[N, C, H, W] in [-1, 1], a tensor -> uint8 [N, C, H, W] where it is: server/imaging.py's `to_uint8` (clip,
+    scale, round half to even) in torch, so a device's pixels are the host's to the bit."""
+    import torch
+
+    return ((images.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+
+
 class CudaJpeg:
     """Batched JPEG encoding on a CUDA device (or any device torchvision encodes on)."""
 
@@ -24,8 +32,7 @@ class CudaJpeg:
 
     def uint8(self, images) -> object:
         """[N, C, H, W] in [-1, 1] (numpy or a tensor) -> uint8 [N, C, H, W] on the device."""
-        x = self.torch.as_tensor(images).to(self.device, non_blocking=True)
-        return ((x.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(self.torch.uint8)
+        return quantised(self.torch.as_tensor(images).to(self.device, non_blocking=True))
 
     def encode(self, images, quality: int, upscale: int = 1) -> list[bytes]:
         """JPEG bytes of [N, C, H, W] images in [-1, 1]: a host array, or a device tensor that is ready or being

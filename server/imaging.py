@@ -7,13 +7,37 @@ import base64
 import io
 import struct
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 
 
+@dataclass(frozen=True)
+class DeviceImages:
+    """A batch of images as the torch backend's decoder hands them on: `images` in [-1, 1], [N, C, H, W], a tensor
+    on its device (what scoring, raw arrays and nvJPEG read), and `pixels`, their 8-bit [N, H, W, C] quantising
+    (`to_uint8`'s) made on the device and copied to the host in one go per batch (what the CPU encoders read: no
+    request copies its own images, nor quantises them on the CPU). Rows slice and join as an array's do."""
+
+    images: object
+    pixels: np.ndarray
+
+    def __getitem__(self, rows) -> DeviceImages:
+        return DeviceImages(self.images[rows], self.pixels[rows])
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape)
+
+
 def on_host(images) -> np.ndarray:
-    """Images as a numpy array: a torch tensor (the torch backend's decoder keeps its images on its
-    device until they are encoded) is copied to the host; a numpy array is returned as it is."""
+    """Images as a numpy array: a torch tensor (the torch backend keeps a decoder's images on its device until
+    they are encoded), or DeviceImages' `images`, is copied to the host; a numpy array is returned as it is."""
+    if isinstance(images, DeviceImages):
+        images = images.images
     return images if isinstance(images, np.ndarray) else images.cpu().numpy()
 
 
@@ -26,16 +50,19 @@ async def to_host(images) -> np.ndarray:
 
 def join_rows(parts: list):
     """Row blocks joined in order where they are: numpy arrays on the host, the torch backend's tensors on their
-    device (a decoder's images split across its batches)."""
+    device, DeviceImages on both (a decoder's images split across its batches)."""
     if all(isinstance(part, np.ndarray) for part in parts):
         return np.concatenate(parts)
+    if all(isinstance(part, DeviceImages) for part in parts):
+        return DeviceImages(join_rows([part.images for part in parts]), np.concatenate([part.pixels for part in parts]))
     import torch  # only the torch backend hands tensors over
 
     return torch.cat([torch.as_tensor(part) for part in parts])
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[N, C, H, W] in [-1, 1] -> [N, H, W, C] uint8 (values clipped, rounded half to even)."""
+    """[N, C, H, W] in [-1, 1] -> [N, H, W, C] uint8 (values clipped, rounded half to even; server/gpu_jpeg.py's
+    `quantised` is the same on a device)."""
     pixels = np.rint((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
     return pixels.transpose(0, 2, 3, 1)
 

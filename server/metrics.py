@@ -44,8 +44,9 @@ class Metrics:
         self.images_encoded = Counter("flowmap_images_encoded", "Images encoded (png, jpeg or webp) by encoder: "
                                       "nvjpeg on the GPU, or cpu", ["encoder"], registry=reg)
         self.encode_seconds = Counter("flowmap_encode_seconds", "Encoding's time summed over requests, by step: "
-                                      "wait (for an encode thread), copy (the images from the device to the host), "
-                                      "encode (pixels to bytes)", ["step"], registry=reg)
+                                      "wait (for an encode thread), copy (the images to 8-bit pixels on the host, "
+                                      "which the torch backend's decoder makes per batch), encode (pixels to bytes)",
+                                      ["step"], registry=reg)
         self.loop_lag = Histogram("flowmap_event_loop_lag_seconds", "How much later than asked the event loop woke "
                                   "from a short sleep: its own work, or other threads holding the GIL, delay every "
                                   "request's every step by as much", buckets=LATENCY_BUCKETS, registry=reg)

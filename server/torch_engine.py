@@ -36,6 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
+from server.gpu_jpeg import quantised
+from server.imaging import DeviceImages
+
 log = logging.getLogger("flowmap.torch")
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -185,8 +188,9 @@ class TorchProgramEngine:
                  buckets: tuple[int, ...] | None = None, device_output: bool = False):
         import torch
 
-        # device_output: `run` answers a float32 tensor on the device, not a host array (the decoder's images
-        # stay on the GPU until nvJPEG encodes them; server/imaging.on_host copies them where needed)
+        # device_output: `run` answers DeviceImages (server/imaging.py), not a host array: the decoder's float
+        # images stay on the GPU (nvJPEG, scoring and raw arrays read them there or copy them), and their 8-bit
+        # pixels come to the host in one copy per batch for the CPU encoders
         self.torch, self.name, self.options, self.device_output = torch, name, options, device_output
         self.device = torch.device(options.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -370,7 +374,7 @@ class TorchProgramEngine:
         if self.device.type == "cuda":
             self.torch.cuda.empty_cache()
 
-    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray | DeviceImages:
         """One batch, done when it returns: a device output is ready for any stream that reads it."""
         return self._in_thread(self._run, feeds)
 
@@ -382,9 +386,19 @@ class TorchProgramEngine:
             output = self._call(inputs)
             if not self.device_output:
                 return output.cpu().numpy()  # the copy waits for the batch
+            pixels = self._pixels_on_host(output)
             if self.stream is not None:
-                self.stream.synchronize()
+                self.stream.synchronize()  # the batch and its pixels' copy
                 # its readers on the default stream (a search keeping its best rows) may still be queued when it is
                 # freed: its memory waits for them before this stream gets it again
                 output.record_stream(self.torch.cuda.default_stream(self.device))
-            return output
+            return DeviceImages(output, pixels.numpy())
+
+    def _pixels_on_host(self, images):
+        """The batch's 8-bit [N, H, W, C] pixels, quantised on the device and queued for the host in one copy (into
+        pinned memory on a GPU, so the copy runs on the engine's stream)."""
+        pixels = quantised(images).permute(0, 2, 3, 1).contiguous()
+        if self.stream is None:
+            return pixels.cpu()
+        host = self.torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
+        return host.copy_(pixels, non_blocking=True)

@@ -140,7 +140,7 @@ def test_a_gpu_jpeg_encoder_that_cannot_start_leaves_jpeg_to_the_cpu(caplog):
 
 def test_the_encoder_times_its_waits_its_copies_and_its_encoding():
     """With one thread and two requests at once, the second waits about as long as the first takes to encode: the
-    wait is counted apart from the encoding (a host array needs no copy)."""
+    wait is counted apart from the encoding, and so is the quantising to 8-bit pixels (a host array's copy)."""
     from prometheus_client import CollectorRegistry, Counter
 
     registry = CollectorRegistry()
@@ -157,5 +157,5 @@ def test_the_encoder_times_its_waits_its_copies_and_its_encoding():
     asyncio.run(two_at_once())
     spent = {step: registry.get_sample_value("encode_seconds_total", {"step": step}) for step in ("wait", "copy",
                                                                                                   "encode")}
-    assert spent["encode"] > 0 and spent["copy"] < 0.1 * spent["encode"]
+    assert 0 < spent["copy"] < spent["encode"]  # quantising costs less than a PNG's compression
     assert 0.3 * spent["encode"] < spent["wait"] < spent["encode"]  # one request waited for the other's encoding

@@ -14,6 +14,7 @@ from PIL import Image, JpegImagePlugin
 from export.bundle import read_bundle
 from export.tensorrt import random_feeds
 from export.writer import export_bundle
+from server.imaging import to_uint8
 
 from serving import Server
 
@@ -130,9 +131,10 @@ def test_an_engine_runs_on_its_own_stream_and_returns_when_its_batch_is_done(pro
     assert engine.stream.query()  # run returned after its stream had finished
     reader = torch.cuda.Stream()
     with torch.cuda.stream(reader):  # a stream that waits for neither
-        actual = output.cpu().numpy()
+        actual = output.images.cpu().numpy()
     assert not torch.cuda.default_stream().query()  # all of it while the default stream still spun
     assert np.abs(actual - expected).max() <= 0.05 * np.abs(expected).max()
+    np.testing.assert_array_equal(output.pixels, to_uint8(actual))  # its pixels' copy came with the batch
     torch.cuda.synchronize()
 
 

@@ -396,6 +396,50 @@ def test_a_decoder_deployment_runs_the_backend_the_settings_name(tiny_latent):
     np.testing.assert_allclose(ours, on_onnx.run(feeds), atol=1e-3)
 
 
+def test_a_decoder_hands_on_its_images_on_the_device_and_their_pixels_on_the_host(tiny_latent):
+    """The served decoder's batch: its float images stay where it ran, and their 8-bit pixels, quantised there,
+    are on the host to the bit as the CPU quantises them; rows slice and join in pairs, and the encoder makes
+    from the pixels the bytes it makes from the floats."""
+    import asyncio
+
+    import torch
+
+    from server.encoding import Encoder, OutputFormat, encode_b64
+    from server.imaging import DeviceImages, join_rows, on_host, to_uint8
+
+    decoder = read_bundle(tiny_latent[0]).decoder
+    engine = TorchProgramEngine(decoder.program, "decoder", 4, TorchOptions(), device_output=True)
+    feeds = random_feeds(ort.InferenceSession(str(decoder.path)).get_inputs(), 3, 10, seed=1)
+    out = engine.run(feeds)
+    assert isinstance(out, DeviceImages) and isinstance(out.images, torch.Tensor) and out.shape[0] == len(out) == 3
+    floats = on_host(out)
+    np.testing.assert_array_equal(out.pixels, to_uint8(floats))
+    joined = join_rows([out[:1], out[1:]])
+    assert torch.equal(joined.images, out.images) and np.array_equal(joined.pixels, out.pixels)
+    encoder = Encoder(1)
+    try:
+        for output in (OutputFormat("png"), OutputFormat("jpeg", 90)):
+            assert asyncio.run(encoder.encode(out[1:], output)) == encode_b64(floats[1:], output)
+    finally:
+        encoder.close()
+
+
+def test_the_device_quantises_as_the_host_does_halves_and_overflow_included():
+    """Values about half-way between two levels round as numpy rounds them, and values outside [-1, 1] clip, in
+    torch as in numpy: the same pixels whichever side quantised them."""
+    import torch
+
+    from server.gpu_jpeg import quantised
+    from server.imaging import to_uint8
+
+    halves = (np.arange(0, 255, dtype=np.float32) + 0.5) / np.float32(127.5) - 1
+    values = np.concatenate([halves, np.linspace(-3, 3, 97, dtype=np.float32)]).reshape(1, 1, 1, -1)
+    expected = to_uint8(values)
+    truncated = np.floor((np.clip(values, -1, 1) + 1) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)
+    assert (expected != truncated).sum() > 50  # rounding decides many of them
+    np.testing.assert_array_equal(quantised(torch.from_numpy(values)).permute(0, 2, 3, 1).numpy(), expected)
+
+
 def test_a_search_scores_a_host_copy_that_replaces_the_device_candidates():
     """The verifier reads a host copy of the decoded candidates; it replaces the torch decoder's tensor, so a
     search's N candidates do not hold the GPU's memory while the verifier's queue drains."""
