@@ -34,11 +34,14 @@ from flowmap.reports import write_report
 # that code is the same
 TIMED_MODULES = {"peak": ("flowmap.gpu_stages",), "stages": ("flowmap.gpu_stages",), "jpeg": ("flowmap.gpu_served",),
                  "served": ("flowmap.gpu_served", "server.main")}  # the server's process runs server.main
+# and with these files alone: the served server starts through `flowmap serve` (its flags to settings), whose
+# module imports every other command's code too
+TIMED_FILES = {"served": ("flowmap/cli.py",)}
 
 
 def code_versions() -> dict[str, str]:
     """Each part's timed code's version (flowmap/provenance.py)."""
-    return {part: code_version(modules) for part, modules in TIMED_MODULES.items()}
+    return {part: code_version(modules, TIMED_FILES.get(part, ())) for part, modules in TIMED_MODULES.items()}
 
 
 def run_gpu_bench(config: GpuBenchConfig) -> dict:
@@ -128,7 +131,7 @@ def resumed(fresh: dict, config: GpuBenchConfig) -> tuple[dict, set[str], list[s
         and (part != "served" or served_as(earlier["config"]) == served_as(asdict(config)))}
     runs = earlier.get("runs", [earlier["config"]])
     kept = {key: value for key, value in earlier.items() if key not in WHOLE_PARTS or key in done}
-    other_code = [part for part in PARTS if part not in same and (part in earlier or part == "stages"
-                                                                  and earlier.get("stages"))]
+    other_code = [part for part in PARTS if part in config.parts and part not in same
+                  and (earlier.get("stages") if part == "stages" else part in earlier)]
     return {**kept, "code": fresh["code"], "config": asdict(config), "runs": [*runs, asdict(config)],
             "stages": stages, "errors": []}, done, other_code

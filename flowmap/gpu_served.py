@@ -114,8 +114,8 @@ def served(config: GpuBenchConfig, folder: Path, say) -> dict:
             result = asyncio.run(run_load("127.0.0.1", server.port, "/v1/generate", bodies, count,
                                           config.served_seconds, 1, warmup_s=warmup_s)).summary()
             seconds = time.perf_counter() - tick
-            cores = {thread: round((spent - cpu[thread]) / seconds, 2)
-                     for thread, spent in thread_cpu_s(server.process.pid).items()}
+            after = thread_cpu_s(server.process.pid)
+            cores = {thread: round((after[thread] - cpu[thread]) / seconds, 2) for thread in after if cpu}
             runs.append((result, served_use(before, server.metrics(), seconds) | ({"cpu_cores": cores} if cores
                                                                                   else {})))
     finally:

@@ -21,13 +21,16 @@ def _file_of(module: str) -> Path | None:
 
 def _imports(path: Path) -> set[str]:
     """Every module a file names in an import, at its top or inside a function (`from a import b` names a.b too:
-    b may be a module)."""
+    b may be a module; `from . import b` is read from the file's package)."""
     named = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             named |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            named |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            package = path.relative_to(ROOT).parent.parts
+            base = ".".join([*package[:len(package) - node.level + 1], *([node.module] if node.module else [])]) \
+                if node.level else node.module
+            named |= {base} | {f"{base}.{alias.name}" for alias in node.names}
     return named
 
 
@@ -42,9 +45,10 @@ def imported_files(roots: tuple[str, ...]) -> list[Path]:
     return sorted(seen)
 
 
-def code_version(roots: tuple[str, ...]) -> str:
-    """The first 12 hex digits of the sha256 of `imported_files(roots)`, names and contents."""
+def code_version(roots: tuple[str, ...], files: tuple[str, ...] = ()) -> str:
+    """The first 12 hex digits of the sha256 of `imported_files(roots)` and of `files` (paths in the repository,
+    their imports not followed), names and contents."""
     digest = hashlib.sha256()
-    for path in imported_files(roots):
+    for path in sorted(set(imported_files(roots)) | {ROOT / name for name in files}):
         digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]

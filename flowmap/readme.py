@@ -217,7 +217,7 @@ def search_block(root: Path) -> str:
 
 
 def gpu_block(root: Path) -> str:
-    from flowmap.bench_gpu import TIMED_MODULES, code_versions
+    from flowmap.bench_gpu import TIMED_FILES, TIMED_MODULES, code_versions
     from flowmap.gpu_report import missing, one_step_line, served_line
 
     report = _load(root / "docs" / "gpu.json")
@@ -258,8 +258,10 @@ def gpu_block(root: Path) -> str:
     changed = [part for part, version in code_versions().items() if versions.get(part) != version
                and (part in report or part == "stages" and rows)]
     if changed:
+        code = {part: ", ".join(TIMED_MODULES[part]) + ", with their imports"
+                + "".join(f", and {name}" for name in TIMED_FILES.get(part, ())) for part in changed}
         lines += ["", "Measured with an earlier version of the code that times " + ", ".join(
-            f"{part} ({', '.join(TIMED_MODULES[part])}, with their imports)" for part in changed)
+            f"{part} ({code[part]})" for part in changed)
             + ": the next `scripts/gpu_check.sh` measures these parts again, and resumes from the others."]
     lines += ["", "| goal | measured | met |", "|---|---:|---|",
               *(f"| {goal} | {judged['measured']} | {'yes' if judged['met'] else '**no**'} |"

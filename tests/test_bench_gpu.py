@@ -238,12 +238,14 @@ def test_a_cut_off_gpu_bench_resumes_where_it_stopped(tmp_path, capsys):
     out.with_suffix(".json").write_text(json.dumps({**saved, "device_name": "NVIDIA H100 80GB HBM3"}))
     with pytest.raises(ValueError, match="measured with device_name 'NVIDIA H100 80GB HBM3'"):
         run_gpu_bench(wanted)
+    stale = [{**row, "ms": -1.0} for row in saved["stages"]]  # what other code measured: must not stay
     for code in ({**saved["code"], "stages": "0123456789ab"}, "0123456789ab"):  # one version: an older report
-        out.with_suffix(".json").write_text(json.dumps({**saved, "code": code}))
+        out.with_suffix(".json").write_text(json.dumps({**saved, "code": code, "stages": stale}))
         capsys.readouterr()  # what the earlier runs said
         again = run_gpu_bench(wanted)
         assert "stages" in capsys.readouterr().out.split("timed by other code: ")[1].split(" (")[0]
         assert {(r["mode"], r["batch"]) for r in again["stages"] if "batch" in r} == set(rows)
+        assert all(r["ms"] > 0 for r in again["stages"] if "batch" in r)
         assert again["code"] == second["code"] and len(again["runs"]) == 3
 
 
@@ -275,11 +277,13 @@ def test_the_readme_block_reads_a_report_without_a_peak_or_nvjpeg(tmp_path):
 def test_each_part_is_versioned_by_the_code_it_runs():
     """A part's version hashes the files its modules import, inside functions too and transitively: the server's
     encoder is timed by the served part, not by the stages, and the torch engine by both."""
-    from flowmap.bench_gpu import TIMED_MODULES
-    from flowmap.provenance import ROOT, imported_files
+    from flowmap.bench_gpu import TIMED_MODULES, code_versions
+    from flowmap.provenance import ROOT, code_version, imported_files
 
     stages, served = (set(imported_files(TIMED_MODULES[part])) for part in ("stages", "served"))
     engine, encoder, programs = (ROOT / name for name in ("server/torch_engine.py", "server/encoding.py",
                                                           "export/programs.py"))
     assert {engine, programs} <= stages and {engine, programs, encoder, ROOT / "server/app.py"} <= served
     assert encoder not in stages and ROOT / "flowmap/gpu_report.py" not in served | stages  # rewording is free
+    assert ROOT / "flowmap/cli.py" not in served  # its other commands would drag every bench in
+    assert code_versions()["served"] != code_version(TIMED_MODULES["served"])  # but `flowmap serve` counts

@@ -404,7 +404,7 @@ def test_a_decoder_hands_on_its_images_on_the_device_and_their_pixels_on_the_hos
 
     import torch
 
-    from server.encoding import Encoder, OutputFormat, encode_b64
+    from server.encoding import Encoder, OutputFormat, encode_b64, encode_pixels_b64
     from server.imaging import DeviceImages, join_rows, on_host, to_uint8
 
     decoder = read_bundle(tiny_latent[0]).decoder
@@ -420,6 +420,10 @@ def test_a_decoder_hands_on_its_images_on_the_device_and_their_pixels_on_the_hos
     try:
         for output in (OutputFormat("png"), OutputFormat("jpeg", 90)):
             assert asyncio.run(encoder.encode(out[1:], output)) == encode_b64(floats[1:], output)
+        # the encoder reads the host pixels, not the device images
+        inverted = DeviceImages(out.images, 255 - out.pixels)
+        assert asyncio.run(encoder.encode(inverted, OutputFormat("png"))) == encode_pixels_b64(255 - out.pixels,
+                                                                                                 OutputFormat("png"))
     finally:
         encoder.close()
 
