@@ -23,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from flowmap.gpu_config import MODELS, MODES, PARTS, WHOLE_PARTS, GpuBenchConfig
-from flowmap.gpu_report import ANCHORS, goals, measured, plot, to_markdown
+from flowmap.gpu_report import ANCHORS, goals, measured, plot, timed_by_other_code, to_markdown
 from flowmap.gpu_served import jpeg_rows, servable_bundle, served, served_clients
 from flowmap.gpu_stages import matmul_peak, stage_rows
 from flowmap.provenance import code_version
@@ -116,10 +116,9 @@ def resumed(fresh: dict, config: GpuBenchConfig) -> tuple[dict, set[str], list[s
         if earlier.get(key) != fresh[key]:
             raise ValueError(f"--resume: {config.out}.json was measured with {key} {earlier.get(key)!r}, this run has "
                              f"{fresh[key]!r}; timings from two setups do not go in one report")
-    versions = earlier.get("code") if isinstance(earlier.get("code"), dict) else {}  # one version: an older report
-    same = {part for part in PARTS if versions.get(part) == fresh["code"][part]}
+    other_code = timed_by_other_code(earlier, fresh["code"])
     failed = {error.split(":")[0] for error in earlier.get("errors", [])}
-    stages = [row for row in earlier.get("stages", []) if "stages" in same
+    stages = [row for row in earlier.get("stages", []) if "stages" not in other_code
               and f"stages {row['model']}" not in failed and measured(row)]
     def served_as(run: dict) -> tuple:  # a served figure stands only for the bundle and load it was measured with
         bundle, batch = run.get("served_bundle", ""), max(run["batches"])
@@ -127,11 +126,9 @@ def resumed(fresh: dict, config: GpuBenchConfig) -> tuple[dict, set[str], list[s
                 served_clients(run["served_clients"], batch))
 
     done = {f"stages {row['model']} {row['mode']}" for row in stages} | {
-        part for part in WHOLE_PARTS if part in earlier and part in same and part not in failed
+        part for part in WHOLE_PARTS if part in earlier and part not in other_code and part not in failed
         and (part != "served" or served_as(earlier["config"]) == served_as(asdict(config)))}
     runs = earlier.get("runs", [earlier["config"]])
     kept = {key: value for key, value in earlier.items() if key not in WHOLE_PARTS or key in done}
-    other_code = [part for part in PARTS if part in config.parts and part not in same
-                  and (earlier.get("stages") if part == "stages" else part in earlier)]
     return {**kept, "code": fresh["code"], "config": asdict(config), "runs": [*runs, asdict(config)],
-            "stages": stages, "errors": []}, done, other_code
+            "stages": stages, "errors": []}, done, [part for part in other_code if part in config.parts]

@@ -5,7 +5,7 @@ stop a lent GPU from resuming what an earlier run measured.
 
 from __future__ import annotations
 
-from flowmap.gpu_config import DECODERS, MODES, ONE_STEP, WHOLE_PARTS
+from flowmap.gpu_config import DECODERS, MODES, ONE_STEP, PARTS, WHOLE_PARTS
 from flowmap.reports import pyplot, save_figure
 from server.torch_engine import LOW_PRECISION_TOLERANCE
 
@@ -126,6 +126,14 @@ def waits_clause(served: dict) -> str:
         clauses.append(f"the server's threads kept {cores['process']} cores busy, its event loop "
                        f"{cores['event_loop']}")
     return "".join(f"; {clause}" for clause in clauses)
+
+
+def timed_by_other_code(report: dict, versions: dict[str, str]) -> list[str]:
+    """The parts `report` holds figures of that code other than `versions` (each part's) timed: a report from before
+    parts had versions of their own was timed by other code in every part."""
+    recorded = report.get("code") if isinstance(report.get("code"), dict) else {}
+    held = [part for part in PARTS if (report.get("stages") if part == "stages" else part in report)]
+    return [part for part in held if recorded.get(part) != versions[part]]
 
 
 def code_line(versions) -> str:

@@ -218,7 +218,7 @@ def search_block(root: Path) -> str:
 
 def gpu_block(root: Path) -> str:
     from flowmap.bench_gpu import TIMED_FILES, TIMED_MODULES, code_versions
-    from flowmap.gpu_report import missing, one_step_line, served_line
+    from flowmap.gpu_report import missing, one_step_line, served_line, timed_by_other_code
 
     report = _load(root / "docs" / "gpu.json")
     if report is None:
@@ -254,9 +254,7 @@ def gpu_block(root: Path) -> str:
     lacking = missing(report)
     if lacking:
         lines += ["", "Not measured yet (cut off by the device time, or failed): " + ", ".join(lacking) + "."]
-    versions = report.get("code") if isinstance(report.get("code"), dict) else {}  # one version: an older report
-    changed = [part for part, version in code_versions().items() if versions.get(part) != version
-               and (part in report or part == "stages" and rows)]
+    changed = timed_by_other_code(report, code_versions())
     if changed:
         code = {part: ", ".join(TIMED_MODULES[part]) + ", with their imports"
                 + "".join(f", and {name}" for name in TIMED_FILES.get(part, ())) for part in changed}

@@ -154,7 +154,7 @@ class Encoder:
 
     async def encode(self, images, output: OutputFormat) -> list[str]:
         """Base64 strings of `images` ([N, C, H, W] in [-1, 1]: a numpy array, or the torch backend's tensor on
-        its device) in the requested format."""
+        its device or DeviceImages) in the requested format."""
         # on the event loop only host images for the CPU: a GPU encode, or a tensor's copy, waits for the device
         inline = isinstance(images, np.ndarray) and not self.on_gpu(images, output)
         pixels = images.shape[2] * images.shape[3] * output.upscale ** 2 * len(images)
