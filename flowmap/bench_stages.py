@@ -6,7 +6,8 @@ is its own, torch eager beside ONNX Runtime. Then a real-size latent bundle (SiT
 teacher, the tiny decoder; random weights, built under runs/ when absent) is served over HTTP and its
 throughput compared with the limit the stage costs imply. Text: the CLIP-L and T5-large text encoders
 as stages, and a FLUX-layout text bundle with those encoders served with the prompt cache on and off
-under a demo's prompt mix (a few prompts repeated) and an API's (every prompt new).
+under a demo's prompt mix (a few prompts repeated) and an API's (every prompt new). Last, how long an encode
+job waits for the GIL beside busy Python threads, by switch interval (flowmap/gil_handoff.py).
 Writes docs/stages.{md,json,png}; `parts` re-measures some parts and keeps the others from the last report."""
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+from flowmap.gil_handoff import handoff_rows, handoff_table
 from flowmap.reports import pyplot, save_figure, write_report
 from flowmap.timing import timed_ms
+
+PARTS = ("encoders", "stages", "served", "text", "text-served", "handoffs")
 
 
 @dataclass
@@ -45,7 +49,10 @@ class StagesBenchConfig:
     text_encoders: tuple[str, ...] = ("clip-l", "t5-large")  # CLIP-L (77 tokens), T5-large (256; XXL won't fit)
     text_bundle: str = "runs/text-bundle"  # a FLUX-layout bundle with those encoders (built when absent)
     demo_prompts: int = 8  # the demo mix: requests cycle through this many prompts
-    parts: tuple[str, ...] = ("encoders", "stages", "served", "text", "text-served")  # the rest: from the last report
+    handoff_intervals_ms: tuple[float, ...] = (5.0, 1.0, 0.5)  # GIL switch intervals (CPython's default first)
+    handoff_busy_threads: tuple[int, ...] = (0, 1, 4)  # busy pure-Python threads beside the encode jobs
+    handoff_seconds: float = 2.0  # each hand-off trial
+    parts: tuple[str, ...] = PARTS  # the parts to measure; the others are kept from the last report
     out: str = "docs/stages"  # writes OUT.md, OUT.json and OUT.png
 
 
@@ -452,9 +459,6 @@ def stage_ms(metrics: dict, stages) -> dict:
     return out
 
 
-PARTS = ("encoders", "stages", "served", "text", "text-served")
-
-
 def run_stages_bench(config: StagesBenchConfig, progress: bool = True) -> dict:
     say = print if progress else (lambda *a, **k: None)
     parts = set(config.parts)
@@ -463,7 +467,7 @@ def run_stages_bench(config: StagesBenchConfig, progress: bool = True) -> dict:
     path = Path(config.out).with_suffix(".json")
     previous = json.loads(path.read_text()) if path.is_file() else {}
     keys = {"encoders": "encoders", "stages": "stages", "served": "served", "text": "stages",
-            "text-served": "text_served"}
+            "text-served": "text_served", "handoffs": "handoffs"}
     missing = [part for part in set(PARTS) - parts if keys[part] not in previous]
     if missing:
         raise ValueError(f"--parts: {path} has no earlier {', '.join(sorted(missing))} to keep; measure them too")
@@ -481,6 +485,10 @@ def run_stages_bench(config: StagesBenchConfig, progress: bool = True) -> dict:
     report["stages"] = network + text
     report["served"] = served_throughput(config, say) if "served" in parts else previous["served"]
     report["text_served"] = served_text(config, say) if "text-served" in parts else previous["text_served"]
+    if "handoffs" in parts:
+        say("[bench stages] encode jobs beside busy Python threads, by GIL switch interval")
+    report["handoffs"] = (handoff_rows(photo(256), config.handoff_intervals_ms, config.handoff_busy_threads,
+                                       config.handoff_seconds) if "handoffs" in parts else previous["handoffs"])
     report["limit"] = stage_limit(report)
     write_report(report, config.out, _plot, render_stages_markdown)
     return report
@@ -581,6 +589,16 @@ def render_stages_markdown(report: dict, plot_name: str) -> str:
         f"{report['config']['demo_prompts']} prompts, the API mix never repeats one.",
         "",
         *text_served_table(report),
+        "",
+        "## Threads back from GIL-free work",
+        "",
+        "The server's encode job (one 256 px photograph to a base64 JPEG, quality 90), run over and over in two "
+        "threads beside busy pure-Python threads (standing in for the event loop and the engines' glue). CPython "
+        "lets a busy thread keep the GIL for up to the switch interval (5 ms by default) while another waits, and the "
+        "job waits like that each time it comes back from the encoder. `--gil-switch-interval-ms` sets it; by "
+        "default 0.5 ms where the engines run on a GPU, 5 ms on a CPU.",
+        "",
+        *handoff_table(report["handoffs"]),
         "",
         "## Image encoders",
         "",

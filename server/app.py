@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from contextlib import asynccontextmanager
 
@@ -100,16 +101,19 @@ def create_app(settings: Settings | None = None, mount_ui: bool | None = None, r
                             for name, engine in engines.items()}
         service.admission = Admission.for_batchers(service.batchers, settings, service.metrics)
         on_gpu = settings.backend == "torch" and settings.device.startswith("cuda")
-        service.encoder = Encoder(settings.encode_workers, settings.device if on_gpu else None,
+        service.encoder = Encoder(settings.encode_threads(), settings.device if on_gpu else None,
                                   settings.gpu_jpeg_min_side, service.metrics.images_encoded,
                                   service.metrics.encode_seconds)
         for batcher in service.batchers.values():
             batcher.start()
         warming = asyncio.create_task(warm_up_or_stop(service, app.state.stop))
         lag = asyncio.create_task(watch_loop_lag(service.metrics.loop_lag))
+        python_default = sys.getswitchinterval()
+        sys.setswitchinterval(settings.switch_interval_s())
         try:
             yield
         finally:
+            sys.setswitchinterval(python_default)
             service.draining = True
             warming.cancel()
             lag.cancel()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -11,6 +12,15 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from server.encoding import GPU_JPEG_MIN_SIDE
 from server.torch_engine import LOW_PRECISION_TOLERANCE
 from ui.temp_files import DEFAULT_CACHE_SECONDS
+
+# On an H200 a served 256 px request's encode job took 12 ms of wall time for about 2.5 ms of CPU work (docs/gpu.md).
+# A thread back from GIL-free work (an encoder, an engine) waits up to the switch interval for a busy thread to let
+# go, each time: beside four busy Python threads a 256 px JPEG job took 12.3 ms at CPython's 5 ms and 1.8 ms at
+# 0.5 ms (docs/stages.md, `flowmap bench stages --parts handoffs`). On a CPU the event loop is the busy thread: served
+# digits at 64 clients made 3512 and 3576 images/s at 0.5 ms against 3708 and 3691 at 5 ms (a one-off A/B script, two
+# runs each, alternating), so a CPU keeps CPython's interval.
+GPU_SWITCH_INTERVAL_S = 0.0005
+PYTHON_SWITCH_INTERVAL_S = 0.005  # CPython's default
 
 
 class Settings(BaseSettings):
@@ -54,8 +64,14 @@ class Settings(BaseSettings):
                                      "finish by it is refused up front")
     prompt_cache_size: int = Field(4096, ge=0, description="text bundles: conditions of this many recent prompts "
                                    "kept, so a repeated prompt skips the text encoder; 0 = off")
-    encode_workers: int = Field(2, ge=1, le=64, description="threads that encode images (png/jpeg/webp) off the "
-                                "event loop; the encoders release the GIL")
+    encode_workers: int = Field(0, ge=0, le=64, description="threads that encode images (png/jpeg/webp) off the "
+                                "event loop; the encoders release the GIL. 0 = 2 on a CPU (the engines need its "
+                                "cores), half the cores (2..8) where the engines run on a GPU")
+    gil_switch_interval_ms: float = Field(0, ge=0, le=100, description="how long a Python thread may keep the "
+                                          "GIL from a thread that waits for it; 0 = 0.5 ms where the engines run on "
+                                          "a GPU (threads back from GIL-free work, engines and encoders, then wait "
+                                          "less behind a busy one), Python's own 5 ms on a CPU (where the event "
+                                          "loop is the busy thread and more hand-offs cost it throughput)")
     gpu_jpeg_min_side: int = Field(GPU_JPEG_MIN_SIDE, ge=0, description="torch backend on CUDA: RGB JPEG images this "
                                    "many pixels wide or high, or more, are encoded by nvJPEG on the GPU, smaller ones "
                                    "on the CPU (4:2:0, as the CPU backend encodes); 0 = all on the GPU")
@@ -72,6 +88,25 @@ class Settings(BaseSettings):
     access_log: bool = Field(False, description="uvicorn's per-request log line (costs about 4 percent of a core "
                              "under load)")
     verify_bundle: bool = Field(True, description="check every file's sha256 at start")
+
+    def engines_on_gpu(self) -> bool:
+        """Whether the engines run on a GPU (the torch backend on CUDA, TensorRT, onnxruntime's CUDA or TensorRT
+        providers), leaving the host's cores to the server's own threads."""
+        if self.backend == "onnxruntime":
+            return self.providers != "cpu"
+        return self.backend == "tensorrt" or self.device.startswith("cuda")
+
+    def switch_interval_s(self) -> float:
+        """The GIL switch interval the server runs with, in seconds (--gil-switch-interval-ms, 0 = by device)."""
+        if self.gil_switch_interval_ms:
+            return self.gil_switch_interval_ms / 1000
+        return GPU_SWITCH_INTERVAL_S if self.engines_on_gpu() else PYTHON_SWITCH_INTERVAL_S
+
+    def encode_threads(self) -> int:
+        """Encoding threads (--encode-workers, 0 = by device and cores)."""
+        if self.encode_workers:
+            return self.encode_workers
+        return min(8, max(2, (os.cpu_count() or 2) // 2)) if self.engines_on_gpu() else 2
 
     @field_validator("api_keys", "torch_float32_stages", mode="before")
     @classmethod

@@ -412,3 +412,34 @@ def test_sigterm_drains_in_flight_work():
     worker.join(60)
     assert outcome["response"].status_code == 200 and len(outcome["response"].json()["images"]) == 10
     assert srv.process.wait(30) == 0
+
+
+def test_engines_on_a_gpu_get_a_shorter_gil_switch_interval_and_more_encode_threads(monkeypatch):
+    """By default a server whose engines run on a GPU hands the GIL over ten times sooner than CPython (its threads
+    come back from GIL-free work and wait behind a busy one: docs/stages.md) and encodes in half the cores (2..8);
+    on a CPU it keeps Python's interval and two encode threads. Given values win."""
+    from server.settings import Settings
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    gpu = [Settings(backend="torch", device="cuda"), Settings(backend="tensorrt"),
+           Settings(providers="cuda"), Settings(providers="tensorrt")]
+    cpu = [Settings(), Settings(backend="torch")]
+    assert [s.engines_on_gpu() for s in gpu + cpu] == [True] * 4 + [False] * 2
+    assert {(s.switch_interval_s(), s.encode_threads()) for s in gpu} == {(0.0005, 8)}
+    assert {(s.switch_interval_s(), s.encode_threads()) for s in cpu} == {(0.005, 2)}
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert Settings(providers="cuda").encode_threads() == 2
+    given = Settings(providers="cuda", gil_switch_interval_ms=2, encode_workers=3)
+    assert (given.switch_interval_s(), given.encode_threads()) == (0.002, 3)
+
+
+def test_the_server_runs_with_its_switch_interval_and_puts_pythons_back():
+    before = sys.getswitchinterval()
+
+    async def run():
+        async with in_process(gil_switch_interval_ms=0.7, encode_workers=3) as (client, service):
+            assert (await client.get("/health/ready")).status_code == 200
+            return sys.getswitchinterval(), service.encoder.pool._max_workers
+
+    assert asyncio.run(run()) == (pytest.approx(0.0007), 3)
+    assert sys.getswitchinterval() == before
