@@ -12,6 +12,9 @@ MODES = {  # name -> the torch engine's options (server/torch_engine.py's TorchO
     "graphs-bf16": {"dtype": "bfloat16", "cuda_graphs": True},
     "compiled-bf16": {"dtype": "bfloat16", "compile": True},
     "compiled-graphs-bf16": {"dtype": "bfloat16", "compile": True, "cuda_graphs": True},  # "reduce-overhead"
+    # graphs with convolutions (the decoders) laid out channels-last (NHWC), the layout cuDNN works in
+    "graphs-bf16-nhwc": {"dtype": "bfloat16", "cuda_graphs": True, "channels_last": True},
+    "compiled-graphs-bf16-nhwc": {"dtype": "bfloat16", "compile": True, "cuda_graphs": True, "channels_last": True},
     # each bucket compiled static with inductor's tuned matrix products, CUDA graphs: "max-autotune"
     "autotuned-graphs-bf16": {"dtype": "bfloat16", "compile": True, "cuda_graphs": True,
                               "compile_mode": "max-autotune"},

@@ -40,7 +40,8 @@ def goals(report: dict) -> dict:
     rows = report.get("stages", [])
     for name in dict.fromkeys(r["model"] for r in rows):
         at = {r["mode"]: r for r in rows if r["model"] == name and r.get("batch") == 32}
-        # the goal's "compiled + CUDA graphs": the faster of its modes measured (default, autotuned)
+        # the goal's "compiled + CUDA graphs": the fastest of its modes measured (default, channels-last,
+        # autotuned)
         graphs = [(r["ms"], mode) for mode, r in at.items()
                   if MODES.get(mode, {}).get("compile") and MODES[mode].get("cuda_graphs")]
         for eager in ("eager-fp32", "eager-bf16"):  # against fp32 (the eager) and the same precision

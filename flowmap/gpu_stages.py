@@ -152,6 +152,10 @@ def stage_rows(name: str, modes: list[str], config: GpuBenchConfig, folder: Path
     flops = flops_per_image(graph, inputs)  # last: it leaves the graph on the meta device
     del graph
     for mode in modes:
+        # a denoiser has a convolution or none: a channels-last compile of it would cost a lent card minutes for nothing
+        if MODES[mode].get("channels_last") and name not in DECODERS:
+            keep([{"model": name, "mode": mode, "skipped": "channels-last is timed on the decoders"}])
+            continue
         if MODES[mode].get("cuda_graphs") and not config.cuda:
             keep([{"model": name, "mode": mode, "skipped": "CUDA graphs need a CUDA device"}])
             continue

@@ -7,11 +7,11 @@
 #   scripts/gpu_check.sh [OUT_DIR]      # default: $OUT, else gpu-check/
 #
 # The whole check keeps to TOTAL_S seconds (default 570: one call of a 10-minute limit): the tests get at most
-# TESTS_TIMEOUT_S (240) of it and the bench what is left (or BENCH_TIMEOUT_S). The bench rewrites its report
+# TESTS_TIMEOUT_S (270) of it and the bench what is left (or BENCH_TIMEOUT_S). The bench rewrites its report
 # after every mode and part, so one cut off keeps what it measured, and the check ends by saying how to go on:
 # RESUME_FROM=OUT_DIR/gpu.json goes on from that report (measured on the same card and torch: the bench refuses
 # another; a part timed by other code is measured again) and runs only what it lacks; RUN_TESTS=0 runs the bench alone.
-# BENCH_FLAGS replaces the bench's flags (default: the three modes the goals compare, --no-restart), e.g.
+# BENCH_FLAGS replaces the bench's flags (default: the modes the goals compare, --no-restart), e.g.
 # BENCH_FLAGS="--batches 1 8 32".
 # Without network, carry the wheels scripts/gpu_wheels.sh downloads (.whl/ in the checkout): they
 # are installed into a scratch folder first. With network, `pip install -e ".[train,dev]"` instead.
@@ -41,7 +41,7 @@ fi
 status=0
 if [ "${RUN_TESTS:-1}" = 1 ]; then
 # the gpu-marked modules only: other modules import packages (ray, gradio, playwright) a bare GPU image lacks
-timeout "$(left "${TESTS_TIMEOUT_S:-240}")" $PY -m pytest -q -m gpu -rs -p no:cacheprovider tests/test_gpu.py tests/test_gpu_torch.py \
+timeout "$(left "${TESTS_TIMEOUT_S:-270}")" $PY -m pytest -q -m gpu -rs -p no:cacheprovider tests/test_gpu.py tests/test_gpu_torch.py \
   2>&1 | tee "$OUT_DIR/gpu-tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
@@ -50,12 +50,13 @@ if [ -n "${RESUME_FROM:-}" ]; then
   [ "$RESUME_FROM" -ef "$OUT_DIR/gpu.json" ] || cp "$RESUME_FROM" "$OUT_DIR/gpu.json" || exit 1
   RESUME=(--resume)
 fi
-# the goals' modes only by default, and no restart timed from the compile cache (each costs a compiled start again):
-# a lent card's minutes are few. BENCH_FLAGS="--modes ..." naming more runs graphs-bf16 too; without --no-restart
-# the compiled modes time a restart
+# the goals' modes only by default (the decoders' also channels-last, which the compiled + CUDA graphs goal takes
+# where it is the faster), and no restart timed from the compile cache (each costs a compiled start again): a lent
+# card's minutes are few. BENCH_FLAGS="--modes ..." naming more runs graphs-bf16 too; without --no-restart the
+# compiled modes time a restart
 rm -f "$OUT_DIR/gpu.md"  # a report from an earlier check in this folder would say what this one lacks
 timeout "$(left "${BENCH_TIMEOUT_S:-}")" $PY -m flowmap.cli bench gpu --out "$OUT_DIR/gpu" \
-  "${RESUME[@]}" ${BENCH_FLAGS:---modes eager-fp32 eager-bf16 compiled-graphs-bf16 --no-restart} \
+  "${RESUME[@]}" ${BENCH_FLAGS:---modes eager-fp32 eager-bf16 compiled-graphs-bf16 compiled-graphs-bf16-nhwc --no-restart} \
   2>&1 | tee "$OUT_DIR/bench-gpu.txt"
 bench_status=${PIPESTATUS[0]}
 [ "$bench_status" -eq 0 ] || status=1

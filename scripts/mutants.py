@@ -278,6 +278,18 @@ MUTANTS = [
            "        loops[slot] += 1\n", "        pass\n",
            ("tests/test_gil_handoff.py::test_a_trial_runs_its_jobs_beside_its_busy_threads_at_its_interval_and_puts_"
             "the_interval_back",)),
+    Mutant("torch backend: channels-last weights transposed, not laid out", "server/torch_engine.py",
+           "parameters[name].data.contiguous(memory_format=torch.channels_last)",
+           "parameters[name].data.permute(0, 2, 3, 1).contiguous()",
+           ("tests/test_torch_backend.py::test_channels_last_lays_out_the_convolutions_and_answers_as_the_default_"
+            "layout",)),
+    Mutant("torch backend: channels-last inputs left as they came", "server/torch_engine.py",
+           "if not self.channels_last:\n            return inputs", "if True:\n            return inputs",
+           ("tests/test_torch_backend.py::test_channels_last_lays_out_the_convolutions_and_answers_as_the_default_"
+            "layout",)),
+    Mutant("GPU bench: a channels-last mode timed on a denoiser", "flowmap/gpu_stages.py",
+           "MODES[mode].get(\"channels_last\") and name not in DECODERS", "False",
+           ("tests/test_bench_gpu.py::test_the_gpu_bench_runs_every_part_on_a_cpu",)),
     Mutant("demo: the sweeper walks Gradio's live set of files", "ui/temp_files.py",
            "for name in list(names):", "for name in names:",
            ("tests/test_ui.py::test_the_sweeper_deletes_old_files_while_requests_add_new_ones",)),

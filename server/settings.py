@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     torch_compile_mode: str = Field("default", description="torch backend with --torch-compile: default, or "
                                     "max-autotune (each batch bucket compiled static with matrix-product kernels that "
                                     "inductor times against cuBLAS: minutes more at start, for a faster forward)")
+    torch_channels_last: bool = Field(False, description="torch backend: graphs with 2-D convolutions (VAE decoders) "
+                                      "run channels-last (NHWC), their weights and 4-D inputs laid out so: the "
+                                      "layout cuDNN's convolutions work in, which inductor picks itself only for "
+                                      "graphs compiled static in the batch")
     torch_parity_tolerance: float = Field(LOW_PRECISION_TOLERANCE, gt=0, description="torch backend: largest error of "
                                           "bfloat16/float16 against float32, relative to the output's largest value")
     intra_op_threads: int = Field(0, ge=0, description="threads per engine run; 0 = onnxruntime's default")
@@ -157,7 +161,7 @@ class Settings(BaseSettings):
 
         dtype = "float32" if engine and stage_of(engine) in self.torch_float32_stages else self.torch_dtype
         return TorchOptions(self.device, dtype, self.torch_compile, self.cuda_graphs, self.torch_parity_tolerance,
-                            self.torch_compile_cache, self.torch_compile_mode)
+                            self.torch_compile_cache, self.torch_compile_mode, self.torch_channels_last)
 
     @field_validator("providers")
     @classmethod

@@ -16,7 +16,9 @@ every bucket is compiled, at start; `compile_cache` keeps what it compiled on di
 `cuda_graphs` replays each bucket as a CUDA graph (through torch.compile's "reduce-overhead" mode when
 compiling, captured by hand otherwise). `compile_mode="max-autotune"` has inductor time its own matrix-product
 kernels against cuBLAS for each bucket, compiled static (a kernel tuned for one shape), and fuse what follows
-a product into it: minutes more at start, for a faster forward where the tuned kernels win. torch.compile
+a product into it: minutes more at start, for a faster forward where the tuned kernels win. `channels_last` lays
+out a graph's 2-D convolutions NHWC (their weights and its 4-D inputs), which inductor does itself only for graphs
+static in the batch. torch.compile
 keeps its CUDA graphs per thread (torch before 2.13 sets that state up only in the thread that imported it, and
 fails in any other), so such an engine makes every call, the start's included, in a thread of its own.
 
@@ -61,6 +63,9 @@ class TorchOptions:
     # same folder loads what the first start compiled ("": torch's default, a folder under /tmp)
     compile_cache: str = ""
     compile_mode: str = "default"  # or "max-autotune": each bucket compiled static with inductor's tuned kernels
+    # a program with 2-D convolutions: their weights and its 4-D inputs laid out channels-last (NHWC), the layout
+    # cuDNN's and oneDNN's convolution kernels work in (given NCHW they convert around each convolution)
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if self.compile_mode not in COMPILE_MODES:
@@ -153,6 +158,21 @@ def cast_matmul_weights(module, dtype, device_type: str) -> int:
     return len(cast)
 
 
+def channels_last_weights(module) -> int:
+    """Lay out, in place, the 4-D weights a program's 2-D convolutions read channels-last; returns how many."""
+    import torch
+
+    convolutions = {torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default}
+    read = {node.args[1].target for node in module.graph.nodes
+            if node.op == "call_function" and node.target in convolutions and node.args[1].op == "get_attr"}
+    parameters = dict(module.named_parameters())
+    laid_out = [name for name in read if name in parameters and parameters[name].dim() == 4]
+    with torch.no_grad():
+        for name in laid_out:
+            parameters[name].data = parameters[name].data.contiguous(memory_format=torch.channels_last)
+    return len(laid_out)
+
+
 def own_cuda_graph_trees() -> None:
     """Set up, in the calling thread, the per-thread state of torch.compile's CUDA graphs: torch before 2.13
     does so only in the thread that imported it and fails with a bare AssertionError in any other."""
@@ -210,6 +230,8 @@ class TorchProgramEngine:
             self.stream = torch.cuda.Stream(self.device)
         self.input_names = tuple(program.graph_signature.user_inputs)
         self.module = without_dtype_asserts(program.module())  # on the device with its program
+        # inductor lays out convolutions channels-last itself only in graphs static in the batch; here in any
+        self.channels_last = options.channels_last and channels_last_weights(self.module) > 0
         self.max_rows = batch_limit(program)  # a program traced through a batch-size branch runs fewer rows
         if max_batch > self.max_rows:
             log.warning("%s: the program runs at most %d rows a batch; batching at %d, not %d", name, self.max_rows,
@@ -298,10 +320,18 @@ class TorchProgramEngine:
         repeats = -(-rows // tensor.shape[0])
         return tensor.repeat(repeats, *([1] * (tensor.dim() - 1)))[:rows].contiguous()
 
+    def _laid_out(self, inputs: dict) -> dict:
+        """The inputs as the engine's convolutions read them: 4-D ones channels-last where the engine lays out so."""
+        if not self.channels_last:
+            return inputs
+        layout = self.torch.channels_last
+        return {name: value.contiguous(memory_format=layout) if value.dim() == 4 else value
+                for name, value in inputs.items()}
+
     def _check_parity(self, reference, example: dict) -> float:
         """The low-precision output's largest error against the float32 `reference`, relative to its scale."""
         with self.torch.no_grad(), self._autocast():
-            low = self.module(*example.values())
+            low = self.module(*self._laid_out(example).values())
         error = relative_error(reference, low)
         if not error <= self.options.parity_tolerance:
             raise ParityError(f"{self.name}: {self.options.dtype} differs from float32 by {error:.3g} of the output's "
@@ -323,6 +353,7 @@ class TorchProgramEngine:
         """The output as a float32, C-order tensor on the device (C order: as onnxruntime gives a decoder's permute)."""
         torch = self.torch
         rows = next(iter(inputs.values())).shape[0]
+        inputs = self._laid_out(inputs)
         with torch.no_grad(), self._autocast():
             if self.options.cuda_graphs and not self.options.compile and rows in self.buckets:
                 if rows not in self.graphs:

@@ -8,13 +8,14 @@ pytest.importorskip("diffusers")
 
 def test_the_gpu_bench_runs_every_part_on_a_cpu(tmp_path, tiny_latent):
     from flowmap.bench_gpu import GpuBenchConfig, run_gpu_bench
+    from flowmap.gpu_config import DECODERS
     from flowmap.gpu_report import one_step
 
     # the served part on the tests' latent bundle (--served-bundle): building its own SiT + SD-VAE bundle took half
     # this test's time, and its parts are tested on their own (the public layout in tests/test_sit.py)
     config = GpuBenchConfig(device="cpu", scale="tiny", batches=(1, 2), modes=("eager-fp32", "eager-bf16",
-                            "graphs-bf16"), repeats=1, jpeg_sides=(64,), jpeg_images=2, served_seconds=1.0,
-                            served_bundle=str(tiny_latent[0]), out=str(tmp_path / "gpu"))
+                            "graphs-bf16", "graphs-bf16-nhwc"), repeats=1, jpeg_sides=(64,), jpeg_images=2,
+                            served_seconds=1.0, served_bundle=str(tiny_latent[0]), out=str(tmp_path / "gpu"))
     report = run_gpu_bench(config)
     assert report["peak"]["tflops"] > 0
     rows = report["stages"]
@@ -26,6 +27,9 @@ def test_the_gpu_bench_runs_every_part_on_a_cpu(tmp_path, tiny_latent):
         assert any(r["mode"] == "eager-bf16" and r["parity"] > 0 for r in measured)
         skipped = next(r for r in rows if r["model"] == name and r["mode"] == "graphs-bf16")
         assert skipped["skipped"] == "CUDA graphs need a CUDA device"
+        channels_last = next(r for r in rows if r["model"] == name and r["mode"] == "graphs-bf16-nhwc")
+        assert channels_last["skipped"] == ("CUDA graphs need a CUDA device" if name in DECODERS
+                                            else "channels-last is timed on the decoders")
     fastest = {name: min(r["ms"] for r in rows if r["model"] == name and r.get("batch") == 1)
                for name in ("sana-1024", "dc-ae-1024")}
     step = one_step(report)  # SANA's transformer and DC-AE decoder, each in its fastest mode at batch 1

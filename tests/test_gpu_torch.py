@@ -235,3 +235,23 @@ def test_a_server_on_cuda_serves_jpeg(fixture, request):
     if fixture == "rgb_bundle":
         assert JpegImagePlugin.get_sampling(image) == 0  # 4:4:4, nvJPEG's; the CPU's simplejpeg writes 4:2:0
     assert "GPU JPEG encoding failed" not in log
+
+
+def test_a_channels_last_decoder_compiled_with_cuda_graphs_answers_as_the_default_layout(rgb_bundle):
+    """--torch-channels-last on CUDA: the decoder's convolutions in NHWC, compiled (a graph general in the batch,
+    where inductor would not pick that layout itself) and replayed as CUDA graphs, answer as NCHW does in bf16."""
+    from server.torch_engine import LOW_PRECISION_TOLERANCE, TorchOptions, TorchProgramEngine
+
+    decoder = read_bundle(rgb_bundle).decoder
+    feeds = random_feeds(ort.InferenceSession(str(decoder.path)).get_inputs(), 3, 10, seed=5)
+    plain = TorchProgramEngine(decoder.program, "decoder", 4, TorchOptions("cuda", "bfloat16", False, True))
+    expected = plain.run(feeds)
+    plain.close()
+    engine = TorchProgramEngine(decoder.program, "decoder", 4,
+                                TorchOptions("cuda", "bfloat16", True, True, channels_last=True))
+    try:
+        assert engine.channels_last
+        answer = engine.run(feeds)
+    finally:
+        engine.close()
+    assert np.abs(answer - expected).max() <= LOW_PRECISION_TOLERANCE * np.abs(expected).max()  # two bf16 runs

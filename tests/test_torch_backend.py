@@ -464,3 +464,25 @@ def test_a_search_scores_a_host_copy_that_replaces_the_device_candidates():
     asyncio.run(Score(3, "n").run(state, call, None))
     assert isinstance(state.x, np.ndarray) and state.x is read[0]
     assert state.x.min() == -1 and state.x.max() == 1
+
+
+def test_channels_last_lays_out_the_convolutions_and_answers_as_the_default_layout(tiny_latent):
+    """--torch-channels-last: the weights the decoder's convolutions read and its 4-D input go channels-last (NHWC),
+    and it answers as it does laid out by default; a graph without convolutions (this student) is left as it is."""
+    import torch
+
+    bundle = read_bundle(tiny_latent[0])
+    decoder = bundle.decoder
+    feeds = random_feeds(ort.InferenceSession(str(decoder.path)).get_inputs(), 3, 10, seed=2)
+    expected = TorchProgramEngine(decoder.program, "decoder", 4, TorchOptions()).run(feeds)
+    engine = TorchProgramEngine(decoder.program, "decoder", 4, TorchOptions(channels_last=True))
+    assert engine.channels_last
+    weights = [p for p in engine.module.parameters() if p.dim() == 4 and p.shape[2:] != (1, 1)]
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                           for p in weights)
+    inputs = engine._laid_out({"latent": torch.from_numpy(feeds["latent"]), "rows": torch.zeros(3)})
+    assert inputs["latent"].is_contiguous(memory_format=torch.channels_last) and not inputs["latent"].is_contiguous()
+    assert inputs["rows"].is_contiguous()
+    np.testing.assert_allclose(engine.run(feeds), expected, atol=1e-4)
+    student = bundle.students[0]
+    assert not TorchProgramEngine(student.program, "student", 4, TorchOptions(channels_last=True)).channels_last
