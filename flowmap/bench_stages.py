@@ -595,8 +595,8 @@ def render_stages_markdown(report: dict, plot_name: str) -> str:
         "The server's encode job (one 256 px photograph to a base64 JPEG, quality 90), run over and over in two "
         "threads beside busy pure-Python threads (standing in for the event loop and the engines' glue). CPython "
         "lets a busy thread keep the GIL for up to the switch interval (5 ms by default) while another waits, and the "
-        "job waits like that each time it comes back from the encoder. `--gil-switch-interval-ms` sets it; by "
-        "default 0.5 ms where the engines run on a GPU, 5 ms on a CPU.",
+        "job waits like that each time it comes back from the encoder. The server's `--gil-switch-interval-ms` "
+        "sets it, 0.5 ms by default.",
         "",
         *handoff_table(report["handoffs"]),
         "",

@@ -108,8 +108,9 @@ def create_app(settings: Settings | None = None, mount_ui: bool | None = None, r
             batcher.start()
         warming = asyncio.create_task(warm_up_or_stop(service, app.state.stop))
         lag = asyncio.create_task(watch_loop_lag(service.metrics.loop_lag))
+        # process-wide: apps started and stopped in nested order (tests, one server a process) put each other's back
         python_default = sys.getswitchinterval()
-        sys.setswitchinterval(settings.switch_interval_s())
+        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
         try:
             yield
         finally:

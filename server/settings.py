@@ -13,14 +13,14 @@ from server.encoding import GPU_JPEG_MIN_SIDE
 from server.torch_engine import LOW_PRECISION_TOLERANCE
 from ui.temp_files import DEFAULT_CACHE_SECONDS
 
-# On an H200 a served 256 px request's encode job took 12 ms of wall time for about 2.5 ms of CPU work (docs/gpu.md).
-# A thread back from GIL-free work (an encoder, an engine) waits up to the switch interval for a busy thread to let
-# go, each time: beside four busy Python threads a 256 px JPEG job took 12.3 ms at CPython's 5 ms and 1.8 ms at
-# 0.5 ms (docs/stages.md, `flowmap bench stages --parts handoffs`). On a CPU the event loop is the busy thread: served
-# digits at 64 clients made 3512 and 3576 images/s at 0.5 ms against 3708 and 3691 at 5 ms (a one-off A/B script, two
-# runs each, alternating), so a CPU keeps CPython's interval.
-GPU_SWITCH_INTERVAL_S = 0.0005
-PYTHON_SWITCH_INTERVAL_S = 0.005  # CPython's default
+# CPython lets a busy thread keep the GIL for up to the switch interval (5 ms) while another waits, and a thread
+# back from GIL-free work (an encoder, an engine) waits so each time. Beside four busy Python threads a 256 px JPEG
+# encode job took 9.5 ms at 5 ms and 1.5 ms at 0.5 ms (docs/stages.md, `flowmap bench stages --parts handoffs`),
+# and on the H200 two encode threads made 161 images/s, about 12 ms a job (docs/gpu.md's served run: worked out
+# from its throughput, not timed per job). Served on this project's 2-core CPU, 0.5 ms neither cost nor bought
+# anything measurable (scripts/switch_interval_ab.py, six alternating runs of each: digits made 3207 to 3477
+# images/s at 5 ms and 3229 to 3619 at 0.5 ms), so it is the default everywhere.
+DEFAULT_SWITCH_INTERVAL_MS = 0.5
 
 
 class Settings(BaseSettings):
@@ -70,12 +70,12 @@ class Settings(BaseSettings):
                                    "kept, so a repeated prompt skips the text encoder; 0 = off")
     encode_workers: int = Field(0, ge=0, le=64, description="threads that encode images (png/jpeg/webp) off the "
                                 "event loop; the encoders release the GIL. 0 = 2 on a CPU (the engines need its "
-                                "cores), half the cores (2..8) where the engines run on a GPU")
-    gil_switch_interval_ms: float = Field(0, ge=0, le=100, description="how long a Python thread may keep the "
-                                          "GIL from a thread that waits for it; 0 = 0.5 ms where the engines run on "
-                                          "a GPU (threads back from GIL-free work, engines and encoders, then wait "
-                                          "less behind a busy one), Python's own 5 ms on a CPU (where the event "
-                                          "loop is the busy thread and more hand-offs cost it throughput)")
+                                "cores), half the cores this process may use (2..8) where "
+                                "the engines run on a GPU")
+    gil_switch_interval_ms: float = Field(DEFAULT_SWITCH_INTERVAL_MS, ge=0.05, le=100, description="how long a "
+                                          "Python thread may keep the GIL from one that waits for it (CPython's "
+                                          "default is 5 ms): threads back from GIL-free work, engines and encoders, "
+                                          "wait that long behind a busy one, each time")
     gpu_jpeg_min_side: int = Field(GPU_JPEG_MIN_SIDE, ge=0, description="torch backend on CUDA: RGB JPEG images this "
                                    "many pixels wide or high, or more, are encoded by nvJPEG on the GPU, smaller ones "
                                    "on the CPU (4:2:0, as the CPU backend encodes); 0 = all on the GPU")
@@ -100,17 +100,15 @@ class Settings(BaseSettings):
             return self.providers != "cpu"
         return self.backend == "tensorrt" or self.device.startswith("cuda")
 
-    def switch_interval_s(self) -> float:
-        """The GIL switch interval the server runs with, in seconds (--gil-switch-interval-ms, 0 = by device)."""
-        if self.gil_switch_interval_ms:
-            return self.gil_switch_interval_ms / 1000
-        return GPU_SWITCH_INTERVAL_S if self.engines_on_gpu() else PYTHON_SWITCH_INTERVAL_S
-
     def encode_threads(self) -> int:
         """Encoding threads (--encode-workers, 0 = by device and cores)."""
         if self.encode_workers:
             return self.encode_workers
-        return min(8, max(2, (os.cpu_count() or 2) // 2)) if self.engines_on_gpu() else 2
+        if not self.engines_on_gpu():
+            return 2
+        # the cores this process may run on (a container's or a Ray replica's cpuset), not the host's
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+        return min(8, max(2, cores // 2))
 
     @field_validator("api_keys", "torch_float32_stages", mode="before")
     @classmethod

@@ -162,9 +162,11 @@ def channels_last_weights(module) -> int:
     """Lay out, in place, the 4-D weights a program's 2-D convolutions read channels-last; returns how many."""
     import torch
 
-    convolutions = {torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default}
+    aten = torch.ops.aten
+    convolutions = {aten.conv2d, aten.convolution, aten.conv_transpose2d}  # every overload (padding="same" too)
     read = {node.args[1].target for node in module.graph.nodes
-            if node.op == "call_function" and node.target in convolutions and node.args[1].op == "get_attr"}
+            if node.op == "call_function" and getattr(node.target, "overloadpacket", None) in convolutions
+            and isinstance(node.args[1], torch.fx.Node) and node.args[1].op == "get_attr"}
     parameters = dict(module.named_parameters())
     laid_out = [name for name in read if name in parameters and parameters[name].dim() == 4]
     with torch.no_grad():
@@ -353,18 +355,17 @@ class TorchProgramEngine:
         """The output as a float32, C-order tensor on the device (C order: as onnxruntime gives a decoder's permute)."""
         torch = self.torch
         rows = next(iter(inputs.values())).shape[0]
-        inputs = self._laid_out(inputs)
         with torch.no_grad(), self._autocast():
             if self.options.cuda_graphs and not self.options.compile and rows in self.buckets:
                 if rows not in self.graphs:
-                    self.graphs[rows] = self._capture(inputs)
+                    self.graphs[rows] = self._capture(self._laid_out(inputs))
                 graph, static_inputs, output = self.graphs[rows]
                 for name, value in inputs.items():
-                    static_inputs[name].copy_(value)
+                    static_inputs[name].copy_(value)  # into the captured layout, in the one copy
                 graph.replay()
                 replayed = True
             else:
-                output = self.forward(*inputs.values())
+                output = self.forward(*self._laid_out(inputs).values())
                 replayed = self.options.compile and self.options.cuda_graphs
         kept = output.float().contiguous()
         # a CUDA graph overwrites its output at the next replay: a kept output is a copy (the cast to float32

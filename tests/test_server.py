@@ -414,23 +414,22 @@ def test_sigterm_drains_in_flight_work():
     assert srv.process.wait(30) == 0
 
 
-def test_engines_on_a_gpu_get_a_shorter_gil_switch_interval_and_more_encode_threads(monkeypatch):
-    """By default a server whose engines run on a GPU hands the GIL over ten times sooner than CPython (its threads
-    come back from GIL-free work and wait behind a busy one: docs/stages.md) and encodes in half the cores (2..8);
-    on a CPU it keeps Python's interval and two encode threads. Given values win."""
+def test_engines_on_a_gpu_get_more_encode_threads(monkeypatch):
+    """By default a server whose engines run on a GPU encodes in half the cores it may use (2..8); on a CPU, whose
+    cores the engines need, in two threads. A given count wins."""
     from server.settings import Settings
 
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    def cores(count: int) -> None:
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(count)))
+
+    cores(12)
     gpu = [Settings(backend="torch", device="cuda"), Settings(backend="tensorrt"),
            Settings(providers="cuda"), Settings(providers="tensorrt")]
     cpu = [Settings(), Settings(backend="torch")]
     assert [s.engines_on_gpu() for s in gpu + cpu] == [True] * 4 + [False] * 2
-    assert {(s.switch_interval_s(), s.encode_threads()) for s in gpu} == {(0.0005, 8)}
-    assert {(s.switch_interval_s(), s.encode_threads()) for s in cpu} == {(0.005, 2)}
-    monkeypatch.setattr("os.cpu_count", lambda: 2)
-    assert Settings(providers="cuda").encode_threads() == 2
-    given = Settings(providers="cuda", gil_switch_interval_ms=2, encode_workers=3)
-    assert (given.switch_interval_s(), given.encode_threads()) == (0.002, 3)
+    assert [s.encode_threads() for s in gpu + cpu] == [6] * 4 + [2] * 2
+    assert [(cores(count), Settings(providers="cuda").encode_threads())[1] for count in (2, 3, 32)] == [2, 2, 8]
+    assert Settings(providers="cuda", encode_workers=3).encode_threads() == 3
 
 
 def test_the_server_runs_with_its_switch_interval_and_puts_pythons_back():
@@ -443,3 +442,7 @@ def test_the_server_runs_with_its_switch_interval_and_puts_pythons_back():
 
     assert asyncio.run(run()) == (pytest.approx(0.0007), 3)
     assert sys.getswitchinterval() == before
+    from server.settings import Settings
+
+    with pytest.raises(ValueError, match="gil_switch_interval_ms"):  # CPython would round it to 1 microsecond
+        Settings(gil_switch_interval_ms=0.01)

@@ -486,3 +486,20 @@ def test_channels_last_lays_out_the_convolutions_and_answers_as_the_default_layo
     np.testing.assert_allclose(engine.run(feeds), expected, atol=1e-4)
     student = bundle.students[0]
     assert not TorchProgramEngine(student.program, "student", 4, TorchOptions(channels_last=True)).channels_last
+
+
+def test_channels_last_finds_every_kind_of_2d_convolution():
+    """padding="same" and transposed convolutions export as overloads of their own: their weights go NHWC too."""
+    import torch
+
+    from server.torch_engine import channels_last_weights
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding="same"), torch.nn.Conv2d(8, 8, 3, padding=1),
+                              torch.nn.ConvTranspose2d(8, 4, 2, stride=2), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    x = torch.randn(2, 3, 8, 8)
+    expected = net(x)
+    module = torch.export.export(net, (x,)).module()
+    assert channels_last_weights(module) == 3
+    weights = [p for p in module.parameters() if p.dim() == 4]
+    assert len(weights) == 3 and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    torch.testing.assert_close(module(x.contiguous(memory_format=torch.channels_last)), expected)
