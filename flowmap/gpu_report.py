@@ -117,6 +117,9 @@ def waits_clause(served: dict) -> str:
     encode stage held a request about 700 ms whichever encoder served it)."""
     steps = {"wait": "waiting for an encode thread", "copy": "making 8-bit pixels on the host", "encode": "encoding"}
     clauses = []
+    if served.get("encode_threads"):  # recorded since the server chose them by device
+        clauses.append(f"{served['encode_threads']} encode threads, the GIL handed over every "
+                       f"{served['gil_switch_interval_ms']:g} ms")
     if served.get("encode_ms_per_request"):
         clauses.append("the encode stage's ms a request: " + ", ".join(
             f"{steps[step]} {ms}" for step, ms in served["encode_ms_per_request"].items()))

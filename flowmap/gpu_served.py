@@ -175,7 +175,8 @@ def served_use(before: dict[str, float], after: dict[str, float], seconds: float
     """Where a load's time went, from a server's /metrics scraped before and `seconds` after it (warm-up
     included): per engine that ran, its batches, mean rows a batch and the share of the time it computed; per request
     stage its mean ms, queue waits included, and the encode stage's ms by step (waiting for a thread, copying to the
-    host, encoding); how late the event loop woke on average; images encoded by each encoder (nvjpeg, cpu)."""
+    host, encoding); how late the event loop woke on average; images encoded by each encoder (nvjpeg, cpu); the
+    encode threads and GIL switch interval the server ran with."""
     delta = {series: value - before.get(series, 0.0) for series, value in after.items()}
 
     def labels(prefix: str, key: str) -> list[str]:
@@ -197,6 +198,8 @@ def served_use(before: dict[str, float], after: dict[str, float], seconds: float
                     for step in ENCODE_STEPS} if encodes else {}
     wakes = delta.get("flowmap_event_loop_lag_seconds_count", 0.0)
     lag = round(1000 * delta["flowmap_event_loop_lag_seconds_sum"] / wakes, 2) if wakes else None
+    interval = after.get("flowmap_gil_switch_interval_seconds")
     return {"engines": engines, "stage_ms_per_request": stages, "encode_ms_per_request": encode_steps,
-            "loop_lag_ms": lag,
+            "loop_lag_ms": lag, "encode_threads": int(after.get("flowmap_encode_threads", 0)) or None,
+            "gil_switch_interval_ms": None if interval is None else round(1000 * interval, 3),
             "images_encoded": {encoder: count for encoder, count in encoded.items() if count}}

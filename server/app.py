@@ -101,6 +101,7 @@ def create_app(settings: Settings | None = None, mount_ui: bool | None = None, r
                             for name, engine in engines.items()}
         service.admission = Admission.for_batchers(service.batchers, settings, service.metrics)
         on_gpu = settings.backend == "torch" and settings.device.startswith("cuda")
+        service.metrics.encode_threads.set(settings.encode_threads())
         service.encoder = Encoder(settings.encode_threads(), settings.device if on_gpu else None,
                                   settings.gpu_jpeg_min_side, service.metrics.images_encoded,
                                   service.metrics.encode_seconds)
@@ -111,6 +112,7 @@ def create_app(settings: Settings | None = None, mount_ui: bool | None = None, r
         # process-wide: apps started and stopped in nested order (tests, one server a process) put each other's back
         python_default = sys.getswitchinterval()
         sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
+        service.metrics.switch_interval.set(sys.getswitchinterval())
         try:
             yield
         finally:

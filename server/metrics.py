@@ -50,6 +50,9 @@ class Metrics:
         self.loop_lag = Histogram("flowmap_event_loop_lag_seconds", "How much later than asked the event loop woke "
                                   "from a short sleep: its own work, or other threads holding the GIL, delay every "
                                   "request's every step by as much", buckets=LATENCY_BUCKETS, registry=reg)
+        self.encode_threads = Gauge("flowmap_encode_threads", "Threads that encode images", registry=reg)
+        self.switch_interval = Gauge("flowmap_gil_switch_interval_seconds", "How long a Python thread may keep the "
+                                     "GIL from one that waits for it, as the server runs", registry=reg)
         self.nfe = Counter("flowmap_nfe", "Network function evaluations (rows x steps) by request stage", ["stage"],
                            registry=reg)
         self.stage_duration = Histogram("flowmap_stage_duration_seconds", "Per request stage (noise, student, "

@@ -56,6 +56,7 @@ def test_the_gpu_bench_runs_every_part_on_a_cpu(tmp_path, tiny_latent):
     assert set(served["encode_ms_per_request"]) == {"wait", "copy", "encode"}
     assert served["encode_ms_per_request"]["encode"] > 0 and served["loop_lag_ms"] >= 0
     assert served["cpu_cores"]["process"] >= served["cpu_cores"]["event_loop"] > 0  # the server's, from /proc
+    assert (served["encode_threads"], served["gil_switch_interval_ms"]) == (2, 0.5)  # as a CPU server runs
     text = (tmp_path / "gpu.md").read_text()
     step_line = next(line for line in text.splitlines() if line.startswith("One step"))
     assert step_line.startswith("One step at toy sizes, batch 1: sana-1024") and "SANA-Sprint" not in step_line
@@ -63,6 +64,7 @@ def test_the_gpu_bench_runs_every_part_on_a_cpu(tmp_path, tiny_latent):
     assert "Where the load's time went" in text and "decoder: " in text and "4 clients of one-image" in text
     assert f"images encoded by the CPU {served['images_encoded']['cpu']};" in text
     assert "the encode stage's ms a request: waiting for an encode thread" in text and "its event loop" in text
+    assert "; 2 encode threads, the GIL handed over every 0.5 ms;" in text
     assert "The same server with 2 clients, as many as one batch holds" in text
 
 

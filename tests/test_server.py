@@ -438,6 +438,8 @@ def test_the_server_runs_with_its_switch_interval_and_puts_pythons_back():
     async def run():
         async with in_process(gil_switch_interval_ms=0.7, encode_workers=3) as (client, service):
             assert (await client.get("/health/ready")).status_code == 200
+            metrics = (await client.get("/metrics")).text  # what the served bench reports it ran with
+            assert "flowmap_encode_threads 3.0" in metrics and "flowmap_gil_switch_interval_seconds 0.0007" in metrics
             return sys.getswitchinterval(), service.encoder.pool._max_workers
 
     assert asyncio.run(run()) == (pytest.approx(0.0007), 3)
