@@ -95,11 +95,14 @@ def test_torchrun_entry_point_checkpoints_on_rank_0_and_resumes(tmp_path):
     out = tmp_path / "teacher"
 
     def launch(steps: int) -> dict:
-        command = [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "flowmap.cli", "teacher",
+        # --standalone: torchrun binds a port the OS picks (a free port chosen here could be taken by a test beside
+        # it before torchrun binds it)
+        command = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "flowmap.cli", "teacher",
                    "--data", "toy", "--arch", "mlp", "--width", "32", "--depth", "1", "--steps", str(steps),
                    "--batch-size", "64", "--checkpoint-every", "1000", "--out", str(out), "--quiet"]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+        run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, f"torchrun exited with {run.returncode}:\n{run.stderr[-3000:]}"
         return json.loads((out / "summary.json").read_text())
 
     first = launch(4)
