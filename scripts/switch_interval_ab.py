@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flowmap.bench_serve import ServerProcess, metric_delta  # noqa: E402
+from flowmap.bench_serve import ServerProcess  # noqa: E402
+from flowmap.gpu_served import served_use  # noqa: E402
 from flowmap.loadgen import run_load  # noqa: E402
-from server.encoding import ENCODE_STEPS  # noqa: E402
 
 
 def bodies(bundle: str, size: str | None, output_format: str) -> tuple[str, list[dict]]:
@@ -42,13 +42,11 @@ def one_run(bundle: str, interval_ms: str, route: str, requests: list[dict], cli
         after = server.metrics()
     finally:
         server.stop()
-    summary, answered = result.summary(), max(result.requests, 1)
-    steps = {step: round(1000 * metric_delta(before, after, f'flowmap_encode_seconds_total{{step="{step}"}}')
-                         / answered, 2) for step in ENCODE_STEPS}
-    wakes = metric_delta(before, after, "flowmap_event_loop_lag_seconds_count") or 1
-    lag = 1000 * metric_delta(before, after, "flowmap_event_loop_lag_seconds_sum") / wakes
+    summary = result.summary()
+    use = served_use(before, after, seconds)  # the served GPU bench's reading of the same /metrics
     return (f"switch interval {interval_ms} ms: {result.images / result.seconds:.1f} images/s, p50 "
-            f"{summary['p50_ms']} ms, errors {result.errors}, encode ms per request {steps}, loop lag {lag:.2f} ms")
+            f"{summary['p50_ms']} ms, errors {result.errors}, encode ms per request {use['encode_ms_per_request']}, "
+            f"loop lag {use['loop_lag_ms']} ms")
 
 
 def main() -> None:

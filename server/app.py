@@ -101,8 +101,9 @@ def create_app(settings: Settings | None = None, mount_ui: bool | None = None, r
                             for name, engine in engines.items()}
         service.admission = Admission.for_batchers(service.batchers, settings, service.metrics)
         on_gpu = settings.backend == "torch" and settings.device.startswith("cuda")
-        service.metrics.encode_threads.set(settings.encode_threads())
-        service.encoder = Encoder(settings.encode_threads(), settings.device if on_gpu else None,
+        encode_threads = settings.encode_threads()
+        service.metrics.encode_threads.set(encode_threads)
+        service.encoder = Encoder(encode_threads, settings.device if on_gpu else None,
                                   settings.gpu_jpeg_min_side, service.metrics.images_encoded,
                                   service.metrics.encode_seconds)
         for batcher in service.batchers.values():
