@@ -27,11 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
+from flowmap.bucket_batching import bucket_rows, bucket_table, bucketed_engine
 from flowmap.gil_handoff import handoff_rows, handoff_table
 from flowmap.reports import pyplot, save_figure, write_report
 from flowmap.timing import timed_ms
 
-PARTS = ("encoders", "stages", "served", "text", "text-served", "handoffs")
+PARTS = ("encoders", "stages", "served", "text", "text-served", "handoffs", "buckets")
 
 
 @dataclass
@@ -52,6 +53,11 @@ class StagesBenchConfig:
     handoff_intervals_ms: tuple[float, ...] = (5.0, 1.0, 0.5)  # GIL switch intervals (CPython's default first)
     handoff_busy_threads: tuple[int, ...] = (0, 1, 4)  # busy pure-Python threads beside the encode jobs
     handoff_seconds: float = 2.0  # each hand-off trial
+    bucket_bundle: str = "models/shapes"  # its student serves the bucket-split runs (onnxruntime, one thread)
+    bucket_max_batch: int = 16  # the largest batch bucket of those runs
+    bucket_loads: tuple[float, ...] = (0.3, 0.6, 0.85)  # offered loads, fractions of the engine's full-batch rows/s
+    bucket_seconds: float = 6.0  # each run of the bucket-split comparison
+    bucket_rounds: int = 2  # alternating runs per load and policy
     parts: tuple[str, ...] = PARTS  # the parts to measure; the others are kept from the last report
     out: str = "docs/stages"  # writes OUT.md, OUT.json and OUT.png
 
@@ -467,7 +473,7 @@ def run_stages_bench(config: StagesBenchConfig, progress: bool = True) -> dict:
     path = Path(config.out).with_suffix(".json")
     previous = json.loads(path.read_text()) if path.is_file() else {}
     keys = {"encoders": "encoders", "stages": "stages", "served": "served", "text": "stages",
-            "text-served": "text_served", "handoffs": "handoffs"}
+            "text-served": "text_served", "handoffs": "handoffs", "buckets": "buckets"}
     missing = [part for part in set(PARTS) - parts if keys[part] not in previous]
     if missing:
         raise ValueError(f"--parts: {path} has no earlier {', '.join(sorted(missing))} to keep; measure them too")
@@ -489,6 +495,13 @@ def run_stages_bench(config: StagesBenchConfig, progress: bool = True) -> dict:
         say("[bench stages] encode jobs beside busy Python threads, by GIL switch interval")
     report["handoffs"] = (handoff_rows(photo(256), config.handoff_intervals_ms, config.handoff_busy_threads,
                                        config.handoff_seconds) if "handoffs" in parts else previous["handoffs"])
+    if "buckets" in parts:
+        say("[bench stages] batches split at the engine's buckets against padded, at several loads")
+        engine, feeds = bucketed_engine(config.bucket_bundle, config.bucket_max_batch)
+        report["buckets"] = bucket_rows(engine, feeds, config.bucket_loads, config.bucket_seconds,
+                                        config.bucket_rounds)
+    else:
+        report["buckets"] = previous["buckets"]
     report["limit"] = stage_limit(report)
     write_report(report, config.out, _plot, render_stages_markdown)
     return report
@@ -599,6 +612,17 @@ def render_stages_markdown(report: dict, plot_name: str) -> str:
         "sets it, 0.5 ms by default.",
         "",
         *handoff_table(report["handoffs"]),
+        "",
+        "## Batches split at the engine's buckets",
+        "",
+        f"The server's batcher over the `{report['config']['bucket_bundle']}` bundle's student (onnxruntime, one "
+        "thread), padding each batch to the batch buckets the GPU backends pad to (1, 2, 4, ... "
+        f"{report['config']['bucket_max_batch']} rows). One-row requests arrive at random (Poisson) at a fraction "
+        "of the engine's full-batch rows per second; the same arrivals are served with batches padded up to the "
+        "next bucket and with `--split-to-buckets` (the default): the largest bucket below now and the rest next, "
+        "where the batches' measured costs say that is cheaper. On a CPU a padding row costs what a real one does.",
+        "",
+        *bucket_table(report["buckets"]),
         "",
         "## Image encoders",
         "",

@@ -112,6 +112,11 @@ def encoded_clause(served: dict) -> str:
                                              for encoder, count in counts.items())
 
 
+def padding_clause(use: dict) -> str:
+    """' (+N padding)' where an engine padded its batches up to its buckets (recorded since the bucket split)."""
+    return f" (+{use['padding_per_batch']} padding)" if use.get("padding_per_batch") else ""
+
+
 def waits_clause(served: dict) -> str:
     """Where the encode stage's time went, how late the event loop ran, and the server's CPU (recorded since the
     encode stage held a request about 700 ms whichever encoder served it)."""
@@ -204,8 +209,8 @@ def to_markdown(report: dict, plot_name: str) -> str:
         lines += [served_line(report), ""]
         if s.get("engines"):  # recorded since the first served run on a GPU (0.504x) left its cause unknown
             lines += ["Where the load's time went (the server's /metrics over the load and its warm-up): " + "; ".join(
-                f"{name}: {use['batches']} batches of {use['rows_per_batch']} rows on average, computing "
-                f"{100 * use['busy']:.0f}% of the time" for name, use in s["engines"].items())
+                f"{name}: {use['batches']} batches of {use['rows_per_batch']} rows{padding_clause(use)} on average, "
+                f"computing {100 * use['busy']:.0f}% of the time" for name, use in s["engines"].items())
                 + "; ms a request spent in each stage, queue waits included: " + ", ".join(
                 f"{stage} {ms}" for stage, ms in s["stage_ms_per_request"].items())
                 + encoded_clause(s) + waits_clause(s) + ".", ""]

@@ -173,7 +173,8 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
 
 def served_use(before: dict[str, float], after: dict[str, float], seconds: float) -> dict:
     """Where a load's time went, from a server's /metrics scraped before and `seconds` after it (warm-up
-    included): per engine that ran, its batches, mean rows a batch and the share of the time it computed; per request
+    included): per engine that ran, its batches, mean rows and padding rows a batch (up to its bucket) and the share
+    of the time it computed; per request
     stage its mean ms, queue waits included, and the encode stage's ms by step (waiting for a thread, copying to the
     host, encoding); how late the event loop woke on average; images encoded by each encoder (nvjpeg, cpu); the
     encode threads and GIL switch interval the server ran with."""
@@ -189,7 +190,8 @@ def served_use(before: dict[str, float], after: dict[str, float], seconds: float
         if batches:  # the bundle's teacher and verifier stay idle under generate requests
             engines[engine] = {"batches": int(batches), "busy": round(
                 delta[f"flowmap_inference_compute_duration_seconds_sum{label}"] / seconds, 3),
-                "rows_per_batch": round(delta[f"flowmap_inference_count_total{label}"] / batches, 1)}
+                "rows_per_batch": round(delta[f"flowmap_inference_count_total{label}"] / batches, 1),
+                "padding_per_batch": round(delta.get(f"flowmap_inference_padded_rows_total{label}", 0.0) / batches, 1)}
     stages = stage_ms(delta, labels("flowmap_stage_duration_seconds_count{", "stage"))
     encoded = {encoder: int(delta[f'flowmap_images_encoded_total{{encoder="{encoder}"}}'])
                for encoder in labels("flowmap_images_encoded_total{", "encoder")}

@@ -54,20 +54,23 @@ def warm_feeds(engine: str, rows: int, bundle, prompts=None) -> dict[str, np.nda
 
 
 async def warm_up(service: Service) -> None:
-    """Run every engine at batch 1 and at its largest batch, up to three times: the first passes pay
-    for one-time allocations, the last measures what admission's first estimates start from (an
-    engine whose largest batch takes seconds, a VAE decoder on a CPU, is not repeated). Then turn ready."""
+    """Run every engine at batch 1, at each of its batch buckets and at its largest batch, up to three times:
+    the first passes pay for one-time allocations, the last measures what admission's first estimates and the
+    batcher's bucket splits start from (an engine whose largest batch takes seconds, a VAE decoder on a CPU, is
+    not repeated). Then turn ready."""
     far = time.monotonic() + 600
     for name, batcher in service.batchers.items():
+        sizes = sorted({1, *(b for b in batcher.engine.buckets if b <= batcher.max_batch_size),
+                        batcher.max_batch_size})
         for _pass in range(3):
             batcher.cost.reset()
-            for rows in (1, batcher.max_batch_size):
+            for rows in sizes:
                 tick = time.perf_counter()
                 await batcher.infer(warm_feeds(name, rows, service.bundle, service.prompts), far)
             if time.perf_counter() - tick > 2.0:
                 break
     service.ready = True
-    log.info("warm: every engine ran at batch 1 and at its largest batch; ready")
+    log.info("warm: every engine ran at batch 1, its buckets and its largest batch; ready")
 
 
 async def warm_up_or_stop(service: Service, stop) -> None:
@@ -97,7 +100,8 @@ def create_app(settings: Settings | None = None, mount_ui: bool | None = None, r
     async def lifespan(app: FastAPI):
         engines = build_engines(bundle, settings, remote_engines() if remote_engines else None)
         service.batchers = {name: DynamicBatcher(engine, batch_size(name, settings, engine),
-                                                 settings.max_queue_delay_ms, service.metrics)
+                                                 settings.max_queue_delay_ms, service.metrics,
+                                                 settings.split_to_buckets)
                             for name, engine in engines.items()}
         service.admission = Admission.for_batchers(service.batchers, settings, service.metrics)
         on_gpu = settings.backend == "torch" and settings.device.startswith("cuda")

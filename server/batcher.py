@@ -7,6 +7,10 @@ bounds what reaches it, once per request. Rows leave in deadline order, so an ol
 step goes before a newer request's first and admitted work finishes in the order it was promised.
 Expired rows are dropped (DeadlineExceeded -> 504), rows of a cancelled request (client gone,
 deadline hit) are skipped, and an engine error fails only the requests of that batch.
+
+An engine with batch buckets (the GPU backends) runs a batch padded up to its next bucket. Where the
+batches' measured costs say padding costs more than running the largest bucket below now and the rest
+next, the batcher does that instead: 9 rows as 8 and then 1, not as 16 (`split_to_buckets`).
 """
 
 from __future__ import annotations
@@ -45,8 +49,8 @@ class WorkItem:
 
 class DynamicBatcher:
     def __init__(self, engine: Engine, max_batch_size: int, max_queue_delay_ms: float,
-                 metrics: Metrics | None = None):
-        self.engine = engine
+                 metrics: Metrics | None = None, split_to_buckets: bool = True):
+        self.engine, self.split_to_buckets = engine, split_to_buckets
         self.max_batch_size = min(max_batch_size, engine.max_batch)
         self.max_delay_s = max_queue_delay_ms / 1000
         self.metrics = metrics
@@ -115,14 +119,37 @@ class DynamicBatcher:
                     break
             batch, rows = [], 0
             while self._items and rows + self._items[0][2].rows <= self.max_batch_size:
-                item = heapq.heappop(self._items)[2]
-                self._queued_rows -= item.rows
-                if self._admit(item):
-                    batch.append(item)
-                    rows += item.rows
+                entry = heapq.heappop(self._items)
+                self._queued_rows -= entry[2].rows
+                if self._admit(entry[2]):
+                    batch.append(entry)
+                    rows += entry[2].rows
+            keep = self._run_now(batch) if self.split_to_buckets else len(batch)
+            for entry in batch[keep:]:  # back in the queue, in their place, for the next batch
+                heapq.heappush(self._items, entry)
+                self._queued_rows += entry[2].rows
+                rows -= entry[2].rows
+            batch = batch[:keep]
             self._set_depth()
             if batch:
-                await self._run(batch, rows)
+                await self._run([entry[2] for entry in batch], rows)
+
+    def _run_now(self, batch: list) -> int:
+        """How many of the batch's items (in deadline order) to run now: all, or the most that fit the largest
+        bucket below their rows, where the measured costs say that batch and then the rest's beat one batch padded
+        to the bucket above. A cost not yet measured borrows a larger batch's, so an unknown split never wins."""
+        buckets, rows = self.engine.buckets, sum(entry[2].rows for entry in batch)
+        below = [size for size in buckets if size < rows]
+        if not below or padded_size(rows, buckets) == rows or not self.cost.measured:
+            return len(batch)
+        count, first = 0, 0
+        while count < len(batch) and first + batch[count][2].rows <= below[-1]:
+            first += batch[count][2].rows
+            count += 1
+        if first == 0:
+            return len(batch)
+        split = self.cost.seconds(padded_size(first, buckets)) + self.cost.seconds(padded_size(rows - first, buckets))
+        return count if split < self.cost.seconds(padded_size(rows, buckets)) else len(batch)
 
     def _admit(self, item: WorkItem) -> bool:
         if item.future.done():  # cancelled: the client left or its deadline already fired
@@ -164,4 +191,4 @@ class DynamicBatcher:
                 item.future.set_result(output[offset:offset + item.rows])
             offset += item.rows
         if self.metrics:
-            self.engine_metrics.observe_batch(batch, rows, started, finished)
+            self.engine_metrics.observe_batch(batch, rows, size, started, finished)

@@ -35,6 +35,8 @@ class Metrics:
         self.batch_size = Histogram("flowmap_inference_batch_size", "Rows per executed batch (before padding)",
                                     ["engine"], buckets=POWERS_OF_TWO, registry=reg)
         self.inference_count = Counter("flowmap_inference_count", "Rows computed", ["engine"], registry=reg)
+        self.padded_rows = Counter("flowmap_inference_padded_rows", "Rows of padding run to fill a batch up to the "
+                                   "engine's bucket (GPU backends): computed and thrown away", ["engine"], registry=reg)
         self.exec_count = Counter("flowmap_inference_exec_count", "Batches executed", ["engine"], registry=reg)
         self.queue_depth = Gauge("flowmap_inference_queue_depth_rows", "Rows waiting", ["engine"], registry=reg)
         self.engine_errors = Counter("flowmap_inference_engine_errors", "Batches that raised", ["engine"],
@@ -68,7 +70,7 @@ class Metrics:
         """The per-engine series, bound to their label once (a label lookup per row costs more than the row)."""
         return EngineMetrics(*(metric.labels(engine=name) for metric in (
             self.request_duration, self.queue_duration, self.compute_duration, self.batch_size,
-            self.inference_count, self.exec_count, self.queue_depth, self.engine_errors)))
+            self.inference_count, self.padded_rows, self.exec_count, self.queue_depth, self.engine_errors)))
 
     def watch_admission(self, loads: dict) -> None:
         """Admitted and waiting rows per engine, read from admission's `loads` when /metrics is scraped."""
@@ -82,14 +84,16 @@ class EngineMetrics:
     compute_duration: Histogram
     batch_size: Histogram
     inference_count: Counter
+    padded_rows: Counter
     exec_count: Counter
     queue_depth: Gauge
     engine_errors: Counter
 
-    def observe_batch(self, batch, rows: int, started: float, finished: float) -> None:
+    def observe_batch(self, batch, rows: int, padded: int, started: float, finished: float) -> None:
         self.compute_duration.observe(finished - started)
         self.batch_size.observe(rows)
         self.inference_count.inc(rows)
+        self.padded_rows.inc(padded - rows)
         self.exec_count.inc()
         for item in batch:
             self.queue_duration.observe(started - item.enqueued)

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, ge=1, le=4096, description="rows per engine run, 1..4096")
     decoder_max_batch_size: int = Field(8, ge=1, le=4096, description="rows per run of the VAE decoder (format 2 "
                                         "bundles): it costs far more per row than a denoiser step")
+    split_to_buckets: bool = Field(True, description="engines with batch buckets (GPU backends): run the largest "
+                                   "bucket below the queued rows now and the rest next, where the measured batch "
+                                   "costs say that beats padding them all to the bucket above")
     max_queue_delay_ms: float = Field(2.0, ge=0, le=10_000, description="how long the first row of a batch waits "
                                       "for company before the batch runs, 0..10000 ms")
     max_queue_size: int = Field(4096, ge=1, description="rows of admitted requests per engine; beyond it new "

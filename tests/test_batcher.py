@@ -116,6 +116,55 @@ def test_batches_are_padded_to_the_engine_buckets_and_the_padding_is_dropped():
     assert padded_size(5, ()) == 5
 
 
+GPU_BUCKETS = (1, 2, 4, 8, 16)
+
+
+def bucketed_batches(costs_ms: dict[int, float], requests: list[int], split_to_buckets: bool = True):
+    """The batches a bucketed engine runs (tags, padding included) when `requests` (rows each, in deadline order)
+    are queued at once under these measured costs per bucket; every request's output checked on the way."""
+    engine = FakeEngine(buckets=GPU_BUCKETS)
+
+    async def scenario():
+        metrics = Metrics()
+        batcher = DynamicBatcher(engine, 16, 30.0, metrics, split_to_buckets)
+        for size, ms in costs_ms.items():
+            batcher.cost.observe(size, ms / 1000)
+        batcher.start()
+        now, tags = time.monotonic(), iter(range(100))
+        feeds = [tagged(*(next(tags) for _ in range(rows))) for rows in requests]
+        calls = [batcher.infer(feed, now + 10 + i) for i, feed in enumerate(feeds)]
+        outputs = await asyncio.wait_for(asyncio.gather(*calls), 5)  # a row lost in a split would hang here
+        await batcher.stop()
+        return feeds, outputs, metrics.engine(engine.name).padded_rows._value.get()
+
+    feeds, outputs, padded = run(scenario())
+    sizes = {tag: len(batch) for batch in engine.batches for tag in batch}
+    for feed, out in zip(feeds, outputs, strict=True):
+        assert out.tolist() == [10 * tag + sizes[tag] for tag in feed["tag"]]
+    return engine.batches, padded
+
+
+LINEAR_MS = {1: 2.0, 2: 3.0, 4: 5.0, 8: 9.0, 16: 17.0}  # a row costs the same in any batch: padding is waste
+
+
+def test_rows_that_would_pad_far_run_as_the_bucket_below_and_the_rest_next():
+    batches, padded = bucketed_batches(LINEAR_MS, [1] * 9)
+    assert batches == [list(range(8)), [8]]  # 9 ms + 2 ms, not 17 ms for 16 rows; the latest deadline waits
+    assert padded == 0
+    batches, padded = bucketed_batches(LINEAR_MS, [3, 3, 3])  # whole requests: 6 rows (padded to 8) then 3 (4)
+    assert [len(batch) for batch in batches] == [8, 4] and batches[0][:6] == list(range(6)) and padded == 3
+
+
+def test_a_split_that_costs_more_than_the_padding_is_not_made():
+    flat = {size: 10.0 for size in GPU_BUCKETS}  # a GPU at small batches: 16 rows cost what 1 does
+    assert [len(batch) for batch in bucketed_batches(flat, [1] * 9)[0]] == [16]
+    assert [len(batch) for batch in bucketed_batches(LINEAR_MS, [1] * 15)[0]] == [16]  # 9 + 9 ms > 17 ms
+    unmeasured = {1: 2.0, 16: 17.0}  # 8 rows' cost unknown: it borrows 16's, and the split loses
+    assert [len(batch) for batch in bucketed_batches(unmeasured, [1] * 9)[0]] == [16]
+    batches, padded = bucketed_batches(LINEAR_MS, [1] * 9, split_to_buckets=False)
+    assert [len(batch) for batch in batches] == [16] and padded == 7
+
+
 def test_rows_leave_earliest_deadline_first():
     engine = FakeEngine()
 

@@ -50,6 +50,7 @@ def test_the_gpu_bench_runs_every_part_on_a_cpu(tmp_path, tiny_latent):
     assert set(served["engines"]) >= {"decoder"} and len(served["engines"]) == 2
     assert all(use["batches"] > 0 and use["rows_per_batch"] >= 1 and 0 < use["busy"] < 1
                for use in served["engines"].values())
+    assert all(use["padding_per_batch"] == 0 for use in served["engines"].values())  # no buckets on a CPU engine
     assert {"student", "decoder", "encode"} <= set(served["stage_ms_per_request"])
     assert set(served["images_encoded"]) == {"cpu"}  # no GPU here; the load's images (and warm-up's) counted
     assert served["images_encoded"]["cpu"] >= sum(served["statuses"].values())
