@@ -140,27 +140,40 @@ def load_npz(path: str | Path) -> Dataset:
                    torch.from_numpy(labels.astype(np.int64)), classes)
 
 
-def load_image_folder(path: str | Path, channels: int = 1) -> Dataset:
-    """A folder with one sub-folder of images per class (`root/<class>/*.png`); all images one size."""
+# PIL modes of one channel (a palette image, "P", may hold colour)
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def load_image_folder(path: str | Path, channels: int | None = None) -> Dataset:
+    """A folder with one sub-folder of images per class (`root/<class>/*.png`); all images one size. `channels`
+    1 (grey) or 3 (RGB); None reads RGB if any image has colour, else grey."""
     from PIL import Image
 
     root = Path(path)
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
     if not class_dirs:
         raise DataError(f"{root} has no class sub-folders (expected {root}/<class>/<image>.png)")
+    files = [(index, file) for index, class_dir in enumerate(class_dirs) for file in sorted(class_dir.iterdir())
+             if file.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise DataError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    if channels is None:  # a header read each: PIL decodes the pixels only when asked for them
+        colour = False
+        for _, file in files:
+            with Image.open(file) as image:
+                colour = image.mode not in GREY_MODES
+            if colour:
+                break
+        channels = 3 if colour else 1
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
         raise DataError(f"channels must be 1 or 3, got {channels}")
     arrays, labels = [], []
-    for index, class_dir in enumerate(class_dirs):
-        for file in sorted(class_dir.iterdir()):
-            if file.suffix.lower() in IMAGE_SUFFIXES:
-                with Image.open(file) as image:
-                    pixels = np.asarray(image.convert(mode), dtype=np.float32)
-                arrays.append(pixels[None] if channels == 1 else pixels.transpose(2, 0, 1))
-                labels.append(index)
-    if not arrays:
-        raise DataError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    for index, file in files:
+        with Image.open(file) as image:
+            pixels = np.asarray(image.convert(mode), dtype=np.float32)
+        arrays.append(pixels[None] if channels == 1 else pixels.transpose(2, 0, 1))
+        labels.append(index)
     sizes = {a.shape for a in arrays}
     if len(sizes) > 1:
         raise DataError(f"all images must have one size, found {sorted(sizes)}")

@@ -47,7 +47,7 @@ class GraphEntry:
     file: str
     sha256: str
     guidance_scale: float | None = None  # the baked guidance; the format's key is "cfg_scale"
-    data: GraphEntry | None = None  # the weights of a graph over 2 GB, in a file of their own
+    data: GraphEntry | None = None  # the weights of a graph whose weights pass 1 GiB, in a file of their own
     program: GraphEntry | None = None  # the same graph as a torch.export program (.pt2), for the torch backend
 
     @classmethod
@@ -221,7 +221,7 @@ class Graph:
     path: Path
     sha256: str
     guidance_scale: float | None = None
-    data: Path | None = None  # its external weights (graphs over 2 GB), beside it under the name the graph holds
+    data: Path | None = None  # its external weights (over 1 GiB of them), beside it under the name the graph holds
     program: Path | None = None  # its torch.export program (.pt2), when the bundle was exported with them
 
 

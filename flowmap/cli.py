@@ -342,8 +342,12 @@ def cmd_serve(argv: list[str]) -> int:
         return 2
     try:
         if args.ray:
-            from server.ray_app import run
-
+            try:
+                from server.ray_app import run
+            except ImportError as err:
+                print(f"flowmap serve --ray needs Ray Serve ({err}): pip install 'flowmap-serve[ray]' "
+                      "(or pip install 'ray[serve]')", file=sys.stderr)
+                return 2
             run(settings, RayOptions(**ray_options))
         else:
             return serve(settings)

@@ -1,7 +1,7 @@
 """Regenerate the README's result tables from the files the pipeline and the benchmarks wrote, so no
 figure in the README is typed by hand: models/digits/manifest.json, docs/pipeline.json,
 docs/distillation.json, docs/fsf_dmd_study.json, docs/serving.json, docs/overload.json, docs/recipe.json,
-docs/stages.json and docs/search.json,
+docs/stages.json, docs/search.json, docs/shapes_pipeline.json and docs/gpu.json,
 and the settings table from server/settings.py. Blocks sit between `<!-- begin:NAME -->` and
 `<!-- end:NAME -->` markers."""
 

@@ -1,4 +1,4 @@
-"""Noise from seeds, exactly as DESIGN.md fixes it, so that a seed gives the same image whatever the
+"""Noise from seeds, exactly as the README's API section states it, so that a seed gives the same image whatever the
 batch it is served in and whatever the backend. To regenerate a seed's noise anywhere:
 
     numpy.random.default_rng(seed).standard_normal((C, H, W), dtype=numpy.float32)

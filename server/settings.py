@@ -31,7 +31,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="port to listen on")
     backend: str = Field("onnxruntime", description="onnxruntime, tensorrt (native engines) or torch (the bundle's "
                          "torch.export programs, `flowmap export --torch-programs`)")
-    providers: str = Field("cpu", description="onnxruntime providers: cpu, cuda or tensorrt")
+    providers: str = Field("cpu", description="onnxruntime providers: cpu, cuda or tensorrt (which builds its "
+                           "engines in fp16)")
     trt_cache_dir: str = Field("models/.ort_trt_cache", description="engine cache of the TensorRT provider")
     cuda_graphs: bool = Field(False, description="tensorrt and torch backends: replay each batch size as a CUDA graph")
     device: str = Field("cpu", description="torch backend: cpu or cuda[:N]")

@@ -1,5 +1,6 @@
 """The command line: clear errors for unknown commands and methods, config flags from dataclasses."""
 
+import os
 import subprocess
 import sys
 
@@ -93,3 +94,13 @@ def test_bad_parity_batches_are_refused_before_any_model_loads(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--parity-batches: batch sizes are 1 or more, got [1, 0]" in result.stderr
     assert not (tmp_path / "b").exists()  # refused before anything was written
+
+
+def test_serve_ray_without_ray_names_the_install(tmp_path):
+    (tmp_path / "ray").mkdir()  # a package that fails to import, found before the installed one
+    (tmp_path / "ray" / "__init__.py").write_text("raise ImportError('no Ray here')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "flowmap.cli", "serve", "--ray", "--bundle", "models/digits"],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2 and "pip install 'flowmap-serve[ray]'" in result.stderr
+    assert "Traceback" not in result.stderr

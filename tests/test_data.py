@@ -69,6 +69,20 @@ def test_image_folder(tmp_path):
         load_image_folder(tmp_path)
 
 
+def test_an_image_folder_with_colour_is_read_in_rgb_and_keeps_its_colours(tmp_path):
+    for name in ("red", "blue"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / name / "0grey.png")  # grey ones first
+    colour = np.zeros((4, 4, 3), np.uint8)
+    colour[..., 0] = 255
+    Image.fromarray(colour).save(tmp_path / "red" / "1.png")
+    data = load_dataset(str(tmp_path))
+    assert data.shape == (3, 4, 4) and len(data) == 3
+    red = data.samples[data.labels == data.classes.index("red")][1]
+    assert red[0].min() == 1 and red[1].max() == -1 and red[2].max() == -1  # red, not a grey of it
+    assert load_image_folder(tmp_path, channels=1).shape == (1, 4, 4)
+
+
 def test_unknown_dataset_name():
     with pytest.raises(DataError, match="unknown dataset 'mnist'"):
         load_dataset("mnist")

@@ -46,16 +46,16 @@ def sweep(blocks, age_s: float | None) -> int:
 
 @contextlib.contextmanager
 def deleting_temp_files(blocks, age_s: float):
-    """Old files swept every `age_s` seconds, in a daemon thread, while inside; on the way out, all of them (a
-    restarted demo would not know them)."""
+    """Files older than `age_s` swept every quarter of it (so none outlives 1.25 `age_s`), in a daemon thread, while
+    inside; on the way out, all of them (a restarted demo would not know them)."""
     stopped = threading.Event()
 
     def sweep_until_stopped() -> None:
-        while not stopped.wait(age_s):
+        while not stopped.wait(age_s / 4):
             try:
                 sweep(blocks, age_s)
             except Exception:  # one failed sweep must not end the ones after it
-                log.exception("deleting the demo's temporary files failed; trying again in %g s", age_s)
+                log.exception("deleting the demo's temporary files failed; trying again in %g s", age_s / 4)
 
     sweeper = threading.Thread(target=sweep_until_stopped, name="ui-temp-files", daemon=True)
     sweeper.start()
