@@ -41,4 +41,5 @@ class Door:
 
     @staticmethod
     def _header(scope, name: bytes) -> str:
-        return next((value.decode() for key, value in scope.get("headers", []) if key.lower() == name), "")
+        # latin-1, as HTTP defines header bytes: a key of other bytes is a wrong key (401), not a decoding error
+        return next((value.decode("latin-1") for key, value in scope.get("headers", []) if key.lower() == name), "")

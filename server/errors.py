@@ -37,6 +37,9 @@ def error_for(err: Exception, path: str, service: Service) -> JSONResponse:
                                    "(FLOWMAP_REQUEST_TIMEOUT_S)", kind="timeout")
     if isinstance(err, EngineFailure):
         return error_response(500, str(err), kind="engine_error")
+    if isinstance(err, StarletteHTTPException) and err.status_code == 400 and path in ROUTES:
+        # FastAPI's answer to a body it cannot decode (not UTF-8, nested too deep): the fast path's 422
+        return error_response(422, "body: Invalid JSON: the body could not be parsed", "body")
     if isinstance(err, StarletteHTTPException):  # routing: 404 for an unknown path, 405 for a wrong method
         message = {404: f"no such route: {path}; the API is under /v1 (see /docs)",
                    405: f"{path} does not take this method (see /docs)"}.get(err.status_code, str(err.detail))
@@ -52,6 +55,8 @@ def field_name(loc: tuple) -> tuple[str, list[str]]:
     """('body', 'labels', 0, 'int') -> ('labels[0]', ['int']): the field as the client wrote it, and the
     union members pydantic tried (our request bodies are flat, so any name after the first is one)."""
     name, tried = "", []
+    if loc[:1] == ("body",) and all(isinstance(part, int) for part in loc[1:]):  # a JSON error's position
+        return "body", tried
     for part in loc:
         if part == "body":
             continue
@@ -90,5 +95,7 @@ def describe_validation_errors(errors: list[dict], schema_fields: dict) -> tuple
                              f"{shown_got}")
         else:
             message = error.get("msg", "invalid value").removeprefix("Value error, ")
+            if kind == "json_invalid" and "error" in error.get("ctx", {}):  # FastAPI's says only "JSON decode error"
+                message = f"Invalid JSON: {error['ctx']['error']}"
             sentences.append(f"{name}: {message}{shown_got}")
     return next(iter(by_field)), "; ".join(sentences)

@@ -101,7 +101,10 @@ def parse_size(size: str | None, height: int, width: int, max_side: int = 1024) 
     if size is None or size == f"{width}x{height}":
         return 1
     try:
-        w, h = (int(v) for v in size.lower().split("x"))
+        sides = size.lower().split("x")
+        if not all(side.isascii() and side.isdigit() for side in sides):  # int() takes " 16", "1_6" and "１６"
+            raise ValueError(size)
+        w, h = (int(side) for side in sides)
     except ValueError:
         raise ValueError(f"size must look like '{width}x{height}' or a whole multiple such as "
                          f"'{8 * width}x{8 * height}', got {size!r}") from None

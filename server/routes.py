@@ -9,6 +9,7 @@ import numpy as np
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.encoding import DEFAULT_COMPRESSION, OutputFormat
@@ -26,7 +27,23 @@ from server.schemas import (
 from server.service import ApiError, Service, until_disconnect
 from server.stages import EncodeImages, State, plan_generation, plan_search
 
-router = APIRouter()
+
+class JsonBodyRoute(APIRoute):
+    """A route that reads its body as JSON whatever Content-Type says (curl -d sends a form's), as the fast path
+    does: served by FastAPI or by the fast path, a request gets the same answer."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def read_as_json(request: Request):
+            headers = [(key, value) for key, value in request.scope["headers"] if key != b"content-type"]
+            scope = {**request.scope, "headers": [*headers, (b"content-type", b"application/json")]}
+            return await handler(Request(scope, request.receive))
+
+        return read_as_json
+
+
+router = APIRouter(route_class=JsonBodyRoute)
 
 
 def fast_json(body: dict) -> Response:
@@ -136,12 +153,12 @@ async def generate(body: GenerateRequest, request: Request):
     svc = service(request)
     generation = Generation.resolve(svc, body)
     if svc.prompts is not None:
-        if body.prompts is None:
+        if body.prompts is None or body.labels is not None:
             raise ApiError(422, "prompts: this is a text bundle; give prompts (a list of strings), not labels",
                            "prompts")
         conditions, param = body.prompts, "prompts"
     else:
-        if body.labels is None:
+        if body.labels is None or body.prompts is not None:
             raise ApiError(422, f"labels: this bundle is conditioned on classes ({svc.bundle.classes[0]}, ...); give "
                                 "labels, not prompts", "labels")
         conditions = [svc.resolve_label(value, f"labels[{i}]") for i, value in enumerate(body.labels)]
@@ -171,8 +188,8 @@ async def search(body: SearchRequest, request: Request):
                        param)
     if svc.resolve_model(body.model) != "student":
         raise ApiError(422, f"model: search draws its candidates from the student {svc.bundle.name!r}", "model")
-    if (body.prompt if text else body.label) is None:
-        wanted = "text: give a prompt" if text else "classes: give a label"
+    if (body.prompt if text else body.label) is None or (body.label if text else body.prompt) is not None:
+        wanted = "text: give a prompt, not a label" if text else "classes: give a label, not a prompt"
         raise ApiError(422, f"{param}: this bundle is conditioned on {wanted}", param)
     label = None if text else svc.resolve_label(body.label, "label")
     guidance_scale = svc.resolve_guidance("student", body.guidance)

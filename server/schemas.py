@@ -68,7 +68,7 @@ class GenerateRequest(ImageOutput):
     model_config = ConfigDict(extra="forbid", strict=True)
     labels: list[int | str] | None = Field(None, min_length=1, max_length=256,
                                            description="class bundles: class indices or names")
-    prompts: list[Annotated[str, Field(max_length=PROMPT_MAX_CHARS)]] | None = Field(
+    prompts: list[Annotated[str, Field(min_length=1, max_length=PROMPT_MAX_CHARS)]] | None = Field(
         None, min_length=1, max_length=256, description="text bundles: prompts")
     negative_prompt: str | None = Field(None, max_length=PROMPT_MAX_CHARS, description="text bundles, the teacher "
                                         "with guidance only: one negative prompt for every image")

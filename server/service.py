@@ -89,7 +89,7 @@ class Service:
         text = str(value).strip()
         if text in classes:
             return classes.index(text)
-        if text.isdigit() and int(text) < len(classes):
+        if text.isascii() and text.isdigit() and int(text) < len(classes):  # not "²": str.isdigit says yes
             return int(text)
         listed = ", ".join(classes[:20]) + (", ..." if len(classes) > 20 else "")
         raise ApiError(422, f"{param}: unknown class {shown(text)}; the classes are {listed} (or their index "
@@ -98,7 +98,7 @@ class Service:
     def resolve_guidance(self, kind: str, guidance: float | None, param: str = "guidance") -> float:
         if kind == "teacher":
             scale = self.bundle.teacher.guidance_scale
-            if guidance is not None and abs(guidance - scale) > 1e-6:
+            if guidance is not None and not abs(guidance - scale) <= 1e-6:  # NaN too
                 raise ApiError(422, f"{param}: the teacher graph has guidance {scale:g} baked in; got {guidance:g}",
                                param)
             return scale

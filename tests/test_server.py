@@ -203,11 +203,26 @@ def test_models_list(server):
     ("/v1/search", {"label": 1, "n": 4, "top_k": 5}, 422, "top_k: must lie in 1..n (4)"),
     ("/v1/search", {"label": 1, "n": 2000}, 422, "n must lie in 1..1024"),
     ("/v1/search", {"label": 1, "model": "digits-teacher"}, 422, "candidates from the student"),
+    ("/v1/images/generations", {"prompt": "\u00b2"}, 422, "prompt: unknown class"),  # str.isdigit says yes to it
+    ("/v1/generate", {"labels": ["\u0663"]}, 422, "labels[0]: unknown class"),  # an Arabic-Indic 3 is no index
+    ("/v1/generate", {"labels": [1], "prompts": ["a cat"]}, 422, "labels: this bundle is conditioned on classes"),
+    ("/v1/search", {"label": 1, "prompt": "a cat", "n": 4}, 422, "give a label, not a prompt"),
+    ("/v1/images/generations", {"prompt": "1", "size": " 16 x 16"}, 422, "size must look like"),
+    ("/v1/images/generations", {"prompt": "1", "size": "1_6x16"}, 422, "size must look like"),
 ])
 def test_bad_input_gets_a_clear_4xx(server, path, body, status, needle):
     response = post(server.url, path, body)
     assert response.status_code == status, response.text
     assert needle in response.json()["error"]["message"]
+
+
+def test_nan_guidance_is_refused_for_the_teacher_as_for_the_student(server):
+    for model in ("digits-teacher", "digits"):
+        body = b'{"labels": [1], "model": "%s", "guidance": NaN}' % model.encode()  # JSON as Python writes it
+        response = httpx.post(server.url + "/v1/generate", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 422 and response.json()["error"]["param"] == "guidance", response.text
+        message = response.json()["error"]["message"]
+        assert "nan" in message and "baked in" in message, message
 
 
 def test_echoed_input_is_cut_short(server):
@@ -232,8 +247,15 @@ def test_every_error_has_the_same_shape(server):
 
 def test_malformed_and_oversized_bodies(server):
     headers = {"content-type": "application/json"}
-    response = httpx.post(server.url + "/v1/generate", content=b"{not json", headers=headers)
-    assert response.status_code == 422 and "error" in response.json()
+    for broken in (b"{not json", b'{"labels": [1', b'{"labels": ["\xff"]}', b"[" * 100_000):
+        response = httpx.post(server.url + "/v1/generate", content=broken, headers=headers)
+        error = response.json()["error"]
+        assert response.status_code == 422 and error["param"] == "body", response.text
+        assert error["message"].startswith("body: Invalid JSON"), error
+    # a body sent as a form's (curl -d without a content type) is read as JSON on either path
+    form = httpx.post(server.url + "/v1/generate", content=json.dumps({"labels": [1]}).encode(),
+                      headers={"content-type": "application/x-www-form-urlencoded"})
+    assert form.status_code == 200 and len(form.json()["images"]) == 1
     huge = json.dumps({"labels": [1] * 500_000}).encode()  # 1.5 MB > the 1 MiB default
     response = httpx.post(server.url + "/v1/generate", content=huge, headers={"content-type": "application/json"})
     assert response.status_code == 413 and "exceeds" in response.json()["error"]["message"]
@@ -376,6 +398,8 @@ def test_api_keys():
         lower_case = post(srv.url, "/v1/generate", {"labels": [1]}, headers={"Authorization": "bearer alpha"})
         assert lower_case.status_code == 200  # the scheme is case-insensitive (RFC 7235)
         assert post(srv.url, "/v1/generate", {"labels": [1]}, headers={"Authorization": "Bearer"}).status_code == 401
+        not_ascii = post(srv.url, "/v1/generate", {"labels": [1]}, headers={"Authorization": b"Bearer k\xff"})
+        assert not_ascii.status_code == 401 and "API key" in not_ascii.json()["error"]["message"]
     finally:
         srv.stop()
 

@@ -82,6 +82,10 @@ def test_text_bundle_errors_and_truncation(tiny_text_bundles):
         post = lambda path, body: httpx.post(server.url + path, json=body, timeout=60)
         wrong = post("/v1/generate", {"labels": [1]})
         assert wrong.status_code == 422 and wrong.json()["error"]["param"] == "prompts"
+        both = post("/v1/generate", {"prompts": ["a cat"], "labels": [1]})  # labels are not silently dropped
+        assert both.status_code == 422 and "not labels" in both.json()["error"]["message"]
+        empty = post("/v1/generate", {"prompts": ["a cat", ""]})  # as /v1/images/generations refuses ""
+        assert empty.status_code == 422 and empty.json()["error"]["param"] == "prompts[1]"
         negative = post("/v1/images/generations", {"prompt": "a cat", "negative_prompt": "blurry"})
         assert negative.status_code == 422 and negative.json()["error"]["param"] == "negative_prompt"
         assert "only the teacher" in negative.json()["error"]["message"]  # the student cannot take one
