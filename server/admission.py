@@ -171,8 +171,11 @@ class Admission:
         wait = self._wait_estimate(needs)
         if wait > self.max_wait_s:
             self._refused("queue_full")
-            raise Overloaded(f"the {self._fullest(needs)} queue is full ({self.max_queue_rows} rows admitted, "
-                             f"more waiting); room in about {wait:.3g} s", wait)
+            fullest = self._fullest(needs)
+            waiting = self.loads[fullest].waiting
+            ahead = f", {waiting} more waiting" if waiting else ""
+            raise Overloaded(f"the {fullest} queue is full ({self.max_queue_rows} rows admitted{ahead}); room in "
+                             f"about {wait:.3g} s", wait)
         loop = asyncio.get_running_loop()
         waiter = Waiter(needs, deadline, loop.create_future())
         line.append(waiter)

@@ -237,12 +237,13 @@ async def models(request: Request):
     return {"object": "list", "data": service(request).model_cards()}
 
 
-@router.get("/health/live", tags=["health"])
+# HEAD too: some load balancers probe with it
+@router.api_route("/health/live", methods=["GET", "HEAD"], tags=["health"])
 async def live():
     return {"status": "live"}
 
 
-@router.get("/health/ready", tags=["health"])
+@router.api_route("/health/ready", methods=["GET", "HEAD"], tags=["health"])
 async def ready(request: Request):
     svc = service(request)
     is_ready = svc.ready and not svc.draining

@@ -40,7 +40,7 @@ def test_rows_stay_reserved_until_the_request_ends():
     admission, load, clock = make_admission(max_rows=64)
     first = admit(admission, [need(40)], clock() + 10)
     assert load.rows == 40 and load.backlog == 80
-    with pytest.raises(Overloaded, match="queue is full"):
+    with pytest.raises(Overloaded, match=r"queue is full \(64 rows admitted\); room in"):  # no one waits
         admit(admission, [need(30)], clock() + 10)
     # the first request's steps run; its rows stay reserved until it ends
     first.advance("student", 40)

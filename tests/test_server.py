@@ -238,6 +238,8 @@ def test_every_error_has_the_same_shape(server):
     assert missing.status_code == 404 and "no such route: /v2/nothing" in missing.json()["error"]["message"]
     wrong_method = httpx.get(server.url + "/v1/generate")
     assert wrong_method.status_code == 405 and "does not take this method" in wrong_method.json()["error"]["message"]
+    assert httpx.head(server.url + "/health/live").status_code == 200  # load balancers probe with HEAD too
+    assert httpx.head(server.url + "/health/ready").status_code == 200
     home = httpx.get(server.url + "/", follow_redirects=False)
     assert home.status_code == 307 and home.headers["location"] in ("/ui/", "/docs")
     # request metrics label routes by the router's own paths; anything else is "other"
