@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from server.costs import BatchCost
-from server.engines import Engine, padded_size
+from server.engines import Engine, pad_rows, padded_size
 from server.imaging import join_rows
 from server.metrics import Metrics
 
@@ -168,10 +168,7 @@ class DynamicBatcher:
         size = padded_size(rows, self.engine.buckets)
         feeds = {}
         for name in batch[0].feeds:
-            joined = np.concatenate([item.feeds[name] for item in batch])
-            if size > rows:  # pad to the engine's bucket by repeating the last row
-                joined = np.concatenate([joined, np.repeat(joined[-1:], size - rows, axis=0)])
-            feeds[name] = joined
+            feeds[name] = pad_rows(np.concatenate([item.feeds[name] for item in batch]), size)
         started = time.monotonic()
         try:
             output = await asyncio.get_running_loop().run_in_executor(self._executor, self.engine.run, feeds)

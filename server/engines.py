@@ -19,7 +19,9 @@ class Engine(Protocol):
     buckets: tuple[int, ...]  # batch sizes the backend is fastest at (padding targets); () = any size
 
     # an array with rows first, sliced per request by the batcher: numpy, or (the torch backend's decoder)
-    # server/imaging.DeviceImages: its images left on its device, their 8-bit pixels on the host
+    # server/imaging.DeviceImages: its images left on its device, their 8-bit pixels on the host. Called from one
+    # thread at a time (the batcher's worker; Ray's decoder deployment through SerialDecoder): a CUDA-graph engine's
+    # static buffers hold one batch
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray: ...
 
 
@@ -44,6 +46,12 @@ def student_engine(guidance_scale: float) -> str:
 def padded_size(rows: int, buckets: tuple[int, ...]) -> int:
     """The smallest bucket that holds `rows`, or `rows` itself when there are no buckets."""
     return next((b for b in buckets if b >= rows), rows)
+
+
+def pad_rows(array: np.ndarray, size: int) -> np.ndarray:
+    """`array` with its last row repeated up to `size` rows (a bucket's): padding whose output is dropped."""
+    rows = len(array)
+    return array if size <= rows else np.concatenate([array, np.repeat(array[-1:], size - rows, axis=0)])
 
 
 class OnnxRuntimeEngine:

@@ -12,9 +12,14 @@ batches decoder rows in its own batcher, and sends each batch to the decoder dep
 
 from __future__ import annotations
 
+import threading
+
+import numpy as np
 from ray import serve
 from ray.serve.config import AutoscalingConfig
 
+from server.engines import pad_rows, padded_size
+from server.imaging import join_rows
 from server.settings import RayOptions, Settings
 
 DECODER = "flowmap-decoder"
@@ -57,6 +62,26 @@ class FlowmapReplica:
         self.decoder = decoder  # bound so that Ray deploys the decoder with the app; reached by name
 
 
+class SerialDecoder:
+    """A decoder engine called as the server's batcher calls an engine, whoever calls this: one batch at a time
+    (Ray runs a deployment's plain methods in a thread pool, and a CUDA-graph engine's static buffers take one
+    batch at a time: two at once would hand one request the other's images), split at the engine's largest batch
+    and padded to its buckets (its compiled and captured shapes), the padding dropped from the answer."""
+
+    def __init__(self, engine):
+        self.engine, self._one_at_a_time = engine, threading.Lock()
+
+    def run(self, latent: np.ndarray):
+        step = self.engine.max_batch
+        with self._one_at_a_time:
+            parts = [self._padded(latent[start:start + step]) for start in range(0, len(latent), step)]
+        return parts[0] if len(parts) == 1 else join_rows(parts)
+
+    def _padded(self, latent: np.ndarray):
+        rows = len(latent)
+        return self.engine.run({"latent": pad_rows(latent, padded_size(rows, self.engine.buckets))})[:rows]
+
+
 @serve.deployment(name=DECODER, max_ongoing_requests=64)
 class DecoderDeployment:
     """The bundle's decoder on its own replicas: latent batch in, image batch out."""
@@ -66,10 +91,10 @@ class DecoderDeployment:
         from server.engines import decoder_engine
 
         settings = Settings()
-        self.engine = decoder_engine(read_bundle(settings.bundle), settings)
+        self.decoder = SerialDecoder(decoder_engine(read_bundle(settings.bundle), settings))
 
     def __call__(self, latent):
-        return self.engine.run({"latent": latent})
+        return self.decoder.run(latent)
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
