@@ -138,7 +138,9 @@ def load_transformer(path: str | Path) -> nn.Module:
     import diffusers
 
     family = family_of(path)
-    return getattr(diffusers, family.class_name).from_pretrained(Path(path) / "transformer").float().eval()
+    # low_cpu_mem_usage off: without `accelerate` diffusers would warn, at every load, that it cannot be on
+    return getattr(diffusers, family.class_name).from_pretrained(Path(path) / "transformer",
+                                                                 low_cpu_mem_usage=False).float().eval()
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:

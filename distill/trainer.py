@@ -47,6 +47,13 @@ class TrainConfig:
     max_minutes: float | None = None  # stop early (and checkpoint) after this much wall time
     device: str = "cpu"  # "cpu" or "cuda"
 
+    def __post_init__(self) -> None:
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"--device must be cpu or cuda[:N], got {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():  # before any model loads
+            raise ValueError(f"--device {self.device}: this torch ({torch.__version__}) sees no CUDA GPU; train with "
+                             "--device cpu, or install a CUDA build of torch on a machine with one")
+
 
 @dataclass
 class Setup:
@@ -197,6 +204,10 @@ def train(method: Method, run_dir: str | Path, meta: dict, config: TrainConfig, 
                                   "or start over with --no-resume or another --out")
         restore(old_meta, tensors, modules, optimizers, generator, rank)
         step = old_meta["step"]
+        if lead and progress:  # a finished run resumed does nothing: say so, not only "steps_this_run: 0"
+            left = f"training on to step {config.steps}" if step < config.steps else \
+                f"it has reached --steps {config.steps}: nothing to train (raise --steps, or --no-resume to start over)"
+            print(f"resuming {run_dir} at step {step}: {left}", flush=True)
 
     def checkpoint() -> None:
         states = [generator.get_state()]

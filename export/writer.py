@@ -53,6 +53,32 @@ def scale_tag(guidance_scale: float) -> str:
     return f"{guidance_scale:g}"
 
 
+def trained_guidance(method_config: dict) -> tuple[float, float] | None:
+    """The guidance scales a student was distilled at, (lowest, highest), from its method's config: a range
+    (FreeFlow, FGM, MeanFlow) or one scale (DMD2, FSF-DMD); None where the config names none."""
+    if "guidance_min" in method_config:
+        return float(method_config["guidance_min"]), float(method_config["guidance_max"])
+    if "dm_guidance_scale" in method_config:
+        return (float(method_config["dm_guidance_scale"]),) * 2
+    return None
+
+
+def check_trained_guidance(method_config: dict, guidance_scales: tuple[float, ...]) -> None:
+    """Refuse to bake a guidance scale the student was never distilled at: its graph would serve images no
+    loss ever shaped."""
+    trained = trained_guidance(method_config)
+    if trained is None:
+        return
+    low, high = trained
+    outside = [scale for scale in guidance_scales if not low - 1e-6 <= scale <= high + 1e-6]
+    if outside:
+        span = f"{low:g}" if low == high else f"{low:g}..{high:g}"
+        raise ValueError(f"--guidance-scales {' '.join(f'{s:g}' for s in outside)}: the student was distilled at "
+                         f"guidance {span} only; bake scales in that range, or distil again with --guidance-min/"
+                         "--guidance-max (FreeFlow, FGM, MeanFlow) or --dm-guidance-scale (DMD2, FSF-DMD) covering "
+                         "them")
+
+
 def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str | Path | None, out: str | Path,
                   guidance_scales: tuple[float, ...] = (1.5,), teacher_guidance_scale: float | None = None,
                   name: str | None = None, metrics: dict | None = None, progress: bool = True,
@@ -77,9 +103,10 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
         raise ValueError("at least one guidance scale must be baked (--guidance-scales)")
     if not parity_batches or min(parity_batches) < 1:
         raise ValueError(f"--parity-batches: batch sizes are 1 or more, got {list(parity_batches)}")
+    student, student_meta = load_student(student_dir)
+    check_trained_guidance(student_meta.get("method_config") or {}, guidance_scales)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    student, student_meta = load_student(student_dir)
     teacher = load_teacher(teacher_spec)
     text = isinstance(getattr(teacher, "config", None), DiffusersConfig)
     if verifier_dir is None and not text:

@@ -41,7 +41,8 @@ def error_for(err: Exception, path: str, service: Service) -> JSONResponse:
         # FastAPI's answer to a body it cannot decode (not UTF-8, nested too deep): the fast path's 422
         return error_response(422, "body: Invalid JSON: the body could not be parsed", "body")
     if isinstance(err, StarletteHTTPException):  # routing: 404 for an unknown path, 405 for a wrong method
-        message = {404: f"no such route: {path}; the API is under /v1 (see /docs)",
+        message = {404: f"no such route: {path}; the API is under /v1, the probes are /health/live and "
+                        "/health/ready (see /docs)",
                    405: f"{path} does not take this method (see /docs)"}.get(err.status_code, str(err.detail))
         return error_response(err.status_code, message, kind="not_found" if err.status_code == 404 else
                               "invalid_request_error", headers=getattr(err, "headers", None))

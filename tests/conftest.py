@@ -64,7 +64,9 @@ def tiny_digits_runs(tmp_path_factory):
     train_teacher(data, NetConfig(arch="mlp", width=32, depth=1, mlp_ratio=2.0), TeacherConfig(), quick,
                   root / "teacher", progress=False)
     train_verifier(data, VerifierConfig(width=8, feature_dim=16), quick, root / "verifier", progress=False)
-    distill_student("freeflow", str(root / "teacher"), FreeFlowConfig(), quick, root / "freeflow", progress=False)
+    # over the scales the tests bake (1.5 and 3)
+    distill_student("freeflow", str(root / "teacher"), FreeFlowConfig(guidance_max=3.0), quick, root / "freeflow",
+                    progress=False)
     return root
 
 

@@ -80,3 +80,19 @@ def test_resuming_with_another_network_says_what_differs(tmp_path):
         train_teacher(data, other, TeacherConfig(), TrainConfig(steps=4, batch_size=16), tmp_path / "run",
                       progress=False)
     train_teacher(data, other, TeacherConfig(), quick, tmp_path / "run", progress=False, resume=False)  # starts over
+
+
+def test_a_finished_run_resumed_says_it_has_nothing_to_train(tmp_path, capsys):
+    config = TrainConfig(steps=3, batch_size=32, checkpoint_every=1000)
+    train_teacher(toy_gaussians(128), NET, TeacherConfig(), config, tmp_path, progress=False)
+    summary = train_teacher(toy_gaussians(128), NET, TeacherConfig(), config, tmp_path, progress=True)
+    assert summary["steps_this_run"] == 0
+    assert f"resuming {tmp_path} at step 3: it has reached --steps 3: nothing to train" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this torch sees a CUDA GPU")
+def test_training_on_cuda_without_one_is_a_clear_error_before_any_model_loads():
+    with pytest.raises(ValueError, match="--device cuda: this torch .* sees no CUDA GPU; train with --device cpu"):
+        TrainConfig(device="cuda")
+    with pytest.raises(ValueError, match="--device must be cpu or cuda"):
+        TrainConfig(device="tpu")

@@ -168,3 +168,22 @@ def test_the_manifest_model_writes_the_committed_manifest_back_byte_for_byte(tmp
     committed = ROOT / "models" / "digits"
     Manifest.load(committed).save(tmp_path)
     assert (tmp_path / "manifest.json").read_bytes() == (committed / "manifest.json").read_bytes()
+
+
+def test_a_scale_the_student_was_not_distilled_at_is_refused_before_any_export(runs, tmp_path):
+    from export.writer import check_trained_guidance, trained_guidance
+
+    assert trained_guidance({"guidance_min": 1.0, "guidance_max": 2.0}) == (1.0, 2.0)
+    assert trained_guidance({"dm_guidance_scale": 1.5}) == (1.5, 1.5)  # DMD2, FSF-DMD: one scale
+    assert trained_guidance({}) is None
+    check_trained_guidance({"guidance_min": 1.0, "guidance_max": 2.0}, (1.0, 2.0))  # both ends are trained
+    with pytest.raises(ValueError, match="--guidance-scales 4: the student was distilled at guidance 1..2 only"):
+        check_trained_guidance({"guidance_min": 1.0, "guidance_max": 2.0}, (1.0, 4.0))
+    with pytest.raises(ValueError, match="--guidance-scales 0.5: "):
+        check_trained_guidance({"guidance_min": 1.0, "guidance_max": 2.0}, (0.5,))
+    with pytest.raises(ValueError, match="distilled at guidance 1.5 only"):
+        check_trained_guidance({"dm_guidance_scale": 1.5}, (2.0,))
+    with pytest.raises(ValueError, match="--guidance-scales 5"):  # the tiny student was distilled over 1..3
+        export_bundle(runs / "freeflow", str(runs / "teacher"), runs / "verifier", tmp_path / "b", (5.0,),
+                      progress=False)
+    assert not (tmp_path / "b").exists()  # refused before anything was written
