@@ -48,6 +48,15 @@ class Need:
         return self.rows * self.steps
 
 
+@dataclass(frozen=True)
+class HostWork:
+    """What one request does off the engines, in one thread: encoding its images."""
+
+    seconds: float  # measured: 0 until its kind of work has been timed once
+    what: str  # for refusals, e.g. "64 images of 1024x1024 webp"
+    param: str  # the request field that sets it, named in refusals
+
+
 class Overloaded(Exception):
     """Too busy now; a retry after `retry_after_s` seconds may be admitted."""
 
@@ -130,6 +139,7 @@ class Waiter:
     needs: tuple[Need, ...]
     deadline: float
     admitted: asyncio.Future  # resolves to its Ticket
+    host_s: float = 0.0  # its encoding's seconds
 
 
 class Admission:
@@ -151,23 +161,24 @@ class Admission:
                    metrics)
 
     @asynccontextmanager
-    async def admitted(self, needs: list[Need], deadline: float):
-        """`async with admission.admitted(needs, deadline) as ticket:` the request's whole life."""
-        ticket = await self.admit(needs, deadline)
+    async def admitted(self, needs: list[Need], deadline: float, host: HostWork | None = None):
+        """`async with admission.admitted(needs, deadline, host) as ticket:` the request's whole life."""
+        ticket = await self.admit(needs, deadline, host)
         try:
             yield ticket
         finally:
             ticket.release()
 
-    async def admit(self, needs: list[Need], deadline: float) -> Ticket:
+    async def admit(self, needs: list[Need], deadline: float, host: HostWork | None = None) -> Ticket:
         """Reserve what the whole request needs. Where a queue is full, wait at the door behind the
         requests already waiting, if the measured drain rate says room comes within `max_wait_s`;
-        otherwise raise Overloaded. RequestTooLarge where no wait could help."""
-        needs = tuple(needs)
-        self._check_size(needs)
+        otherwise raise Overloaded. RequestTooLarge where no wait could help. `host`: its work off the engines
+        (encoding), counted in its time."""
+        needs, host_s = tuple(needs), host.seconds if host else 0.0
+        self._check_size(needs, host)
         line = self._lines.setdefault(tuple(n.engine for n in needs), deque())
         if not line and self._fits(needs):
-            return self._reserve(needs, deadline)
+            return self._reserve(needs, deadline, host_s)
         wait = self._wait_estimate(needs)
         if wait > self.max_wait_s:
             self._refused("queue_full")
@@ -177,7 +188,7 @@ class Admission:
             raise Overloaded(f"the {fullest} queue is full ({self.max_queue_rows} rows admitted{ahead}); room in "
                              f"about {wait:.3g} s", wait)
         loop = asyncio.get_running_loop()
-        waiter = Waiter(needs, deadline, loop.create_future())
+        waiter = Waiter(needs, deadline, loop.create_future(), host_s)
         line.append(waiter)
         self._waiting(needs, +1)
         timer = loop.call_later(self.max_wait_s, self._give_up, line, waiter)
@@ -224,11 +235,11 @@ class Admission:
                 if waiter.admitted.done():  # its client left; _leave finds it gone from the line
                     continue
                 try:
-                    waiter.admitted.set_result(self._reserve(waiter.needs, waiter.deadline))
+                    waiter.admitted.set_result(self._reserve(waiter.needs, waiter.deadline, waiter.host_s))
                 except Overloaded as err:
                     waiter.admitted.set_exception(err)
 
-    def _check_size(self, needs: tuple[Need, ...]) -> None:
+    def _check_size(self, needs: tuple[Need, ...], host: HostWork | None = None) -> None:
         for need in needs:
             if need.rows > self.max_queue_rows:
                 self._refused("too_large")
@@ -237,6 +248,14 @@ class Admission:
                                            "request", need.rows_param)
         measured = [n for n in needs if self.loads[n.engine].cost.measured]
         alone = sum(self.loads[n.engine].seconds_alone(n) for n in measured)
+        if host and SAFETY * (alone + host.seconds) > self.timeout_s and host.seconds >= alone:
+            self._refused("too_large")
+            raise RequestTooLarge(422, f"{host.param}: encoding {host.what} takes about {SAFETY * host.seconds:.1f} "
+                                       f"s at the measured speed (the engines' work about {SAFETY * alone:.1f} s "
+                                       f"more), more than the {self.timeout_s:g} s request timeout "
+                                       "(FLOWMAP_REQUEST_TIMEOUT_S); ask for fewer or smaller images, or another "
+                                       "output_format", host.param)
+        alone += host.seconds if host else 0.0
         if SAFETY * alone > self.timeout_s:
             worst = max(measured, key=lambda n: self.loads[n.engine].seconds_alone(n))
             self._refused("too_large")
@@ -264,9 +283,9 @@ class Admission:
         for need in needs:
             self.loads[need.engine].waiting += sign * need.rows
 
-    def _reserve(self, needs: tuple[Need, ...], deadline: float) -> Ticket:
-        """Admit, unless the work ahead means this request would miss its deadline."""
-        estimate = SAFETY * sum(self.loads[n.engine].seconds(n) for n in needs)
+    def _reserve(self, needs: tuple[Need, ...], deadline: float, host_s: float = 0.0) -> Ticket:
+        """Admit, unless the work ahead, and its own encoding after it, means this request would miss its deadline."""
+        estimate = SAFETY * (sum(self.loads[n.engine].seconds(n) for n in needs) + host_s)
         budget = deadline - self.clock()
         if estimate > budget:
             self._refused("backlog")

@@ -107,6 +107,7 @@ class Encoder:
         self.seconds = None if seconds is None else {step: seconds.labels(step=step) for step in ENCODE_STEPS}
         # the torch backend on CUDA: JPEG in one batched nvJPEG call per request (server/gpu_jpeg.py)
         self.gpu_jpeg, self.gpu_jpeg_min_side = None, gpu_jpeg_min_side
+        self._seconds_per_image: dict[tuple, float] = {}  # by kind of job (`_kind`), measured
         if jpeg_device is not None:
             try:
                 from server.gpu_jpeg import CudaJpeg
@@ -119,9 +120,26 @@ class Encoder:
     def on_gpu(self, images: np.ndarray, output: OutputFormat) -> bool:
         """Whether these images go to the GPU encoder: RGB JPEG only (nvJPEG encodes no grayscale), with a longer
         side, once upscaled, of at least `gpu_jpeg_min_side` pixels."""
-        side = max(images.shape[2:]) * output.upscale
-        return (self.gpu_jpeg is not None and output.format == "jpeg" and images.shape[1] == 3
+        return self._shape_on_gpu(tuple(images.shape[1:]), output)
+
+    def _shape_on_gpu(self, shape: tuple[int, ...], output: OutputFormat) -> bool:
+        side = max(shape[1:]) * output.upscale
+        return (self.gpu_jpeg is not None and output.format == "jpeg" and shape[0] == 3
                 and side >= self.gpu_jpeg_min_side)
+
+    def job_seconds(self, images: int, shape: tuple[int, ...], output: OutputFormat) -> float:
+        """About how long one job encoding `images` images of `shape` ([C, H, W], before upscaling) takes, from the
+        jobs of that kind (format, quality, size, encoder) timed so far: 0 until one was."""
+        return images * self._seconds_per_image.get(self._kind(shape, output), 0.0)
+
+    def _kind(self, shape: tuple[int, ...], output: OutputFormat) -> tuple:
+        return output, tuple(shape), self._shape_on_gpu(tuple(shape), output)
+
+    def _learn(self, images, output: OutputFormat, seconds: float) -> None:
+        """One job's time per image into the moving average of its kind (what `job_seconds` answers from)."""
+        kind, per_image = self._kind(tuple(images.shape[1:]), output), seconds / max(len(images), 1)
+        old = self._seconds_per_image.get(kind)
+        self._seconds_per_image[kind] = per_image if old is None else 0.8 * old + 0.2 * per_image
 
     def _encode(self, images, output: OutputFormat) -> list[str]:
         started = time.perf_counter()
@@ -131,6 +149,7 @@ class Encoder:
                 encoded = [base64.b64encode(data).decode()
                            for data in self.gpu_jpeg.encode(on_device, output.compression, output.upscale)]
                 self._spent("encode", time.perf_counter() - started)
+                self._learn(images, output, time.perf_counter() - started)
                 return self._count("nvjpeg", encoded)
             except Exception:  # an admitted request gets its images: the CPU encoder makes the same format
                 log.exception("GPU JPEG encoding failed; encoding this request on the CPU")
@@ -141,6 +160,7 @@ class Encoder:
         encoded = encode_pixels_b64(pixels, output)
         self._spent("copy", copied - started)
         self._spent("encode", time.perf_counter() - copied)
+        self._learn(images, output, time.perf_counter() - started)
         return self._count("cpu", encoded)
 
     def _count(self, encoder: str, encoded: list[str]) -> list[str]:

@@ -108,7 +108,8 @@ class Generation:
         `conditions` are class ids, or prompts for a text bundle."""
         text = svc.prompts is not None
         stages = plan_generation(svc.bundle.sample_shape, self.kind, self.guidance_scale, self.steps, len(conditions),
-                                 rows_param, EncodeImages(svc.encoder, self.output) if encode else None,
+                                 rows_param, EncodeImages(svc.encoder, self.output, svc.bundle.image_shape,
+                                                          len(conditions), rows_param) if encode else None,
                                  decode=svc.bundle.decoder is not None, prompts=svc.prompts,
                                  negative=svc.bundle.teacher_takes_negative)
         negatives = [self.negative_prompt] * len(conditions) if self.negative_prompt is not None else None
@@ -200,7 +201,8 @@ async def search(body: SearchRequest, request: Request):
         raise ApiError(422, f"top_k: must lie in 1..n ({body.n}), got {body.top_k}", "top_k")
     seeds = svc.check_seeds(body.seeds, body.n) if body.seeds is not None else consecutive_seeds(body.seed, body.n)
     stages = plan_search(svc.bundle.sample_shape, guidance_scale, body.n, body.student_steps, body.top_k,
-                         body.teacher_steps, EncodeImages(svc.encoder, output_of(svc, body)),
+                         body.teacher_steps, EncodeImages(svc.encoder, output_of(svc, body), svc.bundle.image_shape,
+                                                          body.top_k, "top_k"),
                          decode=svc.bundle.decoder is not None, prompts=svc.prompts,
                          negative=svc.bundle.teacher_takes_negative)
     state = (State(seeds, np.zeros(0, np.float32), prompts=[body.prompt] * body.n) if text

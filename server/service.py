@@ -21,7 +21,7 @@ from server.noise import MAX_SEED
 from server.prompts import PromptEncoder
 from server.schemas import DEFAULT_TEACHER_STEPS, MAX_STUDENT_STEPS, MAX_TEACHER_STEPS
 from server.settings import Settings
-from server.stages import Stage, State, Timing, needs_of, run_stages
+from server.stages import Stage, State, Timing, host_work_of, needs_of, run_stages
 
 
 def shown(value, limit: int = 60) -> str:
@@ -156,7 +156,7 @@ class Service:
 
     async def execute(self, stages: list[Stage], state: State, deadline: float) -> list[Timing]:
         """Admit the request whole (what all its stages need), then run its stages in order."""
-        async with self.admission.admitted(needs_of(stages), deadline) as ticket:
+        async with self.admission.admitted(needs_of(stages), deadline, host_work_of(stages)) as ticket:
             return await run_stages(stages, state, self.call, ticket, self.metrics)
 
 

@@ -19,7 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
-from server.admission import Need, Ticket
+from server.admission import HostWork, Need, Ticket
 from server.encoding import Encoder, OutputFormat
 from server.engines import student_engine
 from server.imaging import to_host
@@ -251,10 +251,20 @@ class EncodeImages:
 
     encoder: Encoder
     output: OutputFormat
+    shape: tuple[int, ...]  # [C, H, W] of each image, before upscaling
+    rows: int  # images encoded
+    rows_param: str  # the request field that sets `rows`, named in refusals
     name: str = "encode"
 
     def needs(self) -> list[Need]:
         return []
+
+    def host_work(self) -> HostWork:
+        """Its encoding job, for admission: the time jobs like it took so far."""
+        _, height, width = self.shape
+        what = (f"{self.rows} images of {width * self.output.upscale}x{height * self.output.upscale} "
+                f"{self.output.format}")
+        return HostWork(self.encoder.job_seconds(self.rows, self.shape, self.output), what, self.rows_param)
 
     async def run(self, state: State, call, ticket: Ticket) -> int:
         state.encoded = await self.encoder.encode(state.x, self.output)
@@ -308,6 +318,11 @@ def needs_of(stages: list[Stage]) -> list[Need]:
             merged[need.engine] = need if held is None else Need(
                 need.engine, max(held.rows, need.rows), held.steps + need.steps, held.rows_param, held.steps_param)
     return list(merged.values())
+
+
+def host_work_of(stages: list[Stage]) -> HostWork | None:
+    """The request's work off the engines, for admission: its encoding job, if it encodes."""
+    return next((stage.host_work() for stage in stages if isinstance(stage, EncodeImages)), None)
 
 
 async def run_stages(stages: list[Stage], state: State, call, ticket: Ticket, metrics=None) -> list[Timing]:

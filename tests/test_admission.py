@@ -4,7 +4,16 @@ import asyncio
 
 import pytest
 
-from server.admission import SAFETY, Admission, EngineLoad, Need, Overloaded, RequestTooLarge, retry_after_headers
+from server.admission import (
+    SAFETY,
+    Admission,
+    EngineLoad,
+    HostWork,
+    Need,
+    Overloaded,
+    RequestTooLarge,
+    retry_after_headers,
+)
 from server.costs import BatchCost, DrainMeter, bucket
 
 
@@ -109,6 +118,24 @@ def test_work_that_cannot_finish_even_alone_is_422_naming_steps():
         admit(admission, [need(64, steps=200)], clock() + 10)
     assert refused.value.status == 422 and refused.value.param == "steps"
     admit(admission, [need(64, steps=100)], clock() + 10).release()  # 6.4 s x SAFETY = 8 s fits
+
+
+def test_encoding_counts_in_a_requests_time_alone_and_behind_the_backlog():
+    admission, load, clock = make_admission(max_rows=4096, timeout_s=10.0)
+    encode = HostWork(8.0, "64 images of 1024x1024 webp", "labels")
+    with pytest.raises(RequestTooLarge, match="labels: encoding 64 images of 1024x1024 webp takes about 10.0 s"
+                       ) as refused:  # 0.64 + 8 s, x SAFETY > 10 s
+        asyncio.run(admission.admit([need(64, steps=10)], clock() + 10, encode))
+    assert refused.value.status == 422 and refused.value.param == "labels"  # encoding is the larger part
+    with pytest.raises(RequestTooLarge) as refused:  # the engines are the larger part: their steps are named
+        asyncio.run(admission.admit([need(64, steps=100)], clock() + 10, HostWork(2.0, "images", "labels")))
+    assert refused.value.param == "steps"
+    first = asyncio.run(admission.admit([need(64, steps=100)], clock() + 10, HostWork(1.0, "images", "labels")))
+    with pytest.raises(Overloaded, match="after its deadline"):  # 6.4 s ahead, 0.64 + 1.5 s its own: x SAFETY > 10
+        asyncio.run(admission.admit([need(64, steps=10)], clock() + 10, HostWork(1.5, "images", "labels")))
+    admit(admission, [need(64, steps=10)], clock() + 10).release()  # without its encoding it would have fit
+    first.release()
+    assert load.rows == 0
 
 
 def test_a_backlog_that_would_miss_the_deadline_is_429_and_admitted_work_is_kept():

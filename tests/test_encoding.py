@@ -4,6 +4,7 @@ checked, and the thread pool gives the same bytes as encoding inline."""
 import asyncio
 import base64
 import io
+import time
 
 import numpy as np
 import pytest
@@ -159,3 +160,23 @@ def test_the_encoder_times_its_waits_its_copies_and_its_encoding():
                                                                                                   "encode")}
     assert 0 < spent["copy"] < spent["encode"]  # quantising costs less than a PNG's compression
     assert 0.3 * spent["encode"] < spent["wait"] < spent["encode"]  # one request waited for the other's encoding
+
+
+def test_an_encoding_job_is_timed_by_its_kind_for_admission():
+    """Admission counts a request's encoding: the time jobs of its kind (format, quality, size) took so far."""
+    encoder = Encoder(1)
+    big, png = OutputFormat("webp", 90, upscale=4), OutputFormat("png")
+    images = np.random.default_rng(0).uniform(-1, 1, (4, 3, 64, 64)).astype(np.float32)
+    assert encoder.job_seconds(4, (3, 64, 64), big) == 0.0  # nothing timed yet: nothing to refuse on
+    try:
+        started = time.perf_counter()
+        asyncio.run(encoder.encode(images, big))
+        elapsed = time.perf_counter() - started  # the job, and the hop to its thread and back
+        asyncio.run(encoder.encode(images[:1], png))
+    finally:
+        encoder.close()
+    assert 0 < encoder.job_seconds(4, (3, 64, 64), big) <= elapsed  # the job's own time, for its four images
+    per_image = encoder.job_seconds(1, (3, 64, 64), big)
+    assert per_image > 0 and encoder.job_seconds(8, (3, 64, 64), big) == pytest.approx(8 * per_image)
+    assert encoder.job_seconds(1, (3, 64, 64), png) < per_image  # 64 px png against 256 px webp
+    assert encoder.job_seconds(1, (3, 32, 32), big) == 0.0  # another size: not timed yet
