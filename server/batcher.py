@@ -124,7 +124,7 @@ class DynamicBatcher:
                 if self._admit(entry[2]):
                     batch.append(entry)
                     rows += entry[2].rows
-            keep = self._run_now(batch) if self.split_to_buckets else len(batch)
+            keep = self._run_now(batch, rows) if self.split_to_buckets else len(batch)
             for entry in batch[keep:]:  # back in the queue, in their place, for the next batch
                 heapq.heappush(self._items, entry)
                 self._queued_rows += entry[2].rows
@@ -134,11 +134,12 @@ class DynamicBatcher:
             if batch:
                 await self._run([entry[2] for entry in batch], rows)
 
-    def _run_now(self, batch: list) -> int:
-        """How many of the batch's items (in deadline order) to run now: all, or the most that fit the largest
-        bucket below their rows, where the measured costs say that batch and then the rest's beat one batch padded
-        to the bucket above. A cost not yet measured borrows a larger batch's, so an unknown split never wins."""
-        buckets, rows = self.engine.buckets, sum(entry[2].rows for entry in batch)
+    def _run_now(self, batch: list, rows: int) -> int:
+        """How many of the batch's items (in deadline order, `rows` in all) to run now: all, or the most that fit
+        the largest bucket below their rows, where the measured costs say that batch and then the rest's beat one
+        batch padded to the bucket above. A cost not yet measured borrows a larger batch's, so an unknown split
+        never wins."""
+        buckets = self.engine.buckets
         below = [size for size in buckets if size < rows]
         if not below or padded_size(rows, buckets) == rows or not self.cost.measured:
             return len(batch)

@@ -148,8 +148,9 @@ class Encoder:
                 on_device = images.images if isinstance(images, DeviceImages) else images
                 encoded = [base64.b64encode(data).decode()
                            for data in self.gpu_jpeg.encode(on_device, output.compression, output.upscale)]
-                self._spent("encode", time.perf_counter() - started)
-                self._learn(images, output, time.perf_counter() - started)
+                spent = time.perf_counter() - started
+                self._spent("encode", spent)
+                self._learn(images, output, spent)
                 return self._count("nvjpeg", encoded)
             except Exception:  # an admitted request gets its images: the CPU encoder makes the same format
                 log.exception("GPU JPEG encoding failed; encoding this request on the CPU")
@@ -158,9 +159,10 @@ class Encoder:
         pixels = images.pixels if isinstance(images, DeviceImages) else to_uint8(on_host(images))
         copied = time.perf_counter()
         encoded = encode_pixels_b64(pixels, output)
+        finished = time.perf_counter()
         self._spent("copy", copied - started)
-        self._spent("encode", time.perf_counter() - copied)
-        self._learn(images, output, time.perf_counter() - started)
+        self._spent("encode", finished - copied)
+        self._learn(images, output, finished - started)
         return self._count("cpu", encoded)
 
     def _count(self, encoder: str, encoded: list[str]) -> list[str]:
