@@ -15,6 +15,11 @@ MODES = {  # name -> the torch engine's options (server/torch_engine.py's TorchO
     # graphs with convolutions (the decoders) laid out channels-last (NHWC), the layout cuDNN works in
     "graphs-bf16-nhwc": {"dtype": "bfloat16", "cuda_graphs": True, "channels_last": True},
     "compiled-graphs-bf16-nhwc": {"dtype": "bfloat16", "compile": True, "cuda_graphs": True, "channels_last": True},
+    # and cuDNN's convolution algorithms timed per bucket at start (--torch-cudnn-benchmark)
+    "graphs-bf16-nhwc-cudnn": {"dtype": "bfloat16", "cuda_graphs": True, "channels_last": True,
+                               "cudnn_benchmark": True},
+    "compiled-graphs-bf16-nhwc-cudnn": {"dtype": "bfloat16", "compile": True, "cuda_graphs": True,
+                                        "channels_last": True, "cudnn_benchmark": True},
     # each bucket compiled static with inductor's tuned matrix products, CUDA graphs: "max-autotune"
     "autotuned-graphs-bf16": {"dtype": "bfloat16", "compile": True, "cuda_graphs": True,
                               "compile_mode": "max-autotune"},

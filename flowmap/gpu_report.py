@@ -16,8 +16,10 @@ ANCHORS = ("SANA-Sprint: one-step 1024 px in about 0.1 s on an H100 (Chen et al.
 
 def measured(row: dict) -> bool:
     """A stage row timed, or skipped for a reason a rerun of its mode is not worth: the program's batch limit,
-    no CUDA, or a batch out of memory beside smaller ones measured (a rerun would pay the mode's whole start)."""
-    return "batch" in row or row["skipped"].startswith(("batch ", "CUDA graphs need", "out of memory at batch"))
+    no CUDA, a batch out of memory beside smaller ones measured (a rerun would pay the mode's whole start), or a
+    channels-last mode on a denoiser (flowmap/gpu_stages.py times those on the decoders only)."""
+    return "batch" in row or row["skipped"].startswith(("batch ", "CUDA graphs need", "out of memory at batch")) \
+        or (MODES.get(row["mode"], {}).get("channels_last", False) and row["model"] not in DECODERS)
 
 
 def missing(report: dict) -> list[str]:
@@ -88,6 +90,11 @@ def one_step_line(report: dict) -> str | None:
             "skips for a cached prompt)" + ("; SANA-Sprint's one step is about 100 ms on an H100." if real else "."))
 
 
+def statuses(counts: dict) -> str:
+    """HTTP statuses and their counts, as `200: 4356, 429: 3` (a report read back from JSON keys them by string)."""
+    return ", ".join(f"{status}: {count}" for status, count in sorted(counts.items(), key=lambda item: int(item[0])))
+
+
 def served_line(report: dict) -> str | None:
     """The served figure as a sentence (the report's and the README's), or None before it is measured."""
     served = report.get("served")
@@ -98,8 +105,8 @@ def served_line(report: dict) -> str | None:
     clients = served.get("clients") or report["config"]["served_clients"]  # a report before the default was 0
     return (f"Served over HTTP ({bundle} bundle, {clients} clients of one-image jpeg "
             f"requests, `{' '.join(served['flags'])}`): {served['images_per_s']} images/s, p50 {served['p50_ms']} ms, "
-            f"statuses {served['statuses']}; its student and decoder allow {served['limit_images_per_s']} images/s "
-            f"at their largest batch: served {served['vs_limit']}x that limit.")
+            f"statuses {statuses(served['statuses'])}; its student and decoder allow "
+            f"{served['limit_images_per_s']} images/s at their largest batch: served {served['vs_limit']}x that limit.")
 
 
 def encoded_clause(served: dict) -> str:

@@ -94,14 +94,14 @@ def encode_pixels_b64(pixels: np.ndarray, output: OutputFormat) -> list[str]:
 
 class Encoder:
     """A bounded pool of encoding threads: a request's images are encoded in one job, at most
-    `workers` jobs at a time (the rest wait their turn), so the event loop never waits on an encoder.
+    `workers` jobs at a time (the rest wait their turn in the pool's queue), so the event loop never waits on an
+    encoder.
     `encoded`, where given, is a counter labelled by encoder ("nvjpeg" or "cpu") that each image adds one to;
     `seconds` one labelled by step (ENCODE_STEPS) that each request adds its time in that step to."""
 
     def __init__(self, workers: int, jpeg_device: str | None = None, gpu_jpeg_min_side: int = GPU_JPEG_MIN_SIDE,
                  encoded=None, seconds=None):
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="encode")
-        self.slots = asyncio.Semaphore(workers)
         # each series bound once: a label lookup per request would cost more than the count
         self.encoded = None if encoded is None else {name: encoded.labels(encoder=name) for name in ("nvjpeg", "cpu")}
         self.seconds = None if seconds is None else {step: seconds.labels(step=step) for step in ENCODE_STEPS}
@@ -182,10 +182,13 @@ class Encoder:
         pixels = images.shape[2] * images.shape[3] * output.upscale ** 2 * len(images)
         if inline and pixels <= INLINE_MAX_PIXELS:
             return self._encode(images, output)
-        queued = time.perf_counter()
-        async with self.slots:
-            self._spent("wait", time.perf_counter() - queued)
-            return await asyncio.get_running_loop().run_in_executor(self.pool, self._encode, images, output)
+        # the job waits its turn in the pool's own queue, not on the event loop: under load a loop-side gate cost
+        # every job a loop pass to enter and another to hand its thread on, and a busy loop's passes are slow
+        return await asyncio.wrap_future(self.pool.submit(self._encode_queued, time.perf_counter(), images, output))
+
+    def _encode_queued(self, queued: float, images, output: OutputFormat) -> list[str]:
+        self._spent("wait", time.perf_counter() - queued)
+        return self._encode(images, output)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
                                       "run channels-last (NHWC), their weights and 4-D inputs laid out so: the "
                                       "layout cuDNN's convolutions work in, which inductor picks itself only for "
                                       "graphs compiled static in the batch")
+    torch_cudnn_benchmark: bool = Field(False, description="torch backend on CUDA: cuDNN times its convolution "
+                                        "algorithms on each batch bucket's shape at start and keeps the fastest "
+                                        "(the VAE decoders' convolutions)")
     torch_parity_tolerance: float = Field(LOW_PRECISION_TOLERANCE, gt=0, description="torch backend: largest error of "
                                           "bfloat16/float16 against float32, relative to the output's largest value")
     intra_op_threads: int = Field(0, ge=0, description="threads per engine run; 0 = onnxruntime's default")
@@ -163,7 +166,8 @@ class Settings(BaseSettings):
 
         dtype = "float32" if engine and stage_of(engine) in self.torch_float32_stages else self.torch_dtype
         return TorchOptions(self.device, dtype, self.torch_compile, self.cuda_graphs, self.torch_parity_tolerance,
-                            self.torch_compile_cache, self.torch_compile_mode, self.torch_channels_last)
+                            self.torch_compile_cache, self.torch_compile_mode, self.torch_channels_last,
+                            self.torch_cudnn_benchmark)
 
     @field_validator("providers")
     @classmethod

@@ -66,6 +66,10 @@ class TorchOptions:
     # a program with 2-D convolutions: their weights and its 4-D inputs laid out channels-last (NHWC), the layout
     # cuDNN's and oneDNN's convolution kernels work in (given NCHW they convert around each convolution)
     channels_last: bool = False
+    # CUDA: cuDNN times its convolution algorithms on each shape's first call and keeps the fastest (the buckets'
+    # shapes are fixed, so once, at warm-up, before any CUDA graph records). The flag is torch's, for the whole
+    # process: every engine sets it to its options' value, so one server's engines agree
+    cudnn_benchmark: bool = False
 
     def __post_init__(self) -> None:
         if self.compile_mode not in COMPILE_MODES:
@@ -78,6 +82,8 @@ class TorchOptions:
             raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
         if self.cuda_graphs and not self.device.startswith("cuda"):
             raise ValueError("cuda_graphs needs --device cuda")
+        if self.cudnn_benchmark and not self.device.startswith("cuda"):
+            raise ValueError("torch_cudnn_benchmark needs --device cuda")
         if self.compile_cache and not self.compile:
             raise ValueError("torch_compile_cache needs --torch-compile")
 
@@ -229,6 +235,7 @@ class TorchProgramEngine:
         self.stream = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the weights' copies, queued on the default stream, are done
+            torch.backends.cudnn.benchmark = options.cudnn_benchmark
             self.stream = torch.cuda.Stream(self.device)
         self.input_names = tuple(program.graph_signature.user_inputs)
         self.module = without_dtype_asserts(program.module())  # on the device with its program

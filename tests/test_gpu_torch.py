@@ -240,21 +240,26 @@ def test_a_server_on_cuda_serves_jpeg(fixture, request):
 def test_a_channels_last_decoder_replays_its_cuda_graphs_as_the_default_layout_does(rgb_bundle):
     """--torch-channels-last on CUDA: the decoder's convolutions in NHWC, replayed from hand-captured CUDA graphs and
     compiled (a graph general in the batch, where inductor would not pick that layout itself) with CUDA graphs, answer
-    at a bucket's size, replayed, as NCHW does in bf16."""
+    at a bucket's size, replayed, as NCHW does in bf16; so do they with cuDNN's algorithms timed per bucket at start
+    (--torch-cudnn-benchmark), a flag of the whole process that the next engine, without it, sets off again."""
+    import torch
+
     from server.torch_engine import TorchOptions, TorchProgramEngine
 
     decoder = read_bundle(rgb_bundle).decoder
     feeds = random_feeds(ort.InferenceSession(str(decoder.path)).get_inputs(), 4, 10, seed=5)
     answers = {}
-    for label, compiled, laid_out in (("nchw", False, False), ("graphs", False, True), ("compiled", True, True)):
-        engine = TorchProgramEngine(decoder.program, "decoder", 4,
-                                    TorchOptions("cuda", "bfloat16", compiled, True, channels_last=laid_out))
+    for label, compiled, laid_out, timed in (("nchw", False, False, False), ("cudnn", True, True, True),
+                                             ("graphs", False, True, False), ("compiled", True, True, False)):
+        engine = TorchProgramEngine(decoder.program, "decoder", 4, TorchOptions(
+            "cuda", "bfloat16", compiled, True, channels_last=laid_out, cudnn_benchmark=timed))
         try:
             assert engine.channels_last == laid_out and 4 in engine.buckets
+            assert torch.backends.cudnn.benchmark == timed
             engine.run(feeds)  # a bucket recorded at start: this and the next are replays
             answers[label] = engine.run(feeds)
         finally:
             engine.close()
     scale = np.abs(answers["nchw"]).max()
-    for label in ("graphs", "compiled"):  # two bf16 runs, the kernels' order of sums their only difference
+    for label in ("graphs", "compiled", "cudnn"):  # two bf16 runs, the kernels' order of sums their only difference
         assert np.abs(answers[label] - answers["nchw"]).max() <= 0.05 * scale, label

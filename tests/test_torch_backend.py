@@ -207,6 +207,8 @@ def test_options_name_the_bad_flag():
 
     with pytest.raises(ValidationError, match="cuda_graphs needs --device cuda"):
         Settings(backend="torch", cuda_graphs=True)
+    with pytest.raises(ValidationError, match="torch_cudnn_benchmark needs --device cuda"):
+        Settings(backend="torch", torch_cudnn_benchmark=True)
     with pytest.raises(ValidationError, match="torch_compile_cache needs --torch-compile"):
         Settings(backend="torch", torch_compile_cache="models/.compiled")
     with pytest.raises(ValidationError, match="torch_compile_mode needs --torch-compile"):
