@@ -50,13 +50,13 @@ if [ -n "${RESUME_FROM:-}" ]; then
   [ "$RESUME_FROM" -ef "$OUT_DIR/gpu.json" ] || cp "$RESUME_FROM" "$OUT_DIR/gpu.json" || exit 1
   RESUME=(--resume)
 fi
-# the goals' modes only by default (the decoders' also channels-last, which the compiled + CUDA graphs goal takes
-# where it is the faster), and no restart timed from the compile cache (each costs a compiled start again): a lent
+# the goals' modes only by default (the decoders' also channels-last with cuDNN's algorithms timed, the fastest on
+# the H200, which the compiled + CUDA graphs goal takes where it is the faster), and no restart timed from the compile cache (each costs a compiled start again): a lent
 # card's minutes are few. BENCH_FLAGS="--modes ..." naming more runs graphs-bf16 too; without --no-restart the
 # compiled modes time a restart
 rm -f "$OUT_DIR/gpu.md"  # a report from an earlier check in this folder would say what this one lacks
 timeout "$(left "${BENCH_TIMEOUT_S:-}")" $PY -m flowmap.cli bench gpu --out "$OUT_DIR/gpu" \
-  "${RESUME[@]}" ${BENCH_FLAGS:---modes eager-fp32 eager-bf16 compiled-graphs-bf16 compiled-graphs-bf16-nhwc --no-restart} \
+  "${RESUME[@]}" ${BENCH_FLAGS:---modes eager-fp32 eager-bf16 compiled-graphs-bf16 compiled-graphs-bf16-nhwc-cudnn --no-restart} \
   2>&1 | tee "$OUT_DIR/bench-gpu.txt"
 bench_status=${PIPESTATUS[0]}
 [ "$bench_status" -eq 0 ] || status=1
