@@ -254,7 +254,7 @@ MUTANTS = [
            ("tests/test_bench_gpu.py::test_each_part_is_versioned_by_the_code_it_runs",)),
     Mutant("GPU report: a denoiser's channels-last modes, skipped on purpose, reported missing",
            "flowmap/gpu_report.py",
-           'or (MODES.get(row["mode"], {}).get("channels_last", False) and row["model"] not in DECODERS)', "or False",
+           'or (MODES.get(row["mode"], {}).get("channels_last", False) and row["model"] not in DECODERS', "or (False",
            ("tests/test_bench_gpu.py::test_the_gpu_bench_runs_every_part_on_a_cpu",)),
     Mutant("encoding: a request's wait for an encode thread left uncounted", "server/encoding.py",
            'self._spent("wait", time.perf_counter() - queued)', 'self._spent("wait", 0.0)',

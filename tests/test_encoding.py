@@ -180,3 +180,31 @@ def test_an_encoding_job_is_timed_by_its_kind_for_admission():
     assert per_image > 0 and encoder.job_seconds(8, (3, 64, 64), big) == pytest.approx(8 * per_image)
     assert encoder.job_seconds(1, (3, 64, 64), png) < per_image  # 64 px png against 256 px webp
     assert encoder.job_seconds(1, (3, 32, 32), big) == 0.0  # another size: not timed yet
+
+
+def test_a_request_cancelled_while_its_job_waits_for_a_thread_is_never_encoded():
+    """A client gone (or its deadline passed) while its job waits in the pool's queue: the job is dropped, not
+    encoded for nobody, and the request before it still gets its images."""
+    from prometheus_client import CollectorRegistry, Counter
+
+    registry = CollectorRegistry()
+    encoded = Counter("encoded", "images by encoder", ["encoder"], registry=registry)
+    encoder = Encoder(1, encoded=encoded)
+    first = np.random.default_rng(5).uniform(-1, 1, (2, 3, 768, 768)).astype(np.float32)  # long enough to queue behind
+    second = first[:1]
+
+    async def scenario():
+        try:
+            running = asyncio.create_task(encoder.encode(first, OutputFormat("png")))
+            waiting = asyncio.create_task(encoder.encode(second, OutputFormat("png")))
+            await asyncio.sleep(0.01)  # both submitted; the one thread holds the first
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            return await running
+        finally:
+            encoder.close()
+
+    images = asyncio.run(scenario())
+    assert images == encode_b64(first, OutputFormat("png"))
+    assert registry.get_sample_value("encoded_total", {"encoder": "cpu"}) == 2  # the first's two, not the third
