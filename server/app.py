@@ -57,7 +57,8 @@ async def warm_up(service: Service) -> None:
     """Run every engine at batch 1, at each of its batch buckets and at its largest batch, up to three times:
     the first passes pay for one-time allocations, the last measures what admission's first estimates and the
     batcher's bucket splits start from (an engine whose largest batch takes seconds, a VAE decoder on a CPU, is
-    not repeated). Then turn ready."""
+    not repeated). Then time one image of each output format, for admission's first encoding estimates, and turn
+    ready."""
     far = time.monotonic() + 600
     for name, batcher in service.batchers.items():
         sizes = sorted({1, *(b for b in batcher.engine.buckets if b <= batcher.max_batch_size),
@@ -69,8 +70,10 @@ async def warm_up(service: Service) -> None:
                 await batcher.infer(warm_feeds(name, rows, service.bundle, service.prompts), far)
             if time.perf_counter() - tick > 2.0:
                 break
+    await asyncio.to_thread(service.encoder.warm_up, service.bundle.image_shape)
     service.ready = True
-    log.info("warm: every engine ran at batch 1, its buckets and its largest batch; ready")
+    log.info("warm: every engine ran at batch 1, its buckets and its largest batch, and each image format was "
+             "encoded once; ready")
 
 
 async def warm_up_or_stop(service: Service, stop) -> None:

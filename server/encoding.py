@@ -20,13 +20,14 @@ import asyncio
 import base64
 import io
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from server.imaging import DeviceImages, on_host, png_bytes, to_uint8
+from server.imaging import DeviceImages, on_host, parse_size, png_bytes, to_uint8
 
 log = logging.getLogger("flowmap.encoding")
 
@@ -39,11 +40,28 @@ DEFAULT_COMPRESSION = 100
 OWN_PNG_MAX_PIXELS = 128 * 128  # our PNG writer wins up to this size, Pillow's level 1 beyond
 INLINE_MAX_PIXELS = 128 * 128  # a request with fewer pixels in all is encoded on the event loop
 # The shortest longer side nvJPEG encodes; smaller images go to the CPU, in the CPU backend's 4:2:0 (smaller files,
-# the same bytes on either backend). Alone on an H200 nvJPEG took 0.28 ms a 256 px image and simplejpeg 1.3 ms, yet
-# served beside the engines (docs/gpu.md) the two made the same images/s (0.67x and 0.663x the stage limit), with a
-# request's encode stage taking about 700 ms either way: nvJPEG is not what holds it. At 1024 px the CPU took 31 ms
-# an image, 14x nvJPEG; between, unmeasured.
+# the same bytes on either backend). Alone on an H200 nvJPEG took 0.28 ms a 256 px image and simplejpeg 1.3 ms;
+# served there, a 256 px request's encoding takes simplejpeg 2.43 ms (docs/gpu.md), and nvJPEG served no more
+# images/s than it in the one run that compared them, which a gate on the event loop (since removed) held. At
+# 1024 px the CPU took 31 ms an image, 14x nvJPEG; between, unmeasured.
 GPU_JPEG_MIN_SIDE = 768
+
+
+def largest_upscale(height: int, width: int) -> int:
+    """The largest whole upscale a request's `size` may ask of images `height` x `width` (parse_size owns the cap)."""
+    scale = 1
+    while True:
+        try:
+            parse_size(f"{width * (scale + 1)}x{height * (scale + 1)}", height, width)
+        except ValueError:
+            return scale
+        scale += 1
+
+
+def kind_pixels(kind: tuple) -> int:
+    """The pixels one image of an encoding kind ((output, [C, H, W], on_gpu)) is encoded at, upscaling included."""
+    output, (_, height, width), _ = kind
+    return height * width * output.upscale ** 2
 
 
 @dataclass(frozen=True)
@@ -129,11 +147,42 @@ class Encoder:
 
     def job_seconds(self, images: int, shape: tuple[int, ...], output: OutputFormat) -> float:
         """About how long one job encoding `images` images of `shape` ([C, H, W], before upscaling) takes, from the
-        jobs of that kind (format, quality, size, encoder) timed so far: 0 until one was."""
-        return images * self._seconds_per_image.get(self._kind(shape, output), 0.0)
+        jobs of that kind (format, quality, size, encoder) timed so far; a kind not timed yet, from the kind of its
+        format and encoder nearest it in pixels, scaled by pixels (the warm-up times each format at the bundle's
+        size); 0 where its format has no kind timed."""
+        kind = self._kind(shape, output)
+        if kind in self._seconds_per_image:
+            return images * self._seconds_per_image[kind]
+        pixels = kind_pixels(kind)
+        alike = [(abs(math.log(kind_pixels(timed) / pixels)), seconds / kind_pixels(timed))
+                 for timed, seconds in self._seconds_per_image.items()
+                 if timed[0].format == output.format and timed[2] == kind[2]]
+        return images * pixels * min(alike)[1] if alike else 0.0
 
     def _kind(self, shape: tuple[int, ...], output: OutputFormat) -> tuple:
         return output, tuple(shape), self._shape_on_gpu(tuple(shape), output)
+
+    def warm_up(self, shape: tuple[int, ...], seed: int = 0) -> None:
+        """Time one job of each format at its default quality on an image of `shape` ([C, H, W]), natively and
+        upscaled to the largest size a request may ask, so admission knows what a first request's encoding costs
+        (a size between scales from the nearer of the two: a small image's time is mostly fixed costs, which
+        scaled to 1024 px would refuse requests that fit). The image is noise, the slowest to compress, so the
+        estimates err long until real jobs of their kind replace them. Not counted in the metrics."""
+        images = np.random.default_rng(seed).uniform(-1, 1, (1, *shape)).astype(np.float32)
+        largest = largest_upscale(*shape[1:])
+        for name, upscale in ((name, upscale) for name in FORMATS for upscale in sorted({1, largest})):
+            output = OutputFormat(name, upscale=upscale)
+            for _ in range(2):  # the first pays for one-time set-ups (nvJPEG's, an encoder's tables): timed second
+                started = time.perf_counter()
+                if self.on_gpu(images, output):
+                    try:
+                        self.gpu_jpeg.encode(images, output.compression, output.upscale)
+                    except Exception:  # the requests' own jobs fall back to the CPU, and are timed there
+                        break
+                else:
+                    encode_b64(images, output)
+            else:
+                self._learn(images, output, time.perf_counter() - started)
 
     def _learn(self, images, output: OutputFormat, seconds: float) -> None:
         """One job's time per image into the moving average of its kind (what `job_seconds` answers from)."""

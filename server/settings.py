@@ -15,9 +15,10 @@ from ui.temp_files import DEFAULT_CACHE_SECONDS
 
 # CPython lets a busy thread keep the GIL for up to the switch interval (5 ms) while another waits, and a thread
 # back from GIL-free work (an encoder, an engine) waits so each time. Beside four busy Python threads a 256 px JPEG
-# encode job took 9.5 ms at 5 ms and 1.5 ms at 0.5 ms (docs/stages.md, `flowmap bench stages --parts handoffs`),
-# and on the H200 two encode threads made 161 images/s, about 12 ms a job (docs/gpu.md's served run: worked out
-# from its throughput, not timed per job). Served on this project's 2-core CPU, 0.5 ms neither cost nor bought
+# encode job took 9.5 ms at 5 ms and 1.5 ms at 0.5 ms (docs/stages.md, `flowmap bench stages --parts handoffs`).
+# Served on the H200 at 0.5 ms with 8 encode threads, a 256 px request's encoding took 2.43 ms (docs/gpu.md; an
+# earlier run at 5 ms with 2 threads made about 12 ms a job, worked out from its throughput, with a gate on the
+# event loop in front of the threads as well). Served on this project's 2-core CPU, 0.5 ms neither cost nor bought
 # anything measurable (scripts/switch_interval_ab.py, six alternating runs of each: digits made 3207 to 3477
 # images/s at 5 ms and 3229 to 3619 at 0.5 ms), so it is the default everywhere.
 DEFAULT_SWITCH_INTERVAL_MS = 0.5

@@ -179,7 +179,36 @@ def test_an_encoding_job_is_timed_by_its_kind_for_admission():
     per_image = encoder.job_seconds(1, (3, 64, 64), big)
     assert per_image > 0 and encoder.job_seconds(8, (3, 64, 64), big) == pytest.approx(8 * per_image)
     assert encoder.job_seconds(1, (3, 64, 64), png) < per_image  # 64 px png against 256 px webp
-    assert encoder.job_seconds(1, (3, 32, 32), big) == 0.0  # another size: not timed yet
+    # a kind not timed yet: the nearest timed kind of its format, by pixels (256 px webp here, 128 px asked)
+    assert encoder.job_seconds(2, (3, 32, 32), big) == pytest.approx(2 * per_image / 4)
+    assert encoder.job_seconds(1, (3, 64, 64), OutputFormat("webp")) == pytest.approx(per_image / 16)
+    assert encoder.job_seconds(1, (3, 64, 64), OutputFormat("jpeg")) == 0.0  # no jpeg timed: nothing to refuse on
+
+
+def test_the_warm_up_times_each_format_and_a_new_kind_scales_from_the_nearest_in_pixels():
+    """At start the server times one image of each format at the bundle's size (not counted in the metrics), so a
+    first request is admitted on an estimate; a size between two timed ones scales from the nearer of them."""
+    from prometheus_client import CollectorRegistry, Counter
+
+    registry = CollectorRegistry()
+    encoded = Counter("encoded", "images by encoder", ["encoder"], registry=registry)
+    encoder = Encoder(1, encoded=encoded)
+    try:
+        encoder.warm_up((3, 64, 64))
+        timed = {name: encoder.job_seconds(1, (3, 64, 64), OutputFormat(name)) for name in ("png", "jpeg", "webp")}
+        assert all(seconds > 0 for seconds in timed.values()), timed
+        assert registry.get_sample_value("encoded_total", {"encoder": "cpu"}) in (None, 0.0)
+        # natively and at the largest size a request may ask: a 64 px image at 1024 px was timed as such, not
+        # scaled from its native time (fixed costs and all)
+        upscaled = encoder.job_seconds(1, (3, 64, 64), OutputFormat("png", upscale=16))
+        assert upscaled > 0 and upscaled != pytest.approx(256 * timed["png"])
+        encoder.warm_up((3, 512, 512))
+        large = encoder.job_seconds(1, (3, 512, 512), OutputFormat("png"))
+        assert encoder.job_seconds(1, (3, 96, 96), OutputFormat("png")) == pytest.approx(timed["png"] * 9 / 4)
+        assert encoder.job_seconds(1, (3, 448, 448), OutputFormat("png")) == pytest.approx(large * 49 / 64)
+        assert encoder.job_seconds(1, (3, 128, 128), OutputFormat("png", upscale=4)) == pytest.approx(large)
+    finally:
+        encoder.close()
 
 
 def test_a_request_cancelled_while_its_job_waits_for_a_thread_is_never_encoded():
