@@ -270,6 +270,15 @@ MUTANTS = [
            "for upscale in sorted({1, largest})", "for upscale in [1]",
            ("tests/test_encoding.py::test_the_warm_up_times_each_format_and_a_new_kind_scales_from_the_nearest_in_"
             "pixels",)),
+    Mutant("admission: the encoding admitted ahead left out of a request's time", "server/admission.py",
+           "encoders = self.host_backlog_s / self.host_threads if host_s else 0.0", "encoders = 0.0",
+           ("tests/test_admission.py::test_encoding_admitted_ahead_shares_the_encode_threads_and_a_request_behind_it"
+            "_is_429",)),
+    Mutant("admission: a finished request's encoding never leaves the backlog", "server/admission.py",
+           "self.host_backlog_s = max(0.0, self.host_backlog_s - host_s)",
+           "self.host_backlog_s = max(0.0, self.host_backlog_s)",
+           ("tests/test_admission.py::test_encoding_admitted_ahead_shares_the_encode_threads_and_a_request_behind_it"
+            "_is_429",)),
     Mutant("encoding: a request's wait for an encode thread left uncounted", "server/encoding.py",
            'self._spent("wait", time.perf_counter() - queued)', 'self._spent("wait", 0.0)',
            ("tests/test_encoding.py::test_the_encoder_times_its_waits_its_copies_and_its_encoding",)),

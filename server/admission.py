@@ -114,8 +114,9 @@ class Ticket:
     request ends, however it ends (`async with admission.admitted(...)`).
     """
 
-    def __init__(self, deadline: float, needs: tuple[Need, ...] = (), admission: Admission | None = None):
-        self.deadline, self.needs, self._admission = deadline, needs, admission
+    def __init__(self, deadline: float, needs: tuple[Need, ...] = (), admission: Admission | None = None,
+                 host_s: float = 0.0):
+        self.deadline, self.needs, self._admission, self.host_s = deadline, needs, admission, host_s
         self._left = {need.engine: need.work for need in needs}
 
     def advance(self, engine: str, rows: int) -> None:
@@ -129,7 +130,7 @@ class Ticket:
     def release(self) -> None:
         if self._admission is not None:
             admission, self._admission = self._admission, None
-            admission.released(self.needs, self._left)
+            admission.released(self.needs, self._left, self.host_s)
 
 
 @dataclass
@@ -147,18 +148,20 @@ class Admission:
     lines of requests waiting at the door (one line per set of engines, first come first served)."""
 
     def __init__(self, loads: dict[str, EngineLoad], max_queue_rows: int, timeout_s: float, max_wait_s: float,
-                 metrics=None, clock=time.monotonic):
+                 metrics=None, clock=time.monotonic, host_threads: int = 1):
         self.loads, self.max_queue_rows, self.timeout_s = loads, max_queue_rows, timeout_s
         self.max_wait_s, self.metrics, self.clock = max_wait_s, metrics, clock
+        # the encoding admitted and not yet done, in seconds of one thread, and the threads that share it
+        self.host_backlog_s, self.host_threads = 0.0, host_threads
         self._lines: dict[tuple[str, ...], deque[Waiter]] = {}
         if metrics:
             metrics.watch_admission(loads)
 
     @classmethod
-    def for_batchers(cls, batchers: dict, settings, metrics=None) -> Admission:
+    def for_batchers(cls, batchers: dict, settings, metrics=None, host_threads: int = 1) -> Admission:
         loads = {name: EngineLoad(name, b.cost, b.max_batch_size, b.max_delay_s) for name, b in batchers.items()}
         return cls(loads, settings.max_queue_size, settings.request_timeout_s, settings.max_admission_wait_s,
-                   metrics)
+                   metrics, host_threads=host_threads)
 
     @asynccontextmanager
     async def admitted(self, needs: list[Need], deadline: float, host: HostWork | None = None):
@@ -221,8 +224,9 @@ class Admission:
         if admitted.done() and not admitted.cancelled() and admitted.exception() is None:
             admitted.result().release()
 
-    def released(self, needs: tuple[Need, ...], work_left: dict[str, int]) -> None:
-        """A request ended: free its rows and work, then admit whoever waits first in each line."""
+    def released(self, needs: tuple[Need, ...], work_left: dict[str, int], host_s: float = 0.0) -> None:
+        """A request ended: free its rows, work and encoding, then admit whoever waits first in each line."""
+        self.host_backlog_s = max(0.0, self.host_backlog_s - host_s)
         for need in needs:
             load = self.loads[need.engine]
             load.rows -= need.rows
@@ -259,10 +263,11 @@ class Admission:
         if SAFETY * alone > self.timeout_s:
             worst = max(measured, key=lambda n: self.loads[n.engine].seconds_alone(n))
             self._refused("too_large")
+            fewer = "images" if worst.steps_param == worst.rows_param else "steps or images"
             raise RequestTooLarge(422, f"{worst.steps_param}: {worst.rows} rows x {worst.steps} steps need about "
                                        f"{SAFETY * alone:.1f} s at the engines' measured speed, more than the "
                                        f"{self.timeout_s:g} s request timeout (FLOWMAP_REQUEST_TIMEOUT_S); ask for "
-                                       "fewer steps or images", worst.steps_param)
+                                       f"fewer {fewer}", worst.steps_param)
 
     def _fits(self, needs: tuple[Need, ...]) -> bool:
         return all(self.loads[n.engine].rows + n.rows <= self.max_queue_rows for n in needs)
@@ -284,19 +289,25 @@ class Admission:
             self.loads[need.engine].waiting += sign * need.rows
 
     def _reserve(self, needs: tuple[Need, ...], deadline: float, host_s: float = 0.0) -> Ticket:
-        """Admit, unless the work ahead, and its own encoding after it, means this request would miss its deadline."""
-        estimate = SAFETY * (sum(self.loads[n.engine].seconds(n) for n in needs) + host_s)
+        """Admit, unless the work ahead, and its own encoding after it, means this request would miss its deadline.
+        Its encoding starts once its engine work is done and the encoding admitted before it has left a thread
+        free, whichever comes later."""
+        engines = sum(self.loads[n.engine].seconds(n) for n in needs)
+        encoders = self.host_backlog_s / self.host_threads if host_s else 0.0
+        estimate = SAFETY * (max(engines, encoders) + host_s)
         budget = deadline - self.clock()
         if estimate > budget:
             self._refused("backlog")
             wait = (estimate - budget) / SAFETY  # the backlog drains in real time
-            raise Overloaded(f"the engines are busy: this request would finish in about {estimate:.3g} s, after its "
+            busy = "image encoders" if encoders > engines else "engines"
+            raise Overloaded(f"the {busy} are busy: this request would finish in about {estimate:.3g} s, after its "
                              f"deadline ({self.timeout_s:g} s from arrival); retry after {wait:.3g} s", wait)
         for need in needs:
             load = self.loads[need.engine]
             load.rows += need.rows
             load.backlog += need.work
-        return Ticket(deadline, needs, self)
+        self.host_backlog_s += host_s
+        return Ticket(deadline, needs, self, host_s)
 
     def _refused(self, reason: str) -> None:
         if self.metrics:

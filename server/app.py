@@ -106,9 +106,9 @@ def create_app(settings: Settings | None = None, mount_ui: bool | None = None, r
                                                  settings.max_queue_delay_ms, service.metrics,
                                                  settings.split_to_buckets)
                             for name, engine in engines.items()}
-        service.admission = Admission.for_batchers(service.batchers, settings, service.metrics)
-        on_gpu = settings.backend == "torch" and settings.device.startswith("cuda")
         encode_threads = settings.encode_threads()
+        service.admission = Admission.for_batchers(service.batchers, settings, service.metrics, encode_threads)
+        on_gpu = settings.backend == "torch" and settings.device.startswith("cuda")
         service.metrics.encode_threads.set(encode_threads)
         service.encoder = Encoder(encode_threads, settings.device if on_gpu else None,
                                   settings.gpu_jpeg_min_side, service.metrics.images_encoded,

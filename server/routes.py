@@ -94,10 +94,14 @@ class Generation:
         svc.check_ready()
         kind = svc.resolve_model(body.model)
         if body.negative_prompt is not None and not (kind == "teacher" and svc.bundle.teacher_takes_negative):
-            why = (f"this bundle's teacher runs without classifier-free guidance (w = "
-                   f"{svc.bundle.teacher.guidance_scale:g})" if kind == "teacher" and svc.prompts is not None
-                   else f"only the teacher ({svc.teacher_name}) of a text bundle with guidance takes one; the "
-                   "student's guidance is distilled against the empty prompt")
+            if svc.prompts is None:
+                why = "this bundle is conditioned on class labels, not prompts: there is no prompt to negate"
+            elif kind == "teacher":
+                why = (f"this bundle's teacher runs without classifier-free guidance (w = "
+                       f"{svc.bundle.teacher.guidance_scale:g})")
+            else:
+                why = (f"only the teacher ({svc.teacher_name}) of a text bundle with guidance takes one; the "
+                       "student's guidance is distilled against the empty prompt")
             raise ApiError(422, f"negative_prompt: {why}", "negative_prompt")
         return cls(kind, svc.resolve_guidance(kind, body.guidance), svc.resolve_steps(kind, body.steps),
                    output_of(svc, body), body.negative_prompt)
@@ -199,7 +203,9 @@ async def search(body: SearchRequest, request: Request):
                             "not both", "seeds")
     if body.top_k > body.n:
         raise ApiError(422, f"top_k: must lie in 1..n ({body.n}), got {body.top_k}", "top_k")
-    seeds = svc.check_seeds(body.seeds, body.n) if body.seeds is not None else consecutive_seeds(body.seed, body.n)
+    per = f"one per candidate: n is {body.n}" + ("" if "n" in body.model_fields_set else " by default")
+    seeds = (svc.check_seeds(body.seeds, body.n, per=per) if body.seeds is not None
+             else consecutive_seeds(body.seed, body.n))
     stages = plan_search(svc.bundle.sample_shape, guidance_scale, body.n, body.student_steps, body.top_k,
                          body.teacher_steps, EncodeImages(svc.encoder, output_of(svc, body), svc.bundle.image_shape,
                                                           body.top_k, "top_k"),

@@ -103,7 +103,8 @@ class SearchRequest(ImageOutput):
     top_k: int = Field(1, ge=1, le=64)
     student_steps: int = Field(1, ge=1, le=MAX_STUDENT_STEPS)
     teacher_steps: int = Field(0, ge=0, le=MAX_TEACHER_STEPS, description="0 = return the student's images")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED - 1024, description="candidates use seed, seed+1, ...")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="candidates use seed, seed+1, ... (seed + n - 1 "
+                             "at most the largest seed)")
     seeds: list[int] | None = Field(None, description="explicit candidate seeds (length n); not with seed")
     model: str | None = Model
     guidance: float | None = None

@@ -123,9 +123,9 @@ class Service:
         return steps
 
     @staticmethod
-    def check_seeds(seeds: list[int], count: int, param: str = "seeds") -> list[int]:
+    def check_seeds(seeds: list[int], count: int, param: str = "seeds", per: str = "one per image") -> list[int]:
         if len(seeds) != count:
-            raise ApiError(422, f"{param}: expected {count} seeds (one per image), got {len(seeds)}", param)
+            raise ApiError(422, f"{param}: expected {count} seeds ({per}), got {len(seeds)}", param)
         for seed in seeds:
             if not 0 <= seed <= MAX_SEED:
                 raise ApiError(422, f"{param}: every seed must lie in 0..{MAX_SEED}, got {seed}", param)

@@ -157,7 +157,8 @@ class OneCall:
     engine = ""
 
     def needs(self) -> list[Need]:
-        return [Need(self.engine, self.rows, 1, self.rows_param)]
+        # one call: fewer rows is the only way to ask for less of it, so a refusal names the rows' field
+        return [Need(self.engine, self.rows, 1, self.rows_param, steps_param=self.rows_param)]
 
 
 @dataclass

@@ -138,6 +138,27 @@ def test_encoding_counts_in_a_requests_time_alone_and_behind_the_backlog():
     assert load.rows == 0
 
 
+def test_encoding_admitted_ahead_shares_the_encode_threads_and_a_request_behind_it_is_429():
+    """Requests admitted before this one encode first, on the server's encode threads: one whose own encoding
+    would wait behind theirs past its deadline is refused before any work (it was admitted, then 504), and a
+    request that encodes nothing does not wait for the encoders."""
+    admission, load, clock = make_admission(max_rows=4096, timeout_s=10.0)
+    admission.host_threads = 2
+    images = HostWork(3.0, "64 images", "labels")
+    # the 4th finishes in about (9 / 2 + 3) x SAFETY s: within its 10
+    ahead = [asyncio.run(admission.admit([need(1)], clock() + 10, images)) for _ in range(4)]
+    assert admission.host_backlog_s == pytest.approx(12.0)
+    with pytest.raises(Overloaded, match="the image encoders are busy") as refused:  # (12 / 2 + 3) x SAFETY > 10
+        asyncio.run(admission.admit([need(1)], clock() + 10, images))
+    assert refused.value.retry_after_s == pytest.approx((SAFETY * 9 - 10) / SAFETY)
+    admit(admission, [need(1)], clock() + 10).release()  # raw arrays: no encoding to wait for
+    ahead[0].release()  # its images are out: 9 s of encoding left on two threads
+    asyncio.run(admission.admit([need(1)], clock() + 10, images)).release()
+    for ticket in ahead[1:]:
+        ticket.release()
+    assert admission.host_backlog_s == pytest.approx(0.0) and load.rows == 0
+
+
 def test_a_backlog_that_would_miss_the_deadline_is_429_and_admitted_work_is_kept():
     admission, load, clock = make_admission(max_rows=4096, timeout_s=10.0)
     first = admit(admission, [need(64, steps=100)], clock() + 10)  # 6.4 s of engine time
@@ -268,3 +289,16 @@ def test_a_small_newcomer_does_not_overtake_a_waiting_request():
         small.result().release()
 
     asyncio.run(scenario())
+
+
+def test_a_single_call_too_slow_for_the_timeout_names_its_rows_field():
+    """A decoder, verifier or text encoder runs once a request: the refusal names the field that sets its rows (a
+    search's n), not a `steps` the route may not have."""
+    from server.stages import Decode, needs_of
+
+    (decode,) = needs_of([Decode(1024, "n")])
+    assert decode.steps_param == "n"
+    admission, _, clock = make_admission(max_rows=4096, timeout_s=0.5)
+    with pytest.raises(RequestTooLarge, match="ask for fewer images$") as refused:  # 16 batches of 64 x 0.064 s
+        admit(admission, [Need("student", 1024, 1, "n", steps_param="n")], clock() + 0.5)
+    assert refused.value.status == 422 and refused.value.param == "n"

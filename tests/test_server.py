@@ -195,6 +195,11 @@ def test_models_list(server):
     ("/v1/images/generations", {"prompt": "1", "n": "2"}, 422, 'n: Input should be a valid integer, got "2"'),
     ("/v1/images/generations", {"prompt": "1", "n": True}, 422, "n: Input should be a valid integer, got true"),
     ("/v1/search", {"label": 1, "n": 4, "seed": 1, "seeds": [1, 2, 3, 4]}, 422, "seeds: give seed"),
+    ("/v1/search", {"label": 3, "seeds": [1, 2, 3]}, 422,
+     "seeds: expected 64 seeds (one per candidate: n is 64 by default), got 3"),
+    ("/v1/search", {"label": 3, "n": 4, "seed": 2**63 - 3}, 422, "seed: seed + n - 1 must stay within"),
+    ("/v1/images/generations", {"prompt": "7", "model": "digits-teacher", "negative_prompt": "3"}, 422,
+     "negative_prompt: this bundle is conditioned on class labels, not prompts"),
     ("/v1/images/generations", {"prompt": "1", "output_format": "gif"}, 422, "output_format: Input should be"),
     ("/v1/generate", {"labels": [1], "output_compression": 101}, 422, "output_compression must lie in 0..100"),
     ("/v1/generate", {"labels": [1], "output_compression": -1}, 422, "output_compression must lie in 0..100"),
@@ -214,6 +219,13 @@ def test_bad_input_gets_a_clear_4xx(server, path, body, status, needle):
     response = post(server.url, path, body)
     assert response.status_code == status, response.text
     assert needle in response.json()["error"]["message"]
+
+
+def test_a_search_may_start_its_candidates_at_any_seed_whose_last_is_a_seed(server):
+    last = 2**63 - 1  # the largest seed: the candidates' seeds end there, as the generation routes allow
+    result = post(server.url, "/v1/search", {"label": 3, "n": 4, "seed": last - 3})
+    assert result.status_code == 200, result.text
+    assert sorted(c["seed"] for c in result.json()["candidates"]) == list(range(last - 3, last + 1))
 
 
 def test_nan_guidance_is_refused_for_the_teacher_as_for_the_student(server):
@@ -482,9 +494,12 @@ def test_the_server_runs_with_its_switch_interval_and_puts_pythons_back():
             assert (await client.get("/health/ready")).status_code == 200
             metrics = (await client.get("/metrics")).text  # what the served bench reports it ran with
             assert "flowmap_encode_threads 3.0" in metrics and "flowmap_gil_switch_interval_seconds 0.0007" in metrics
-            return sys.getswitchinterval(), service.encoder.pool._max_workers
+            # admission shares out the encoding it admits over the same threads, and frees it when a request ends
+            images = await client.post("/v1/generate", json={"labels": [1, 2], "size": "256x256"})
+            assert images.status_code == 200 and service.admission.host_backlog_s == 0.0
+            return sys.getswitchinterval(), service.encoder.pool._max_workers, service.admission.host_threads
 
-    assert asyncio.run(run()) == (pytest.approx(0.0007), 3)
+    assert asyncio.run(run()) == (pytest.approx(0.0007), 3, 3)
     assert sys.getswitchinterval() == before
     from server.settings import Settings
 
