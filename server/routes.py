@@ -157,6 +157,10 @@ async def generate(body: GenerateRequest, request: Request):
     or random seeds."""
     svc = service(request)
     generation = Generation.resolve(svc, body)
+    encoding = [field for field in ("size", "output_format", "output_compression") if field in body.model_fields_set]
+    if body.format == "raw" and encoding:  # they shape encoded images; raw arrays are the model's own pixels
+        raise ApiError(422, f"{encoding[0]}: format raw returns float arrays at the bundle's native size; "
+                            f"{', '.join(encoding)} apply to encoded images (format png)", encoding[0])
     if svc.prompts is not None:
         if body.prompts is None or body.labels is not None:
             raise ApiError(422, "prompts: this is a text bundle; give prompts (a list of strings), not labels",

@@ -195,6 +195,8 @@ def test_models_list(server):
     ("/v1/images/generations", {"prompt": "1", "n": "2"}, 422, 'n: Input should be a valid integer, got "2"'),
     ("/v1/images/generations", {"prompt": "1", "n": True}, 422, "n: Input should be a valid integer, got true"),
     ("/v1/search", {"label": 1, "n": 4, "seed": 1, "seeds": [1, 2, 3, 4]}, 422, "seeds: give seed"),
+    ("/v1/generate", {"labels": [7], "format": "raw", "size": "64x64"}, 422,
+     "size: format raw returns float arrays at the bundle's native size"),
     ("/v1/search", {"label": 3, "seeds": [1, 2, 3]}, 422,
      "seeds: expected 64 seeds (one per candidate: n is 64 by default), got 3"),
     ("/v1/search", {"label": 3, "n": 4, "seed": 2**63 - 3}, 422, "seed: seed + n - 1 must stay within"),
