@@ -279,6 +279,9 @@ MUTANTS = [
            "self.host_backlog_s = max(0.0, self.host_backlog_s)",
            ("tests/test_admission.py::test_encoding_admitted_ahead_shares_the_encode_threads_and_a_request_behind_it"
             "_is_429",)),
+    Mutant("door: a request's body read with no deadline", "server/door.py",
+           "async with asyncio.timeout(settings.request_timeout_s):", "async with asyncio.timeout(None):",
+           ("tests/test_server.py::test_a_body_shorter_than_its_content_length_gets_408_within_the_request_timeout",)),
     Mutant("encoding: a request's wait for an encode thread left uncounted", "server/encoding.py",
            'self._spent("wait", time.perf_counter() - queued)', 'self._spent("wait", 0.0)',
            ("tests/test_encoding.py::test_the_encoder_times_its_waits_its_copies_and_its_encoding",)),

@@ -1,11 +1,14 @@
 """The door every HTTP request passes before any route runs: the body limit (413), API keys (401 on
-/v1 and /metrics when keys are set) and draining (503 on /v1 during a shutdown), in that order."""
+/v1 and /metrics when keys are set), draining (503 on /v1 during a shutdown), and the body read whole within the
+request timeout (408), in that order."""
 
 from __future__ import annotations
 
+import asyncio
+
 from server.errors import error_for, error_response
 from server.keys import authorized, guarded
-from server.limits import declared_too_large, read_within, streams_a_body
+from server.limits import declared_too_large, has_a_body, read_within
 from server.service import Service
 
 
@@ -28,9 +31,16 @@ class Door:
                                      kind="authentication_error", headers={"WWW-Authenticate": "Bearer"})
         elif path.startswith("/v1/") and self.service.draining:
             refusal = error_for(self.service.unavailable(), path, self.service)
-        elif streams_a_body(scope):
-            receive = await read_within(receive, settings.max_body_bytes)
-            refusal = self._too_large() if receive is None else None
+        elif has_a_body(scope):
+            try:  # read whole before any route runs: a client that sends less than it declared waits no longer
+                async with asyncio.timeout(settings.request_timeout_s):
+                    receive = await read_within(receive, settings.max_body_bytes)
+            except TimeoutError:
+                refusal = error_response(408, f"the request body did not arrive within {settings.request_timeout_s:g} "
+                                              "s (FLOWMAP_REQUEST_TIMEOUT_S): was its Content-Length right?",
+                                         kind="request_timeout")
+            else:
+                refusal = self._too_large() if receive is None else None
         if refusal is not None:
             return await refusal(scope, receive, send)
         await self.app(scope, receive, send)

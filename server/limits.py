@@ -1,5 +1,5 @@
 """The request body limit: a declared Content-Length over `max_body_bytes` is refused before reading,
-and a body of unknown length (chunked) is counted as it streams."""
+and a body of unknown length (chunked) is counted as it streams; every body is read whole at the door."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ def declared_too_large(scope, limit: int) -> bool:
     return False
 
 
-def streams_a_body(scope) -> bool:
-    """A request with a body but no Content-Length (chunked transfer): its size is known only once read."""
-    names = {name.lower() for name, _ in scope.get("headers", [])}
-    return scope["method"] in ("POST", "PUT", "PATCH") and b"content-length" not in names
+def has_a_body(scope) -> bool:
+    """A request that may carry a body: one with a method that takes one."""
+    return scope["method"] in ("POST", "PUT", "PATCH")
 
 
 async def read_within(receive, limit: int):
-    """Read a body of unknown length up to `limit` bytes; None if it is larger. The returned receive
-    replays the body once, then hands over to the real one (so disconnects still get through)."""
+    """Read a body up to `limit` bytes (one of unknown length, chunked, is counted as it streams); None if it is
+    larger. The returned receive replays the body once, then hands over to the real one (so disconnects still get
+    through)."""
     chunks, size = [], 0
     while True:
         message = await receive()

@@ -416,6 +416,31 @@ def test_a_failed_warm_up_is_logged_and_exits_non_zero(tmp_path):
     assert "warm-up failed" in log and "stopping" in log
 
 
+def test_a_body_shorter_than_its_content_length_gets_408_within_the_request_timeout():
+    """A client that declares more body than it sends: answered when the request's timeout passes, not left
+    hanging on the connection for ever."""
+    import socket
+    from urllib.parse import urlsplit
+
+    srv = Server(env={"FLOWMAP_REQUEST_TIMEOUT_S": "1"}).wait_ready()
+    try:
+        address = urlsplit(srv.url)
+        with socket.create_connection((address.hostname, address.port), timeout=20) as connection:
+            body = b'{"labels": [1]}'
+            connection.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: 100\r\n\r\n" + body)
+            tick = time.perf_counter()
+            answer = b""
+            while b"did not arrive" not in answer and (chunk := connection.recv(65536)):
+                answer += chunk
+            waited, head = time.perf_counter() - tick, answer.decode("latin-1")
+        assert head.startswith("HTTP/1.1 408"), head
+        assert "did not arrive within 1 s" in head and 0.5 < waited < 15
+        assert post(srv.url, "/v1/generate", {"labels": [1]}).status_code == 200  # the next request is served
+    finally:
+        srv.stop()
+
+
 def test_api_keys():
     srv = Server(env={"FLOWMAP_API_KEYS": "alpha, beta"}).wait_ready()
     try:
