@@ -105,6 +105,20 @@ def test_the_search_bench_counts_network_evaluations_honestly(shapes_bundle, tmp
         assert 0 <= row["overall"]["lo"] <= row["overall"]["hi"] <= 1
     assert task["notes"]["fd"]["ratio"] > 0 and -1 <= task["noise_transfer"]["spearman"]["mean"] <= 1
     assert (tmp_path / "search.md").is_file() and (tmp_path / "search.png").is_file()
+    # a task the run leaves out is kept from the earlier report, and said to be; one it runs is measured again
+    import json
+
+    earlier = json.loads((tmp_path / "search.json").read_text())
+    earlier["tasks"].append({**task, "name": "digits", "units": -1})  # stands for a digits run from before
+    (tmp_path / "search.json").write_text(json.dumps(earlier))
+    both = run_search_bench(config)
+    assert [t["name"] for t in both["tasks"]] == ["shapes", "digits"]
+    assert both["tasks"][1]["units"] == -1 and both["tasks"][1]["kept_from_an_earlier_run"]
+    assert "kept_from_an_earlier_run" not in both["tasks"][0]
+    assert "Kept from an earlier run of this benchmark: this run measured shapes only." in (
+        tmp_path / "search.md").read_text()
+    with pytest.raises(ValueError, match="--tasks: no task cats"):
+        run_search_bench(SearchBenchConfig(tasks=("cats",)))
 
 
 def test_rank_correlation_and_intervals():
