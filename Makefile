@@ -42,7 +42,7 @@ test: lint
 mutants: $(STAMP)
 	$(PY) scripts/mutants.py
 
-# digits (about 10 min), then shapes: CLIP, oracle, text-to-image teacher, FreeFlow, export (about 45 min)
+# digits (about 10 min), then shapes: CLIP, oracle, text-to-image teacher, FreeFlow, export (about 55 min)
 models: $(STAMP)
 	$(PY) -m flowmap.cli pipeline --recipe digits --runs runs/digits --docs docs --bundle models/digits
 	$(PY) -m flowmap.cli pipeline --recipe shapes --runs runs/shapes --docs docs --bundle models/shapes

@@ -28,14 +28,16 @@ class ClipConfig:
     layers: int = 2  # transformer layers per tower
     heads: int = 4
     patch: int = 4  # the vision tower's patch size
-    max_length: int = 16  # caption tokens, <|startoftext|> and <|endoftext|> included
+    # caption tokens, <|startoftext|> and <|endoftext|> included: the longest caption (two objects and their
+    # relation) is 25 in the shapes tokenizer's pieces, and at 16 the second object was cut from every such caption
+    max_length: int = 32
     steps: int = 1500
     batch_size: int = 128
     lr: float = 2e-3
     seed: int = 0
 
 
-def shapes_tokenizer(max_length: int = 16):
+def shapes_tokenizer(max_length: int = ClipConfig.max_length):
     """A CLIP tokenizer (byte-level BPE with </w>) trained on the shapes vocabulary and captions."""
     from distill.text import train_tokenizer
 

@@ -187,8 +187,9 @@ def search_block(root: Path) -> str:
         picked = [r for r in task["results"] if r["method"] == "a" or r["budget"] == largest
                   or (r["method"] == "d" and r["nfe"] == 1)]
         spatial = "spatial" in task["categories"]
+        earlier = ", from an earlier run of the benchmark" if task.get("kept_from_an_earlier_run") else ""
         lines += ["", f"**{task['name']}**, guidance {task['guidance_scale']:g}, {task['units']} searches "
-                  f"({task['prompts']} {'held-out prompts' if spatial else 'classes'}):", "",
+                  f"({task['prompts']} {'held-out prompts' if spatial else 'classes'}{earlier}):", "",
                   "| method | NFE | verifier calls | accuracy | " + ("spatial | " if spatial else "")
                   + "gain over (a) |",
                   "|---|---:|---:|---|" + ("---|" if spatial else "") + "---|"]
