@@ -267,6 +267,13 @@ MUTANTS = [
            "return images * pixels * min(alike)[1] if alike else 0.0",
            "return images * kind_pixels(kind) * min(alike)[1] / pixels if alike else 0.0",
            ("tests/test_encoding.py::test_an_encoding_job_is_timed_by_its_kind_for_admission",)),
+    Mutant("encoding: the warm-up counted in the metrics as if requests had asked for it", "server/encoding.py",
+           "self._encode(images, output, metered=False)", "self._encode(images, output)",
+           ("tests/test_encoding.py::test_the_warm_up_times_each_format_and_a_new_kind_scales_from_the_nearest_in_"
+            "pixels",)),
+    Mutant("imaging: the largest upscale judged by an image's shorter side", "server/imaging.py",
+           "max(1, max_side // max(height, width))", "max(1, max_side // min(height, width))",
+           ("tests/test_encoding.py::test_the_largest_upscale_is_the_largest_size_a_request_may_ask",)),
     Mutant("encoding: the warm-up times images at their native size only", "server/encoding.py",
            "for upscale in sorted({1, largest})", "for upscale in [1]",
            ("tests/test_encoding.py::test_the_warm_up_times_each_format_and_a_new_kind_scales_from_the_nearest_in_"

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.imaging import DeviceImages, on_host, parse_size, png_bytes, to_uint8
+from server.imaging import DeviceImages, largest_upscale, on_host, png_bytes, to_uint8
 
 log = logging.getLogger("flowmap.encoding")
 
@@ -45,17 +45,6 @@ INLINE_MAX_PIXELS = 128 * 128  # a request with fewer pixels in all is encoded o
 # images/s than it in the one run that compared them, which a gate on the event loop (since removed) held. At
 # 1024 px the CPU took 31 ms an image, 14x nvJPEG; between, unmeasured.
 GPU_JPEG_MIN_SIDE = 768
-
-
-def largest_upscale(height: int, width: int) -> int:
-    """The largest whole upscale a request's `size` may ask of images `height` x `width` (parse_size owns the cap)."""
-    scale = 1
-    while True:
-        try:
-            parse_size(f"{width * (scale + 1)}x{height * (scale + 1)}", height, width)
-        except ValueError:
-            return scale
-        scale += 1
 
 
 def kind_pixels(kind: tuple) -> int:
@@ -172,17 +161,9 @@ class Encoder:
         largest = largest_upscale(*shape[1:])
         for name, upscale in ((name, upscale) for name in FORMATS for upscale in sorted({1, largest})):
             output = OutputFormat(name, upscale=upscale)
-            for _ in range(2):  # the first pays for one-time set-ups (nvJPEG's, an encoder's tables): timed second
-                started = time.perf_counter()
-                if self.on_gpu(images, output):
-                    try:
-                        self.gpu_jpeg.encode(images, output.compression, output.upscale)
-                    except Exception:  # the requests' own jobs fall back to the CPU, and are timed there
-                        break
-                else:
-                    encode_b64(images, output)
-            else:
-                self._learn(images, output, time.perf_counter() - started)
+            for _ in range(2):  # the first pays for one-time set-ups (nvJPEG's, an encoder's tables): the second kept
+                self._seconds_per_image.pop(self._kind(shape, output), None)
+                self._encode(images, output, metered=False)
 
     def _learn(self, images, output: OutputFormat, seconds: float) -> None:
         """One job's time per image into the moving average of its kind (what `job_seconds` answers from)."""
@@ -190,7 +171,9 @@ class Encoder:
         old = self._seconds_per_image.get(kind)
         self._seconds_per_image[kind] = per_image if old is None else 0.8 * old + 0.2 * per_image
 
-    def _encode(self, images, output: OutputFormat) -> list[str]:
+    def _encode(self, images, output: OutputFormat, metered: bool = True) -> list[str]:
+        """`images` encoded, the job's time learnt for admission (`_learn`), and, where `metered`, counted in the
+        metrics."""
         started = time.perf_counter()
         if self.on_gpu(images, output):
             try:
@@ -198,9 +181,11 @@ class Encoder:
                 encoded = [base64.b64encode(data).decode()
                            for data in self.gpu_jpeg.encode(on_device, output.compression, output.upscale)]
                 spent = time.perf_counter() - started
-                self._spent("encode", spent)
                 self._learn(images, output, spent)
-                return self._count("nvjpeg", encoded)
+                if metered:
+                    self._spent("encode", spent)
+                    self._count("nvjpeg", encoded)
+                return encoded
             except Exception:  # an admitted request gets its images: the CPU encoder makes the same format
                 log.exception("GPU JPEG encoding failed; encoding this request on the CPU")
                 started = time.perf_counter()
@@ -209,15 +194,16 @@ class Encoder:
         copied = time.perf_counter()
         encoded = encode_pixels_b64(pixels, output)
         finished = time.perf_counter()
-        self._spent("copy", copied - started)
-        self._spent("encode", finished - copied)
         self._learn(images, output, finished - started)
-        return self._count("cpu", encoded)
+        if metered:
+            self._spent("copy", copied - started)
+            self._spent("encode", finished - copied)
+            self._count("cpu", encoded)
+        return encoded
 
-    def _count(self, encoder: str, encoded: list[str]) -> list[str]:
+    def _count(self, encoder: str, encoded: list[str]) -> None:
         if self.encoded is not None:
             self.encoded[encoder].inc(len(encoded))
-        return encoded
 
     def _spent(self, step: str, seconds: float) -> None:
         if self.seconds is not None:

@@ -96,7 +96,10 @@ def b64_npy(array: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def parse_size(size: str | None, height: int, width: int, max_side: int = 1024) -> int:
+MAX_SIDE = 1024  # the longest side, in pixels, a request's `size` may upscale to (a native image may be larger)
+
+
+def parse_size(size: str | None, height: int, width: int, max_side: int = MAX_SIDE) -> int:
     """The integer upscale factor for an OpenAI-style "WxH" size: native or a whole multiple of it."""
     if size is None or size == f"{width}x{height}":
         return 1
@@ -113,3 +116,8 @@ def parse_size(size: str | None, height: int, width: int, max_side: int = 1024) 
         raise ValueError(f"size must be the native {width}x{height} or a whole multiple of it up to {max_side} "
                          f"pixels a side (e.g. '{8 * width}x{8 * height}'), got {size!r}")
     return scale
+
+
+def largest_upscale(height: int, width: int, max_side: int = MAX_SIDE) -> int:
+    """The largest whole upscale `parse_size` allows images `height` x `width`: 1 where native is the largest."""
+    return max(1, max_side // max(height, width))

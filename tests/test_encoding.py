@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from server.encoding import Encoder, OutputFormat, encode_b64, encode_image
-from server.imaging import to_uint8
+from server.imaging import MAX_SIDE, largest_upscale, parse_size, to_uint8
 
 
 def smooth_image(side: int, channels: int) -> np.ndarray:
@@ -35,6 +35,15 @@ def test_upscaling_repeats_pixels():
     pixels = smooth_image(8, 1)
     decoded = np.asarray(Image.open(io.BytesIO(encode_image(pixels, OutputFormat("png", upscale=4)))))
     assert decoded.shape == (32, 32) and np.array_equal(decoded[::4, ::4], pixels[..., 0])
+
+
+@pytest.mark.parametrize("height, width", [(8, 8), (64, 128), (100, 30), (MAX_SIDE, MAX_SIDE), (2 * MAX_SIDE, 16)])
+def test_the_largest_upscale_is_the_largest_size_a_request_may_ask(height, width):
+    """The warm-up times the largest upscale a request may ask: the one parse_size accepts and the next it refuses."""
+    scale = largest_upscale(height, width)
+    assert parse_size(f"{width * scale}x{height * scale}", height, width) == scale
+    with pytest.raises(ValueError, match="up to 1024 pixels a side"):
+        parse_size(f"{width * (scale + 1)}x{height * (scale + 1)}", height, width)
 
 
 def test_settings_are_checked():
