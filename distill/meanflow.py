@@ -24,8 +24,9 @@ class MeanFlowConfig:
     time_mean: float = -0.4  # logit-normal only
     time_std: float = 1.0  # logit-normal only: spread
     endpoint_fraction: float = 0.0  # share of the batch forced to the 1-NFE jump (t, s) = (1, 0)
-    # p in the weight 1 / sg(|err|^2 + 0.01)^p. The paper's p = 1 leaves the rare long jumps with
-    # almost no weight; p = 0.5 (pseudo-Huber-like) learned the 1-NFE map on the toy (SW 0.03 vs 0.08).
+    # p in the weight 1 / sg(err + 0.01)^p, err the mean square over a sample's elements. The paper's p = 1
+    # leaves the rare long jumps with almost no weight; p = 0.5 (pseudo-Huber-like) learned the 1-NFE map on
+    # the toy (SW 0.03 vs 0.08).
     adaptive_power: float = 0.5
     guidance_min: float = 1.0  # guidance scales the student is trained over: from guidance_min ...
     guidance_max: float = 2.0  # ... to guidance_max, uniformly
@@ -55,7 +56,8 @@ def total_derivative(student, x, t, s, label, w, direction, derivative: str, fd_
 
 
 def meanflow_loss(student, velocity_target, x_t, t, s, label, w, config: MeanFlowConfig) -> tuple[torch.Tensor, float]:
-    """L = w_adapt |F - sg(u* - (t - s) dF/dt)|^2 with u* = `velocity_target` (detached)."""
+    """L = w_adapt err, err = |F - sg(u* - (t - s) dF/dt)|^2 / d (a per-sample mean) with u* = `velocity_target`
+    (detached)."""
     assert not velocity_target.requires_grad, "the teacher's velocity must be a stop-gradient target"
     F, dF_dt = total_derivative(student, x_t, t, s, label, w, velocity_target, config.derivative, config.fd_step)
     target = velocity_target - bcast(t - s, x_t) * dF_dt

@@ -1,7 +1,9 @@
 """A Triton Inference Server model repository for a bundle's graphs: one model per graph, each with a
 `config.pbtxt` (dynamic batching, max batch size, instance groups) and its ONNX file (or TensorRT
 plan) in version folder 1. Shapes and types are read from the ONNX graphs themselves. A bundle with a
-decoder also gets an ensemble per student, student -> decoder: noise, times and labels in, images out."""
+text encoder or a decoder also gets an ensemble per student chaining them: a text bundle's takes the
+prompts' token ids (from the bundle's tokenizer files) where a class bundle's takes labels, a latent
+bundle's gives decoded images."""
 
 from __future__ import annotations
 
@@ -79,18 +81,21 @@ def model_config(name: str, platform: str, inputs, outputs, config: TritonConfig
 
 
 def write_triton_repository(bundle_dir: str | Path, out: str | Path, config: TritonConfig | None = None) -> list[Path]:
-    """Write one Triton model per bundle graph into `out`; returns the config paths."""
+    """Write one Triton model per bundle graph into `out`, and per student an ensemble where the bundle has a text
+    encoder or a decoder to chain it with; returns the config paths."""
     config = config or TritonConfig()
     bundle = read_bundle(bundle_dir)
     out = Path(out)
+    text_encoder = bundle.text.encoder if bundle.text is not None else None
     graphs = [(f"{bundle.name}_student_w{g.guidance_scale:g}", g) for g in bundle.students]
-    graphs += [(f"{bundle.name}_teacher", bundle.teacher), (f"{bundle.name}_verifier", bundle.verifier)]
-    if bundle.decoder is not None:
-        graphs.append((f"{bundle.name}_decoder", bundle.decoder))
+    graphs += [(f"{bundle.name}_{part}", graph)
+               for part, graph in (("teacher", bundle.teacher), ("verifier", bundle.verifier),
+                                   ("decoder", bundle.decoder), ("text_encoder", text_encoder))
+               if graph is not None]
     plans = {p.source: p for p in bundle.tensorrt if p.precision == config.tensorrt_precision}
     written = []
     for name, graph in graphs:
-        model_dir = out / name.replace(".", "_")
+        model_dir = out / model_name(name)
         version = model_dir / "1"
         version.mkdir(parents=True, exist_ok=True)
         inputs, outputs = graph_signature(graph.path)
@@ -106,47 +111,52 @@ def write_triton_repository(bundle_dir: str | Path, out: str | Path, config: Tri
             platform = "onnxruntime_onnx"
         (model_dir / "config.pbtxt").write_text(model_config(model_dir.name, platform, inputs, outputs, config))
         written.append(model_dir / "config.pbtxt")
-    if bundle.decoder is not None:
-        decoder = f"{bundle.name}_decoder"
-        for name, graph in graphs:
-            if "_student_" in name:
-                written.append(write_ensemble(out, name.replace(".", "_"), decoder, graph.path, bundle.decoder.path,
-                                              config))
+    if text_encoder is None and bundle.decoder is None:
+        return written
+    for name, graph in graphs:
+        if "_student_" in name:
+            # prompts' token ids -> condition -> the student's jump -> the decoder's image, as far as the bundle goes
+            chain = [*([(f"{bundle.name}_text_encoder", text_encoder.path, None)] if text_encoder else []),
+                     (name, graph.path, "label" if text_encoder else None),
+                     *([(f"{bundle.name}_decoder", bundle.decoder.path, "latent")] if bundle.decoder else [])]
+            written.append(write_ensemble(out, f"{model_name(name)}_image", chain, config))
     return written
 
 
-def write_ensemble(out: Path, student: str, decoder: str, student_path: Path, decoder_path: Path,
-                   config: TritonConfig) -> Path:
-    """`<student>_image`: the student's jump, then the decoder, as one Triton ensemble."""
-    inputs, (jumped,) = graph_signature(student_path)[0], graph_signature(student_path)[1]
-    (latent,), outputs = graph_signature(decoder_path)
-    name = f"{student}_image"
-    model_dir = out / name
-    (model_dir / "1").mkdir(parents=True, exist_ok=True)
-    maps = "\n".join(f'      input_map {{ key: "{n}" value: "{n}" }}' for n, _, _ in inputs)
+def model_name(name: str) -> str:
+    """A Triton model's folder name: a guidance scale's point would read as a file extension ("w1.5" -> "w1_5")."""
+    return name.replace(".", "_")
+
+
+def write_ensemble(out: Path, name: str, chain: list[tuple[str, Path, str | None]], config: TritonConfig) -> Path:
+    """`name`: a Triton ensemble running `chain`'s models in turn, each as (model, its ONNX graph, the input the
+    model before feeds, None for the first); the ensemble takes every other input of them and gives the last
+    one's output."""
+    steps, inputs = [], []
+    for i, (model, path, fed) in enumerate(chain):
+        (model_inputs, (output, *_)) = graph_signature(path)
+        inputs += [row for row in model_inputs if row[0] != fed]
+        maps = [f'      input_map {{ key: "{n}" value: "{n}" }}' for n, _, _ in model_inputs if n != fed]
+        if fed is not None:
+            maps.append(f'      input_map {{ key: "{fed}" value: "{chain[i - 1][0]}_out" }}')
+        last = i == len(chain) - 1
+        maps.append(f'      output_map {{ key: "{output[0]}" value: "{output[0] if last else model + "_out"}" }}')
+        steps.append("\n".join(["    {", f'      model_name: "{model_name(model)}"', "      model_version: -1", *maps,
+                                "    }"]))
     text = "\n".join([
         f'name: "{name}"',
         'platform: "ensemble"',
         f"max_batch_size: {config.max_batch_size}",
         "input [", ",\n".join(_tensor_block(*row) for row in inputs), "]",
-        "output [", ",\n".join(_tensor_block(*row) for row in outputs), "]",
+        "output [", _tensor_block(*output), "]",
         "ensemble_scheduling {",
         "  step [",
-        "    {",
-        f'      model_name: "{student}"',
-        "      model_version: -1",
-        maps,
-        f'      output_map {{ key: "{jumped[0]}" value: "latent" }}',
-        "    },",
-        "    {",
-        f'      model_name: "{decoder}"',
-        "      model_version: -1",
-        f'      input_map {{ key: "{latent[0]}" value: "latent" }}',
-        f'      output_map {{ key: "{outputs[0][0]}" value: "{outputs[0][0]}" }}',
-        "    }",
+        ",\n".join(steps),
         "  ]",
         "}",
         "",
     ])
+    model_dir = out / name
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
     (model_dir / "config.pbtxt").write_text(text)
     return model_dir / "config.pbtxt"

@@ -267,6 +267,9 @@ MUTANTS = [
            "return images * pixels * min(alike)[1] if alike else 0.0",
            "return images * kind_pixels(kind) * min(alike)[1] / pixels if alike else 0.0",
            ("tests/test_encoding.py::test_an_encoding_job_is_timed_by_its_kind_for_admission",)),
+    Mutant("Triton: a text bundle's ensemble leaves the student's condition to the client", "export/triton.py",
+           '"label" if text_encoder else None', "None",
+           ("tests/test_triton.py::test_a_text_bundles_ensemble_takes_token_ids_and_gives_the_images",)),
     Mutant("encoding: the warm-up counted in the metrics as if requests had asked for it", "server/encoding.py",
            "self._encode(images, output, metered=False)", "self._encode(images, output)",
            ("tests/test_encoding.py::test_the_warm_up_times_each_format_and_a_new_kind_scales_from_the_nearest_in_"

@@ -57,3 +57,48 @@ def test_the_repository_model_still_runs(tmp_path):
 def test_missing_tensorrt_plans_are_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no fp16 TensorRT engine"):
         write_triton_repository(BUNDLE, tmp_path, TritonConfig(tensorrt_precision="fp16", kind="KIND_GPU"))
+
+
+def run_ensemble(repository, ensemble, feeds: dict) -> np.ndarray:
+    """What Triton does with an ensemble's config: its steps in order, each model's inputs and outputs taken from and
+    put in the tensors by the config's maps."""
+    tensors = dict(feeds)
+    for step in ensemble.ensemble_scheduling.step:
+        session = ort.InferenceSession(str(repository / step.model_name / "1" / "model.onnx"),
+                                       providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        results = session.run(None, {key: tensors[value] for key, value in step.input_map.items()})
+        tensors.update({value: results[names.index(key)] for key, value in step.output_map.items()})
+    return tensors[ensemble.output[0].name]
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_text_bundles_ensemble_takes_token_ids_and_gives_the_images(tiny_text_bundles, family, tmp_path):
+    """A text bundle's repository has its text encoder, and per student an ensemble from the prompts' token ids
+    (the bundle's tokenizer files) through the student to the decoder's image; FLUX's bundle has no verifier."""
+    from tokenizers import Tokenizer
+
+    bundle_dir, _ = tiny_text_bundles[family]
+    bundle = read_bundle(bundle_dir)
+    configs = {path.parent.name: path for path in write_triton_repository(bundle_dir, tmp_path)}
+    name = bundle.name
+    assert (f"{name}_verifier" in configs) == (bundle.verifier is not None) and f"{name}_text_encoder" in configs
+    student = bundle.students[-1]
+    ensemble = text_format.Parse(configs[f"{name}_student_w{student.guidance_scale:g}_image"].read_text(),
+                                 model_config_pb2.ModelConfig())
+    prompts = ["a red circle", "two blue squares above a green triangle"]
+    feeds = {f"ids_{i}": np.array([encoding.ids for encoding in Tokenizer.from_file(str(path)).encode_batch(prompts)],
+                                  np.int64)
+             for i, path in enumerate(graph.path for graph in bundle.text.tokenizers)}
+    latent = ort.InferenceSession(str(bundle.decoder.path)).get_inputs()[0].shape[1:]
+    feeds |= {"x": np.random.default_rng(0).standard_normal((2, *latent)).astype(np.float32),
+              "t": np.ones(2, np.float32), "s": np.zeros(2, np.float32)}
+    assert sorted(i.name for i in ensemble.input) == sorted(feeds)
+
+    def run(path, **inputs):
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, inputs)[0]
+
+    condition = run(bundle.text.encoder.path, **{k: v for k, v in feeds.items() if k.startswith("ids_")})
+    jumped = run(student.path, x=feeds["x"], t=feeds["t"], s=feeds["s"], label=condition)
+    expected = run(bundle.decoder.path, latent=jumped)
+    np.testing.assert_allclose(run_ensemble(tmp_path, ensemble, feeds), expected, rtol=1e-5, atol=1e-5)
