@@ -70,14 +70,18 @@ def field_name(loc: tuple) -> tuple[str, list[str]]:
     return name or "body", tried
 
 
+MAX_FIELDS_DESCRIBED = 10  # a body of thousands of wrong fields gets a message of ten, not one of megabytes
+
+
 def describe_validation_errors(errors: list[dict], schema_fields: dict) -> tuple[str, str]:
-    """(the first field, one sentence per field) for pydantic's errors, e.g. 'n must lie in 1..64, got 100'."""
+    """(the first field, one sentence per field, the first MAX_FIELDS_DESCRIBED of them) for pydantic's errors,
+    e.g. 'n must lie in 1..64, got 100'."""
     by_field: dict[str, list[tuple[dict, list[str]]]] = {}
     for error in errors:
         name, tried = field_name(error.get("loc", ()))
         by_field.setdefault(name, []).append((error, tried))
     sentences = []
-    for name, found in by_field.items():
+    for name, found in list(by_field.items())[:MAX_FIELDS_DESCRIBED]:
         error, tried = found[0]
         got = error.get("input")
         shown_got = f", got {shown(got)}" if error.get("type") not in ("missing", "json_invalid") else ""
@@ -99,4 +103,6 @@ def describe_validation_errors(errors: list[dict], schema_fields: dict) -> tuple
             if kind == "json_invalid" and "error" in error.get("ctx", {}):  # FastAPI's says only "JSON decode error"
                 message = f"Invalid JSON: {error['ctx']['error']}"
             sentences.append(f"{name}: {message}{shown_got}")
+    if len(by_field) > MAX_FIELDS_DESCRIBED:
+        sentences.append(f"and {len(by_field) - MAX_FIELDS_DESCRIBED} more fields")
     return next(iter(by_field)), "; ".join(sentences)

@@ -7,10 +7,13 @@ import hmac
 # The doors a key guards when keys are set. Health probes stay open (orchestrators probe without keys);
 # the demo's page is open but holds no key: its calls come through /v1 with the visitor's.
 GUARDED_PREFIXES = ("/v1/", "/metrics")
+# Gradio's file upload under the mounted demo, which no part of the page uses: it would let anyone write files to
+# the server's disk
+GUARDED_SUFFIXES = ("/gradio_api/upload",)
 
 
 def guarded(path: str) -> bool:
-    return path.startswith(GUARDED_PREFIXES)
+    return path.startswith(GUARDED_PREFIXES) or path.rstrip("/").endswith(GUARDED_SUFFIXES)
 
 
 def authorized(authorization: str, keys: list[str]) -> bool:

@@ -27,12 +27,14 @@ def free_port() -> int:
 class Server:
     """A `flowmap serve` subprocess; `url` is its base address."""
 
-    def __init__(self, *flags: str, bundle: Path = BUNDLE, env: dict | None = None, api_key: str | None = None):
+    def __init__(self, *flags: str, bundle: Path = BUNDLE, env: dict | None = None, api_key: str | None = None,
+                 host: str = "127.0.0.1"):
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}  # for reading /metrics
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "flowmap.cli", "serve", "--bundle", str(bundle), "--port", str(self.port), *flags],
+            [sys.executable, "-m", "flowmap.cli", "serve", "--bundle", str(bundle), "--port", str(self.port),
+             "--host", host, *flags],
             cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def wait_ready(self, timeout: float = 60.0) -> Server:

@@ -223,6 +223,16 @@ def test_bad_input_gets_a_clear_4xx(server, path, body, status, needle):
     assert needle in response.json()["error"]["message"]
 
 
+def test_a_body_of_many_unknown_fields_gets_a_short_message(server):
+    """Thousands of wrong fields are named ten at a time: the message stays short, whatever the body's size."""
+    body = {"labels": [1], **{f"k{i}": 1 for i in range(5000)}}
+    response = post(server.url, "/v1/generate", body)
+    assert response.status_code == 422 and response.json()["error"]["param"] == "k0", response.text
+    message = response.json()["error"]["message"]
+    assert message.startswith("k0: ") and "k9: " in message and "k10: " not in message, message
+    assert message.endswith("and 4990 more fields") and len(message) < 1000, message
+
+
 def test_a_search_may_start_its_candidates_at_any_seed_whose_last_is_a_seed(server):
     last = 2**63 - 1  # the largest seed: the candidates' seeds end there, as the generation routes allow
     result = post(server.url, "/v1/search", {"label": 3, "n": 4, "seed": last - 3})

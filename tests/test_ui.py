@@ -5,6 +5,7 @@ import shutil
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -88,10 +89,11 @@ def test_temporary_image_files_do_not_pile_up(server, client):
 
 
 def test_with_api_keys_the_demo_asks_for_a_key_and_forwards_it():
+    """On a server listening on another address than 127.0.0.1 (here 127.0.0.2), whose demo must call it there."""
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
-    srv = Server(env={"FLOWMAP_API_KEYS": "alpha, beta"}, api_key="alpha").wait_ready()
+    srv = Server(env={"FLOWMAP_API_KEYS": "alpha, beta"}, api_key="alpha", host="127.0.0.2").wait_ready()
     try:
         anonymous = Client(srv.url + "/ui/", verbose=False)
         with pytest.raises(AppError, match="a valid API key is required"):
@@ -105,6 +107,12 @@ def test_with_api_keys_the_demo_asks_for_a_key_and_forwards_it():
         with_header = Client(srv.url + "/ui/", verbose=False, headers={"Authorization": "Bearer alpha"})
         gallery, _ = with_header.predict("7", 2, 5, "1.5", 1, api_name="/generate")
         assert len(gallery) == 2
+        # Gradio's upload route, which the page never uses, writes no file for a visitor without a key
+        upload = httpx.post(srv.url + "/ui/gradio_api/upload", files={"files": ("a.bin", b"x" * 1000)})
+        assert upload.status_code == 401, upload.text
+        upload = httpx.post(srv.url + "/ui/gradio_api/upload", files={"files": ("a.bin", b"x" * 1000)},
+                            headers={"Authorization": "Bearer beta"})
+        assert upload.status_code == 200, upload.text
         refused = sum(srv.metric("flowmap_http_requests_total", route=route, status="401")
                       for route in ("/v1/generate", "/v1/search"))
         assert refused == 3  # the API itself turned the demo's keyless calls away

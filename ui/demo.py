@@ -226,10 +226,16 @@ def model_tabs(client: ApiClient, models: dict, key_box, suffix: str) -> None:
                     [s_gallery, chosen_out, random_out, s_info], api_name=f"search{suffix}")
 
 
+def own_url(host: str, port: int) -> str:
+    """The URL a server's own demo calls it at: the address it listens on, loopback where that is every interface."""
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def mount_demo(app, settings, model_cards: list[dict]) -> None:
     """Mount the demo at /ui of the server app; its handlers call that server over HTTP with the
     visitor's key, never the server's own."""
-    demo = build_demo(f"http://127.0.0.1:{settings.port}", None, {m["kind"]: m for m in model_cards},
+    demo = build_demo(own_url(settings.host, settings.port), None, {m["kind"]: m for m in model_cards},
                       asks_for_key=bool(settings.api_keys))
     gr.mount_gradio_app(app, demo, path="/ui", css=CSS, max_file_size="1mb")
     served = app.router.lifespan_context  # the server's, which Gradio wrapped with its own
