@@ -182,9 +182,9 @@ def render_overload_markdown(report: dict, plot_name: str) -> str:
         "answering refusals.",
         "",
         "Admission happens once per request, at the door (`server/admission.py`): a request reserves its rows "
-        "in each engine's queue for its whole life, so its later steps never meet a full queue, and a refusal "
-        "costs no engine work. A request that finds the queue full waits at the door, first come first served, "
-        "when the measured drain rate says room comes within `max_admission_wait_s` (1 s by default); "
+        "in each engine's queue until its last call of that engine, so its later steps never meet a full queue, "
+        "and a refusal costs no engine work. A request that finds the queue full waits at the door, first come "
+        "first served, when the measured drain rate says room comes within `max_admission_wait_s` (1 s by default); "
         "otherwise it gets 429 at once, with Retry-After from the same drain rate.",
     ]
     return "\n".join(lines) + "\n"

@@ -279,6 +279,16 @@ MUTANTS = [
     Mutant("errors: every one of thousands of wrong fields described", "server/errors.py",
            "list(by_field.items())[:MAX_FIELDS_DESCRIBED]", "list(by_field.items())",
            ("tests/test_server.py::test_a_body_of_many_unknown_fields_gets_a_short_message",)),
+    Mutant("admission: a request holds an engine's rows until it ends, not until its last call there",
+           "server/stages.py", "ticket.done_with(engine)  #", "pass  #",
+           ("tests/test_admission.py::test_an_engine_the_request_will_not_call_again_gets_its_rows_back_at_once",)),
+    Mutant("admission: the text encoder reserves a negative prompt for every image", "server/stages.py",
+           "EncodePrompts(rows + negative_prompts,", "EncodePrompts(rows * (1 + negative),",
+           ("tests/test_text_serving.py::test_a_negative_prompt_takes_one_text_encoder_row_more_not_one_per_image",)),
+    Mutant("costs: one slow batch moves the estimate by its whole time", "server/costs.py",
+           "min(seconds, self.max_jump * old)", "seconds",
+           ("tests/test_admission.py::test_one_slow_batch_moves_the_cost_by_a_step_and_a_lasting_slowdown_is_"
+            "followed",)),
     Mutant("encoding: the warm-up counted in the metrics as if requests had asked for it", "server/encoding.py",
            "self._encode(images, output, metered=False)", "self._encode(images, output)",
            ("tests/test_encoding.py::test_the_warm_up_times_each_format_and_a_new_kind_scales_from_the_nearest_in_"

@@ -1,9 +1,9 @@
 """Admission at the door: a request is admitted whole, or refused before any work is spent on it.
 
 A request states what it needs from each engine: the rows it holds in that engine's queue at once
-and how many sequential calls it makes. Admission reserves the rows for the request's whole life,
-so a later step never meets a full queue, and refuses what the engines' measured speed says cannot
-finish before the deadline. Once admitted, a request runs to its end (or its deadline, or until its
+and how many sequential calls it makes. Admission reserves the rows until the request's last call of
+that engine, so a later step never meets a full queue, and refuses what the engines' measured speed
+says cannot finish before the deadline. Once admitted, a request runs to its end (or its deadline, or until its
 client leaves).
 
 Where a queue is full, a request waits at the door, first come first served, if the measured drain
@@ -110,14 +110,17 @@ class EngineLoad:
 class Ticket:
     """An admitted request: its deadline, and the work it still holds on each engine.
 
-    Each engine call of the request's stages reports what it did (`advance`), and the ticket is released when the
-    request ends, however it ends (`async with admission.admitted(...)`).
+    Each engine call of the request's stages reports what it did (`advance`); an engine the request will not call
+    again gets its rows back at once (`done_with`: a prompt's text encoding need not hold its rows while a
+    long teacher runs), and the rest is released when the request ends, however it ends
+    (`async with admission.admitted(...)`).
     """
 
     def __init__(self, deadline: float, needs: tuple[Need, ...] = (), admission: Admission | None = None,
                  host_s: float = 0.0):
         self.deadline, self.needs, self._admission, self.host_s = deadline, needs, admission, host_s
         self._left = {need.engine: need.work for need in needs}
+        self._held = set(self._left)  # engines whose rows the request still holds
 
     def advance(self, engine: str, rows: int) -> None:
         left = self._left.get(engine)
@@ -127,10 +130,16 @@ class Ticket:
         self._left[engine] = left - done
         self._admission.loads[engine].backlog -= done
 
+    def done_with(self, engine: str) -> None:
+        """The request makes no more calls of `engine`: free its rows and work there now."""
+        if self._admission is not None and engine in self._held:
+            self._held.discard(engine)
+            self._admission.released(tuple(n for n in self.needs if n.engine == engine), self._left)
+
     def release(self) -> None:
         if self._admission is not None:
             admission, self._admission = self._admission, None
-            admission.released(self.needs, self._left, self.host_s)
+            admission.released(tuple(n for n in self.needs if n.engine in self._held), self._left, self.host_s)
 
 
 @dataclass

@@ -17,11 +17,14 @@ class BatchCost:
     """Seconds per engine run at each batch-size bucket (an exponential moving average per bucket).
 
     A bucket not yet measured borrows the smallest measured bucket above it (never an underestimate
-    for a smaller batch), or scales the largest one below it linearly in rows.
+    for a smaller batch), or scales the largest one below it linearly in rows. One run counts as at most
+    `max_jump` times the average: a lone slow run (a collection pause, a descheduled thread) moves the estimate
+    by a step, where it once told refused clients to wait 30 times too long; a slowdown that lasts is
+    followed within a few runs.
     """
 
-    def __init__(self, smoothing: float = 0.2):
-        self.smoothing = smoothing
+    def __init__(self, smoothing: float = 0.2, max_jump: float = 4.0):
+        self.smoothing, self.max_jump = smoothing, max_jump
         self._seconds: dict[int, float] = {}
         self._answers: dict[int, float] = {}  # seconds() by bucket since the last observation
 
@@ -36,7 +39,9 @@ class BatchCost:
     def observe(self, rows: int, seconds: float) -> None:
         key = bucket(rows)
         old = self._seconds.get(key)
-        self._seconds[key] = seconds if old is None else (1 - self.smoothing) * old + self.smoothing * seconds
+        if old is not None:
+            seconds = (1 - self.smoothing) * old + self.smoothing * min(seconds, self.max_jump * old)
+        self._seconds[key] = seconds
         self._answers.clear()
 
     def seconds(self, rows: int) -> float:

@@ -115,7 +115,8 @@ class Generation:
                                  rows_param, EncodeImages(svc.encoder, self.output, svc.bundle.image_shape,
                                                           len(conditions), rows_param) if encode else None,
                                  decode=svc.bundle.decoder is not None, prompts=svc.prompts,
-                                 negative=svc.bundle.teacher_takes_negative)
+                                 negative=svc.bundle.teacher_takes_negative,
+                                 negative_prompts=int(self.negative_prompt is not None))
         negatives = [self.negative_prompt] * len(conditions) if self.negative_prompt is not None else None
         state = (State(seeds, np.zeros(0, np.float32), prompts=list(conditions), negative_prompts=negatives) if text
                  else State(seeds, np.asarray(conditions, dtype=np.int64)))

@@ -274,14 +274,16 @@ class EncodeImages:
 
 def plan_generation(shape: tuple[int, ...], kind: str, guidance_scale: float, steps: int, rows: int,
                     rows_param: str, encode: EncodeImages | None, decode: bool = False,
-                    prompts: PromptEncoder | None = None, negative: bool = False) -> list[Stage]:
+                    prompts: PromptEncoder | None = None, negative: bool = False,
+                    negative_prompts: int = 0) -> list[Stage]:
     """Generation: prompts (and the teacher's negatives, when its graph takes them) to conditions (text
     bundles), noise, denoise with the student or the teacher, decode latents (bundles with a decoder),
-    then encode (unless raw arrays are asked for)."""
+    then encode (unless raw arrays are asked for). `negative_prompts`: the distinct negative prompts the
+    request gives (one for every image, or none: the empty prompt's condition is the bundle's)."""
     negative = negative and kind == "teacher"
     denoise = (TeacherSteps(steps, rows, rows_param, negative=negative) if kind == "teacher"
                else StudentJumps(steps, rows, rows_param, guidance_scale=guidance_scale))
-    condition = [EncodePrompts(2 * rows if negative else rows, rows_param, prompts, negatives=negative)] \
+    condition = [EncodePrompts(rows + negative_prompts, rows_param, prompts, negatives=negative)] \
         if prompts else []
     return [*condition, Noise(shape), denoise, *([Decode(rows, rows_param)] if decode else []),
             *([encode] if encode else [])]
@@ -329,10 +331,13 @@ def host_work_of(stages: list[Stage]) -> HostWork | None:
 async def run_stages(stages: list[Stage], state: State, call, ticket: Ticket, metrics=None) -> list[Timing]:
     """Run the stages in order on `state`, timing each (network stages are reported; the stage
     duration metric covers all of them)."""
+    last_call = {need.engine: i for i, stage in enumerate(stages) for need in stage.needs()}
     timings = []
-    for stage in stages:
+    for i, stage in enumerate(stages):
         tick = time.perf_counter()
         nfe = await stage.run(state, call, ticket)
+        for engine in (engine for engine, last in last_call.items() if last == i):
+            ticket.done_with(engine)  # its rows go to whoever waits, while this request goes on elsewhere
         seconds = time.perf_counter() - tick
         if metrics:
             metrics.stage_duration.labels(stage=stage.name).observe(seconds)

@@ -302,3 +302,61 @@ def test_a_single_call_too_slow_for_the_timeout_names_its_rows_field():
     with pytest.raises(RequestTooLarge, match="ask for fewer images$") as refused:  # 16 batches of 64 x 0.064 s
         admit(admission, [Need("student", 1024, 1, "n", steps_param="n")], clock() + 0.5)
     assert refused.value.status == 422 and refused.value.param == "n"
+
+
+def test_an_engine_the_request_will_not_call_again_gets_its_rows_back_at_once():
+    """A latent request's student rows go back as its decoding starts, not when it ends: a request waiting for the
+    student is admitted while the first still decodes (so a prompt's text encoding holds no rows while its teacher
+    runs). The engines are a stand-in `call` that holds the decoder until told."""
+    import numpy as np
+
+    from server.engines import student_engine
+    from server.stages import State, needs_of, plan_generation, run_stages
+
+    student = student_engine(1.0)
+    clock = Clock()
+    loads = {}
+    for name in (student, "decoder"):
+        cost = BatchCost()
+        cost.observe(8, 0.008)
+        loads[name] = EngineLoad(name, cost, 8, queue_delay_s=0.0)
+    admission = Admission(loads, 8, 10.0, 5.0, clock=clock)
+    stages = plan_generation((4, 2, 2), "student", 1.0, 2, 8, "labels", None, decode=True)
+
+    async def scenario():
+        decoding, decoded = asyncio.Event(), asyncio.Event()
+
+        async def call(engine, feeds, ticket):
+            ticket.advance(engine, 8)
+            if engine == "decoder":
+                decoding.set()
+                await decoded.wait()
+                return np.zeros((8, 3, 16, 16), np.float32)
+            return feeds["x"]
+
+        first = await admission.admit(needs_of(stages), clock() + 10)
+        run = asyncio.ensure_future(run_stages(stages, State(list(range(8)), np.zeros(8, np.int64)), call, first))
+        await decoding.wait()
+        assert (loads[student].rows, loads[student].backlog, loads["decoder"].rows) == (0, 0, 8)
+        second = await asyncio.wait_for(admission.admit([Need(student, 8, 2, "labels")], clock() + 10), 1.0)
+        assert loads[student].rows == 8
+        decoded.set()
+        await run
+        first.release()
+        assert (loads[student].rows, loads["decoder"].rows, loads["decoder"].backlog) == (8, 0, 0)
+        second.release()
+        assert loads[student].rows == 0 and loads[student].backlog == 0
+
+    asyncio.run(scenario())
+
+
+def test_one_slow_batch_moves_the_cost_by_a_step_and_a_lasting_slowdown_is_followed():
+    """A lone batch 100 times slower (a collection pause) must not make admission tell clients to wait minutes."""
+    cost = BatchCost()
+    for _ in range(5):
+        cost.observe(8, 0.001)
+    cost.observe(8, 0.1)
+    assert cost.seconds(8) == pytest.approx(0.8 * 0.001 + 0.2 * 0.004)
+    for _ in range(20):
+        cost.observe(8, 0.1)
+    assert cost.seconds(8) == pytest.approx(0.1, rel=0.05)

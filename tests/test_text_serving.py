@@ -1,6 +1,7 @@
 """Text bundles served end to end: a diffusers pipeline folder -> FreeFlow steps -> export -> a prompt
 over HTTP -> an image, for SD3, FLUX and SANA; the served images against torch; the prompt cache."""
 
+import asyncio
 import base64
 import io
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from serving import Server
+from serving import Server, in_process
 
 pytest.importorskip("transformers")
 
@@ -101,6 +102,27 @@ def test_text_bundle_errors_and_truncation(tiny_text_bundles):
         assert "x-flowmap-prompt-truncated" not in short.headers
     finally:
         server.stop()
+
+
+def test_a_negative_prompt_takes_one_text_encoder_row_more_not_one_per_image(tiny_text_bundles):
+    """The teacher's negatives come from one negative prompt (or the bundle's empty prompt), so a request of as many
+    prompts as the queue holds is served; with a negative prompt it needs one row more."""
+    bundle, _ = tiny_text_bundles["sd3"]
+
+    async def scenario():
+        async with in_process(bundle=bundle, max_queue_size=4, max_batch_size=4) as (client, _):
+            body = {"prompts": ["a red circle", "a blue square", "a cat", "a dog"], "model": "sd3-teacher",
+                    "steps": 2}
+            full = await client.post("/v1/generate", json=body)
+            assert full.status_code == 200 and len(full.json()["images"]) == 4, full.text
+            negative = await client.post("/v1/generate", json={**body, "negative_prompt": "blurry"})
+            assert negative.status_code == 413, negative.text
+            assert "5 rows exceed the whole text_encoder queue of 4" in negative.json()["error"]["message"]
+            fewer = await client.post("/v1/generate", json={**body, "prompts": body["prompts"][:3],
+                                                            "negative_prompt": "blurry"})
+            assert fewer.status_code == 200, fewer.text
+
+    asyncio.run(scenario())
 
 
 def test_the_demo_shows_a_prompt_box_for_a_text_bundle(tiny_text_bundles):
