@@ -28,7 +28,8 @@ class ImageOutput(BaseModel):
 
     output_format: Literal["png", "jpeg", "webp"] = Field("png", description="the images' encoding")
     output_compression: int | None = Field(None, ge=0, le=100, description="jpeg and webp quality, 0..100 (100, "
-                                           "the default, compresses least); png is lossless and ignores it")
+                                           "the default, compresses least; jpeg's lowest quality is 1, so 0 "
+                                           "gives 1's bytes); png is lossless and ignores it")
 
 
 class ImagesRequest(ImageOutput):
