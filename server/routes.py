@@ -164,13 +164,15 @@ async def generate(body: GenerateRequest, request: Request):
                             f"{', '.join(encoding)} apply to encoded images (format png)", encoding[0])
     if svc.prompts is not None:
         if body.prompts is None or body.labels is not None:
-            raise ApiError(422, "prompts: this is a text bundle; give prompts (a list of strings), not labels",
+            instead = ", not labels" if body.labels is not None else " (the field is required)"
+            raise ApiError(422, f"prompts: this is a text bundle; give prompts (a list of strings){instead}",
                            "prompts")
         conditions, param = body.prompts, "prompts"
     else:
         if body.labels is None or body.prompts is not None:
+            instead = ", not prompts" if body.prompts is not None else " (the field is required)"
             raise ApiError(422, f"labels: this bundle is conditioned on classes ({svc.bundle.classes[0]}, ...); give "
-                                "labels, not prompts", "labels")
+                                f"labels{instead}", "labels")
         conditions = [svc.resolve_label(value, f"labels[{i}]") for i, value in enumerate(body.labels)]
         param = "labels"
     seeds = svc.check_seeds(body.seeds, len(conditions)) if body.seeds is not None else random_seeds(len(conditions))
@@ -199,8 +201,10 @@ async def search(body: SearchRequest, request: Request):
     if svc.resolve_model(body.model) != "student":
         raise ApiError(422, f"model: search draws its candidates from the student {svc.bundle.name!r}", "model")
     if (body.prompt if text else body.label) is None or (body.label if text else body.prompt) is not None:
-        wanted = "text: give a prompt, not a label" if text else "classes: give a label, not a prompt"
-        raise ApiError(422, f"{param}: this bundle is conditioned on {wanted}", param)
+        other = body.label if text else body.prompt
+        wanted = "text: give a prompt" if text else "classes: give a label"
+        instead = (", not a label" if text else ", not a prompt") if other is not None else " (the field is required)"
+        raise ApiError(422, f"{param}: this bundle is conditioned on {wanted}{instead}", param)
     label = None if text else svc.resolve_label(body.label, "label")
     guidance_scale = svc.resolve_guidance("student", body.guidance)
     if body.seed is not None and body.seeds is not None:

@@ -214,6 +214,9 @@ def test_models_list(server):
     ("/v1/generate", {"labels": ["\u0663"]}, 422, "labels[0]: unknown class"),  # an Arabic-Indic 3 is no index
     ("/v1/generate", {"labels": [1], "prompts": ["a cat"]}, 422, "labels: this bundle is conditioned on classes"),
     ("/v1/search", {"label": 1, "prompt": "a cat", "n": 4}, 422, "give a label, not a prompt"),
+    ("/v1/search", {"n": 4}, 422, "label: this bundle is conditioned on classes: give a label (the field is required)"),
+    ("/v1/generate", {}, 422, "labels: this bundle is conditioned on classes (0, ...); give labels (the field is "
+                              "required)"),
     ("/v1/images/generations", {"prompt": "1", "size": " 16 x 16"}, 422, "size must look like"),
     ("/v1/images/generations", {"prompt": "1", "size": "1_6x16"}, 422, "size must look like"),
 ])
