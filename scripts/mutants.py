@@ -273,8 +273,8 @@ MUTANTS = [
     Mutant("demo: a mounted demo calls loopback whatever address its server listens on", "ui/demo.py",
            "build_demo(own_url(settings.host, settings.port)", 'build_demo(own_url("0.0.0.0", settings.port)',
            ("tests/test_ui.py::test_with_api_keys_the_demo_asks_for_a_key_and_forwards_it",)),
-    Mutant("keys: Gradio's upload route open to anyone when keys are set", "server/keys.py",
-           'GUARDED_SUFFIXES = ("/gradio_api/upload",)', "GUARDED_SUFFIXES = ()",
+    Mutant("keys: files sent to the demo's Gradio routes need no key when keys are set", "server/keys.py",
+           "return path.startswith(GUARDED_PREFIXES) or sends_files", "return path.startswith(GUARDED_PREFIXES)",
            ("tests/test_ui.py::test_with_api_keys_the_demo_asks_for_a_key_and_forwards_it",)),
     Mutant("errors: every one of thousands of wrong fields described", "server/errors.py",
            "list(by_field.items())[:MAX_FIELDS_DESCRIBED]", "list(by_field.items())",
@@ -283,12 +283,25 @@ MUTANTS = [
            "server/stages.py", "ticket.done_with(engine)  #", "pass  #",
            ("tests/test_admission.py::test_an_engine_the_request_will_not_call_again_gets_its_rows_back_at_once",)),
     Mutant("admission: the text encoder reserves a negative prompt for every image", "server/stages.py",
-           "EncodePrompts(rows + negative_prompts,", "EncodePrompts(rows * (1 + negative),",
-           ("tests/test_text_serving.py::test_a_negative_prompt_takes_one_text_encoder_row_more_not_one_per_image",)),
+           "EncodePrompts(distinct_prompts or rows,", "EncodePrompts(rows * (1 + negative),",
+           ("tests/test_text_serving.py::test_the_text_encoder_holds_a_row_per_distinct_prompt_a_negative_one_"
+            "included",)),
+    Mutant("admission: the text encoder reserves a row per image (repeated prompts and all) and the negative's",
+           "server/stages.py", "EncodePrompts(distinct_prompts or rows,", "EncodePrompts(rows + negative,",
+           ("tests/test_text_serving.py::test_the_text_encoder_holds_a_row_per_distinct_prompt_a_negative_one_"
+            "included",)),
     Mutant("costs: one slow batch moves the estimate by its whole time", "server/costs.py",
            "min(seconds, self.max_jump * old)", "seconds",
            ("tests/test_admission.py::test_one_slow_batch_moves_the_cost_by_a_step_and_a_lasting_slowdown_is_"
             "followed",)),
+    Mutant("costs: a bucket's first run taken whole, however far above what it borrowed", "server/costs.py",
+           "known = old if old is not None else self.seconds(rows) if self._seconds else None", "known = old",
+           ("tests/test_admission.py::test_one_slow_batch_moves_the_cost_by_a_step_and_a_lasting_slowdown_is_"
+            "followed",)),
+    Mutant("errors: an unknown field's name echoed whole", "server/errors.py",
+           'name = part if len(part) <= MAX_NAME_SHOWN else f"{part[:MAX_NAME_SHOWN]}... ({len(part)} characters)"',
+           "name = part",
+           ("tests/test_server.py::test_a_body_of_many_unknown_fields_gets_a_short_message",)),
     Mutant("encoding: the warm-up counted in the metrics as if requests had asked for it", "server/encoding.py",
            "self._encode(images, output, metered=False)", "self._encode(images, output)",
            ("tests/test_encoding.py::test_the_warm_up_times_each_format_and_a_new_kind_scales_from_the_nearest_in_"

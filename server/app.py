@@ -25,6 +25,7 @@ from server.engines import batch_size, build_engines
 from server.errors import error_for
 from server.fast_path import FastPath
 from server.http_metrics import HttpMetrics
+from server.keys import DEMO_PATH
 from server.metrics import Metrics, watch_loop_lag
 from server.prompts import PromptEncoder
 from server.routes import router
@@ -155,10 +156,10 @@ def create_app(settings: Settings | None = None, mount_ui: bool | None = None, r
     if with_ui:
         from ui.demo import mount_demo
 
-        mount_demo(app, settings, service.model_cards())
+        mount_demo(app, settings, service.model_cards(), DEMO_PATH)
 
     @app.get("/", include_in_schema=False)
     async def home():
-        return RedirectResponse("/ui/" if with_ui else "/docs")
+        return RedirectResponse(f"{DEMO_PATH}/" if with_ui else "/docs")
 
     return app

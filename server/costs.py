@@ -39,9 +39,12 @@ class BatchCost:
     def observe(self, rows: int, seconds: float) -> None:
         key = bucket(rows)
         old = self._seconds.get(key)
-        if old is not None:
-            seconds = (1 - self.smoothing) * old + self.smoothing * min(seconds, self.max_jump * old)
-        self._seconds[key] = seconds
+        # what the bucket was thought to cost: its own average, else what it borrowed (a bucket's first run is
+        # clamped too: an engine without batch buckets meets most of them first under live traffic)
+        known = old if old is not None else self.seconds(rows) if self._seconds else None
+        if known:
+            seconds = min(seconds, self.max_jump * known)
+        self._seconds[key] = seconds if old is None else (1 - self.smoothing) * old + self.smoothing * seconds
         self._answers.clear()
 
     def seconds(self, rows: int) -> float:

@@ -25,8 +25,8 @@ class Door:
         refusal = None
         if declared_too_large(scope, settings.max_body_bytes):
             refusal = self._too_large()
-        elif settings.api_keys and guarded(path) and not authorized(self._header(scope, b"authorization"),
-                                                                     settings.api_keys):
+        elif settings.api_keys and guarded(path, self._header(scope, b"content-type")) and not authorized(
+                self._header(scope, b"authorization"), settings.api_keys):
             refusal = error_response(401, "a valid API key is required: Authorization: Bearer <key>",
                                      kind="authentication_error", headers={"WWW-Authenticate": "Bearer"})
         elif path.startswith("/v1/") and self.service.draining:

@@ -52,6 +52,9 @@ def error_for(err: Exception, path: str, service: Service) -> JSONResponse:
     raise err
 
 
+MAX_NAME_SHOWN = 60  # characters of a field's name a message and `param` echo
+
+
 def field_name(loc: tuple) -> tuple[str, list[str]]:
     """('body', 'labels', 0, 'int') -> ('labels[0]', ['int']): the field as the client wrote it, and the
     union members pydantic tried (our request bodies are flat, so any name after the first is one)."""
@@ -63,8 +66,8 @@ def field_name(loc: tuple) -> tuple[str, list[str]]:
             continue
         if isinstance(part, int):
             name += f"[{part}]"
-        elif not name:
-            name = part
+        elif not name:  # an unknown field's name is the client's own: cut short as its values are
+            name = part if len(part) <= MAX_NAME_SHOWN else f"{part[:MAX_NAME_SHOWN]}... ({len(part)} characters)"
         else:
             tried.append(str(part))
     return name or "body", tried
@@ -104,5 +107,6 @@ def describe_validation_errors(errors: list[dict], schema_fields: dict) -> tuple
                 message = f"Invalid JSON: {error['ctx']['error']}"
             sentences.append(f"{name}: {message}{shown_got}")
     if len(by_field) > MAX_FIELDS_DESCRIBED:
-        sentences.append(f"and {len(by_field) - MAX_FIELDS_DESCRIBED} more fields")
+        more = len(by_field) - MAX_FIELDS_DESCRIBED
+        sentences.append(f"and {more} more field{'s' if more > 1 else ''}")
     return next(iter(by_field)), "; ".join(sentences)

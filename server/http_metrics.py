@@ -6,6 +6,7 @@ import os
 import socket
 import time
 
+from server.keys import DEMO_PATH
 from server.routes import router
 from server.service import Service
 
@@ -27,7 +28,7 @@ class HttpMetrics:
             self._routes = {route.path for route in router.routes} | {app.docs_url, app.openapi_url, "/"}
         if path in self._routes:
             return path
-        return "/ui" if path.startswith("/ui") else "other"
+        return DEMO_PATH if path.startswith(DEMO_PATH) else "other"
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import hmac
 
+DEMO_PATH = "/ui"  # where `flowmap serve` mounts the Gradio demo
+
 # The doors a key guards when keys are set. Health probes stay open (orchestrators probe without keys);
 # the demo's page is open but holds no key: its calls come through /v1 with the visitor's.
 GUARDED_PREFIXES = ("/v1/", "/metrics")
-# Gradio's file upload under the mounted demo, which no part of the page uses: it would let anyone write files to
-# the server's disk
-GUARDED_SUFFIXES = ("/gradio_api/upload",)
 
 
-def guarded(path: str) -> bool:
-    return path.startswith(GUARDED_PREFIXES) or path.rstrip("/").endswith(GUARDED_SUFFIXES)
+def guarded(path: str, content_type: str = "") -> bool:
+    """Whether a request needs a key (when keys are set). A file sent to the demo needs one too: the page sends
+    none, and Gradio writes what its upload and recording routes receive to the server's disk."""
+    sends_files = path.startswith(DEMO_PATH) and content_type.lower().lstrip().startswith("multipart/")
+    return path.startswith(GUARDED_PREFIXES) or sends_files
 
 
 def authorized(authorization: str, keys: list[str]) -> bool:

@@ -275,15 +275,15 @@ class EncodeImages:
 def plan_generation(shape: tuple[int, ...], kind: str, guidance_scale: float, steps: int, rows: int,
                     rows_param: str, encode: EncodeImages | None, decode: bool = False,
                     prompts: PromptEncoder | None = None, negative: bool = False,
-                    negative_prompts: int = 0) -> list[Stage]:
+                    distinct_prompts: int | None = None) -> list[Stage]:
     """Generation: prompts (and the teacher's negatives, when its graph takes them) to conditions (text
     bundles), noise, denoise with the student or the teacher, decode latents (bundles with a decoder),
-    then encode (unless raw arrays are asked for). `negative_prompts`: the distinct negative prompts the
-    request gives (one for every image, or none: the empty prompt's condition is the bundle's)."""
+    then encode (unless raw arrays are asked for). `distinct_prompts`: how many different prompts the request
+    encodes at most, a negative prompt included (the text encoder's rows; one an image where not given)."""
     negative = negative and kind == "teacher"
     denoise = (TeacherSteps(steps, rows, rows_param, negative=negative) if kind == "teacher"
                else StudentJumps(steps, rows, rows_param, guidance_scale=guidance_scale))
-    condition = [EncodePrompts(rows + negative_prompts, rows_param, prompts, negatives=negative)] \
+    condition = [EncodePrompts(distinct_prompts or rows, rows_param, prompts, negatives=negative)] \
         if prompts else []
     return [*condition, Noise(shape), denoise, *([Decode(rows, rows_param)] if decode else []),
             *([encode] if encode else [])]
@@ -300,7 +300,7 @@ def plan_search(shape: tuple[int, ...], guidance_scale: float, count: int, stude
         return [Decode(rows, param, name="decoder_final" if param == "top_k" else "decoder")] if decode else []
 
     negative = negative and teacher_steps > 0  # the teacher's finish takes the empty prompt's condition
-    condition = [EncodePrompts(count, "n", prompts, negatives=negative)] if prompts else []
+    condition = [EncodePrompts(1, "n", prompts, negatives=negative)] if prompts else []  # one prompt, n candidates
     stages = [*condition, Noise(shape),
               StudentJumps(student_steps, count, "n", "student_steps", guidance_scale=guidance_scale),
               *decoded(count, "n"), Score(count, "n", prompts), KeepBest(top_k)]

@@ -360,3 +360,7 @@ def test_one_slow_batch_moves_the_cost_by_a_step_and_a_lasting_slowdown_is_follo
     for _ in range(20):
         cost.observe(8, 0.1)
     assert cost.seconds(8) == pytest.approx(0.1, rel=0.05)
+    # a bucket's first run is held to what it borrowed: 16 rows borrow the 64-row bucket's 4 ms
+    cost.observe(64, 0.004)
+    cost.observe(16, 10.0)
+    assert cost.seconds(16) == pytest.approx(4 * 0.004)

@@ -227,13 +227,18 @@ def test_bad_input_gets_a_clear_4xx(server, path, body, status, needle):
 
 
 def test_a_body_of_many_unknown_fields_gets_a_short_message(server):
-    """Thousands of wrong fields are named ten at a time: the message stays short, whatever the body's size."""
+    """Thousands of wrong fields are named ten at a time, and a long name is cut short: the message stays short,
+    whatever the body's size."""
     body = {"labels": [1], **{f"k{i}": 1 for i in range(5000)}}
     response = post(server.url, "/v1/generate", body)
     assert response.status_code == 422 and response.json()["error"]["param"] == "k0", response.text
     message = response.json()["error"]["message"]
     assert message.startswith("k0: ") and "k9: " in message and "k10: " not in message, message
     assert message.endswith("and 4990 more fields") and len(message) < 1000, message
+    long = post(server.url, "/v1/generate", {"labels": [1], **{f"{i}" + "x" * 90_000: 1 for i in range(10)}})
+    error = long.json()["error"]
+    assert long.status_code == 422 and len(error["message"]) < 2000 and len(error["param"]) < 100, error["param"]
+    assert error["param"].endswith("... (90001 characters)"), error["param"]
 
 
 def test_a_search_may_start_its_candidates_at_any_seed_whose_last_is_a_seed(server):

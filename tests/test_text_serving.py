@@ -104,9 +104,10 @@ def test_text_bundle_errors_and_truncation(tiny_text_bundles):
         server.stop()
 
 
-def test_a_negative_prompt_takes_one_text_encoder_row_more_not_one_per_image(tiny_text_bundles):
+def test_the_text_encoder_holds_a_row_per_distinct_prompt_a_negative_one_included(tiny_text_bundles):
     """The teacher's negatives come from one negative prompt (or the bundle's empty prompt), so a request of as many
-    prompts as the queue holds is served; with a negative prompt it needs one row more."""
+    prompts as the queue holds is served; with a negative prompt it needs one row more, and a prompt repeated (an
+    OpenAI-style request for n images of one prompt) one row in all."""
     bundle, _ = tiny_text_bundles["sd3"]
 
     async def scenario():
@@ -121,6 +122,9 @@ def test_a_negative_prompt_takes_one_text_encoder_row_more_not_one_per_image(tin
             fewer = await client.post("/v1/generate", json={**body, "prompts": body["prompts"][:3],
                                                             "negative_prompt": "blurry"})
             assert fewer.status_code == 200, fewer.text
+            same = await client.post("/v1/images/generations", json={"prompt": "a cat", "n": 4, "steps": 2,
+                                                                     "model": "sd3-teacher", "negative_prompt": "x"})
+            assert same.status_code == 200 and len(same.json()["data"]) == 4, same.text
 
     asyncio.run(scenario())
 

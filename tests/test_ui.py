@@ -107,9 +107,10 @@ def test_with_api_keys_the_demo_asks_for_a_key_and_forwards_it():
         with_header = Client(srv.url + "/ui/", verbose=False, headers={"Authorization": "Bearer alpha"})
         gallery, _ = with_header.predict("7", 2, 5, "1.5", 1, api_name="/generate")
         assert len(gallery) == 2
-        # Gradio's upload route, which the page never uses, writes no file for a visitor without a key
-        upload = httpx.post(srv.url + "/ui/gradio_api/upload", files={"files": ("a.bin", b"x" * 1000)})
-        assert upload.status_code == 401, upload.text
+        # Gradio's routes that take files (which the page never sends) write none for a visitor without a key
+        for route, field in (("upload", "files"), ("upload/", "files"), ("process_recording", "video")):
+            upload = httpx.post(f"{srv.url}/ui/gradio_api/{route}", files={field: ("a.bin", b"x" * 1000)})
+            assert upload.status_code == 401, (route, upload.text)
         upload = httpx.post(srv.url + "/ui/gradio_api/upload", files={"files": ("a.bin", b"x" * 1000)},
                             headers={"Authorization": "Bearer beta"})
         assert upload.status_code == 200, upload.text

@@ -232,12 +232,12 @@ def own_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def mount_demo(app, settings, model_cards: list[dict]) -> None:
-    """Mount the demo at /ui of the server app; its handlers call that server over HTTP with the
+def mount_demo(app, settings, model_cards: list[dict], path: str) -> None:
+    """Mount the demo at `path` of the server app; its handlers call that server over HTTP with the
     visitor's key, never the server's own."""
     demo = build_demo(own_url(settings.host, settings.port), None, {m["kind"]: m for m in model_cards},
                       asks_for_key=bool(settings.api_keys))
-    gr.mount_gradio_app(app, demo, path="/ui", css=CSS, max_file_size="1mb")
+    gr.mount_gradio_app(app, demo, path=path, css=CSS, max_file_size="1mb")
     served = app.router.lifespan_context  # the server's, which Gradio wrapped with its own
 
     @contextlib.asynccontextmanager
