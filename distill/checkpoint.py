@@ -76,12 +76,18 @@ def has_checkpoint(run_dir: str | Path) -> bool:
     return (Path(run_dir) / TENSORS).is_file() and (Path(run_dir) / META).is_file()
 
 
-def load_checkpoint(run_dir: str | Path, kind: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read (meta, tensors); with `kind`, refuse a checkpoint of another kind (teacher, student, ...)."""
+def checkpoint_meta(run_dir: str | Path) -> dict:
+    """A checkpoint's meta (kind, configs, step) alone, without its tensors."""
     run_dir = Path(run_dir)
     if not has_checkpoint(run_dir):
         raise CheckpointError(f"no checkpoint in {run_dir} (expected {TENSORS} and {META})")
-    meta = json.loads((run_dir / META).read_text())
+    return json.loads((run_dir / META).read_text())
+
+
+def load_checkpoint(run_dir: str | Path, kind: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read (meta, tensors); with `kind`, refuse a checkpoint of another kind (teacher, student, ...)."""
+    run_dir = Path(run_dir)
+    meta = checkpoint_meta(run_dir)
     if kind is not None and meta.get("kind") != kind:
         raise CheckpointError(f"{run_dir} holds a {meta.get('kind')!r} checkpoint, expected {kind!r}")
     return meta, load_file(str(run_dir / TENSORS))

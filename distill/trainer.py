@@ -19,6 +19,8 @@ import copy
 import json
 import os
 import resource
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,7 +33,14 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from distill.checkpoint import CheckpointError, has_checkpoint, load_checkpoint, restore, save_checkpoint
+from distill.checkpoint import (
+    CheckpointError,
+    checkpoint_meta,
+    has_checkpoint,
+    load_checkpoint,
+    restore,
+    save_checkpoint,
+)
 
 
 @dataclass
@@ -48,6 +57,11 @@ class TrainConfig:
     device: str = "cpu"  # "cpu" or "cuda"
 
     def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be above 0, got {self.lr}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"--device must be cpu or cuda[:N], got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():  # before any model loads
@@ -166,6 +180,42 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def open_log(path: Path, step: int):
+    """The run's log.jsonl, for appending after `step`: a fresh run's starts empty, and a resumed run's loses the
+    lines logged after its checkpoint (those steps are trained again)."""
+    kept = []
+    if step and path.is_file():
+        kept = [line for line in path.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+    log = path.open("w")  # noqa: SIM115 (the trainer closes it)
+    log.writelines(kept)
+    return log
+
+
+class StopOnInterrupt:
+    """Ctrl-C (SIGINT) asks the trainer to stop after the step under way, so the checkpoint it then writes
+    resumes exactly; a second Ctrl-C stops at once. Only the main thread can take the signal: elsewhere,
+    Ctrl-C keeps Python's own behaviour."""
+
+    def __init__(self):
+        self._event, self._previous = threading.Event(), None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self._event.is_set():
+            raise KeyboardInterrupt
+        self._event.set()
+        tqdm.write("Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)")
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def train(method: Method, run_dir: str | Path, meta: dict, config: TrainConfig, resume: bool = True,
           progress: bool = True) -> dict:
     """Train `method` into `run_dir`, resuming from its checkpoint if one is there.
@@ -192,11 +242,15 @@ def train(method: Method, run_dir: str | Path, meta: dict, config: TrainConfig, 
     modules = {**method.trainable, "ema": ema, **getattr(method, "state", {})}
     meta = {**meta, "train": asdict(config), "world_size": world}
     step = 0
-    if resume and has_checkpoint(run_dir):
+    old_meta = checkpoint_meta(run_dir) if has_checkpoint(run_dir) else None
+    if old_meta is not None and old_meta.get("kind") != meta.get("kind"):  # a teacher is not overwritten by accident
+        raise CheckpointError(f"{run_dir} holds a {old_meta.get('kind')!r} run; refusing to "
+                              f"{'resume' if resume else 'overwrite'} it as {meta.get('kind')!r} (use another --out)")
+    if resume and old_meta is not None and old_meta.get("method") != meta.get("method"):
+        raise CheckpointError(f"{run_dir} holds a {old_meta.get('method')} run; refusing to resume it with "
+                              f"--method {meta.get('method')} (use another --out, or --no-resume to start over)")
+    if resume and old_meta is not None:
         old_meta, tensors = load_checkpoint(run_dir)
-        if old_meta.get("kind") != meta.get("kind"):
-            raise CheckpointError(f"{run_dir} holds a {old_meta.get('kind')!r} run; refusing to resume it as "
-                                  f"{meta.get('kind')!r} (use another --out)")
         changed = shape_differences(old_meta, meta)
         if changed:
             raise CheckpointError(f"{run_dir} holds a run whose networks have another shape, so it cannot be resumed "
@@ -217,7 +271,8 @@ def train(method: Method, run_dir: str | Path, meta: dict, config: TrainConfig, 
         if lead:
             save_checkpoint(run_dir, {**meta, "step": step}, modules, optimizers, rng_states=states)
 
-    log_file = (run_dir / "log.jsonl").open("a") if lead else None  # noqa: SIM115 (closed in finally)
+    log_file = open_log(run_dir / "log.jsonl", step) if lead else None
+    interrupted = StopOnInterrupt() if world == 1 else None  # ranks must stop at one step together
     running: dict[str, float] = {}
     start, compute_seconds, first_step = time.perf_counter(), 0.0, step
     bar = tqdm(total=config.steps, initial=step, disable=not (progress and lead), desc=meta.get("kind", "train"),
@@ -225,6 +280,11 @@ def train(method: Method, run_dir: str | Path, meta: dict, config: TrainConfig, 
     try:
         while step < config.steps:
             if config.max_minutes is not None and time.perf_counter() - start > 60 * config.max_minutes:
+                if progress and lead:
+                    tqdm.write(f"stopping at step {step} of {config.steps}: --max-minutes {config.max_minutes:g} "
+                               "passed (rerun to train on)")
+                break
+            if interrupted is not None and interrupted.is_set():
                 break
             tick = time.perf_counter()
             logs: dict[str, float] = {}
@@ -260,7 +320,12 @@ def train(method: Method, run_dir: str | Path, meta: dict, config: TrainConfig, 
         bar.close()
         if log_file:
             log_file.close()
+        if interrupted is not None:
+            interrupted.restore()
     checkpoint()
+    if interrupted is not None and interrupted.is_set():
+        raise KeyboardInterrupt(f"interrupted at step {step}; its checkpoint is saved in {run_dir}: the same "
+                                "command resumes it")
     steps_run = step - first_step
     summary = {
         "kind": meta.get("kind"),

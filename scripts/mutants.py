@@ -302,6 +302,21 @@ MUTANTS = [
            'name = part if len(part) <= MAX_NAME_SHOWN else f"{part[:MAX_NAME_SHOWN]}... ({len(part)} characters)"',
            "name = part",
            ("tests/test_server.py::test_a_body_of_many_unknown_fields_gets_a_short_message",)),
+    Mutant("trainer: --no-resume overwrites a run of another kind (a teacher)", "distill/trainer.py",
+           'if old_meta is not None and old_meta.get("kind") != meta.get("kind"):',
+           'if resume and old_meta is not None and old_meta.get("kind") != meta.get("kind"):',
+           ("tests/test_checkpoint.py::test_a_run_is_never_overwritten_by_another_kind_nor_resumed_by_another_"
+            "method",)),
+    Mutant("trainer: a student resumed with another method", "distill/trainer.py",
+           'old_meta.get("method") != meta.get("method")', "False",
+           ("tests/test_checkpoint.py::test_a_run_is_never_overwritten_by_another_kind_nor_resumed_by_another_"
+            "method",)),
+    Mutant("trainer: a resumed run's log keeps the lines past its checkpoint", "distill/trainer.py",
+           'json.loads(line).get("step", 0) <= step', "True",
+           ("tests/test_checkpoint.py::test_a_resumed_run_logs_each_step_once_and_a_fresh_one_starts_its_log_anew",)),
+    Mutant("trainer: Ctrl-C stops mid-step, saving nothing", "distill/trainer.py",
+           "        self._event.set()\n", "        raise KeyboardInterrupt\n",
+           ("tests/test_checkpoint.py::test_ctrl_c_saves_the_step_reached_and_the_same_command_resumes",)),
     Mutant("encoding: the warm-up counted in the metrics as if requests had asked for it", "server/encoding.py",
            "self._encode(images, output, metered=False)", "self._encode(images, output)",
            ("tests/test_encoding.py::test_the_warm_up_times_each_format_and_a_new_kind_scales_from_the_nearest_in_"

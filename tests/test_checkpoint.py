@@ -96,3 +96,71 @@ def test_training_on_cuda_without_one_is_a_clear_error_before_any_model_loads():
         TrainConfig(device="cuda")
     with pytest.raises(ValueError, match="--device must be cpu or cuda"):
         TrainConfig(device="tpu")
+
+
+def test_training_settings_out_of_range_are_refused_by_flag():
+    with pytest.raises(ValueError, match="--batch-size must be at least 1, got 0"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="--steps must be at least 1, got -4"):
+        TrainConfig(steps=-4)
+    with pytest.raises(ValueError, match="--lr must be above 0"):
+        TrainConfig(lr=0.0)
+
+
+def test_a_run_is_never_overwritten_by_another_kind_nor_resumed_by_another_method(tmp_path):
+    """`--out` naming the teacher's own run (even with --no-resume) is refused, and so is resuming a student with
+    another method: each would silently destroy or mix runs."""
+    from distill.dmd2 import DMD2Config
+    from distill.freeflow import FreeFlowConfig
+    from distill.pipeline import distill_student
+
+    teacher = tmp_path / "teacher"
+    train_teacher(toy_gaussians(128), NET, TeacherConfig(), TrainConfig(steps=2, batch_size=16), teacher,
+                  progress=False)
+    quick = TrainConfig(steps=1, batch_size=8)
+    with pytest.raises(CheckpointError, match="holds a 'teacher' run; refusing to overwrite it as 'student'"):
+        distill_student("freeflow", str(teacher), FreeFlowConfig(), quick, teacher, progress=False, resume=False)
+    assert json.loads((teacher / "checkpoint.json").read_text())["kind"] == "teacher"
+    student = tmp_path / "student"
+    distill_student("freeflow", str(teacher), FreeFlowConfig(), quick, student, progress=False)
+    with pytest.raises(CheckpointError, match="holds a freeflow run; refusing to resume it with --method dmd2"):
+        distill_student("dmd2", str(teacher), DMD2Config(), TrainConfig(steps=2, batch_size=8), student,
+                        progress=False)
+    distill_student("dmd2", str(teacher), DMD2Config(), quick, student, progress=False, resume=False)  # starts over
+
+
+def test_a_resumed_run_logs_each_step_once_and_a_fresh_one_starts_its_log_anew(tmp_path):
+    config = lambda steps: TrainConfig(steps=steps, batch_size=16, checkpoint_every=10, log_every=5)
+    train_teacher(toy_gaussians(128), NET, TeacherConfig(), config(20), tmp_path, progress=False)
+    log = tmp_path / "log.jsonl"
+    with log.open("a") as lines:  # logged after the checkpoint at 20, before a crash: trained again on resuming
+        lines.write(json.dumps({"step": 25}) + "\n")
+    train_teacher(toy_gaussians(128), NET, TeacherConfig(), config(30), tmp_path, progress=False)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [5, 10, 15, 20, 25, 30]
+    train_teacher(toy_gaussians(128), NET, TeacherConfig(), config(10), tmp_path, progress=False, resume=False)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [5, 10]
+
+
+def test_ctrl_c_saves_the_step_reached_and_the_same_command_resumes(tmp_path):
+    """SIGINT to `flowmap teacher`: the step under way finishes, a checkpoint is written, one line says so (exit
+    130), and the same command goes on from there."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-m", "flowmap.cli", "teacher", "--data", "toy", "--arch", "mlp", "--width", "16",
+               "--depth", "1", "--steps", "1000000", "--batch-size", "8", "--log-every", "1", "--checkpoint-every",
+               "1000000", "--quiet", "--out", str(tmp_path)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "log.jsonl"
+    give_up = time.monotonic() + 120
+    while not (log.is_file() and log.read_text().count("\n") >= 3):
+        assert time.monotonic() < give_up and process.poll() is None, process.stderr.read()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    step = json.loads((tmp_path / "checkpoint.json").read_text())["step"]
+    assert process.returncode == 130, stderr
+    assert f"interrupted at step {step}; its checkpoint is saved in {tmp_path}" in stderr and "Traceback" not in stderr
+    assert json.loads(log.read_text().splitlines()[-1])["step"] == step >= 3
