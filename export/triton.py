@@ -27,10 +27,19 @@ class TritonConfig:
     preserve_ordering: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("max_batch_size", "instances"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--triton-{'max-batch' if name == 'max_batch_size' else name} must be at least 1, "
+                                 f"got {getattr(self, name)}")
         if self.kind not in ("KIND_CPU", "KIND_GPU"):
             raise ValueError(f"kind must be KIND_CPU or KIND_GPU, got {self.kind!r}")
         if any(b > self.max_batch_size for b in self.preferred_batch_sizes):
             raise ValueError("preferred batch sizes must not exceed max_batch_size")
+
+
+def preferred_batches(max_batch_size: int) -> tuple[int, ...]:
+    """The default preferred batch sizes that fit under `max_batch_size`, or that size alone."""
+    return tuple(size for size in TritonConfig.preferred_batch_sizes if size <= max_batch_size) or (max_batch_size,)
 
 
 def graph_signature(onnx_path: Path) -> tuple[list[tuple[str, str, list[int]]], list[tuple[str, str, list[int]]]]:

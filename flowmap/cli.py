@@ -151,7 +151,7 @@ def cmd_distill(argv: list[str]) -> int:
     parser.add_argument("--teacher", default=None, help=TEACHER_HELP + " (required except for fsf-dmd "
                         "--self-teacher)")
     parser.add_argument("--data", default=None, help="data for methods that use it (meanflow, fsf-dmd); "
-                        "default: the teacher's dataset")
+                        "default: the file the teacher was trained on")
     parser.add_argument("--prompts", default=None, help="a text file, one prompt per line: what a diffusers "
                         "teacher generates from (data-free methods: freeflow, fgm, dmd2; meanflow and fsf-dmd "
                         "would need image-caption pairs, not supported for diffusers teachers yet)")
@@ -174,7 +174,12 @@ def cmd_distill(argv: list[str]) -> int:
 
 def read_prompts(path: str) -> list[str]:
     """Non-empty lines of a prompt file."""
-    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    try:
+        prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--prompts {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except IsADirectoryError:
+        raise ValueError(f"--prompts {path} is a folder; give a text file, one prompt per line") from None
     if not prompts:
         raise SystemExit(f"--prompts {path}: no prompts in the file")
     return prompts
@@ -273,6 +278,13 @@ def cmd_export(argv: list[str]) -> int:
         except ImportError as err:
             print(f"flowmap export: {err}", file=sys.stderr)
             return 2
+    triton = None
+    if args.triton:  # checked before the export, not after it
+        from export.triton import TritonConfig, preferred_batches, write_triton_repository
+
+        triton = TritonConfig(max_batch_size=args.triton_max_batch, instances=args.triton_instances,
+                              kind=args.triton_kind, tensorrt_precision=args.triton_plans,
+                              preferred_batch_sizes=preferred_batches(args.triton_max_batch))
     if not args.skip_onnx:
         from export.writer import export_bundle
 
@@ -289,12 +301,8 @@ def cmd_export(argv: list[str]) -> int:
         from export.tensorrt import add_tensorrt_engines
 
         add_tensorrt_engines(args.out, config_from(args, TensorRTConfig))
-    if args.triton:
-        from export.triton import TritonConfig, write_triton_repository
-
-        config = TritonConfig(max_batch_size=args.triton_max_batch, instances=args.triton_instances,
-                           kind=args.triton_kind, tensorrt_precision=args.triton_plans)
-        for path in write_triton_repository(args.out, args.triton, config):
+    if triton is not None:
+        for path in write_triton_repository(args.out, args.triton, triton):
             print(f"  wrote {path}")
     print(f"bundle {'updated' if args.skip_onnx else 'written'}: {args.out}")
     return 0
@@ -465,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[name][0](rest) or 0
-    except (ValueError, FileNotFoundError) as err:  # user errors: one readable line, no traceback
+    except (ValueError, OSError) as err:  # user errors (a wrong value, a path that is not there): one line
         print(f"flowmap {name}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:  # Ctrl-C: the trainer says where it saved the run

@@ -54,6 +54,15 @@ def test_the_repository_model_still_runs(tmp_path):
     assert session.run(None, {"image": np.zeros((3, 1, 8, 8), np.float32)})[0].shape == (3, 10)
 
 
+def test_a_small_max_batch_keeps_the_preferred_sizes_under_it_and_no_instances_is_refused():
+    from export.triton import preferred_batches
+
+    assert preferred_batches(256) == (16, 64) and preferred_batches(32) == (16,) and preferred_batches(8) == (8,)
+    TritonConfig(max_batch_size=8, preferred_batch_sizes=preferred_batches(8))
+    with pytest.raises(ValueError, match="--triton-instances must be at least 1, got 0"):
+        TritonConfig(instances=0)
+
+
 def test_missing_tensorrt_plans_are_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no fp16 TensorRT engine"):
         write_triton_repository(BUNDLE, tmp_path, TritonConfig(tensorrt_precision="fp16", kind="KIND_GPU"))
