@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ class Dataset:
     samples: torch.Tensor  # [N, C, H, W] or [N, D], float32 in [-1, 1]
     labels: torch.Tensor  # [N] int64
     classes: list[str]
+    source: str | None = None  # what `load_dataset` reads it from again: "digits", "toy", or a file's full path
 
     def __post_init__(self) -> None:
         validate(self.samples, self.labels, len(self.classes))
@@ -48,8 +49,8 @@ class Dataset:
 
 
 def data_meta(data: Dataset) -> dict:
-    """What checkpoints record of their data: its name, per-sample shape and class names."""
-    return {"name": data.name, "shape": list(data.shape), "classes": data.classes}
+    """What checkpoints record of their data: its name, where it was read from, per-sample shape and class names."""
+    return {"name": data.name, "source": data.source, "shape": list(data.shape), "classes": data.classes}
 
 
 def validate(samples: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
@@ -184,13 +185,11 @@ def load_image_folder(path: str | Path, channels: int | None = None) -> Dataset:
 
 def load_dataset(spec: str) -> Dataset:
     """'digits', 'toy', a path to an .npz, or a folder of class folders."""
-    if spec == "digits":
-        return load_digits()
-    if spec == "toy":
-        return toy_gaussians()
+    if spec in ("digits", "toy"):
+        return replace(load_digits() if spec == "digits" else toy_gaussians(), source=spec)
     path = Path(spec)
     if path.suffix == ".npz" and path.is_file():
-        return load_npz(path)
+        return replace(load_npz(path), source=str(path.resolve()))
     if path.is_dir():
-        return load_image_folder(path)
+        return replace(load_image_folder(path), source=str(path.resolve()))
     raise DataError(f"unknown dataset {spec!r}: use 'digits', 'toy', an .npz file or a folder of class folders")

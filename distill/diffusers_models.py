@@ -134,13 +134,24 @@ def save_pipeline(folder: str | Path, pipeline_class: str, parts: dict) -> Path:
     return folder
 
 
+def local_folder(path: str | Path, what: str) -> Path:
+    """`path`, a folder on this machine: models load from local folders only, and a missing one is named here
+    rather than looked up on the Hugging Face Hub."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what}: no folder {path} (models are read from local folders; nothing is "
+                                "downloaded)")
+    return path
+
+
 def load_transformer(path: str | Path) -> nn.Module:
     import diffusers
 
     family = family_of(path)
     # low_cpu_mem_usage off: without `accelerate` diffusers would warn, at every load, that it cannot be on
-    return getattr(diffusers, family.class_name).from_pretrained(Path(path) / "transformer",
-                                                                 low_cpu_mem_usage=False).float().eval()
+    return getattr(diffusers, family.class_name).from_pretrained(
+        local_folder(Path(path) / "transformer", "the pipeline's transformer"), low_cpu_mem_usage=False,
+        local_files_only=True).float().eval()
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:
@@ -229,7 +240,9 @@ class DiffusersTeacher(nn.Module):
         super().__init__()
         self.model, self.config = DiffusersVelocity(transformer, config), config
         self.register_buffer("null", null.reshape(1, *null.shape[-2:]), persistent=False)
-        self.register_buffer("bank", bank if bank is not None else self.null, persistent=False)
+        # not a buffer: the bank stays in host memory when the teacher moves to a GPU (a real T5's 2,000 prompts
+        # are 11 GB), and each batch's conditions go to the device as they are drawn
+        self.bank = (bank if bank is not None else self.null).cpu()
 
     num_classes = 0  # no class labels: conditions are text
     onnx_optimize = DiffusersVelocity.onnx_optimize
@@ -241,7 +254,8 @@ class DiffusersTeacher(nn.Module):
         return self.null.expand(condition.shape[0], -1, -1)
 
     def sample_conditions(self, batch: int, generator: torch.Generator) -> torch.Tensor:
-        return self.bank[torch.randint(0, self.bank.shape[0], (batch,), generator=generator)]
+        drawn = self.bank[torch.randint(0, self.bank.shape[0], (batch,), generator=generator)]
+        return drawn.to(self.null.device, non_blocking=True)
 
     def make_student(self) -> DiffusersStudent:
         """A trainable copy of the transformer with the student's extra inputs (starts as this teacher)."""

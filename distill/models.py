@@ -7,6 +7,7 @@ Teacher: `velocity(x, t, label) -> u`. Student: `average_velocity(x, t, s, label
 from __future__ import annotations
 
 import importlib
+import pickle
 from pathlib import Path
 
 import torch
@@ -129,9 +130,16 @@ def load_teacher(spec: str, device: str | torch.device = "cpu", prompts: list[st
 
         if not Path(spec[4:]).is_file():
             raise CheckpointError(f"teacher {spec!r}: no checkpoint file at {spec[4:]}")
-        state = read_state(spec[4:])
-        teacher = Teacher(config_of(state))
-        teacher.net.load_state_dict(to_flownet(state, teacher.config))
+        try:
+            state = read_state(spec[4:])
+            teacher = Teacher(config_of(state))
+            teacher.net.load_state_dict(to_flownet(state, teacher.config))
+        except (KeyError, IndexError, RuntimeError, AttributeError, pickle.UnpicklingError) as err:
+            # a file of another kind, a tensor missing or of another shape: one line, not torch's traceback
+            detail = (f"it has no tensor {err.args[0]!r}" if isinstance(err, KeyError)
+                      else " ".join(str(err).split())[:240])
+            raise CheckpointError(f"teacher {spec!r}: not a SiT/DiT checkpoint in the public layout we read "
+                                  f"({detail})") from None
         return teacher.to(device).eval().requires_grad_(False)
     if spec.startswith("diffusers:"):
         return load_diffusers_teacher(spec[len("diffusers:"):], prompts).to(device)

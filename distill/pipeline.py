@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from distill.checkpoint import load_checkpoint
+from distill.checkpoint import checkpoint_meta, load_checkpoint
 from distill.data import Dataset, data_meta, load_dataset
 from distill.evaluate import EvalConfig, evaluate, write_report
 from distill.methods import get_method, initial_student
@@ -44,6 +44,22 @@ def train_verifier(data: Dataset, config: VerifierConfig, train_config: TrainCon
     return summary
 
 
+def teachers_data(teacher_meta: dict, teacher_spec: str, method: str) -> Dataset:
+    """The teacher's training data, for a method that trains on data and was given no --data: read again from
+    where the teacher recorded it, and only if it is still what the teacher saw (shape and classes)."""
+    recorded = teacher_meta.get("data") or {}
+    source = recorded.get("source") or recorded.get("name")
+    data = None
+    if source in ("digits", "toy") or (source and Path(source).exists()):
+        data = load_dataset(source)
+    if data is None or list(data.shape) != recorded.get("shape") or data.classes != recorded.get("classes"):
+        where = (f"it was trained on {recorded.get('name')!r} ({recorded.get('shape')}, "
+                 f"{len(recorded.get('classes', []))} classes), which is not at hand" if recorded
+                 else "it records no dataset")
+        raise ValueError(f"method {method!r} trains on data: give --data (the teacher {teacher_spec}: {where})")
+    return data
+
+
 def distill_student(method: str, teacher_spec: str | None, method_config, train_config: TrainConfig, out: str | Path,
                     progress: bool = True, resume: bool = True, data: Dataset | None = None,
                     net: NetConfig | None = None, init: str | Path | None = None,
@@ -64,19 +80,33 @@ def distill_student(method: str, teacher_spec: str | None, method_config, train_
     if teacher_spec and teacher_spec.startswith("diffusers:") and spec.needs_data:
         raise ValueError(f"method {method!r} needs image-caption data, which diffusers teachers do not have yet; "
                          "use a data-free method (freeflow, fgm, dmd2) with --prompts")
+    if prompts and not (teacher_spec or "").startswith("diffusers:"):
+        raise ValueError("--prompts: only a diffusers teacher (diffusers:FOLDER) generates from prompts; this one is "
+                         "conditioned on classes")
     if teacher_spec and teacher_spec.startswith("diffusers:") and not prompts:
         raise ValueError("a diffusers teacher needs --prompts FILE: the prompts (one per line) it generates from")
     teacher = None if self_taught else load_teacher(teacher_spec, train_config.device, prompts)
-    teacher_meta = load_checkpoint(teacher_spec)[0] if teacher is not None and Path(teacher_spec).is_dir() else {}
+    teacher_meta = checkpoint_meta(teacher_spec) if teacher is not None and Path(teacher_spec).is_dir() else {}
     if data is None and (spec.needs_data or teacher is None):
-        data = load_dataset((teacher_meta.get("data") or {}).get("name", "digits"))
+        data = teachers_data(teacher_meta, teacher_spec, method) if teacher is not None else load_dataset("digits")
+    if data is not None and teacher is not None and hasattr(teacher, "config") and (
+            tuple(data.shape) != tuple(teacher.config.shape) or data.num_classes > teacher.num_classes):
+        raise ValueError(f"--data {data.source or data.name}: its samples are {list(data.shape)} of {data.num_classes} "
+                         f"classes, but the teacher makes {list(teacher.config.shape)} of {teacher.num_classes}")
     with seeded(train_config.seed):
-        if teacher is None:
+        if init is not None:
+            student = load_student(init)[0].requires_grad_(True)
+            fits = teacher is not None and hasattr(teacher, "config")  # a teacher of the user's own has no config
+            shape, classes = ((teacher.config.shape, teacher.num_classes) if fits else
+                              (data.shape, data.num_classes) if teacher is None else (student.config.shape,
+                                                                                       student.num_classes))
+            if tuple(student.config.shape) != tuple(shape) or student.num_classes != classes:
+                raise ValueError(f"--init {init}: its network makes {list(student.config.shape)} samples of "
+                                 f"{student.num_classes} classes, but this run's are {list(shape)} of {classes}")
+        elif teacher is None:
             base = net or DIGITS_NET
             student = Student(NetConfig(**{**base.to_dict(), "shape": data.shape, "num_classes": data.num_classes}))
             student.requires_grad_(True)
-        elif init is not None:
-            student = load_student(init)[0].requires_grad_(True)
         else:
             student = initial_student(teacher)
         trainer_method = spec.method(Setup(student, teacher, method_config, data,

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from distill.diffusers_models import Family, TextLayout, family_of
+from distill.diffusers_models import Family, TextLayout, family_of, local_folder
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,8 @@ def load_tokenizers(path: str | Path, family: Family) -> list:
 
     tokenizers = []
     for folder, _, max_length, _ in ENCODERS[family.name]:
-        tokenizer = AutoTokenizer.from_pretrained(Path(path) / folder)
+        tokenizer = AutoTokenizer.from_pretrained(local_folder(Path(path) / folder, f"the pipeline's {folder}"),
+                                                  local_files_only=True)
         # the pipeline's length, unless the tokenizer (and so its encoder) holds fewer positions
         tokenizer.model_max_length = min(max_length, tokenizer.model_max_length)
         tokenizers.append(tokenizer)
@@ -98,7 +100,8 @@ def load_conditioner(path: str | Path) -> tuple[TextConditioner, list]:
 
     family = family_of(path)
     tokenizers = load_tokenizers(path, family)
-    encoders = [getattr(transformers, class_name).from_pretrained(Path(path) / folder).float().eval()
+    encoders = [getattr(transformers, class_name).from_pretrained(
+                    local_folder(Path(path) / folder, f"the pipeline's {folder}"), local_files_only=True).float().eval()
                 for _, folder, _, class_name in ENCODERS[family.name]]
     specs = [TokenizerSpec(folder, tokenizer.model_max_length, tokenizer.pad_token_id)
              for (folder, *_), tokenizer in zip(ENCODERS[family.name], tokenizers, strict=True)]
@@ -119,9 +122,10 @@ def _layout(family: Family, encoders: list[nn.Module], specs: list[TokenizerSpec
 @torch.no_grad()
 def encode_prompts(conditioner: TextConditioner, tokenizers: list, prompts: list[str],
                    batch_size: int = 32) -> torch.Tensor:
-    """Conditions [N, rows, width] for N prompts, encoded in batches."""
+    """Conditions [N, rows, width] for N prompts, encoded in batches (with a progress bar beyond a few)."""
+    starts = range(0, len(prompts), batch_size)
     chunks = [conditioner(*tokenize(tokenizers, prompts[i:i + batch_size]))
-              for i in range(0, len(prompts), batch_size)]
+              for i in tqdm(starts, desc="encoding prompts", unit="batch", leave=False, disable=len(starts) <= 4)]
     return torch.cat(chunks)
 
 

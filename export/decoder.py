@@ -33,7 +33,8 @@ def load_vae(folder: str | Path) -> nn.Module:
                          f"{', '.join(VAE_CLASSES)}")
     import diffusers
 
-    vae = getattr(diffusers, class_name).from_pretrained(folder, low_cpu_mem_usage=False)  # no accelerate warning
+    vae = getattr(diffusers, class_name).from_pretrained(folder, low_cpu_mem_usage=False,  # no accelerate warning
+                                                         local_files_only=True)
     return vae.eval().requires_grad_(False)
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from distill.clip import CLIP_MEAN, CLIP_STD, clip_features
+from distill.diffusers_models import local_folder
 
 
 class ClipScoreGraph(nn.Module):
@@ -59,9 +60,9 @@ def load_clip_scorer(folder: str | Path) -> tuple[ClipScoreGraph, object]:
     preprocessor_config.json for the normalisation): the score graph and the tokenizer."""
     from transformers import AutoTokenizer, CLIPModel
 
-    folder = Path(folder)
-    model = CLIPModel.from_pretrained(folder).float().eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    folder = local_folder(folder, "--verifier clip:FOLDER")
+    model = CLIPModel.from_pretrained(folder, local_files_only=True).float().eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     tokenizer.model_max_length = min(tokenizer.model_max_length, model.config.text_config.max_position_embeddings)
     mean, std = CLIP_MEAN, CLIP_STD
     preprocessor = folder / "preprocessor_config.json"

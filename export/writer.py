@@ -3,10 +3,14 @@ manifest with shapes, classes, hashes and provenance. Every graph is checked bef
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import shutil
 import subprocess
 from pathlib import Path
 
-from distill.checkpoint import load_checkpoint
+from distill.checkpoint import checkpoint_meta, load_checkpoint
 from distill.diffusers_models import DiffusersConfig
 from distill.models import load_student, load_teacher
 from distill.text import load_conditioner
@@ -79,6 +83,38 @@ def check_trained_guidance(method_config: dict, guidance_scales: tuple[float, ..
                          "them")
 
 
+def model_signature(config) -> dict:
+    """What a student must share with its teacher: the sample shape, the classes, a diffusers family."""
+    found = {name: getattr(config, name, None) for name in ("shape", "num_classes", "family")}
+    return {name: list(value) if isinstance(value, tuple | list) else value for name, value in found.items()
+            if value is not None}
+
+
+def check_student_of(student, student_meta: dict, student_dir, teacher, teacher_spec: str) -> None:
+    """Refuse a student distilled from another kind of teacher: its graphs would not fit the teacher's, and the
+    export would fail deep in a trace (or, worse, succeed)."""
+    ours, theirs = model_signature(student.config), model_signature(getattr(teacher, "config", None))
+    if not theirs:  # a teacher of the user's own, without our config: nothing to compare
+        return
+    differs = [f"{name} {ours[name]} (student) against {theirs[name]} (teacher)"
+               for name in sorted(ours.keys() & theirs.keys()) if ours[name] != theirs[name]]
+    if ("family" in ours) != ("family" in theirs):
+        differs.append("one is a text (diffusers) model, the other a class one")
+    if differs:
+        origin = student_meta.get("teacher")
+        raise ValueError(f"--student {student_dir}{f' was distilled from {origin}, and' if origin else ''} does not "
+                         f"fit --teacher {teacher_spec}: {'; '.join(differs)}")
+
+
+def check_scale_names(scales: tuple[float, ...], flag: str = "--guidance-scales") -> None:
+    """Refuse scales that would write one file name twice (1.2 and 1.2000001 both print as 1.2)."""
+    tags = [scale_tag(scale) for scale in scales]
+    repeated = sorted({tag for tag in tags if tags.count(tag) > 1})
+    if repeated:
+        raise ValueError(f"{flag}: {', '.join(repeated)} given more than once (scales are named to 6 significant "
+                         "digits)")
+
+
 def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str | Path | None, out: str | Path,
                   guidance_scales: tuple[float, ...] = (1.5,), teacher_guidance_scale: float | None = None,
                   name: str | None = None, metrics: dict | None = None, progress: bool = True,
@@ -103,11 +139,12 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
         raise ValueError("at least one guidance scale must be baked (--guidance-scales)")
     if not parity_batches or min(parity_batches) < 1:
         raise ValueError(f"--parity-batches: batch sizes are 1 or more, got {list(parity_batches)}")
+    check_scale_names(guidance_scales)
     student, student_meta = load_student(student_dir)
     check_trained_guidance(student_meta.get("method_config") or {}, guidance_scales)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     teacher = load_teacher(teacher_spec)
+    check_student_of(student, student_meta, student_dir, teacher, teacher_spec)
     text = isinstance(getattr(teacher, "config", None), DiffusersConfig)
     if verifier_dir is None and not text:
         raise ValueError("a class-conditional bundle needs --verifier (search scores with it)")
@@ -122,18 +159,28 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
         draw_ids = random_ids(conditioner)
         conditions = lambda batch, generator: conditioner(*draw_ids(batch, generator))
         pipeline_vae = Path(teacher.config.path) / "vae"  # absent for a pixel-space pipeline
+        if decoder is None and not pipeline_vae.is_dir() and "vae" in pipeline_parts(teacher.config.path):
+            raise ValueError(f"{teacher.config.path}/model_index.json names a vae, but {pipeline_vae} is missing: "
+                             "put it back, or give the decoder with --decoder FOLDER")
         decoder = decoder if decoder is not None else pipeline_vae if pipeline_vae.is_dir() else None
         classes = []
     else:
         conditions = None
-        data_meta = student_meta.get("data") or load_checkpoint(verifier_dir)[0]["data"]
-        classes = list(data_meta["classes"])
+        verifier_classes = checkpoint_meta(verifier_dir)["data"]["classes"]
+        if len(verifier_classes) != teacher.num_classes:
+            raise ValueError(f"--verifier {verifier_dir} scores {len(verifier_classes)} classes, but the teacher "
+                             f"generates {teacher.num_classes}: train the verifier on data of the teacher's classes")
+        classes = list((student_meta.get("data") or {}).get("classes") or verifier_classes)
     # the student's own shape: a data-free student of a latent teacher (SiT) has no data of its own
     sample_shape = tuple(student.config.shape)
     if len(sample_shape) != 3:
         raise ValueError(f"bundles serve images [C, H, W]; this model's data shape is {sample_shape}")
     decoder_graph = DecoderGraph(load_vae(decoder)) if decoder is not None else None
-    image_shape = decoder_graph.image_shape(sample_shape) if decoder_graph else sample_shape
+    try:
+        image_shape = decoder_graph.image_shape(sample_shape) if decoder_graph else sample_shape
+    except RuntimeError as err:  # latents of other channels than the decoder's
+        raise ValueError(f"--decoder {decoder} does not decode the student's {list(sample_shape)} latents: "
+                         f"{str(err).splitlines()[0]}") from None
     verifier = load_verifier(verifier_dir) if verifier_dir is not None and not text else None
     verifier_shape = tuple(load_checkpoint(verifier_dir)[0]["data"]["shape"]) if verifier else image_shape
     if verifier_shape != image_shape:
@@ -141,68 +188,101 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
         raise ValueError(f"the verifier scores the served images, {list(image_shape)}{decoded}, but {verifier_dir} was "
                          f"trained on {list(verifier_shape)}")
     teacher_guidance_scale = float(teacher_guidance_scale if teacher_guidance_scale is not None else guidance_scales[0])
-    checks = {}
+    # every check passed: the graphs go to a staging folder that replaces `out` whole once all of them pass theirs,
+    # so a failed export leaves neither a half bundle nor one exported before mixed with this one's files
+    final = out
+    with staged_bundle(final) as out:
+        checks = {}
 
-    def build(graph, filename, label, guidance_scale=None, shape=sample_shape, make=None, **check) -> GraphEntry:
-        check.setdefault("batches", tuple(parity_batches))
-        make = make or (lambda batch, g=graph: example_inputs(g, batch, shape, len(classes), seed=batch,
-                                                              conditions=conditions))
-        example, program, traced = make(2), None, None
-        if programs:
-            traced = trace_program(graph, example)
-            program_path = save_program(traced, graph, example, out / program_file(filename))
-            checks[program_path.name] = check_program(graph, program_path, make, label, **check)
-            program = GraphEntry(program_path.name, sha256_of(program_path))
-            if batch_limit(traced) < BATCH_AXIS_MAX:  # narrowed to one branch: the ONNX exporter traces its own way
-                traced = None
-        path = export_onnx(graph, example, out / filename, external_data, program=traced)  # one trace for both files
-        checks[filename] = check_graph(graph, path, make, label, **check)
-        if progress:
-            print(f"  exported {filename}: parity and batch invariance within tolerance", flush=True)
-        data = external_data_file(path)
-        data_entry = GraphEntry(data.name, sha256_of(data)) if data.is_file() else None
-        return GraphEntry(filename, sha256_of(path), guidance_scale, data_entry, program)
+        def build(graph, filename, label, guidance_scale=None, shape=sample_shape, make=None, **check) -> GraphEntry:
+            check.setdefault("batches", tuple(parity_batches))
+            make = make or (lambda batch, g=graph: example_inputs(g, batch, shape, len(classes), seed=batch,
+                                                                  conditions=conditions))
+            example, program, traced = make(2), None, None
+            if programs:
+                traced = trace_program(graph, example)
+                program_path = save_program(traced, graph, example, out / program_file(filename))
+                checks[program_path.name] = check_program(graph, program_path, make, label, **check)
+                program = GraphEntry(program_path.name, sha256_of(program_path))
+                if batch_limit(traced) < BATCH_AXIS_MAX:  # narrowed to one branch: the ONNX exporter traces its own way
+                    traced = None
+            # one trace for both files
+            path = export_onnx(graph, example, out / filename, external_data, program=traced)
+            checks[filename] = check_graph(graph, path, make, label, **check)
+            if progress:
+                print(f"  exported {filename}: parity and batch invariance within tolerance", flush=True)
+            data = external_data_file(path)
+            data_entry = GraphEntry(data.name, sha256_of(data)) if data.is_file() else None
+            return GraphEntry(filename, sha256_of(path), guidance_scale, data_entry, program)
 
-    students = [build(StudentGraph(student, scale), f"student_w{scale_tag(scale)}.onnx",
-                      f"student graph (w={scale:g})", float(scale)) for scale in guidance_scales]
-    teacher_graph = (NegativeTeacherGraph if takes_negative(text, teacher_guidance_scale) else TeacherGraph)
-    teacher_entry = build(teacher_graph(teacher, teacher_guidance_scale),
-                          f"teacher_w{scale_tag(teacher_guidance_scale)}.onnx",
-                          f"teacher graph (w={teacher_guidance_scale:g})", teacher_guidance_scale)
-    verifier_entry = build(VerifierGraph(verifier), "verifier.onnx", "verifier graph",
-                           shape=image_shape) if verifier else None
-    if scorer:
-        verifier_entry = build(scorer, "verifier.onnx", "verifier graph (text-image score)",
-                               make=scorer_inputs(scorer, scorer_tokenizer, image_shape), batches=TEXT_PARITY_BATCHES)
-    decoder_entry = build(decoder_graph, "decoder.onnx", "decoder graph", batches=DECODER_PARITY_BATCHES,
-                          tolerance=DECODER_TOLERANCE) if decoder_graph else None
-    text_entry = None
-    if text:
-        build_text = lambda graph, filename, label, make: build(graph, filename, label, make=make,
-                                                               batches=TEXT_PARITY_BATCHES)
-        text_entry = export_text(conditioner, tokenizers, out, build_text, teacher.null[0], scorer_tokenizer)
+        students = [build(StudentGraph(student, scale), f"student_w{scale_tag(scale)}.onnx",
+                          f"student graph (w={scale:g})", float(scale)) for scale in guidance_scales]
+        teacher_graph = (NegativeTeacherGraph if takes_negative(text, teacher_guidance_scale) else TeacherGraph)
+        teacher_entry = build(teacher_graph(teacher, teacher_guidance_scale),
+                              f"teacher_w{scale_tag(teacher_guidance_scale)}.onnx",
+                              f"teacher graph (w={teacher_guidance_scale:g})", teacher_guidance_scale)
+        verifier_entry = build(VerifierGraph(verifier), "verifier.onnx", "verifier graph",
+                               shape=image_shape) if verifier else None
+        if scorer:
+            verifier_entry = build(scorer, "verifier.onnx", "verifier graph (text-image score)",
+                                   make=scorer_inputs(scorer, scorer_tokenizer, image_shape),
+                                   batches=TEXT_PARITY_BATCHES)
+        decoder_entry = build(decoder_graph, "decoder.onnx", "decoder graph", batches=DECODER_PARITY_BATCHES,
+                              tolerance=DECODER_TOLERANCE) if decoder_graph else None
+        text_entry = None
+        if text:
+            build_text = lambda graph, filename, label, make: build(graph, filename, label, make=make,
+                                                                   batches=TEXT_PARITY_BATCHES)
+            text_entry = export_text(conditioner, tokenizers, out, build_text, teacher.null[0], scorer_tokenizer)
 
-    manifest = Manifest(
-        name=name or out.name, image_shape=image_shape, classes=classes, students=students, teacher=teacher_entry,
-        verifier=verifier_entry, decoder=decoder_entry, latent_shape=sample_shape if decoder_graph else None,
-        text=text_entry,
-        provenance={
-            "method": student_meta.get("method"),
-            "steps": student_meta.get("step"),
-            "source_commit": source_commit(),
-            "student": {k: student_meta.get(k) for k in ("method_config", "net", "train")},
-            "teacher": _meta_of(teacher_spec),
-            "verifier": ({k: v for k, v in load_checkpoint(verifier_dir)[0].items() if k in ("verifier", "train")}
-                         if verifier else {"scorer": str(verifier_dir)} if scorer else None),
-            "checks": checks,
-            "metrics": metrics or {},
-        })
-    if decoder_graph:
-        manifest.provenance["decoder"] = {"folder": str(decoder), "scale": decoder_graph.scale,
-                                          "shift": decoder_graph.shift}
-    manifest.save(out)
-    read_bundle(out)  # the bundle we wrote must pass the server's own reader
+        manifest = Manifest(
+            name=name or final.name, image_shape=image_shape, classes=classes, students=students, teacher=teacher_entry,
+            verifier=verifier_entry, decoder=decoder_entry, latent_shape=sample_shape if decoder_graph else None,
+            text=text_entry,
+            provenance={
+                "method": student_meta.get("method"),
+                "steps": student_meta.get("step"),
+                "source_commit": source_commit(),
+                "student": {k: student_meta.get(k) for k in ("method_config", "net", "train")},
+                "teacher": _meta_of(teacher_spec),
+                "verifier": ({k: v for k, v in load_checkpoint(verifier_dir)[0].items() if k in ("verifier", "train")}
+                             if verifier else {"scorer": str(verifier_dir)} if scorer else None),
+                "checks": checks,
+                "metrics": metrics or {},
+            })
+        if decoder_graph:
+            manifest.provenance["decoder"] = {"folder": str(decoder), "scale": decoder_graph.scale,
+                                              "shift": decoder_graph.shift}
+        manifest.save(out)
+        read_bundle(out)  # the bundle we wrote must pass the server's own reader
     return manifest
+
+
+def pipeline_parts(folder: str | Path) -> set[str]:
+    """The parts a diffusers pipeline folder's model_index.json names (vae, text_encoder, ...)."""
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    return {name for name, value in index.items() if isinstance(value, list)}
+
+
+@contextlib.contextmanager
+def staged_bundle(out: Path):
+    """A fresh folder beside `out` to export into; on success it becomes `out` (a bundle there before is replaced
+    whole), on failure it is removed. A folder `out` holding anything but a bundle is refused, not emptied."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise ValueError(f"--out {out} holds files but no bundle (manifest.json): give an empty or new folder")
+    staging = out.parent / f".{out.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)  # what a killed export left
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
 
 
 def _meta_of(teacher_spec: str) -> dict:

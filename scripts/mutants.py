@@ -291,7 +291,7 @@ MUTANTS = [
            ("tests/test_text_serving.py::test_the_text_encoder_holds_a_row_per_distinct_prompt_a_negative_one_"
             "included",)),
     Mutant("costs: one slow batch moves the estimate by its whole time", "server/costs.py",
-           "min(seconds, self.max_jump * old)", "seconds",
+           "min(seconds, self.max_jump * known)", "seconds",
            ("tests/test_admission.py::test_one_slow_batch_moves_the_cost_by_a_step_and_a_lasting_slowdown_is_"
             "followed",)),
     Mutant("costs: a bucket's first run taken whole, however far above what it borrowed", "server/costs.py",
@@ -317,6 +317,43 @@ MUTANTS = [
     Mutant("trainer: Ctrl-C stops mid-step, saving nothing", "distill/trainer.py",
            "        self._event.set()\n", "        raise KeyboardInterrupt\n",
            ("tests/test_checkpoint.py::test_ctrl_c_saves_the_step_reached_and_the_same_command_resumes",)),
+    Mutant("export: a student of another teacher exported against this one", "export/writer.py",
+           "    if differs:\n        origin", "    if False:\n        origin",
+           ("tests/test_latent.py::test_export_refuses_what_would_not_fit"
+            "_and_a_bundle_of_rgba_images_serves_png_and_webp",)),
+    Mutant("export: a verifier of other classes than the teacher's accepted", "export/writer.py",
+           "if len(verifier_classes) != teacher.num_classes:", "if False:",
+           ("tests/test_latent.py::test_export_refuses_what_would_not_fit"
+            "_and_a_bundle_of_rgba_images_serves_png_and_webp",)),
+    Mutant("export: two guidance scales of one file name accepted", "export/writer.py",
+           "if tags.count(tag) > 1", "if tags.count(tag) > 2",
+           ("tests/test_latent.py::test_export_refuses_what_would_not_fit"
+            "_and_a_bundle_of_rgba_images_serves_png_and_webp",)),
+    Mutant("export: a second export into a bundle's folder keeps the first's files", "export/writer.py",
+           "    if out.exists():\n        shutil.rmtree(out)\n    os.replace(staging, out)",
+           "    for path in staging.iterdir():\n        os.replace(path, out / path.name)",
+           ("tests/test_latent.py::test_export_refuses_what_would_not_fit"
+            "_and_a_bundle_of_rgba_images_serves_png_and_webp",)),
+    Mutant("serving: RGBA images offered as jpeg", "server/encoding.py",
+           'not (shape[0] == 4 and name == "jpeg")', "True",
+           ("tests/test_latent.py::test_export_refuses_what_would_not_fit"
+            "_and_a_bundle_of_rgba_images_serves_png_and_webp",)),
+    Mutant("pipeline: the teacher's data looked up by its name, not where it was read from", "distill/pipeline.py",
+           'source = recorded.get("source") or recorded.get("name")', 'source = recorded.get("name")',
+           ("tests/test_checkpoint.py::test_a_method_that_trains_on_data_reads_the_teachers_own_file_or_asks_for_"
+            "data",)),
+    Mutant("pipeline: --init ignored by a self-taught run", "distill/pipeline.py",
+           "        if init is not None:\n            student = load_student(init)",
+           "        if init is not None and teacher is not None:\n            student = load_student(init)",
+           ("tests/test_methods.py::test_self_teacher_runs_with_no_teacher_at_all",)),
+    Mutant("pipeline: --data of other samples than the teacher's accepted", "distill/pipeline.py",
+           "tuple(data.shape) != tuple(teacher.config.shape) or data.num_classes > teacher.num_classes)", "False)",
+           ("tests/test_checkpoint.py::test_a_method_that_trains_on_data_reads_the_teachers_own_file_or_asks_for_"
+            "data",)),
+    Mutant("teachers: a SiT checkpoint missing a tensor ends in torch's KeyError", "distill/models.py",
+           "except (KeyError, IndexError, RuntimeError, AttributeError, pickle.UnpicklingError) as err:",
+           "except (IndexError, RuntimeError, AttributeError, pickle.UnpicklingError) as err:",
+           ("tests/test_sit.py::test_a_file_that_is_not_a_whole_sit_checkpoint_is_one_clear_error",)),
     Mutant("encoding: the warm-up counted in the metrics as if requests had asked for it", "server/encoding.py",
            "self._encode(images, output, metered=False)", "self._encode(images, output)",
            ("tests/test_encoding.py::test_the_warm_up_times_each_format_and_a_new_kind_scales_from_the_nearest_in_"

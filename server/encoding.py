@@ -66,6 +66,11 @@ class OutputFormat:
             raise ValueError(f"output_compression must lie in 0..100, got {self.compression}")
 
 
+def formats_for(shape: tuple[int, ...]) -> tuple[str, ...]:
+    """The formats images of `shape` ([C, H, W]) can be encoded in: JPEG holds no alpha channel."""
+    return tuple(name for name in FORMATS if not (shape[0] == 4 and name == "jpeg"))
+
+
 def encode_image(pixels: np.ndarray, output: OutputFormat) -> bytes:
     """One [H, W, C] uint8 image (C = 1 or 3) as bytes of `output.format`."""
     if output.upscale > 1:
@@ -159,7 +164,7 @@ class Encoder:
         estimates err long until real jobs of their kind replace them. Not counted in the metrics."""
         images = np.random.default_rng(seed).uniform(-1, 1, (1, *shape)).astype(np.float32)
         largest = largest_upscale(*shape[1:])
-        for name, upscale in ((name, upscale) for name in FORMATS for upscale in sorted({1, largest})):
+        for name, upscale in ((name, upscale) for name in formats_for(shape) for upscale in sorted({1, largest})):
             output = OutputFormat(name, upscale=upscale)
             for _ in range(2):  # the first pays for one-time set-ups (nvJPEG's, an encoder's tables): the second kept
                 self._seconds_per_image.pop(self._kind(shape, output), None)

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.encoding import DEFAULT_COMPRESSION, OutputFormat
+from server.encoding import DEFAULT_COMPRESSION, OutputFormat, formats_for
 from server.imaging import b64_npy, parse_size, to_host
 from server.noise import MAX_SEED, random_seeds
 from server.schemas import (
@@ -74,6 +74,9 @@ def consecutive_seeds(seed: int | None, count: int, param: str = "seed") -> list
 
 def output_of(svc: Service, body: ImageOutput) -> OutputFormat:
     """The encoding a request asks for (format, quality, upscaling to its `size`)."""
+    if body.output_format not in formats_for(svc.bundle.image_shape):
+        raise ApiError(422, f"output_format: {body.output_format} has no alpha channel, and this bundle's images "
+                            f"are RGBA: ask for {' or '.join(formats_for(svc.bundle.image_shape))}", "output_format")
     return OutputFormat(body.output_format, DEFAULT_COMPRESSION if body.output_compression is None
                         else body.output_compression, upscale(svc, body.size))
 

@@ -164,3 +164,33 @@ def test_ctrl_c_saves_the_step_reached_and_the_same_command_resumes(tmp_path):
     assert process.returncode == 130, stderr
     assert f"interrupted at step {step}; its checkpoint is saved in {tmp_path}" in stderr and "Traceback" not in stderr
     assert json.loads(log.read_text().splitlines()[-1])["step"] == step >= 3
+
+
+def test_a_method_that_trains_on_data_reads_the_teachers_own_file_or_asks_for_data(tmp_path):
+    """Without --data, meanflow trains on the file the teacher was trained on (not on a built-in dataset of the
+    same name); a teacher that recorded no file is a clear error naming --data."""
+    import numpy as np
+
+    from distill.meanflow import MeanFlowConfig
+    from distill.pipeline import distill_student
+
+    images = np.random.default_rng(0).uniform(-1, 1, (24, 1, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "digits.npz", images=images, labels=np.arange(24) % 5)  # named as the built-in, 5 classes
+    from distill.data import load_dataset
+
+    teacher = tmp_path / "teacher"
+    train_teacher(load_dataset(str(tmp_path / "digits.npz")), NET, TeacherConfig(), TrainConfig(steps=1, batch_size=8),
+                  teacher, progress=False)
+    quick = TrainConfig(steps=1, batch_size=8)
+    summary = distill_student("meanflow", str(teacher), MeanFlowConfig(), quick, tmp_path / "s", progress=False)
+    assert summary["step"] == 1
+    assert json.loads((tmp_path / "s" / "checkpoint.json").read_text())["data"]["classes"] == [str(i) for i in range(5)]
+    with pytest.raises(ValueError, match=r"--data digits: its samples are \[1, 8, 8\] of 10 classes, but the teacher "
+                                         r"makes \[1, 8, 8\] of 5"):
+        distill_student("meanflow", str(teacher), MeanFlowConfig(), quick, tmp_path / "s3", progress=False,
+                        data=load_dataset("digits"))
+    meta = json.loads((teacher / "checkpoint.json").read_text())
+    del meta["data"]["source"]  # a teacher trained before sources were recorded
+    (teacher / "checkpoint.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"give --data .* trained on 'digits' \(\[1, 8, 8\], 5 classes\), which is"):
+        distill_student("meanflow", str(teacher), MeanFlowConfig(), quick, tmp_path / "s2", progress=False)

@@ -112,3 +112,21 @@ def test_methods_that_need_data_say_so_for_diffusers_teachers(tiny_text_pipeline
     with pytest.raises(ValueError, match="image-caption"):
         distill_student("meanflow", f"diffusers:{tiny_text_pipelines['sd3']}", MeanFlowConfig(), TrainConfig(),
                         tmp_path, prompts=CAPTIONS)
+
+
+def test_a_missing_part_of_a_pipeline_is_named_and_never_looked_up_online(tiny_text_pipelines, tmp_path):
+    """A folder missing from a pipeline (or a CLIP verifier that is not there) is a one-line error naming it: the
+    Hugging Face Hub is never asked for it."""
+    import shutil
+
+    from distill.text import load_conditioner
+    from export.scorer import load_clip_scorer
+
+    folder = tmp_path / "sd3"
+    shutil.copytree(tiny_text_pipelines["sd3"], folder)
+    shutil.rmtree(folder / "tokenizer_2")
+    with pytest.raises(FileNotFoundError, match=f"the pipeline's tokenizer_2: no folder {folder}/tokenizer_2 .*nothing "
+                                                "is downloaded"):
+        load_conditioner(folder)
+    with pytest.raises(FileNotFoundError, match="--verifier clip:FOLDER: no folder openai/clip-vit-large-patch14"):
+        load_clip_scorer("openai/clip-vit-large-patch14")

@@ -80,6 +80,56 @@ def test_a_verifier_of_the_wrong_shape_is_refused(latent_bundle, vaes, tmp_path)
                       progress=False, decoder=vaes["AutoencoderTiny"])
 
 
+def test_export_refuses_what_would_not_fit_and_a_bundle_of_rgba_images_serves_png_and_webp(latent_bundle, vaes,
+                                                                                            tiny_digits_runs, tmp_path):
+    """The latent runs exported without a decoder make a class bundle of 4-channel (RGBA) images. Before any graph
+    is written, export refuses a student of another teacher, a verifier of other classes, two scales of one name
+    and a folder holding something else; a second export into a bundle's folder leaves none of the first's files."""
+    from distill.data import Dataset
+
+    _, runs = latent_bundle
+    quick = TrainConfig(steps=1, batch_size=8)
+    train_verifier(random_data(LATENT), VerifierConfig(width=8, feature_dim=16), quick, tmp_path / "v", progress=False)
+    student, teacher = runs / "freeflow", str(runs / "teacher")
+    with pytest.raises(ValueError, match=r"was distilled from .*teacher, and does not fit --teacher .*: num_classes "
+                                         r"3 \(student\) against 10 \(teacher\); shape \[4, 4, 4\]"):
+        export_bundle(student, str(tiny_digits_runs / "teacher"), tmp_path / "v", tmp_path / "x", progress=False)
+    two = random_data(LATENT)
+    train_verifier(Dataset("two", two.samples, two.labels % 2, ["a", "b"]), VerifierConfig(width=8, feature_dim=16),
+                   quick, tmp_path / "v2", progress=False)
+    with pytest.raises(ValueError, match="scores 2 classes, but the teacher generates 3"):
+        export_bundle(student, teacher, tmp_path / "v2", tmp_path / "x", progress=False)
+    with pytest.raises(ValueError, match="--guidance-scales: 1.2 given more than once"):
+        export_bundle(student, teacher, tmp_path / "v", tmp_path / "x", (1.2, 1.2000001), progress=False)
+    digits_student = tiny_digits_runs / "freeflow"  # 1-channel samples, which a 4-channel VAE cannot decode
+    with pytest.raises(ValueError, match=r"--decoder .* does not decode the student's \[1, 8, 8\] latents"):
+        export_bundle(digits_student, str(tiny_digits_runs / "teacher"), tiny_digits_runs / "verifier",
+                      tmp_path / "x", progress=False, decoder=vaes["AutoencoderKL"])
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".*partial"))  # refused before any folder
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds files but no bundle"):
+        export_bundle(student, teacher, tmp_path / "v", tmp_path / "busy", progress=False)
+    out = tmp_path / "rgba"
+    export_bundle(student, teacher, tmp_path / "v", out, (1.5, 2.0), progress=False, parity_batches=(1, 3))
+    export_bundle(student, teacher, tmp_path / "v", out, (1.5,), progress=False, parity_batches=(1, 3))
+    assert not (out / "student_w2.onnx").exists() and (out / "student_w1.5.onnx").is_file()
+
+    async def scenario():
+        async with in_process(bundle=out, max_batch_size=4) as (client, _):
+            return {fmt: await client.post("/v1/generate", json={"labels": ["a"], "seeds": [1], "output_format": fmt})
+                    for fmt in ("png", "webp", "jpeg")}
+
+    answers = asyncio.run(scenario())
+    for fmt in ("png", "webp"):
+        assert answers[fmt].status_code == 200, answers[fmt].text
+        image = Image.open(io.BytesIO(base64.b64decode(answers[fmt].json()["images"][0])))
+        assert image.mode == "RGBA" and image.size == (4, 4)
+    assert answers["jpeg"].status_code == 422
+    assert "jpeg has no alpha channel, and this bundle's images are RGBA: ask for png or webp" in \
+        answers["jpeg"].json()["error"]["message"]
+
+
 def test_a_latent_bundle_serves_decoded_images_in_every_format(latent_bundle):
     out, _ = latent_bundle
 

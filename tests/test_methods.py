@@ -136,3 +136,13 @@ def test_self_teacher_runs_with_no_teacher_at_all(tmp_path):
     assert torch.isfinite(sample_student(student, torch.randn(16, 2), torch.zeros(16, dtype=torch.long), 1.0, 1)).all()
     with pytest.raises(ValueError, match="needs a teacher unless --self-teacher"):
         FSFDMD(Setup(student, None, FSFDMDConfig(), toy_gaussians(64), batch_size=4))
+    # --init starts a self-taught run from that student, not from a fresh network of another size
+    distill_student("fsf-dmd", None, config, TrainConfig(steps=21, batch_size=32), tmp_path / "again",
+                    progress=False, data=toy_gaussians(512), init=tmp_path / "self")
+    assert load_student(tmp_path / "again")[1]["net"]["width"] == 32
+    with pytest.raises(ValueError, match=r"--init .*: its network makes \[2\] samples of 8 classes, but this run's"):
+        distill_student("fsf-dmd", None, config, TrainConfig(steps=1, batch_size=8), tmp_path / "other",
+                        progress=False, data=toy_gaussians(64, modes=3), init=tmp_path / "self")
+    with pytest.raises(ValueError, match="--prompts: only a diffusers teacher"):
+        distill_student("fsf-dmd", None, config, TrainConfig(steps=1, batch_size=8), tmp_path / "p",
+                        progress=False, data=toy_gaussians(64), prompts=["a cat"])

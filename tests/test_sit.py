@@ -121,6 +121,19 @@ def test_sizes_and_errors():
         config_of({"foo": torch.zeros(1)})
 
 
+def test_a_file_that_is_not_a_whole_sit_checkpoint_is_one_clear_error(tmp_path):
+    """A text file, a checkpoint missing a tensor, one with a tensor of another shape: each a line naming it."""
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    state = public_state()
+    torch.save({k: v for k, v in state.items() if k != "blocks.1.mlp.fc2.bias"}, tmp_path / "missing.pt")
+    torch.save({**state, "blocks.0.attn.proj.weight": torch.zeros(3, 3)}, tmp_path / "shape.pt")
+    for name, detail in (("prompts.txt", ""), ("missing.pt", "it has no tensor 'blocks.1.mlp.fc2.bias'"),
+                         ("shape.pt", "size mismatch")):
+        with pytest.raises(ValueError, match=f"teacher 'sit:.*{name}': not a SiT/DiT checkpoint in the public "
+                                             f"layout we read \\(.*{detail}"):
+            load_teacher(f"sit:{tmp_path / name}")
+
+
 def test_position_embedding_is_maes_sine_cosine():
     grid, width = 4, 16
 
