@@ -328,7 +328,7 @@ def cmd_serve(argv: list[str]) -> int:
 
     from export.bundle import BundleError
     from server.main import serve
-    from server.settings import RayOptions, Settings
+    from server.settings import RayOptions, Settings, settings_error
 
     parser = argparse.ArgumentParser("flowmap serve", description="Serve a bundle over HTTP: OpenAI-style images, "
                                      "batch generation, Best-of-N search, /metrics, OpenAPI docs at /docs.")
@@ -346,7 +346,7 @@ def cmd_serve(argv: list[str]) -> int:
     try:
         settings = Settings(**overrides)
     except ValidationError as err:
-        print(f"flowmap serve: invalid settings: {err}", file=sys.stderr)
+        print(f"flowmap serve: invalid settings: {settings_error(err)}", file=sys.stderr)
         return 2
     try:
         if args.ray:

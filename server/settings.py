@@ -24,8 +24,37 @@ from ui.temp_files import DEFAULT_CACHE_SECONDS
 DEFAULT_SWITCH_INTERVAL_MS = 0.5
 
 
+# the torch backend's own flags, refused with another backend (which would ignore them)
+TORCH_ONLY = ("torch_dtype", "torch_float32_stages", "torch_compile", "torch_compile_cache", "torch_compile_mode",
+              "torch_channels_last", "torch_cudnn_benchmark")
+
+
+def settings_error(err) -> str:
+    """pydantic's refusal of settings as one line per field, naming its flag and variable and the allowed range."""
+    lines = []
+    for error in err.errors():
+        name = str(error["loc"][0]) if error.get("loc") else ""
+        field = Settings.model_fields.get(name)
+        if field is None:  # a check across fields: its message names the flags
+            lines.append(error["msg"].removeprefix("Value error, "))
+            continue
+        bounds = {key: getattr(item, key) for item in field.metadata for key in ("ge", "gt", "le", "lt")
+                  if getattr(item, key, None) is not None}
+        words = {"ge": "at least", "gt": "above", "le": "at most", "lt": "below"}
+        if error.get("type") == "finite_number" and not set(bounds) >= {"le"}:
+            allowed = "must be a finite number"
+        elif set(bounds) == {"ge", "le"}:
+            allowed = f"must lie in {bounds['ge']}..{bounds['le']}"
+        elif bounds:
+            allowed = "must be " + " and ".join(f"{words[key]} {value}" for key, value in bounds.items())
+        else:
+            allowed = error["msg"].removeprefix("Value error, ")
+        lines.append(f"--{name.replace('_', '-')} (FLOWMAP_{name.upper()}) {allowed}, got {error.get('input')!r}")
+    return "; ".join(lines)
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FLOWMAP_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="FLOWMAP_", extra="ignore", allow_inf_nan=False)
 
     bundle: str = Field("models/digits", description="the bundle folder to serve (manifest.json and graphs)")
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for every interface)")
@@ -59,7 +88,8 @@ class Settings(BaseSettings):
                                         "(the VAE decoders' convolutions)")
     torch_parity_tolerance: float = Field(LOW_PRECISION_TOLERANCE, gt=0, description="torch backend: largest error of "
                                           "bfloat16/float16 against float32, relative to the output's largest value")
-    intra_op_threads: int = Field(0, ge=0, description="threads per engine run; 0 = onnxruntime's default")
+    intra_op_threads: int = Field(0, ge=0, le=256, description="threads per engine run, 0..256; 0 = onnxruntime's "
+                                  "default")
     max_batch_size: int = Field(64, ge=1, le=4096, description="rows per engine run, 1..4096")
     decoder_max_batch_size: int = Field(8, ge=1, le=4096, description="rows per run of the VAE decoder (format 2 "
                                         "bundles): it costs far more per row than a denoiser step")
@@ -68,12 +98,13 @@ class Settings(BaseSettings):
                                    "costs say that beats padding them all to the bucket above")
     max_queue_delay_ms: float = Field(2.0, ge=0, le=10_000, description="how long the first row of a batch waits "
                                       "for company before the batch runs, 0..10000 ms")
-    max_queue_size: int = Field(4096, ge=1, description="rows of admitted requests per engine; beyond it new "
-                                "requests wait or get 429 (at least max_batch_size)")
-    max_admission_wait_s: float = Field(1.0, ge=0, description="how long a request may wait at the door, first come "
-                                        "first served, for room in a full queue before 429; 0 = refuse at once")
-    request_timeout_s: float = Field(30.0, gt=0, description="a request's deadline, from arrival; work that cannot "
-                                     "finish by it is refused up front")
+    max_queue_size: int = Field(4096, ge=1, le=1 << 20, description="rows of admitted requests per engine; beyond "
+                                "it new requests wait or get 429 (at least max_batch_size)")
+    max_admission_wait_s: float = Field(1.0, ge=0, le=3600, description="how long a request may wait at the door, "
+                                        "first come first served, for room in a full queue before 429; 0 = refuse at "
+                                        "once")
+    request_timeout_s: float = Field(30.0, gt=0, le=3600, description="a request's deadline, from arrival; work "
+                                     "that cannot finish by it is refused up front")
     prompt_cache_size: int = Field(4096, ge=0, description="text bundles: conditions of this many recent prompts "
                                    "kept, so a repeated prompt skips the text encoder; 0 = off")
     encode_workers: int = Field(0, ge=0, le=64, description="threads that encode images (png/jpeg/webp) off the "
@@ -88,7 +119,7 @@ class Settings(BaseSettings):
                                    "many pixels wide or high, or more, are encoded by nvJPEG on the GPU, smaller ones "
                                    "on the CPU (4:2:0, as the CPU backend encodes); 0 = all on the GPU")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body accepted (413 beyond)")
-    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long queued work may take")
+    drain_timeout_s: float = Field(30.0, ge=0, le=3600, description="on SIGTERM, how long queued work may take")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list,
                                                      description="comma-separated bearer tokens; when set, /v1, "
                                                                  "/metrics and the demo's calls need one")
@@ -157,6 +188,15 @@ class Settings(BaseSettings):
         elif self.device != "cpu":  # the other torch flags are only ignored; a GPU that is not used is a surprise
             raise ValueError(f"--device {self.device} applies to --backend torch only: onnxruntime runs on a GPU with "
                              "--providers cuda or tensorrt, and --backend tensorrt always does")
+        else:  # a torch flag given to another backend would be ignored: the operator meant something else
+            defaults = Settings.model_fields
+            given = [name for name in TORCH_ONLY if getattr(self, name) != defaults[name].get_default(
+                call_default_factory=True)]
+            if self.cuda_graphs and self.backend == "onnxruntime":
+                given.insert(0, "cuda_graphs")
+            if given:
+                raise ValueError(f"--{given[0].replace('_', '-')} applies to --backend torch"
+                                 f"{' or tensorrt' if given[0] == 'cuda_graphs' else ''} only, not {self.backend}")
         return self
 
     def torch_options(self, engine: str | None = None):

@@ -422,6 +422,21 @@ def test_a_queue_smaller_than_a_batch_is_refused_at_start():
     assert "--max-queue-size (16) must be at least --max-batch-size (64)" in result.stderr
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--intra-op-threads", "100000"], "--intra-op-threads (FLOWMAP_INTRA_OP_THREADS) must lie in 0..256, got 100000"),
+    (["--drain-timeout-s", "inf"], "--drain-timeout-s (FLOWMAP_DRAIN_TIMEOUT_S) must lie in 0..3600, got inf"),
+    (["--port", "0"], "--port (FLOWMAP_PORT) must lie in 1..65535, got 0"),
+    (["--backend", "torch", "--torch-parity-tolerance", "inf"],
+     "--torch-parity-tolerance (FLOWMAP_TORCH_PARITY_TOLERANCE) must be a finite number, got inf"),
+])
+def test_a_setting_out_of_range_is_one_line_naming_its_flag_variable_and_range(flags, message):
+    """Before, pydantic's four-line dump named the field only; 100000 intra-op threads took the machine down."""
+    result = subprocess.run([sys.executable, "-m", "flowmap.cli", "serve", "--bundle", str(BUNDLE), *flags],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.strip() == f"flowmap serve: invalid settings: {message}", \
+        result.stderr
+
+
 def test_a_failed_warm_up_is_logged_and_exits_non_zero(tmp_path):
     copy = tmp_path / "digits"
     shutil.copytree(BUNDLE, copy)

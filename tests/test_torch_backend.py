@@ -217,7 +217,11 @@ def test_options_name_the_bad_flag():
         Settings(backend="torch", torch_compile=True, torch_compile_mode="fast")
     with pytest.raises(ValidationError, match="torch_dtype must be one of float32, bfloat16, float16"):
         Settings(backend="torch", torch_dtype="int8")
-    Settings(backend="onnxruntime", torch_dtype="int8")  # only the torch backend reads it
+    # a torch flag given to another backend, which would ignore it, is refused by name
+    with pytest.raises(ValidationError, match="--torch-dtype applies to --backend torch only, not onnxruntime"):
+        Settings(backend="onnxruntime", torch_dtype="bfloat16")
+    with pytest.raises(ValidationError, match="--cuda-graphs applies to --backend torch or tensorrt only"):
+        Settings(backend="onnxruntime", cuda_graphs=True)
     with pytest.raises(ValidationError, match="--device cuda applies to --backend torch only: onnxruntime runs"):
         Settings(backend="onnxruntime", device="cuda")  # a GPU asked for and not used is refused, not ignored
     with pytest.raises(ValidationError, match="torch_float32_stages: unknown stage 'vae'; stages: student, teacher"):
