@@ -348,6 +348,11 @@ def cmd_serve(argv: list[str]) -> int:
     except ValidationError as err:
         print(f"flowmap serve: invalid settings: {settings_error(err)}", file=sys.stderr)
         return 2
+    # before the bundle loads and the server starts, not inside its start-up (Ray's replicas may sit on GPU nodes)
+    if settings.backend == "onnxruntime" and not args.ray:
+        from server.engines import check_providers
+
+        check_providers(settings.providers)
     try:
         if args.ray:
             try:

@@ -363,6 +363,9 @@ MUTANTS = [
     Mutant("settings: a torch flag given to another backend silently ignored", "server/settings.py",
            "            if given:\n", "            if False:\n",
            ("tests/test_torch_backend.py::test_options_name_the_bad_flag",)),
+    Mutant("serve: onnxruntime providers checked only inside the server's start-up", "flowmap/cli.py",
+           "        check_providers(settings.providers)\n", "        pass\n",
+           ("tests/test_server.py::test_providers_this_onnxruntime_lacks_are_refused_before_the_server_starts",)),
     Mutant("encoding: the warm-up counted in the metrics as if requests had asked for it", "server/encoding.py",
            "self._encode(images, output, metered=False)", "self._encode(images, output)",
            ("tests/test_encoding.py::test_the_warm_up_times_each_format_and_a_new_kind_scales_from_the_nearest_in_"

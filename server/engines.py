@@ -54,6 +54,22 @@ def pad_rows(array: np.ndarray, size: int) -> np.ndarray:
     return array if size <= rows else np.concatenate([array, np.repeat(array[-1:], size - rows, axis=0)])
 
 
+def check_providers(providers: str) -> list[str]:
+    """onnxruntime's execution providers for `--providers` (cpu, cuda or tensorrt), in the order tried; a
+    ValueError naming the flag where this onnxruntime lacks the first (checked before the server starts)."""
+    import onnxruntime as ort
+
+    wanted = {"cpu": ["CPUExecutionProvider"],
+              "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+              "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}[providers]
+    available = set(ort.get_available_providers())
+    if wanted[0] not in available:
+        raise ValueError(f"--providers {providers}: onnxruntime has no {wanted[0]} here (available: "
+                         f"{sorted(available)}); install onnxruntime-gpu (the gpu extra) on a CUDA machine or use "
+                         "--providers cpu")
+    return wanted
+
+
 class OnnxRuntimeEngine:
     """An onnxruntime session tuned for throughput: full graph optimisation, a memory arena, and
     the execution provider chosen by flag."""
@@ -82,13 +98,7 @@ class OnnxRuntimeEngine:
 
     @staticmethod
     def _providers(ort, providers: str, trt_cache_dir: str | None, max_batch: int) -> list:
-        available = set(ort.get_available_providers())
-        wanted = {"cpu": ["CPUExecutionProvider"],
-                  "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-                  "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}[providers]
-        if wanted[0] not in available:
-            raise RuntimeError(f"onnxruntime has no {wanted[0]} here (available: {sorted(available)}); "
-                               "install onnxruntime-gpu (the gpu extra) on a CUDA machine or use --providers cpu")
+        wanted = check_providers(providers)
         if providers != "tensorrt":
             return wanted
         if trt_cache_dir is None:

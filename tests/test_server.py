@@ -422,6 +422,17 @@ def test_a_queue_smaller_than_a_batch_is_refused_at_start():
     assert "--max-queue-size (16) must be at least --max-batch-size (64)" in result.stderr
 
 
+def test_providers_this_onnxruntime_lacks_are_refused_before_the_server_starts():
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    result = subprocess.run([sys.executable, "-m", "flowmap.cli", "serve", "--bundle", str(BUNDLE), "--providers",
+                             "cuda"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("flowmap serve: error: --providers cuda: onnxruntime has no CUDAExecutionProvider")
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--intra-op-threads", "100000"], "--intra-op-threads (FLOWMAP_INTRA_OP_THREADS) must lie in 0..256, got 100000"),
     (["--drain-timeout-s", "inf"], "--drain-timeout-s (FLOWMAP_DRAIN_TIMEOUT_S) must lie in 0..3600, got inf"),
