@@ -114,6 +114,14 @@ def load_net(run_dir: str | Path, kind: str, module_cls, weights: str = "ema",
     return model.to(device).eval().requires_grad_(False), meta
 
 
+def signature(config) -> dict:
+    """What a student must share with its teacher, of what a config says: the sample shape, the classes, a
+    diffusers family ({} for a teacher of the user's own, which has no config of ours)."""
+    found = {name: getattr(config, name, None) for name in ("shape", "num_classes", "family")}
+    return {name: list(value) if isinstance(value, tuple | list) else value for name, value in found.items()
+            if value is not None}
+
+
 def load_teacher(spec: str, device: str | torch.device = "cpu", prompts: list[str] | None = None):
     """A teacher from a run directory, a public SiT/DiT checkpoint (`sit:PATH`, see distill/sit.py), a
     diffusers text-to-image pipeline folder (`diffusers:PATH`, see distill/diffusers_models.py; `prompts`

@@ -11,7 +11,7 @@ from distill.checkpoint import checkpoint_meta, load_checkpoint
 from distill.data import Dataset, data_meta, load_dataset
 from distill.evaluate import EvalConfig, evaluate, write_report
 from distill.methods import get_method, initial_student
-from distill.models import Student, Teacher, load_student, load_teacher
+from distill.models import Student, Teacher, load_student, load_teacher, signature
 from distill.nets import DIGITS_NET, NetConfig
 from distill.teacher import TeacherConfig, TeacherTraining
 from distill.trainer import Setup, TrainConfig, local_batch_size, seeded, train
@@ -89,20 +89,21 @@ def distill_student(method: str, teacher_spec: str | None, method_config, train_
     teacher_meta = checkpoint_meta(teacher_spec) if teacher is not None and Path(teacher_spec).is_dir() else {}
     if data is None and (spec.needs_data or teacher is None):
         data = teachers_data(teacher_meta, teacher_spec, method) if teacher is not None else load_dataset("digits")
-    if data is not None and teacher is not None and hasattr(teacher, "config") and (
-            tuple(data.shape) != tuple(teacher.config.shape) or data.num_classes > teacher.num_classes):
+    # what this run makes: the teacher's samples, as far as its config says, else (self-taught) the data's
+    made = (signature(getattr(teacher, "config", None)) if teacher is not None
+            else {"shape": list(data.shape), "num_classes": data.num_classes})
+    if data is not None and teacher is not None and "num_classes" in made and (
+            list(data.shape) != made["shape"] or data.num_classes > made["num_classes"]):
         raise ValueError(f"--data {data.source or data.name}: its samples are {list(data.shape)} of {data.num_classes} "
-                         f"classes, but the teacher makes {list(teacher.config.shape)} of {teacher.num_classes}")
+                         f"classes, but the teacher makes {made['shape']} of {made['num_classes']}")
     with seeded(train_config.seed):
         if init is not None:
             student = load_student(init)[0].requires_grad_(True)
-            fits = teacher is not None and hasattr(teacher, "config")  # a teacher of the user's own has no config
-            shape, classes = ((teacher.config.shape, teacher.num_classes) if fits else
-                              (data.shape, data.num_classes) if teacher is None else (student.config.shape,
-                                                                                       student.num_classes))
-            if tuple(student.config.shape) != tuple(shape) or student.num_classes != classes:
-                raise ValueError(f"--init {init}: its network makes {list(student.config.shape)} samples of "
-                                 f"{student.num_classes} classes, but this run's are {list(shape)} of {classes}")
+            ours = signature(student.config)
+            if any(ours.get(name) != value for name, value in made.items()):
+                raise ValueError(f"--init {init}: its network makes {ours.get('shape')} samples of "
+                                 f"{ours.get('num_classes', 0)} classes, but this run's are {made.get('shape')} of "
+                                 f"{made.get('num_classes', 0)}")
         elif teacher is None:
             base = net or DIGITS_NET
             student = Student(NetConfig(**{**base.to_dict(), "shape": data.shape, "num_classes": data.num_classes}))

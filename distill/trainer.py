@@ -250,7 +250,7 @@ def train(method: Method, run_dir: str | Path, meta: dict, config: TrainConfig, 
         raise CheckpointError(f"{run_dir} holds a {old_meta.get('method')} run; refusing to resume it with "
                               f"--method {meta.get('method')} (use another --out, or --no-resume to start over)")
     if resume and old_meta is not None:
-        old_meta, tensors = load_checkpoint(run_dir)
+        tensors = load_checkpoint(run_dir)[1]
         changed = shape_differences(old_meta, meta)
         if changed:
             raise CheckpointError(f"{run_dir} holds a run whose networks have another shape, so it cannot be resumed "

@@ -10,9 +10,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from distill.checkpoint import checkpoint_meta, load_checkpoint
+from distill.checkpoint import checkpoint_meta
 from distill.diffusers_models import DiffusersConfig
-from distill.models import load_student, load_teacher
+from distill.models import load_student, load_teacher, signature
 from distill.text import load_conditioner
 from distill.verifier import load_verifier
 from export.bundle import GraphEntry, Manifest, read_bundle, sha256_of, takes_negative
@@ -83,17 +83,10 @@ def check_trained_guidance(method_config: dict, guidance_scales: tuple[float, ..
                          "them")
 
 
-def model_signature(config) -> dict:
-    """What a student must share with its teacher: the sample shape, the classes, a diffusers family."""
-    found = {name: getattr(config, name, None) for name in ("shape", "num_classes", "family")}
-    return {name: list(value) if isinstance(value, tuple | list) else value for name, value in found.items()
-            if value is not None}
-
-
 def check_student_of(student, student_meta: dict, student_dir, teacher, teacher_spec: str) -> None:
     """Refuse a student distilled from another kind of teacher: its graphs would not fit the teacher's, and the
     export would fail deep in a trace (or, worse, succeed)."""
-    ours, theirs = model_signature(student.config), model_signature(getattr(teacher, "config", None))
+    ours, theirs = signature(student.config), signature(getattr(teacher, "config", None))
     if not theirs:  # a teacher of the user's own, without our config: nothing to compare
         return
     differs = [f"{name} {ours[name]} (student) against {theirs[name]} (teacher)"
@@ -148,6 +141,7 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
     text = isinstance(getattr(teacher, "config", None), DiffusersConfig)
     if verifier_dir is None and not text:
         raise ValueError("a class-conditional bundle needs --verifier (search scores with it)")
+    verifier_meta = checkpoint_meta(verifier_dir) if not text else None  # read once: classes, shape, provenance
     scorer = scorer_tokenizer = None
     if text and verifier_dir is not None:
         if not str(verifier_dir).startswith("clip:"):
@@ -166,7 +160,7 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
         classes = []
     else:
         conditions = None
-        verifier_classes = checkpoint_meta(verifier_dir)["data"]["classes"]
+        verifier_classes = verifier_meta["data"]["classes"]
         if len(verifier_classes) != teacher.num_classes:
             raise ValueError(f"--verifier {verifier_dir} scores {len(verifier_classes)} classes, but the teacher "
                              f"generates {teacher.num_classes}: train the verifier on data of the teacher's classes")
@@ -182,7 +176,7 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
         raise ValueError(f"--decoder {decoder} does not decode the student's {list(sample_shape)} latents: "
                          f"{str(err).splitlines()[0]}") from None
     verifier = load_verifier(verifier_dir) if verifier_dir is not None and not text else None
-    verifier_shape = tuple(load_checkpoint(verifier_dir)[0]["data"]["shape"]) if verifier else image_shape
+    verifier_shape = tuple(verifier_meta["data"]["shape"]) if verifier else image_shape
     if verifier_shape != image_shape:
         decoded = " (the decoder's output)" if decoder_graph else ""
         raise ValueError(f"the verifier scores the served images, {list(image_shape)}{decoded}, but {verifier_dir} was "
@@ -245,7 +239,7 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
                 "source_commit": source_commit(),
                 "student": {k: student_meta.get(k) for k in ("method_config", "net", "train")},
                 "teacher": _meta_of(teacher_spec),
-                "verifier": ({k: v for k, v in load_checkpoint(verifier_dir)[0].items() if k in ("verifier", "train")}
+                "verifier": ({k: v for k, v in verifier_meta.items() if k in ("verifier", "train")}
                              if verifier else {"scorer": str(verifier_dir)} if scorer else None),
                 "checks": checks,
                 "metrics": metrics or {},
@@ -287,6 +281,6 @@ def staged_bundle(out: Path):
 
 def _meta_of(teacher_spec: str) -> dict:
     if Path(teacher_spec).is_dir():
-        meta = load_checkpoint(teacher_spec)[0]
+        meta = checkpoint_meta(teacher_spec)
         return {k: meta.get(k) for k in ("net", "teacher", "train", "step")}
     return {"factory": teacher_spec}

@@ -347,7 +347,7 @@ MUTANTS = [
            "        if init is not None and teacher is not None:\n            student = load_student(init)",
            ("tests/test_methods.py::test_self_teacher_runs_with_no_teacher_at_all",)),
     Mutant("pipeline: --data of other samples than the teacher's accepted", "distill/pipeline.py",
-           "tuple(data.shape) != tuple(teacher.config.shape) or data.num_classes > teacher.num_classes)", "False)",
+           'list(data.shape) != made["shape"] or data.num_classes > made["num_classes"])', "False)",
            ("tests/test_checkpoint.py::test_a_method_that_trains_on_data_reads_the_teachers_own_file_or_asks_for_"
             "data",)),
     Mutant("teachers: a SiT checkpoint missing a tensor ends in torch's KeyError", "distill/models.py",

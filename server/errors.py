@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server.admission import Overloaded, RequestTooLarge, retry_after_headers
 from server.batcher import DeadlineExceeded, EngineFailure
 from server.routes import ROUTES
+from server.schemas import bounds_of
 from server.service import ApiError, ClientDisconnected, Service, shown
 
 
@@ -93,8 +94,7 @@ def describe_validation_errors(errors: list[dict], schema_fields: dict) -> tuple
             sentences.append(f"{name}: expected {' or '.join(members)}{shown_got}")
             continue
         field = schema_fields.get(name.split("[")[0])
-        bounds = {key: getattr(item, key) for item in (getattr(field, "metadata", []) if field else [])
-                  for key in ("ge", "le", "min_length", "max_length") if getattr(item, key, None) is not None}
+        bounds = bounds_of(field)
         kind = error.get("type", "")
         if "ge" in bounds and "le" in bounds and kind.startswith(("greater", "less")):
             sentences.append(f"{name} must lie in {bounds['ge']}..{bounds['le']}{shown_got}")

@@ -119,7 +119,8 @@ class Generation:
                                                           len(conditions), rows_param) if encode else None,
                                  decode=svc.bundle.decoder is not None, prompts=svc.prompts,
                                  negative=svc.bundle.teacher_takes_negative,
-                                 distinct_prompts=len({*conditions, *filter(None, [self.negative_prompt])}))
+                                 distinct_prompts=len({*conditions, *filter(None, [self.negative_prompt])}) if text
+                                 else None)
         negatives = [self.negative_prompt] * len(conditions) if self.negative_prompt is not None else None
         state = (State(seeds, np.zeros(0, np.float32), prompts=list(conditions), negative_prompts=negatives) if text
                  else State(seeds, np.asarray(conditions, dtype=np.int64)))

@@ -13,6 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from server.noise import MAX_SEED
 
+
+def bounds_of(field) -> dict:
+    """A pydantic field's declared range, what a refusal quotes: its ge, gt, le, lt, min_length and max_length
+    where set (none for None)."""
+    return {key: getattr(item, key) for item in (getattr(field, "metadata", None) or [])
+            for key in ("ge", "gt", "le", "lt", "min_length", "max_length") if getattr(item, key, None) is not None}
+
 Seed = Field(default=None, ge=0, le=MAX_SEED, description="noise seed; omitted = random, returned")
 MAX_STUDENT_STEPS, MAX_TEACHER_STEPS = 8, 1000
 DEFAULT_TEACHER_STEPS = 50

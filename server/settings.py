@@ -10,6 +10,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.encoding import GPU_JPEG_MIN_SIDE
+from server.schemas import bounds_of
 from server.torch_engine import LOW_PRECISION_TOLERANCE
 from ui.temp_files import DEFAULT_CACHE_SECONDS
 
@@ -38,8 +39,7 @@ def settings_error(err) -> str:
         if field is None:  # a check across fields: its message names the flags
             lines.append(error["msg"].removeprefix("Value error, "))
             continue
-        bounds = {key: getattr(item, key) for item in field.metadata for key in ("ge", "gt", "le", "lt")
-                  if getattr(item, key, None) is not None}
+        bounds = bounds_of(field)
         words = {"ge": "at least", "gt": "above", "le": "at most", "lt": "below"}
         if error.get("type") == "finite_number" and not set(bounds) >= {"le"}:
             allowed = "must be a finite number"
