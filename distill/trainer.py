@@ -148,6 +148,13 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 SHAPE_KEYS = ("net", "verifier")
 
 
+def same_setting(name: str, before, now) -> bool:
+    """Equal settings; a folder (`path`) named two ways, relative and absolute, is one folder."""
+    if name == "path" and isinstance(before, str) and isinstance(now, str):
+        return os.path.realpath(before) == os.path.realpath(now)
+    return before == now
+
+
 def shape_differences(old: dict, new: dict) -> list[str]:
     """'net.arch: checkpoint 'mlp', now 'dit'' for every shape-deciding setting that differs."""
     old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))  # as stored: tuples become lists
@@ -155,7 +162,7 @@ def shape_differences(old: dict, new: dict) -> list[str]:
     for key in SHAPE_KEYS:
         before, now = old.get(key) or {}, new.get(key) or {}
         for name in sorted(set(before) | set(now)):
-            if before.get(name) != now.get(name):
+            if not same_setting(name, before.get(name), now.get(name)):
                 changed.append(f"{key}.{name}: checkpoint {before.get(name)!r}, now {now.get(name)!r}")
     before, now = (old.get("data") or {}).get("shape"), (new.get("data") or {}).get("shape")
     if before != now:

@@ -468,6 +468,9 @@ MUTANTS = [
     Mutant("demo: the sweeper walks Gradio's live set of files", "ui/temp_files.py",
            "for name in list(names):", "for name in names:",
            ("tests/test_ui.py::test_the_sweeper_deletes_old_files_while_requests_add_new_ones",)),
+    Mutant("resume: a folder named two ways counted as two", "distill/trainer.py",
+           "return os.path.realpath(before) == os.path.realpath(now)", "return before == now",
+           ("tests/test_checkpoint.py::test_a_folder_named_relative_or_absolute_is_the_same_setting",)),
 ]
 
 

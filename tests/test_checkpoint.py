@@ -82,6 +82,20 @@ def test_resuming_with_another_network_says_what_differs(tmp_path):
     train_teacher(data, other, TeacherConfig(), quick, tmp_path / "run", progress=False, resume=False)  # starts over
 
 
+def test_a_folder_named_relative_or_absolute_is_the_same_setting(tmp_path, monkeypatch):
+    """A diffusers student records its pipeline folder as given: resuming it with the folder's absolute name
+    (or the other way round) is the same run, while another folder still differs."""
+    from distill.trainer import shape_differences
+
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path)
+    relative = {"net": {"path": "pipeline", "family": "sana"}}
+    assert shape_differences(relative, {"net": {"path": str(tmp_path / "pipeline"), "family": "sana"}}) == []
+    assert shape_differences(relative, {"net": {"path": "other", "family": "sana"}}) == [
+        "net.path: checkpoint 'pipeline', now 'other'"]
+
+
 def test_a_finished_run_resumed_says_it_has_nothing_to_train(tmp_path, capsys):
     config = TrainConfig(steps=3, batch_size=32, checkpoint_every=1000)
     train_teacher(toy_gaussians(128), NET, TeacherConfig(), config, tmp_path, progress=False)
