@@ -342,6 +342,15 @@ def cmd_serve(argv: list[str]) -> int:
                                help=f"default: {default}")
     args = parser.parse_args(argv)
     ray_options = {name: getattr(args, name) for name in ray_fields}
+    if not args.ray and ray_options != ray_fields:  # an operator who sets --replicas expects replicas
+        given = ", ".join("--" + name.replace("_", "-") for name in ray_fields if ray_options[name] != ray_fields[name])
+        print(f"flowmap serve: {given} only apply with --ray", file=sys.stderr)
+        return 2
+    try:
+        ray_config = RayOptions(**ray_options)
+    except ValueError as err:
+        print(f"flowmap serve: invalid settings: {err}", file=sys.stderr)
+        return 2
     overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ray_fields and k != "ray"}
     try:
         settings = Settings(**overrides)
@@ -361,7 +370,7 @@ def cmd_serve(argv: list[str]) -> int:
                 print(f"flowmap serve --ray needs Ray Serve ({err}): pip install 'flowmap-serve[ray]' "
                       "(or pip install 'ray[serve]')", file=sys.stderr)
                 return 2
-            run(settings, RayOptions(**ray_options))
+            run(settings, ray_config)
         else:
             return serve(settings)
     except BundleError as err:

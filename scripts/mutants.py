@@ -471,6 +471,19 @@ MUTANTS = [
     Mutant("resume: a folder named two ways counted as two", "distill/trainer.py",
            "return os.path.realpath(before) == os.path.realpath(now)", "return before == now",
            ("tests/test_checkpoint.py::test_a_folder_named_relative_or_absolute_is_the_same_setting",)),
+    Mutant("prompt cache: a prompt remembered twice counted twice", "server/prompts.py",
+           "self.held_bytes -= self.cache.pop(prompt).nbytes", "self.cache.pop(prompt)",
+           ("tests/test_text_serving.py::test_the_prompt_cache_is_bounded_by_bytes_as_well_as_by_prompts",)),
+    Mutant("prompt cache: bounded by prompts only", "server/prompts.py",
+           "while len(self.cache) > self.cache_size or self.held_bytes > budget:",
+           "while len(self.cache) > self.cache_size:",
+           ("tests/test_text_serving.py::test_the_prompt_cache_is_bounded_by_bytes_as_well_as_by_prompts",)),
+    Mutant("serve: Ray flags without --ray silently ignored", "flowmap/cli.py",
+           "if not args.ray and ray_options != ray_fields:", "if False:",
+           ("tests/test_cli.py::test_serve_refuses_ray_flags_it_would_ignore_or_ray_would_fail_on",)),
+    Mutant("serve: Ray replicas not checked", "server/settings.py",
+           "if not lowest <= value < float(\"inf\"):", "if not value >= lowest:",
+           ("tests/test_cli.py::test_serve_refuses_ray_flags_it_would_ignore_or_ray_would_fail_on",)),
 ]
 
 

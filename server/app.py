@@ -98,7 +98,8 @@ def create_app(settings: Settings | None = None, mount_ui: bool | None = None, r
     bundle = read_bundle(settings.bundle, verify=settings.verify_bundle)
     service = Service(settings, bundle, Metrics())
     if bundle.text is not None:
-        service.prompts = PromptEncoder(bundle.text, settings.prompt_cache_size, service.metrics)
+        service.prompts = PromptEncoder(bundle.text, settings.prompt_cache_size, service.metrics,
+                                        round(settings.prompt_cache_mb * 2**20))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

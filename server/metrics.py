@@ -65,6 +65,8 @@ class Metrics:
                                     "by result (hit, miss)", ["result"], registry=reg)
         self.prompt_cache_hit_ratio = Gauge("flowmap_prompt_cache_hit_ratio", "Text bundles: hits over lookups of "
                                             "the prompt condition cache since start", registry=reg)
+        self.prompt_cache_bytes = Gauge("flowmap_prompt_cache_bytes", "Text bundles: bytes of conditions the "
+                                        "prompt cache holds (bounded by --prompt-cache-mb)", registry=reg)
 
     def engine(self, name: str) -> EngineMetrics:
         """The per-engine series, bound to their label once (a label lookup per row costs more than the row)."""

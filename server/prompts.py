@@ -25,7 +25,7 @@ class Tokenized:
 class PromptEncoder:
     """Tokenizes prompts for the text-encoder graph and remembers the conditions it produced."""
 
-    def __init__(self, text: TextConditioning, cache_size: int, metrics=None):
+    def __init__(self, text: TextConditioning, cache_size: int, metrics=None, cache_bytes: int | None = None):
         from tokenizers import Tokenizer
 
         self.tokenizers = [Tokenizer.from_file(str(graph.path)) for graph in text.tokenizers]
@@ -33,8 +33,10 @@ class PromptEncoder:
         self.scorer = Tokenizer.from_file(str(text.verifier_tokenizer.path)) if text.verifier_tokenizer else None
         # the empty prompt's condition, computed at export: the teacher's negative unless a request gives one
         self.null = np.load(text.null.path).astype(np.float32) if text.null else None
-        self.cache_size, self.metrics = cache_size, metrics
+        # both bounds hold: a count, and bytes, since one T5 condition of SD3 or FLUX is 5-8 MB in float32
+        self.cache_size, self.cache_bytes, self.metrics = cache_size, cache_bytes, metrics
         self.cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.held_bytes = 0
         self.hits = self.lookups = 0
 
     def tokenize(self, prompts: list[str]) -> Tokenized:
@@ -61,10 +63,15 @@ class PromptEncoder:
         return condition
 
     def remember(self, prompt: str, condition: np.ndarray) -> None:
-        if self.cache_size <= 0:
+        budget = self.cache_bytes if self.cache_bytes is not None else float("inf")
+        if self.cache_size <= 0 or condition.nbytes > budget:
             return
+        if prompt in self.cache:
+            self.held_bytes -= self.cache.pop(prompt).nbytes
         # a copy: the condition is one row of the text encoder's (padded) batch, which a view would keep alive
         self.cache[prompt] = condition.copy()
-        self.cache.move_to_end(prompt)
-        while len(self.cache) > self.cache_size:
-            self.cache.popitem(last=False)
+        self.held_bytes += condition.nbytes
+        while len(self.cache) > self.cache_size or self.held_bytes > budget:
+            self.held_bytes -= self.cache.popitem(last=False)[1].nbytes
+        if self.metrics is not None:
+            self.metrics.prompt_cache_bytes.set(self.held_bytes)

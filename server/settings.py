@@ -105,8 +105,10 @@ class Settings(BaseSettings):
                                         "once")
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="a request's deadline, from arrival; work "
                                      "that cannot finish by it is refused up front")
-    prompt_cache_size: int = Field(4096, ge=0, description="text bundles: conditions of this many recent prompts "
-                                   "kept, so a repeated prompt skips the text encoder; 0 = off")
+    prompt_cache_size: int = Field(4096, ge=0, le=1 << 20, description="text bundles: conditions of this many "
+                                   "recent prompts kept, so a repeated prompt skips the text encoder; 0 = off")
+    prompt_cache_mb: float = Field(1024, ge=0, le=1 << 20, description="text bundles: the prompt cache holds at "
+                                   "most this many MB of conditions (one T5 condition of SD3 or FLUX is 5-8 MB)")
     encode_workers: int = Field(0, ge=0, le=64, description="threads that encode images (png/jpeg/webp) off the "
                                 "event loop; the encoders release the GIL. 0 = 2 on a CPU (the engines need its "
                                 "cores), half the cores this process may use (2..8) where "
@@ -115,17 +117,17 @@ class Settings(BaseSettings):
                                           "Python thread may keep the GIL from one that waits for it (CPython's "
                                           "default is 5 ms): threads back from GIL-free work, engines and encoders, "
                                           "wait that long behind a busy one, each time")
-    gpu_jpeg_min_side: int = Field(GPU_JPEG_MIN_SIDE, ge=0, description="torch backend on CUDA: RGB JPEG images this "
-                                   "many pixels wide or high, or more, are encoded by nvJPEG on the GPU, smaller ones "
-                                   "on the CPU (4:2:0, as the CPU backend encodes); 0 = all on the GPU")
-    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body accepted (413 beyond)")
+    gpu_jpeg_min_side: int = Field(GPU_JPEG_MIN_SIDE, ge=0, le=1 << 16, description="torch backend on CUDA: RGB "
+                                   "JPEG images this many pixels wide or high, or more, are encoded by nvJPEG on the "
+                                   "GPU, smaller ones on the CPU (4:2:0, as the CPU backend encodes); 0 = all on GPU")
+    max_body_bytes: int = Field(1 << 20, ge=1024, le=1 << 30, description="largest request body accepted (413 beyond)")
     drain_timeout_s: float = Field(30.0, ge=0, le=3600, description="on SIGTERM, how long queued work may take")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list,
                                                      description="comma-separated bearer tokens; when set, /v1, "
                                                                  "/metrics and the demo's calls need one")
     ui: bool = Field(True, description="mount the Gradio demo at /ui (with api_keys set it asks visitors for a key)")
-    ui_cache_seconds: int = Field(DEFAULT_CACHE_SECONDS, ge=1, description="the demo's temporary image files are "
-                                  "deleted after this many seconds")
+    ui_cache_seconds: int = Field(DEFAULT_CACHE_SECONDS, ge=1, le=7 * 24 * 3600, description="the demo's "
+                                  "temporary image files are deleted after this many seconds")
     fast_path: bool = Field(True, description="dispatch the generation routes straight from ASGI (same handlers "
                             "and errors, less CPU per request)")
     access_log: bool = Field(False, description="uvicorn's per-request log line (costs about 4 percent of a core "
@@ -230,3 +232,12 @@ class RayOptions:
     gpus_per_replica: float = 0.0
     decoder_replicas: int = 1  # replicas of the decoder deployment (bundles with a decoder)
     cpus_per_decoder: float = 1.0
+
+    def __post_init__(self) -> None:
+        # the smallest value each takes; Ray itself would fail later, inside a replica's start
+        least = {"replicas": 1, "autoscale_max": 0, "target_ongoing_requests": 1, "cpus_per_replica": 0.01,
+                 "gpus_per_replica": 0.0, "decoder_replicas": 1, "cpus_per_decoder": 0.01}
+        for name, lowest in least.items():
+            value = getattr(self, name)
+            if not lowest <= value < float("inf"):  # NaN fails it too
+                raise ValueError(f"--{name.replace('_', '-')} must be at least {lowest:g} and finite, got {value}")

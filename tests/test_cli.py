@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def run(*args):
     return subprocess.run([sys.executable, "-m", "flowmap.cli", *args], capture_output=True, text=True, timeout=120)
@@ -94,6 +96,18 @@ def test_bad_parity_batches_are_refused_before_any_model_loads(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--parity-batches: batch sizes are 1 or more, got [1, 0]" in result.stderr
     assert not (tmp_path / "b").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--replicas", "4"], "--replicas only apply with --ray"),
+    (["--ray", "--replicas", "0"], "--replicas must be at least 1 and finite, got 0"),
+    (["--ray", "--cpus-per-replica", "nan"], "--cpus-per-replica must be at least 0.01 and finite, got nan"),
+    (["--ray", "--decoder-replicas", "2", "--gpus-per-replica", "inf"],
+     "--gpus-per-replica must be at least 0 and finite, got inf"),
+])
+def test_serve_refuses_ray_flags_it_would_ignore_or_ray_would_fail_on(flags, message):
+    result = run("serve", *flags)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_serve_ray_without_ray_names_the_install(tmp_path):

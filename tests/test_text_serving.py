@@ -219,6 +219,26 @@ def test_the_teacher_takes_a_negative_prompt(tiny_text_bundles, tiny_text_pipeli
     assert np.abs(np.array(negative["arrays"], np.float32) - expected).max() < 1e-3
 
 
+def test_the_prompt_cache_is_bounded_by_bytes_as_well_as_by_prompts():
+    """Real text encoders make 5-8 MB conditions, so the cache evicts the least recently used prompts once the
+    conditions it holds pass --prompt-cache-mb, and never keeps one larger than the whole budget."""
+    from export.bundle import TextConditioning
+    from server.prompts import PromptEncoder
+
+    condition = np.zeros((4, 8), np.float32)  # 128 bytes
+    cache = PromptEncoder(TextConditioning(tokenizers=(), encoder=None, shape=(4, 8)), cache_size=100,
+                          cache_bytes=3 * condition.nbytes)
+    for prompt in ("a", "b", "c"):
+        cache.remember(prompt, condition)
+    assert cache.lookup("a") is not None  # "a" is now the most recent: "b" goes first
+    cache.remember("d", condition)
+    cache.remember("d", condition)  # the same prompt again is counted once
+    assert [p for p in "abcd" if cache.lookup(p) is not None] == ["a", "c", "d"]
+    assert cache.held_bytes == 3 * condition.nbytes
+    cache.remember("huge", np.zeros((40, 8), np.float32))
+    assert cache.lookup("huge") is None and cache.held_bytes == 3 * condition.nbytes
+
+
 def test_the_prompt_cache_keeps_its_own_copy_of_each_condition():
     """A condition comes as one row of the text encoder's padded batch: a cached view would keep it all alive."""
     from export.bundle import TextConditioning
