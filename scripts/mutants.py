@@ -484,6 +484,9 @@ MUTANTS = [
     Mutant("serve: Ray replicas not checked", "server/settings.py",
            "if not lowest <= value < float(\"inf\"):", "if not value >= lowest:",
            ("tests/test_cli.py::test_serve_refuses_ray_flags_it_would_ignore_or_ray_would_fail_on",)),
+    Mutant("conditions: rows of one prompt copied", "server/stages.py",
+           "    if len(set(prompts)) == 1:\n", "    if False:\n",
+           ("tests/test_text_serving.py::test_rows_of_one_prompt_share_one_condition_and_mixed_prompts_keep_theirs",)),
 ]
 
 

@@ -182,11 +182,20 @@ class EncodePrompts(OneCall):
             for i, condition in zip(new, await call(self.engine, feeds, ticket), strict=True):
                 conditions[unique[i]] = condition
                 self.prompts.remember(unique[i], condition)
-        state.labels = np.stack([conditions[prompt] for prompt in state.prompts])
+        state.labels = rows_of(conditions, state.prompts)
         if self.negatives:
-            state.negatives = (np.stack([conditions[p] for p in state.negative_prompts]) if state.negative_prompts
-                               else np.repeat(self.prompts.null[None], len(state.prompts), axis=0))
+            state.negatives = rows_of({"": self.prompts.null, **conditions},
+                                      state.negative_prompts or [""] * len(state.prompts))
         return len(new)
+
+
+def rows_of(conditions: dict[str, np.ndarray], prompts: list[str]) -> np.ndarray:
+    """[rows, ...] conditions, one per prompt. Rows of one prompt are views of one array, not copies: a search
+    of 1024 candidates would otherwise hold 1024 copies of a FLUX T5 condition (8 MB each); the batcher copies
+    only the rows of each batch it runs."""
+    if len(set(prompts)) == 1:
+        return np.broadcast_to(conditions[prompts[0]], (len(prompts), *conditions[prompts[0]].shape))
+    return np.stack([conditions[prompt] for prompt in prompts])
 
 
 @dataclass

@@ -239,6 +239,18 @@ def test_the_prompt_cache_is_bounded_by_bytes_as_well_as_by_prompts():
     assert cache.lookup("huge") is None and cache.held_bytes == 3 * condition.nbytes
 
 
+def test_rows_of_one_prompt_share_one_condition_and_mixed_prompts_keep_theirs():
+    """A search's N candidates (or n images of one prompt) hold one condition, not N copies of it."""
+    from server.stages import rows_of
+
+    conditions = {"a red circle": np.full((3, 4), 1.0, np.float32), "a blue square": np.full((3, 4), 2.0, np.float32)}
+    same = rows_of(conditions, ["a red circle"] * 64)
+    assert same.shape == (64, 3, 4) and np.shares_memory(same[0], same[63]) and (same == 1.0).all()
+    assert same.nbytes // 64 == conditions["a red circle"].nbytes and np.concatenate([same[:2]]).flags.writeable
+    mixed = rows_of(conditions, ["a blue square", "a red circle", "a blue square"])
+    assert mixed[:, 0, 0].tolist() == [2.0, 1.0, 2.0]
+
+
 def test_the_prompt_cache_keeps_its_own_copy_of_each_condition():
     """A condition comes as one row of the text encoder's padded batch: a cached view would keep it all alive."""
     from export.bundle import TextConditioning
