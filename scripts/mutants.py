@@ -487,6 +487,20 @@ MUTANTS = [
     Mutant("conditions: rows of one prompt copied", "server/stages.py",
            "    if len(set(prompts)) == 1:\n", "    if False:\n",
            ("tests/test_text_serving.py::test_rows_of_one_prompt_share_one_condition_and_mixed_prompts_keep_theirs",)),
+    Mutant("admission: host memory for images not reserved", "server/service.py",
+           "        if IMAGES in self.admission.loads:\n", "        if False:\n",
+           ("tests/test_server.py::test_images_held_on_the_host_are_bounded_by_max_images_mb",)),
+    Mutant("admission: images counted from the last stage, not the widest", "server/admission.py",
+           "widest = max(needs, key=lambda need: need.rows)", "widest = needs[-1]",
+           ("tests/test_admission.py::test_host_memory_for_images_is_a_queue_of_its_own",)),
+    Mutant("admission: a queue's own size ignored", "server/admission.py",
+           "self.loads[n.engine].rows + n.rows <= self.max_rows(n.engine)",
+           "self.loads[n.engine].rows + n.rows <= self.max_queue_rows",
+           ("tests/test_admission.py::test_host_memory_for_images_is_a_queue_of_its_own",)),
+    Mutant("admission: an image's noise and sample not counted", "server/app.py",
+           "return 4 * (math.prod(bundle.image_shape) + 2 * math.prod(bundle.sample_shape))",
+           "return 4 * math.prod(bundle.image_shape)",
+           ("tests/test_server.py::test_images_held_on_the_host_are_bounded_by_max_images_mb",)),
 ]
 
 

@@ -8,7 +8,14 @@ client leaves).
 
 Where a queue is full, a request waits at the door, first come first served, if the measured drain
 rate says room comes within `max_admission_wait_s`: clients that retry at once would otherwise spend
-the cores on refusals (docs/overload.md). The refusals:
+the cores on refusals (docs/overload.md).
+
+Host memory is admitted the same way: a request holds its images (float32, with their noise and
+latents) on the host from its first stage to its answer, so the images of all requests are one more
+queue, `images`, of `--max-images-mb` over one image's bytes. At 1024 px an image is about 15 MB:
+without it, a search of 1024 candidates, or the engines' 4096 queued rows, would exhaust the host.
+
+The refusals:
 
 - more rows than a whole queue, or more work than the timeout allows on an idle server: no retry
   can succeed -> RequestTooLarge (413 or 422, naming the field and the limit);
@@ -30,6 +37,7 @@ from server.costs import BatchCost, DrainMeter
 # The estimates are moving averages measured on a machine shared with HTTP handling and the other
 # engines: admit only what fits with this margin, so that admitted work finishes.
 SAFETY = 1.25
+IMAGES = "images"  # the admission queue of images held on the host (not an engine)
 
 
 @dataclass(frozen=True)
@@ -76,8 +84,10 @@ class RequestTooLarge(Exception):
 class EngineLoad:
     """What is admitted to one engine: reserved rows, work not yet done, and how fast rows drain."""
 
-    def __init__(self, name: str, cost: BatchCost, max_batch: int, queue_delay_s: float):
+    def __init__(self, name: str, cost: BatchCost, max_batch: int, queue_delay_s: float,
+                 max_rows: int | None = None, limit: str = ""):
         self.name, self.cost, self.max_batch, self.queue_delay_s = name, cost, max_batch, queue_delay_s
+        self.max_rows, self.limit = max_rows, limit  # None: the server's max_queue_size; how refusals name it
         self.rows = 0  # of admitted requests
         self.waiting = 0  # of requests waiting at the door
         self.backlog = 0  # row evaluations admitted and not yet done
@@ -167,8 +177,16 @@ class Admission:
             metrics.watch_admission(loads)
 
     @classmethod
-    def for_batchers(cls, batchers: dict, settings, metrics=None, host_threads: int = 1) -> Admission:
+    def for_batchers(cls, batchers: dict, settings, metrics=None, host_threads: int = 1,
+                     image_bytes: int = 0) -> Admission:
+        """Admission for the server's engines, and (`image_bytes`: the host bytes one image of the request holds)
+        the images queue that bounds host memory by `settings.max_images_mb`."""
         loads = {name: EngineLoad(name, b.cost, b.max_batch_size, b.max_delay_s) for name, b in batchers.items()}
+        if image_bytes:
+            budget_mb = settings.max_images_mb
+            loads[IMAGES] = EngineLoad(IMAGES, BatchCost(), 1, 0.0, max_rows=images_fitting(budget_mb, image_bytes),
+                                       limit=f"{budget_mb:g} MB of host memory for images, "
+                                             f"{image_bytes / 2**20:.3g} MB each (FLOWMAP_MAX_IMAGES_MB)")
         return cls(loads, settings.max_queue_size, settings.request_timeout_s, settings.max_admission_wait_s,
                    metrics, host_threads=host_threads)
 
@@ -197,8 +215,8 @@ class Admission:
             fullest = self._fullest(needs)
             waiting = self.loads[fullest].waiting
             ahead = f", {waiting} more waiting" if waiting else ""
-            raise Overloaded(f"the {fullest} queue is full ({self.max_queue_rows} rows admitted{ahead}); room in "
-                             f"about {wait:.3g} s", wait)
+            raise Overloaded(f"the {fullest} queue is full ({self.max_rows(fullest)} rows admitted{ahead}); room "
+                             f"in about {wait:.3g} s", wait)
         loop = asyncio.get_running_loop()
         waiter = Waiter(needs, deadline, loop.create_future(), host_s)
         line.append(waiter)
@@ -252,13 +270,19 @@ class Admission:
                 except Overloaded as err:
                     waiter.admitted.set_exception(err)
 
+    def max_rows(self, engine: str) -> int:
+        """The rows of admitted requests `engine`'s queue holds at most."""
+        load = self.loads[engine]
+        return self.max_queue_rows if load.max_rows is None else load.max_rows
+
     def _check_size(self, needs: tuple[Need, ...], host: HostWork | None = None) -> None:
         for need in needs:
-            if need.rows > self.max_queue_rows:
+            most, load = self.max_rows(need.engine), self.loads[need.engine]
+            if need.rows > most:
                 self._refused("too_large")
                 raise RequestTooLarge(413, f"{need.rows_param}: {need.rows} rows exceed the whole {need.engine} "
-                                           f"queue of {self.max_queue_rows} rows (FLOWMAP_MAX_QUEUE_SIZE); split the "
-                                           "request", need.rows_param)
+                                           f"queue of {most} rows ({load.limit or 'FLOWMAP_MAX_QUEUE_SIZE'}); split "
+                                           "the request", need.rows_param)
         measured = [n for n in needs if self.loads[n.engine].cost.measured]
         alone = sum(self.loads[n.engine].seconds_alone(n) for n in measured)
         if host and SAFETY * (alone + host.seconds) > self.timeout_s and host.seconds >= alone:
@@ -279,7 +303,7 @@ class Admission:
                                        f"fewer {fewer}", worst.steps_param)
 
     def _fits(self, needs: tuple[Need, ...]) -> bool:
-        return all(self.loads[n.engine].rows + n.rows <= self.max_queue_rows for n in needs)
+        return all(self.loads[n.engine].rows + n.rows <= self.max_rows(n.engine) for n in needs)
 
     def _fullest(self, needs: tuple[Need, ...]) -> str:
         return max(needs, key=lambda n: self.loads[n.engine].rows + self.loads[n.engine].waiting).engine
@@ -289,7 +313,7 @@ class Admission:
         waits = []
         for need in needs:
             load = self.loads[need.engine]
-            ahead = load.rows + load.waiting + need.rows - self.max_queue_rows
+            ahead = load.rows + load.waiting + need.rows - self.max_rows(need.engine)
             waits.append(load.seconds_to_free(ahead) if ahead > 0 else 0.0)
         return max(waits)
 
@@ -321,6 +345,18 @@ class Admission:
     def _refused(self, reason: str) -> None:
         if self.metrics:
             self.metrics.rejected.labels(reason=reason).inc()
+
+
+def images_fitting(budget_mb: float, image_bytes: int) -> int:
+    """How many images `budget_mb` holds (at least one: a budget below one image still serves one at a time)."""
+    return max(1, int(budget_mb * 2**20 // image_bytes))
+
+
+def images_need(needs: list[Need]) -> Need:
+    """The images a request holds on the host from its first stage to its answer: as many as its widest stage's
+    rows (a search: its N candidates), for its whole life (no steps of work)."""
+    widest = max(needs, key=lambda need: need.rows)
+    return Need(IMAGES, widest.rows, 0, widest.rows_param, widest.rows_param)
 
 
 def retry_after_headers(seconds: float) -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sys
 import time
 from contextlib import asynccontextmanager
@@ -90,6 +91,11 @@ async def warm_up_or_stop(service: Service, stop) -> None:
         stop()
 
 
+def host_bytes_per_image(bundle) -> int:
+    """What one image of a request holds on the host: the float32 image, and its noise and latent (the sample)."""
+    return 4 * (math.prod(bundle.image_shape) + 2 * math.prod(bundle.sample_shape))
+
+
 def create_app(settings: Settings | None = None, mount_ui: bool | None = None, remote_engines=None) -> FastAPI:
     """Build the app. The bundle is read (and every sha256 checked) here, so a tampered bundle stops
     the server before it listens. `remote_engines` (name -> engine) run some graphs elsewhere: under
@@ -109,7 +115,8 @@ def create_app(settings: Settings | None = None, mount_ui: bool | None = None, r
                                                  settings.split_to_buckets)
                             for name, engine in engines.items()}
         encode_threads = settings.encode_threads()
-        service.admission = Admission.for_batchers(service.batchers, settings, service.metrics, encode_threads)
+        service.admission = Admission.for_batchers(service.batchers, settings, service.metrics, encode_threads,
+                                                   host_bytes_per_image(bundle))
         on_gpu = settings.backend == "torch" and settings.device.startswith("cuda")
         service.metrics.encode_threads.set(encode_threads)
         service.encoder = Encoder(encode_threads, settings.device if on_gpu else None,

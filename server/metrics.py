@@ -119,7 +119,8 @@ class AdmissionCollector:
 
     def collect(self):
         admitted = GaugeMetricFamily("flowmap_admitted_rows", "Rows of admitted requests, per engine (bounded by "
-                                     "max_queue_size)", labels=["engine"])
+                                     "max_queue_size), and their images held on the host (engine=images, bounded "
+                                     "by max_images_mb)", labels=["engine"])
         waiting = GaugeMetricFamily("flowmap_admission_waiting_rows", "Rows of requests waiting at the door for "
                                     "room, per engine", labels=["engine"])
         for name, load in self.loads.items():

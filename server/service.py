@@ -13,7 +13,7 @@ import numpy as np
 from starlette.requests import Request
 
 from export.bundle import Bundle
-from server.admission import Admission, Ticket
+from server.admission import IMAGES, Admission, Ticket, images_need
 from server.batcher import DynamicBatcher
 from server.encoding import Encoder
 from server.metrics import Metrics
@@ -156,7 +156,10 @@ class Service:
 
     async def execute(self, stages: list[Stage], state: State, deadline: float) -> list[Timing]:
         """Admit the request whole (what all its stages need), then run its stages in order."""
-        async with self.admission.admitted(needs_of(stages), deadline, host_work_of(stages)) as ticket:
+        needs = needs_of(stages)
+        if IMAGES in self.admission.loads:
+            needs.append(images_need(needs))
+        async with self.admission.admitted(needs, deadline, host_work_of(stages)) as ticket:
             return await run_stages(stages, state, self.call, ticket, self.metrics)
 
 

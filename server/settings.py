@@ -100,6 +100,9 @@ class Settings(BaseSettings):
                                       "for company before the batch runs, 0..10000 ms")
     max_queue_size: int = Field(4096, ge=1, le=1 << 20, description="rows of admitted requests per engine; beyond "
                                 "it new requests wait or get 429 (at least max_batch_size)")
+    max_images_mb: float = Field(8192, ge=0.01, le=1 << 24, description="host memory for the images of admitted "
+                                 "requests (float32, with their noise and latents; about 15 MB an image at 1024 px); "
+                                 "beyond it a request waits or gets 429, and one larger than all of it 413")
     max_admission_wait_s: float = Field(1.0, ge=0, le=3600, description="how long a request may wait at the door, "
                                         "first come first served, for room in a full queue before 429; 0 = refuse at "
                                         "once")

@@ -5,6 +5,7 @@ import asyncio
 import pytest
 
 from server.admission import (
+    IMAGES,
     SAFETY,
     Admission,
     EngineLoad,
@@ -12,6 +13,8 @@ from server.admission import (
     Need,
     Overloaded,
     RequestTooLarge,
+    images_fitting,
+    images_need,
     retry_after_headers,
 )
 from server.costs import BatchCost, DrainMeter, bucket
@@ -181,6 +184,33 @@ def test_needs_on_several_engines_are_reserved_together():
         admit(admission, [need(10), Need("verifier", 10, 1, "n")], clock() + 10)
     assert load.rows == 0  # nothing was reserved on the student for the refused search
     full_verifier.release()
+
+
+def test_host_memory_for_images_is_a_queue_of_its_own():
+    """Images held on the host bound what is admitted, beside the engines' rows: a request larger than the whole
+    budget is 413 naming its rows field, one that finds the budget taken is 429, and the images come back only
+    when the request ends (its answer is encoded from them)."""
+    admission, load, clock = make_admission(max_rows=64)
+    admission.loads[IMAGES] = EngineLoad(IMAGES, BatchCost(), 1, 0.0, max_rows=images_fitting(1.0, 2**20 // 10),
+                                         limit="1 MB of host memory for images (FLOWMAP_MAX_IMAGES_MB)")
+    assert admission.max_rows(IMAGES) == 10 and admission.max_rows("student") == 64
+
+    def needs(rows):
+        engines = [need(rows), Need("student", 2, 1, "n")]
+        return [*engines, images_need(engines)]
+
+    assert needs(6)[-1] == Need(IMAGES, 6, 0, "labels", "labels")  # the widest stage's rows, no work
+    with pytest.raises(RequestTooLarge, match=r"labels: 11 rows exceed the whole images queue of 10 rows \(1 MB"):
+        admit(admission, needs(11), clock() + 10)
+    first = admit(admission, needs(6), clock() + 10)
+    first.done_with("student")  # the engines are done with it; its images are still being encoded
+    assert load.rows == 0 and admission.loads[IMAGES].rows == 6
+    with pytest.raises(Overloaded, match=r"the images queue is full \(10 rows admitted\)"):
+        admit(admission, needs(6), clock() + 10)
+    first.release()
+    assert admission.loads[IMAGES].rows == 0 and admission.loads[IMAGES].backlog == 0
+    admit(admission, needs(10), clock() + 10).release()
+    assert images_fitting(0.001, 2**20) == 1  # a budget below one image still serves one at a time
 
 
 def test_retry_after_headers_round_up():

@@ -349,6 +349,25 @@ def test_admission_is_per_request_and_refusals_cost_no_engine_work():
     assert "9 rows exceed the whole student@1.5 queue of 8 rows" in too_big.json()["error"]["message"]
 
 
+def test_images_held_on_the_host_are_bounded_by_max_images_mb():
+    """A digits image holds 768 bytes on the host (its float32 pixels, noise and sample): 0.05 MB is 68 of them. A
+    search of 100 candidates is refused before any work with 413 naming `n`; 64 images are served."""
+    async def scenario():
+        async with in_process(max_images_mb=0.05) as (client, service):
+            before = service.metrics.engine("student@1.5").inference_count._value.get()
+            search = await client.post("/v1/search", json={"label": 3, "n": 100})
+            computed = service.metrics.engine("student@1.5").inference_count._value.get() - before
+            generated = await client.post("/v1/generate", json={"labels": [1] * 64})
+            search_fits = await client.post("/v1/search", json={"label": 3, "n": 68})
+            return search, computed, generated, search_fits, service.admission.loads["images"].rows
+
+    search, computed, generated, search_fits, held = asyncio.run(scenario())
+    assert search.status_code == 413 and search.json()["error"]["param"] == "n" and computed == 0
+    assert "n: 100 rows exceed the whole images queue of 68 rows" in search.json()["error"]["message"]
+    assert "FLOWMAP_MAX_IMAGES_MB" in search.json()["error"]["message"]
+    assert generated.status_code == 200 and search_fits.status_code == 200 and held == 0
+
+
 def test_a_full_queue_makes_requests_wait_their_turn_instead_of_failing():
     async def scenario():
         async with in_process(max_queue_size=8, max_batch_size=4, max_admission_wait_s=20) as (client, service):
