@@ -501,6 +501,9 @@ MUTANTS = [
            "return 4 * (math.prod(bundle.image_shape) + 2 * math.prod(bundle.sample_shape))",
            "return 4 * math.prod(bundle.image_shape)",
            ("tests/test_server.py::test_images_held_on_the_host_are_bounded_by_max_images_mb",)),
+    Mutant("generate: raw arrays of any size", "server/routes.py",
+           'if body.format == "raw" and values > MAX_RAW_VALUES:', 'if False:',
+           ("tests/test_server.py::test_raw_arrays_are_refused_beyond_the_values_a_json_response_holds",)),
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ from server.encoding import DEFAULT_COMPRESSION, OutputFormat, formats_for
 from server.imaging import b64_npy, parse_size, to_host
 from server.noise import MAX_SEED, random_seeds
 from server.schemas import (
+    MAX_RAW_VALUES,
     GenerateRequest,
     GenerateResponse,
     ImageOutput,
@@ -179,6 +181,12 @@ async def generate(body: GenerateRequest, request: Request):
                                 f"labels{instead}", "labels")
         conditions = [svc.resolve_label(value, f"labels[{i}]") for i, value in enumerate(body.labels)]
         param = "labels"
+    values = len(conditions) * math.prod(svc.bundle.image_shape)
+    if body.format == "raw" and values > MAX_RAW_VALUES:
+        raise ApiError(422, f"format: raw writes every pixel as JSON text (about 20 bytes each), at most "
+                            f"{MAX_RAW_VALUES} values a response; {len(conditions)} images of "
+                            f"{'x'.join(map(str, svc.bundle.image_shape))} are {values}: ask for fewer {param}, or "
+                            "format png", "format")
     seeds = svc.check_seeds(body.seeds, len(conditions)) if body.seeds is not None else random_seeds(len(conditions))
     tick = time.perf_counter()
     state = await generation.run(svc, request, conditions, seeds, param, encode=body.format == "png")

@@ -22,6 +22,7 @@ def bounds_of(field) -> dict:
 
 Seed = Field(default=None, ge=0, le=MAX_SEED, description="noise seed; omitted = random, returned")
 MAX_STUDENT_STEPS, MAX_TEACHER_STEPS = 8, 1000
+MAX_RAW_VALUES = 1 << 22  # format raw: pixels a response holds as JSON text (one 1024 px RGB image fits)
 DEFAULT_TEACHER_STEPS = 50
 STEPS_HELP = (f"student jumps 1..{MAX_STUDENT_STEPS} (default 1); teacher Euler steps 1..{MAX_TEACHER_STEPS} "
               f"(default {DEFAULT_TEACHER_STEPS})")
@@ -85,7 +86,7 @@ class GenerateRequest(ImageOutput):
     model: str | None = Model
     guidance: float | None = None
     format: Literal["png", "raw"] = Field("png", description="encoded images (base64, in output_format) or raw "
-                                          "float arrays [C, H, W] in [-1, 1]")
+                                          f"float arrays [C, H, W] in [-1, 1], at most {MAX_RAW_VALUES} values")
     size: str | None = Size
 
 

@@ -368,6 +368,29 @@ def test_images_held_on_the_host_are_bounded_by_max_images_mb():
     assert generated.status_code == 200 and search_fits.status_code == 200 and held == 0
 
 
+def test_raw_arrays_are_refused_beyond_the_values_a_json_response_holds(monkeypatch):
+    """Raw arrays are JSON text, about 20 bytes a value: 256 images at 1024 px would be a 16 GB response, so a
+    request past MAX_RAW_VALUES is refused before any work, naming `format` (here the limit is lowered to 100
+    values, so that 2 digits of 64 pixels pass it)."""
+    import server.routes
+
+    monkeypatch.setattr(server.routes, "MAX_RAW_VALUES", 100)
+
+    async def scenario():
+        async with in_process() as (client, service):
+            rows = service.metrics.engine("student@1.5").inference_count
+            before = rows._value.get()
+            one = await client.post("/v1/generate", json={"labels": [1], "format": "raw"})
+            two = await client.post("/v1/generate", json={"labels": [1, 2], "format": "raw"})
+            return one, two, rows._value.get() - before
+
+    one, two, computed = asyncio.run(scenario())
+    assert one.status_code == 200 and two.status_code == 422 and computed == 1
+    assert two.json()["error"]["param"] == "format"
+    assert "at most 100 values a response; 2 images of 1x8x8 are 128: ask for fewer labels, or format png" in \
+        two.json()["error"]["message"]
+
+
 def test_a_full_queue_makes_requests_wait_their_turn_instead_of_failing():
     async def scenario():
         async with in_process(max_queue_size=8, max_batch_size=4, max_admission_wait_s=20) as (client, service):
