@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from server.costs import BatchCost
-from server.engines import Engine, pad_rows, padded_size
+from server.engines import Engine, padded_size, stack_rows
 from server.imaging import join_rows
 from server.metrics import Metrics
 
@@ -97,6 +97,7 @@ class DynamicBatcher:
         if was_empty or self._queued_rows >= self.max_batch_size:
             self._wakeup.set()
         parts = await asyncio.gather(*futures)
+        futures.clear()  # they hold the parts too: join_rows frees each part once it is copied
         return parts[0] if len(parts) == 1 else join_rows(parts)
 
     def _set_depth(self) -> None:
@@ -169,7 +170,7 @@ class DynamicBatcher:
         size = padded_size(rows, self.engine.buckets)
         feeds = {}
         for name in batch[0].feeds:
-            feeds[name] = pad_rows(np.concatenate([item.feeds[name] for item in batch]), size)
+            feeds[name] = stack_rows([item.feeds[name] for item in batch], size)
         started = time.monotonic()
         try:
             output = await asyncio.get_running_loop().run_in_executor(self._executor, self.engine.run, feeds)

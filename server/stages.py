@@ -180,7 +180,8 @@ class EncodePrompts(OneCall):
         if new:
             feeds = {name: ids[new] for name, ids in tokenized.feeds.items()}
             for i, condition in zip(new, await call(self.engine, feeds, ticket), strict=True):
-                conditions[unique[i]] = condition
+                # a copy: a row is a view of the text encoder's whole padded batch (64 FLUX rows are 537 MB)
+                conditions[unique[i]] = condition = condition.copy()
                 self.prompts.remember(unique[i], condition)
         state.labels = rows_of(conditions, state.prompts)
         if self.negatives:
@@ -222,7 +223,9 @@ class Score(OneCall):
     async def run(self, state: State, call, ticket: Ticket) -> int:
         # the host copy the verifier reads replaces the device one: a search's N candidates need not hold the
         # GPU's memory while the verifier's queue drains (the chosen few are encoded from it)
-        state.x = images = np.clip(await to_host(state.x), -1, 1)
+        images = await to_host(state.x)
+        # in place where the array is ours: a copy would be a second set of every candidate
+        state.x = images = np.clip(images, -1, 1, out=images if images.flags.writeable else None)
         if state.prompts is not None:
             scores = await call(self.engine, {"image": images, "ids": self.prompts.scorer_ids(state.prompts)}, ticket)
             state.scores = scores.astype(np.float64)
@@ -278,6 +281,7 @@ class EncodeImages:
 
     async def run(self, state: State, call, ticket: Ticket) -> int:
         state.encoded = await self.encoder.encode(state.x, self.output)
+        state.x = None  # the float images (3.2 GB for 256 at 1024 px) are not kept while the response is written
         return 0
 
 

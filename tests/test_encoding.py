@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from server.encoding import Encoder, OutputFormat, encode_b64, encode_image
-from server.imaging import MAX_SIDE, largest_upscale, parse_size, to_uint8
+from server.imaging import MAX_SIDE, join_rows, largest_upscale, parse_size, to_uint8
 
 
 def smooth_image(side: int, channels: int) -> np.ndarray:
@@ -246,3 +246,20 @@ def test_a_request_cancelled_while_its_job_waits_for_a_thread_is_never_encoded()
     images = asyncio.run(scenario())
     assert images == encode_b64(first, OutputFormat("png"))
     assert registry.get_sample_value("encoded_total", {"encoder": "cpu"}) == 2  # the first's two, not the third
+
+
+def test_quantising_and_joining_a_few_rows_at_a_time_change_no_value(monkeypatch):
+    """At 1024 px a request's float temporaries matter: to_uint8 quantises a few images at a time, and join_rows
+    copies each block once and drops it. Both give exactly what one operation on the whole array gives."""
+    import torch
+
+    import server.imaging
+
+    images = np.random.default_rng(0).normal(0, 0.8, (7, 3, 4, 5)).astype(np.float32)
+    expected = np.rint((np.clip(images, -1, 1) + 1) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)
+    monkeypatch.setattr(server.imaging, "QUANTISE_VALUES", 2 * 3 * 4 * 5)  # two images a chunk, the last alone
+    np.testing.assert_array_equal(to_uint8(images), expected)
+    parts = [images[:3], images[3:4], images[4:]]
+    assert np.array_equal(join_rows(parts), images) and parts == []
+    tensors = [torch.from_numpy(images[:2]), torch.from_numpy(images[2:])]
+    assert torch.equal(join_rows(tensors), torch.from_numpy(images)) and tensors == []

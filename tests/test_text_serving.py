@@ -251,6 +251,53 @@ def test_rows_of_one_prompt_share_one_condition_and_mixed_prompts_keep_theirs():
     assert mixed[:, 0, 0].tolist() == [2.0, 1.0, 2.0]
 
 
+def test_scoring_clips_the_candidates_in_place_and_encoding_lets_the_floats_go():
+    """Memory at real size: the verifier's clip reuses the candidates' array where the request owns it (a copy only
+    of a read-only one, left as it was), and once encoded the float images are not kept for the response."""
+    import asyncio
+
+    from server.encoding import Encoder, OutputFormat
+    from server.stages import EncodeImages, Score, State
+
+    async def call(engine, feeds, ticket):
+        return np.zeros((len(feeds["image"]), 10), np.float32)
+
+    for writeable in (True, False):
+        images = np.linspace(-2, 2, 2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)
+        images.flags.writeable = writeable
+        state = State(seeds=[1, 2], labels=np.array([0, 1]))
+        state.x = images
+        asyncio.run(Score(2, "n").run(state, call, None))
+        assert (state.x is images) == writeable and state.x.min() == -1 and state.x.max() == 1
+        assert images.min() == (-1 if writeable else -2)
+    encoder = Encoder(1)
+    try:
+        asyncio.run(EncodeImages(encoder, OutputFormat("png"), (3, 4, 4), 2, "n").run(state, call, None))
+    finally:
+        encoder.close()
+    assert len(state.encoded) == 2 and state.x is None
+
+
+def test_a_requests_conditions_do_not_keep_the_text_encoders_batch_alive():
+    """The text encoder answers with rows of its whole padded batch (64 FLUX rows are 537 MB): a request's
+    conditions are copies, so the batch goes once the stage is done."""
+    import asyncio
+
+    from export.bundle import TextConditioning
+    from server.prompts import PromptEncoder
+    from server.stages import EncodePrompts, State
+
+    batch = np.arange(8 * 3 * 4, dtype=np.float32).reshape(8, 3, 4)
+
+    async def call(engine, feeds, ticket):
+        return batch[:1]  # the one new prompt's row, a view of the batch
+
+    encoder = PromptEncoder(TextConditioning(tokenizers=(), encoder=None, shape=(3, 4)), cache_size=0)
+    state = State(seeds=[1, 2, 3], labels=None, prompts=["a red circle"] * 3)
+    asyncio.run(EncodePrompts(1, "n", encoder).run(state, call, None))
+    assert np.array_equal(state.labels[2], batch[0]) and not np.shares_memory(state.labels, batch)
+
+
 def test_the_prompt_cache_keeps_its_own_copy_of_each_condition():
     """A condition comes as one row of the text encoder's padded batch: a cached view would keep it all alive."""
     from export.bundle import TextConditioning
