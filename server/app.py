@@ -36,6 +36,9 @@ from server.settings import Settings
 log = logging.getLogger("flowmap.serve")
 
 
+WARM_CALL_S = 600  # the longest one warm-up call may take
+
+
 def warm_feeds(engine: str, rows: int, bundle, prompts=None) -> dict[str, np.ndarray]:
     """Inputs of the right signature for one engine: zeros, mid-trajectory times, label 0 (or an empty
     prompt's tokens and a zero text condition)."""
@@ -61,7 +64,6 @@ async def warm_up(service: Service) -> None:
     batcher's bucket splits start from (an engine whose largest batch takes seconds, a VAE decoder on a CPU, is
     not repeated). Then time one image of each output format, for admission's first encoding estimates, and turn
     ready."""
-    far = time.monotonic() + 600
     for name, batcher in service.batchers.items():
         sizes = sorted({1, *(b for b in batcher.engine.buckets if b <= batcher.max_batch_size),
                         batcher.max_batch_size})
@@ -69,6 +71,8 @@ async def warm_up(service: Service) -> None:
             batcher.cost.reset()
             for rows in sizes:
                 tick = time.perf_counter()
+                # each call its own deadline: a real-size bundle on a CPU may take many minutes to warm in all
+                far = time.monotonic() + WARM_CALL_S
                 await batcher.infer(warm_feeds(name, rows, service.bundle, service.prompts), far)
             if time.perf_counter() - tick > 2.0:
                 break
