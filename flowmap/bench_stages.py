@@ -29,10 +29,11 @@ import numpy as np
 
 from flowmap.bucket_batching import bucket_rows, bucket_table, bucketed_engine
 from flowmap.gil_handoff import handoff_rows, handoff_table
+from flowmap.host_memory import memory_rows, memory_table
 from flowmap.reports import pyplot, save_figure, write_report
 from flowmap.timing import timed_ms
 
-PARTS = ("encoders", "stages", "served", "text", "text-served", "handoffs", "buckets")
+PARTS = ("encoders", "stages", "served", "text", "text-served", "handoffs", "buckets", "memory")
 
 
 @dataclass
@@ -58,6 +59,8 @@ class StagesBenchConfig:
     bucket_loads: tuple[float, ...] = (0.3, 0.6, 0.85)  # offered loads, fractions of the engine's full-batch rows/s
     bucket_seconds: float = 6.0  # each run of the bucket-split comparison
     bucket_rounds: int = 2  # alternating runs per load and policy
+    memory_side: int = 1024  # image side of the host-memory part (FLUX-shape conditions, 512x4096)
+    memory_images: int = 64  # images of one request in that part
     parts: tuple[str, ...] = PARTS  # the parts to measure; the others are kept from the last report
     out: str = "docs/stages"  # writes OUT.md, OUT.json and OUT.png
 
@@ -473,7 +476,7 @@ def run_stages_bench(config: StagesBenchConfig, progress: bool = True) -> dict:
     path = Path(config.out).with_suffix(".json")
     previous = json.loads(path.read_text()) if path.is_file() else {}
     keys = {"encoders": "encoders", "stages": "stages", "served": "served", "text": "stages",
-            "text-served": "text_served", "handoffs": "handoffs", "buckets": "buckets"}
+            "text-served": "text_served", "handoffs": "handoffs", "buckets": "buckets", "memory": "memory"}
     missing = [part for part in set(PARTS) - parts if keys[part] not in previous]
     if missing:
         raise ValueError(f"--parts: {path} has no earlier {', '.join(sorted(missing))} to keep; measure them too")
@@ -502,6 +505,10 @@ def run_stages_bench(config: StagesBenchConfig, progress: bool = True) -> dict:
                                         config.bucket_rounds)
     else:
         report["buckets"] = previous["buckets"]
+    if "memory" in parts:
+        say(f"[bench stages] host memory of the serving path's array handling at {config.memory_side} px")
+    report["memory"] = (memory_rows(config.memory_side, config.memory_images) if "memory" in parts
+                        else previous["memory"])
     report["limit"] = stage_limit(report)
     write_report(report, config.out, _plot, render_stages_markdown)
     return report
@@ -623,6 +630,16 @@ def render_stages_markdown(report: dict, plot_name: str) -> str:
         "where the batches' measured costs say that is cheaper. On a CPU a padding row costs what a real one does.",
         "",
         *bucket_table(report["buckets"]),
+        "",
+        "## Host memory at 1024 px",
+        "",
+        "What the serving path's array handling adds to a request's resident memory at the users' sizes, each "
+        "operation in a fresh process beside its whole-array form (how the server did it before), as a multiple of "
+        "the data it handles: joining a request's decoder batches frees each batch once copied, a batch's feeds are "
+        "gathered and padded in one copy, the verifier clips in place, images are quantised 32 MB at a time, and "
+        "the candidates of a search share their prompt's condition.",
+        "",
+        *memory_table(report["memory"]),
         "",
         "## Image encoders",
         "",

@@ -526,6 +526,9 @@ MUTANTS = [
     Mutant("batch: padding rows left unset", "server/engines.py",
            "    out[rows:] = out[rows - 1]\n", "",
            ("tests/test_batcher.py::test_batches_are_padded_to_the_engine_buckets_and_the_padding_is_dropped",)),
+    Mutant("join rows: every part kept alive until the end", "server/imaging.py",
+           "    while parts:\n        part = parts.pop(0)\n", "    for part in list(parts):\n",
+           ("tests/test_host_memory.py::test_the_served_array_handling_holds_less_than_the_whole_array_forms",)),
 ]
 
 

@@ -88,7 +88,7 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
         chunk = np.clip(images[start:start + rows], -1.0, 1.0)
         chunk += 1.0
         chunk *= 127.5
-        pixels[start:start + rows] = np.rint(chunk)
+        pixels[start:start + rows] = np.rint(chunk, out=chunk)
     return pixels.transpose(0, 2, 3, 1)
 
 
