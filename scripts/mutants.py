@@ -529,6 +529,21 @@ MUTANTS = [
     Mutant("join rows: every part kept alive until the end", "server/imaging.py",
            "    while parts:\n        part = parts.pop(0)\n", "    for part in list(parts):\n",
            ("tests/test_host_memory.py::test_the_served_array_handling_holds_less_than_the_whole_array_forms",)),
+    Mutant("search: the worst candidates kept", "server/stages.py",
+           "np.lexsort((np.asarray(candidates.chosen), -candidates.scores))",
+           "np.lexsort((np.asarray(candidates.chosen), candidates.scores))",
+           ("tests/test_server.py::test_a_search_of_several_chunks_keeps_the_best_of_all_of_them",)),
+    Mutant("search: each chunk forgets the best of the earlier ones", "server/stages.py",
+           "kept = best_of(part if kept is None else joined(kept, part), self.top_k)",
+           "kept = best_of(part, self.top_k)",
+           ("tests/test_server.py::test_a_search_of_several_chunks_keeps_the_best_of_all_of_them",)),
+    Mutant("search: a chunk's candidates numbered from 0", "server/stages.py",
+           "part.chosen = list(range(start, start + len(part.seeds)))", "part.chosen = list(range(len(part.seeds)))",
+           ("tests/test_server.py::test_a_search_of_several_chunks_keeps_the_best_of_all_of_them",)),
+    Mutant("search: the chunks' calls not reserved", "server/stages.py",
+           "Need(need.engine, need.rows, need.steps * chunks, need.rows_param, need.steps_param)",
+           "Need(need.engine, need.rows, need.steps, need.rows_param, need.steps_param)",
+           ("tests/test_admission.py::test_a_search_reserves_one_chunk_of_rows_for_as_many_calls_as_it_has_chunks",)),
 ]
 
 

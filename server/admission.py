@@ -13,7 +13,7 @@ the cores on refusals (docs/overload.md).
 Host memory is admitted the same way: a request holds its images (float32, with their noise and
 latents) on the host from its first stage to its answer, so the images of all requests are one more
 queue, `images`, of `--max-images-mb` over one image's bytes. At 1024 px an image is about 15 MB:
-without it, a search of 1024 candidates, or the engines' 4096 queued rows, would exhaust the host.
+without it, the engines' 4096 queued rows would exhaust the host (a search holds one chunk of its candidates).
 
 The refusals:
 

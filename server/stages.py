@@ -13,6 +13,7 @@ latent bundle's samples through Decode before scoring and encoding.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -22,7 +23,7 @@ import numpy as np
 from server.admission import HostWork, Need, Ticket
 from server.encoding import Encoder, OutputFormat
 from server.engines import student_engine
-from server.imaging import to_host
+from server.imaging import join_rows, to_host
 from server.noise import noise_for
 from server.prompts import PromptEncoder
 
@@ -235,27 +236,74 @@ class Score(OneCall):
         return len(state.labels)
 
 
-@dataclass
-class KeepBest:
-    """Best-of-N: keep the `top_k` best-scored candidates, best first; the teacher, if one follows,
-    starts from their noise."""
+SEARCH_CHUNK = 64  # candidates made, decoded and scored at once (about 1 GB of images at 1024 px)
 
+
+@dataclass
+class Candidates:
+    """Best-of-N a chunk of candidates at a time: each chunk's noise, student jumps, decoding (bundles with a
+    decoder) and scores, keeping only the best `top_k` so far (their images, noise, conditions and scores). A
+    search holds a chunk and top_k images, not N (1024 candidates at 1024 px would be 15 GB); the engines see the
+    same rows. The kept candidates are the best scores, ties to the lower index, best first."""
+
+    stages: list  # Noise, StudentJumps, [Decode], Score, each run on one chunk
+    count: int
     top_k: int
-    name: str = "choose"
+    chunk: int = SEARCH_CHUNK
+    name: str = "candidates"
 
     def needs(self) -> list[Need]:
-        return []
+        chunks = math.ceil(self.count / self.chunk)
+        return [Need(need.engine, need.rows, need.steps * chunks, need.rows_param, need.steps_param)
+                for stage in self.stages for need in stage.needs()]
 
     async def run(self, state: State, call, ticket: Ticket) -> int:
-        state.candidate_scores = [float(s) for s in state.scores]
-        state.chosen = [int(i) for i in np.argsort(-state.scores, kind="stable")[:self.top_k]]
-        state.noise, state.labels = state.noise[state.chosen], state.labels[state.chosen]
-        if state.prompts is not None:
-            state.prompts = [state.prompts[i] for i in state.chosen]
-        if state.negatives is not None:
-            state.negatives = state.negatives[state.chosen]
-        state.x, state.scores = state.x[state.chosen], state.scores[state.chosen]
-        return 0
+        spent: dict[str, Timing] = {}  # by stage: what the response reports, summed over the chunks
+        kept, scores = None, []
+        for start in range(0, self.count, self.chunk):
+            rows = slice(start, start + self.chunk)
+            part = State(state.seeds[rows], state.labels[rows],
+                         prompts=state.prompts[rows] if state.prompts is not None else None,
+                         negatives=state.negatives[rows] if state.negatives is not None else None)
+            for stage in self.stages:
+                tick = time.perf_counter()
+                nfe = await stage.run(part, call, ticket)
+                done = spent.setdefault(stage.name, Timing(stage.name, 0, 0.0))
+                done.nfe, done.seconds = done.nfe + nfe, done.seconds + time.perf_counter() - tick
+            scores.append(part.scores)
+            part.chosen = list(range(start, start + len(part.seeds)))
+            kept = best_of(part if kept is None else joined(kept, part), self.top_k)
+        state.candidate_scores = [float(s) for s in np.concatenate(scores)]
+        state.chosen, state.noise, state.labels, state.x, state.scores = (
+            kept.chosen, kept.noise, kept.labels, kept.x, kept.scores)
+        state.prompts = kept.prompts
+        state.negatives = kept.negatives
+        self.timings = [spent[stage.name] for stage in self.stages if stage.needs()]  # the network stages
+        return sum(timing.nfe for timing in spent.values())
+
+
+def joined(kept: State, part: State) -> State:
+    """The candidates kept so far and a new chunk's, in one State (chosen: their indices in the search)."""
+    def both(a, b):
+        return None if a is None else join_rows([a, b])
+
+    out = State(kept.seeds + part.seeds, both(kept.labels, part.labels),
+                prompts=None if kept.prompts is None else kept.prompts + part.prompts,
+                negatives=both(kept.negatives, part.negatives))
+    out.noise, out.x, out.scores = both(kept.noise, part.noise), both(kept.x, part.x), both(kept.scores, part.scores)
+    out.chosen = kept.chosen + part.chosen
+    return out
+
+
+def best_of(candidates: State, top_k: int) -> State:
+    """The `top_k` best-scored candidates, best first, ties to the lower search index."""
+    order = np.lexsort((np.asarray(candidates.chosen), -candidates.scores))[:top_k]
+    best = State([candidates.seeds[i] for i in order], candidates.labels[order],
+                 prompts=None if candidates.prompts is None else [candidates.prompts[i] for i in order],
+                 negatives=None if candidates.negatives is None else candidates.negatives[order])
+    best.noise, best.x, best.scores = candidates.noise[order], candidates.x[order], candidates.scores[order]
+    best.chosen = [candidates.chosen[i] for i in order]
+    return best
 
 
 @dataclass
@@ -305,18 +353,19 @@ def plan_generation(shape: tuple[int, ...], kind: str, guidance_scale: float, st
 def plan_search(shape: tuple[int, ...], guidance_scale: float, count: int, student_steps: int, top_k: int,
                 teacher_steps: int, encode: EncodeImages, decode: bool = False,
                 prompts: PromptEncoder | None = None, negative: bool = False) -> list[Stage]:
-    """Best-of-N: the prompt to its condition (text bundles), noise, N student candidates, decoded
-    (bundles with a decoder) and scored, the best top_k, optionally the teacher from their noise,
-    decoded and scored, then encode the kept images. Only what must be scored is decoded: every
+    """Best-of-N: the prompt to its condition (text bundles), then the N candidates a chunk at a time (noise,
+    student jumps, decoding for bundles with a decoder, scores; the best top_k kept), optionally the teacher from
+    their noise, decoded and scored, then encode the kept images. Only what must be scored is decoded: every
     candidate, and the teacher's finished images."""
     def decoded(rows: int, param: str) -> list[Stage]:
         return [Decode(rows, param, name="decoder_final" if param == "top_k" else "decoder")] if decode else []
 
     negative = negative and teacher_steps > 0  # the teacher's finish takes the empty prompt's condition
     condition = [EncodePrompts(1, "n", prompts, negatives=negative)] if prompts else []  # one prompt, n candidates
-    stages = [*condition, Noise(shape),
-              StudentJumps(student_steps, count, "n", "student_steps", guidance_scale=guidance_scale),
-              *decoded(count, "n"), Score(count, "n", prompts), KeepBest(top_k)]
+    rows = min(count, SEARCH_CHUNK)
+    stages = [*condition, Candidates([Noise(shape), StudentJumps(student_steps, rows, "n", "student_steps",
+                                                                 guidance_scale=guidance_scale),
+                                      *decoded(rows, "n"), Score(rows, "n", prompts)], count, top_k)]
     if teacher_steps:
         stages += [TeacherSteps(teacher_steps, top_k, "top_k", "teacher_steps", negative=negative),
                    *decoded(top_k, "top_k"),
@@ -352,10 +401,13 @@ async def run_stages(stages: list[Stage], state: State, call, ticket: Ticket, me
         for engine in (engine for engine, last in last_call.items() if last == i):
             ticket.done_with(engine)  # its rows go to whoever waits, while this request goes on elsewhere
         seconds = time.perf_counter() - tick
+        # a stage of stages (a search's candidates, chunk by chunk) reports each of its own
+        parts = getattr(stage, "timings", None) or [Timing(stage.name, nfe, seconds)]
         if metrics:
-            metrics.stage_duration.labels(stage=stage.name).observe(seconds)
-            if nfe:
-                metrics.nfe.labels(stage=stage.name).inc(nfe)
+            for part in parts:
+                metrics.stage_duration.labels(stage=part.name).observe(part.seconds)
+                if part.nfe:
+                    metrics.nfe.labels(stage=part.name).inc(part.nfe)
         if stage.needs():
-            timings.append(Timing(stage.name, nfe, seconds))
+            timings.extend(parts)
     return timings

@@ -334,6 +334,21 @@ def test_a_single_call_too_slow_for_the_timeout_names_its_rows_field():
     assert refused.value.status == 422 and refused.value.param == "n"
 
 
+def test_a_search_reserves_one_chunk_of_rows_for_as_many_calls_as_it_has_chunks():
+    """150 candidates are made, decoded and scored 64 at a time: each engine holds 64 rows (the teacher's finish and
+    its decoding top_k), for 3 chunks of calls; the student's jumps count each chunk's steps."""
+    from server.encoding import OutputFormat
+    from server.stages import EncodeImages, needs_of, plan_search
+
+    encode = EncodeImages(None, OutputFormat("png"), (3, 4, 4), 5, "top_k")
+    stages = plan_search((4, 2, 2), 1.0, 150, 2, 5, 3, encode, decode=True)
+    needs = {need.engine: need for need in needs_of(stages)}
+    assert (needs["student@1"].rows, needs["student@1"].steps) == (64, 2 * 3)
+    assert (needs["decoder"].rows, needs["decoder"].steps) == (64, 3 + 1)  # the chunks, then the teacher's images
+    assert (needs["verifier"].rows, needs["verifier"].steps) == (64, 3 + 1)
+    assert (needs["teacher"].rows, needs["teacher"].steps) == (5, 3)
+
+
 def test_an_engine_the_request_will_not_call_again_gets_its_rows_back_at_once():
     """A latent request's student rows go back as its decoding starts, not when it ends: a request waiting for the
     student is admitted while the first still decodes (so a prompt's text encoding holds no rows while its teacher

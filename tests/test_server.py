@@ -147,6 +147,24 @@ def test_search_picks_the_best_candidates_and_runs_the_teacher(server):
     assert teacher["images"][0] == result["images"][0]
 
 
+def test_a_search_of_several_chunks_keeps_the_best_of_all_of_them(server):
+    """150 candidates run as chunks of 64, 64 and 22: the kept ones are the best of all 150 (best first, a tie to
+    the lower seed), with their own noise, and each candidate scores as it does in a search of its chunk alone."""
+    result = post(server.url, "/v1/search", {"label": "5", "n": 150, "top_k": 5, "seed": 7, "return_noise": True,
+                                             "teacher_steps": 2}).json()
+    scores = {c["seed"]: c["score"] for c in result["candidates"]}
+    assert sorted(scores) == list(range(7, 157))
+    best = sorted(scores, key=lambda seed: (-scores[seed], seed))[:5]
+    assert result["chosen_seeds"] == best and max(best) >= 7 + 64  # a later chunk's candidate is among the best
+    assert result["total_nfe"] == 150 + 150 + 5 * 2 + 5
+    for seed, row in zip(best, result["noise"], strict=True):
+        assert np.array_equal(np.load(io.BytesIO(base64.b64decode(row))),
+                              np.random.default_rng(seed).standard_normal((1, 8, 8), dtype=np.float32))
+    last_chunk = post(server.url, "/v1/search", {"label": "5", "n": 22, "seed": 7 + 128}).json()
+    for candidate in last_chunk["candidates"]:
+        assert abs(candidate["score"] - scores[candidate["seed"]]) < 1e-4
+
+
 # -- the OpenAI client ----------------------------------------------------------------------------
 def test_openai_client_round_trip(server):
     from openai import OpenAI
@@ -350,22 +368,24 @@ def test_admission_is_per_request_and_refusals_cost_no_engine_work():
 
 
 def test_images_held_on_the_host_are_bounded_by_max_images_mb():
-    """A digits image holds 768 bytes on the host (its float32 pixels, noise and sample): 0.05 MB is 68 of them. A
-    search of 100 candidates is refused before any work with 413 naming `n`; 64 images are served."""
+    """A digits image holds 768 bytes on the host (its float32 pixels, noise and sample): 0.05 MB is 68 of them.
+    100 images in one request are refused before any work with 413 naming `labels`; 64 are served, and so is a
+    search of 1024 candidates, which holds one chunk of 64 and its best at a time."""
     async def scenario():
         async with in_process(max_images_mb=0.05) as (client, service):
             before = service.metrics.engine("student@1.5").inference_count._value.get()
-            search = await client.post("/v1/search", json={"label": 3, "n": 100})
+            too_many = await client.post("/v1/generate", json={"labels": [1] * 100})
             computed = service.metrics.engine("student@1.5").inference_count._value.get() - before
             generated = await client.post("/v1/generate", json={"labels": [1] * 64})
-            search_fits = await client.post("/v1/search", json={"label": 3, "n": 68})
-            return search, computed, generated, search_fits, service.admission.loads["images"].rows
+            search = await client.post("/v1/search", json={"label": 3, "n": 1024, "top_k": 4})
+            return too_many, computed, generated, search, service.admission.loads["images"].rows
 
-    search, computed, generated, search_fits, held = asyncio.run(scenario())
-    assert search.status_code == 413 and search.json()["error"]["param"] == "n" and computed == 0
-    assert "n: 100 rows exceed the whole images queue of 68 rows" in search.json()["error"]["message"]
-    assert "FLOWMAP_MAX_IMAGES_MB" in search.json()["error"]["message"]
-    assert generated.status_code == 200 and search_fits.status_code == 200 and held == 0
+    too_many, computed, generated, search, held = asyncio.run(scenario())
+    assert too_many.status_code == 413 and too_many.json()["error"]["param"] == "labels" and computed == 0
+    assert "labels: 100 rows exceed the whole images queue of 68 rows" in too_many.json()["error"]["message"]
+    assert "FLOWMAP_MAX_IMAGES_MB" in too_many.json()["error"]["message"]
+    assert generated.status_code == 200 and search.status_code == 200 and held == 0
+    assert len(search.json()["candidates"]) == 1024 and len(search.json()["images"]) == 4
 
 
 def test_raw_arrays_are_refused_beyond_the_values_a_json_response_holds(monkeypatch):
