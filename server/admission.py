@@ -306,7 +306,9 @@ class Admission:
         return all(self.loads[n.engine].rows + n.rows <= self.max_rows(n.engine) for n in needs)
 
     def _fullest(self, needs: tuple[Need, ...]) -> str:
-        return max(needs, key=lambda n: self.loads[n.engine].rows + self.loads[n.engine].waiting).engine
+        """The queue nearest its size, as a fraction of it (the images queue's rows are not an engine's)."""
+        return max(needs, key=lambda n: (self.loads[n.engine].rows + self.loads[n.engine].waiting)
+                   / self.max_rows(n.engine)).engine
 
     def _wait_estimate(self, needs: tuple[Need, ...]) -> float:
         """Seconds until the rows admitted and waiting ahead have drained enough to let this request in."""
@@ -352,11 +354,12 @@ def images_fitting(budget_mb: float, image_bytes: int) -> int:
     return max(1, int(budget_mb * 2**20 // image_bytes))
 
 
-def images_need(needs: list[Need]) -> Need:
+def images_need(needs: list[Need], held: int = 0) -> Need:
     """The images a request holds on the host from its first stage to its answer: as many as its widest stage's
-    rows (a search: its N candidates), for its whole life (no steps of work)."""
+    rows, or `held` where a stage holds more than its rows (a search's chunk and its best), for its whole life
+    (no steps of work)."""
     widest = max(needs, key=lambda need: need.rows)
-    return Need(IMAGES, widest.rows, 0, widest.rows_param, widest.rows_param)
+    return Need(IMAGES, max(widest.rows, held), 0, widest.rows_param, widest.rows_param)
 
 
 def retry_after_headers(seconds: float) -> dict[str, str]:

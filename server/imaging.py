@@ -54,12 +54,14 @@ def join_rows(parts: list):
     device, DeviceImages on both (a decoder's images split across its batches). It empties `parts`: each block is
     dropped once copied, so a 512-candidate search decoded 8 rows a batch peaks at its images and one batch more,
     not twice its images (6.4 GB more at 1024 px)."""
+    if not parts:
+        raise ValueError("join_rows: no rows to join")
     if all(isinstance(part, DeviceImages) for part in parts):
         pixels = [part.pixels for part in parts]
         images = [parts.pop(0).images for _ in range(len(parts))]
         return DeviceImages(join_rows(images), join_rows(pixels))
     if all(isinstance(part, np.ndarray) for part in parts):
-        joined = np.empty((sum(len(part) for part in parts), *parts[0].shape[1:]), parts[0].dtype)
+        joined = np.empty((sum(len(part) for part in parts), *parts[0].shape[1:]), np.result_type(*parts))
     else:
         import torch  # only the torch backend hands tensors over
 

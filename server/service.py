@@ -21,7 +21,7 @@ from server.noise import MAX_SEED
 from server.prompts import PromptEncoder
 from server.schemas import DEFAULT_TEACHER_STEPS, MAX_STUDENT_STEPS, MAX_TEACHER_STEPS
 from server.settings import Settings
-from server.stages import Stage, State, Timing, host_work_of, needs_of, run_stages
+from server.stages import Stage, State, Timing, host_work_of, images_held, needs_of, run_stages
 
 
 def shown(value, limit: int = 60) -> str:
@@ -158,7 +158,7 @@ class Service:
         """Admit the request whole (what all its stages need), then run its stages in order."""
         needs = needs_of(stages)
         if IMAGES in self.admission.loads:
-            needs.append(images_need(needs))
+            needs.append(images_need(needs, images_held(stages)))
         async with self.admission.admitted(needs, deadline, host_work_of(stages)) as ticket:
             return await run_stages(stages, state, self.call, ticket, self.metrics)
 

@@ -23,7 +23,7 @@ import numpy as np
 from server.admission import HostWork, Need, Ticket
 from server.encoding import Encoder, OutputFormat
 from server.engines import student_engine
-from server.imaging import join_rows, to_host
+from server.imaging import to_host
 from server.noise import noise_for
 from server.prompts import PromptEncoder
 
@@ -257,9 +257,13 @@ class Candidates:
         return [Need(need.engine, need.rows, need.steps * chunks, need.rows_param, need.steps_param)
                 for stage in self.stages for need in stage.needs()]
 
+    def images_held(self) -> int:
+        """Images held at once: a chunk, the best so far and the next best picked from both."""
+        return min(self.count, self.chunk) + 2 * self.top_k
+
     async def run(self, state: State, call, ticket: Ticket) -> int:
         spent: dict[str, Timing] = {}  # by stage: what the response reports, summed over the chunks
-        kept, scores = None, []
+        best, scores = Best(np.zeros(0, np.int64), np.zeros(0), None, None), []
         for start in range(0, self.count, self.chunk):
             rows = slice(start, start + self.chunk)
             part = State(state.seeds[rows], state.labels[rows],
@@ -271,39 +275,50 @@ class Candidates:
                 done = spent.setdefault(stage.name, Timing(stage.name, 0, 0.0))
                 done.nfe, done.seconds = done.nfe + nfe, done.seconds + time.perf_counter() - tick
             scores.append(part.scores)
-            part.chosen = list(range(start, start + len(part.seeds)))
-            kept = best_of(part if kept is None else joined(kept, part), self.top_k)
+            best = best.merged(Best(np.arange(start, start + len(part.seeds)), part.scores, part.x, part.noise),
+                               self.top_k)
+        chosen = best.index
         state.candidate_scores = [float(s) for s in np.concatenate(scores)]
-        state.chosen, state.noise, state.labels, state.x, state.scores = (
-            kept.chosen, kept.noise, kept.labels, kept.x, kept.scores)
-        state.prompts = kept.prompts
-        state.negatives = kept.negatives
+        state.chosen, state.x, state.noise, state.scores = chosen.tolist(), best.x, best.noise, best.scores
+        # every candidate shares the request's one prompt (or label): its rows are picked, not carried along
+        state.labels = take_rows(state.labels, chosen)
+        state.negatives = take_rows(state.negatives, chosen) if state.negatives is not None else None
+        state.prompts = [state.prompts[i] for i in chosen] if state.prompts is not None else None
         self.timings = [spent[stage.name] for stage in self.stages if stage.needs()]  # the network stages
         return sum(timing.nfe for timing in spent.values())
 
 
-def joined(kept: State, part: State) -> State:
-    """The candidates kept so far and a new chunk's, in one State (chosen: their indices in the search)."""
-    def both(a, b):
-        return None if a is None else join_rows([a, b])
+@dataclass
+class Best:
+    """A search's best candidates so far, best first: their indices, scores, images and noise."""
 
-    out = State(kept.seeds + part.seeds, both(kept.labels, part.labels),
-                prompts=None if kept.prompts is None else kept.prompts + part.prompts,
-                negatives=both(kept.negatives, part.negatives))
-    out.noise, out.x, out.scores = both(kept.noise, part.noise), both(kept.x, part.x), both(kept.scores, part.scores)
-    out.chosen = kept.chosen + part.chosen
-    return out
+    index: np.ndarray
+    scores: np.ndarray
+    x: np.ndarray | None
+    noise: np.ndarray | None
+
+    def merged(self, chunk: Best, top_k: int) -> Best:
+        """The `top_k` best of these and a new chunk's, ties to the lower index; each kept row is copied once
+        from where it is (no joined copy of both)."""
+        index, scores = np.concatenate([self.index, chunk.index]), np.concatenate([self.scores, chunk.scores])
+        order = np.lexsort((index, -scores))[:top_k]
+
+        def pick(mine, theirs):
+            out = np.empty((len(order), *theirs.shape[1:]), theirs.dtype)
+            ours = order < len(self.index)
+            if ours.any():
+                out[ours] = mine[order[ours]]
+            out[~ours] = theirs[order[~ours] - len(self.index)]
+            return out
+
+        return Best(index[order], scores[order], pick(self.x, chunk.x), pick(self.noise, chunk.noise))
 
 
-def best_of(candidates: State, top_k: int) -> State:
-    """The `top_k` best-scored candidates, best first, ties to the lower search index."""
-    order = np.lexsort((np.asarray(candidates.chosen), -candidates.scores))[:top_k]
-    best = State([candidates.seeds[i] for i in order], candidates.labels[order],
-                 prompts=None if candidates.prompts is None else [candidates.prompts[i] for i in order],
-                 negatives=None if candidates.negatives is None else candidates.negatives[order])
-    best.noise, best.x, best.scores = candidates.noise[order], candidates.x[order], candidates.scores[order]
-    best.chosen = [candidates.chosen[i] for i in order]
-    return best
+def take_rows(rows: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """`rows[indices]`, where rows that are one row broadcast (a prompt's condition) stay a broadcast view."""
+    if rows.ndim and rows.strides[0] == 0:
+        return np.broadcast_to(rows[0], (len(indices), *rows.shape[1:]))
+    return rows[indices]
 
 
 @dataclass
@@ -383,6 +398,11 @@ def needs_of(stages: list[Stage]) -> list[Need]:
             merged[need.engine] = need if held is None else Need(
                 need.engine, max(held.rows, need.rows), held.steps + need.steps, held.rows_param, held.steps_param)
     return list(merged.values())
+
+
+def images_held(stages: list[Stage]) -> int:
+    """Images a stage holds on the host beyond its rows (a search's chunk and its best), 0 if none does."""
+    return max((stage.images_held() for stage in stages if isinstance(stage, Candidates)), default=0)
 
 
 def host_work_of(stages: list[Stage]) -> HostWork | None:

@@ -338,7 +338,7 @@ def test_a_search_reserves_one_chunk_of_rows_for_as_many_calls_as_it_has_chunks(
     """150 candidates are made, decoded and scored 64 at a time: each engine holds 64 rows (the teacher's finish and
     its decoding top_k), for 3 chunks of calls; the student's jumps count each chunk's steps."""
     from server.encoding import OutputFormat
-    from server.stages import EncodeImages, needs_of, plan_search
+    from server.stages import EncodeImages, images_held, needs_of, plan_search
 
     encode = EncodeImages(None, OutputFormat("png"), (3, 4, 4), 5, "top_k")
     stages = plan_search((4, 2, 2), 1.0, 150, 2, 5, 3, encode, decode=True)
@@ -347,6 +347,19 @@ def test_a_search_reserves_one_chunk_of_rows_for_as_many_calls_as_it_has_chunks(
     assert (needs["decoder"].rows, needs["decoder"].steps) == (64, 3 + 1)  # the chunks, then the teacher's images
     assert (needs["verifier"].rows, needs["verifier"].steps) == (64, 3 + 1)
     assert (needs["teacher"].rows, needs["teacher"].steps) == (5, 3)
+    # on the host it holds a chunk, its best 5 and the next best 5 picked from both
+    assert images_need(needs_of(stages), images_held(stages)).rows == 64 + 2 * 5
+
+
+def test_a_refusal_names_the_queue_nearest_its_size_not_the_largest():
+    """The images queue counts far more rows than an engine's: a full student queue is named as the reason even
+    while the images queue, much larger, holds more rows."""
+    admission, load, clock = make_admission(max_rows=64)
+    admission.loads[IMAGES] = EngineLoad(IMAGES, BatchCost(), 1, 0.0, max_rows=1000)
+    admit(admission, [need(64), Need(IMAGES, 64, 0, "labels")], clock() + 10)
+    admission.loads[IMAGES].rows += 200  # other requests' images, on engines this one does not use
+    with pytest.raises(Overloaded, match="the student queue is full"):
+        admit(admission, [need(1), Need(IMAGES, 1, 0, "labels")], clock() + 10)
 
 
 def test_an_engine_the_request_will_not_call_again_gets_its_rows_back_at_once():

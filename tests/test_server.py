@@ -368,11 +368,11 @@ def test_admission_is_per_request_and_refusals_cost_no_engine_work():
 
 
 def test_images_held_on_the_host_are_bounded_by_max_images_mb():
-    """A digits image holds 768 bytes on the host (its float32 pixels, noise and sample): 0.05 MB is 68 of them.
+    """A digits image holds 768 bytes on the host (its float32 pixels, noise and sample): 0.06 MB is 81 of them.
     100 images in one request are refused before any work with 413 naming `labels`; 64 are served, and so is a
-    search of 1024 candidates, which holds one chunk of 64 and its best at a time."""
+    search of 1024 candidates, which holds one chunk of 64 and twice its top_k of 4 at a time."""
     async def scenario():
-        async with in_process(max_images_mb=0.05) as (client, service):
+        async with in_process(max_images_mb=0.06) as (client, service):
             before = service.metrics.engine("student@1.5").inference_count._value.get()
             too_many = await client.post("/v1/generate", json={"labels": [1] * 100})
             computed = service.metrics.engine("student@1.5").inference_count._value.get() - before
@@ -382,7 +382,7 @@ def test_images_held_on_the_host_are_bounded_by_max_images_mb():
 
     too_many, computed, generated, search, held = asyncio.run(scenario())
     assert too_many.status_code == 413 and too_many.json()["error"]["param"] == "labels" and computed == 0
-    assert "labels: 100 rows exceed the whole images queue of 68 rows" in too_many.json()["error"]["message"]
+    assert "labels: 100 rows exceed the whole images queue of 81 rows" in too_many.json()["error"]["message"]
     assert "FLOWMAP_MAX_IMAGES_MB" in too_many.json()["error"]["message"]
     assert generated.status_code == 200 and search.status_code == 200 and held == 0
     assert len(search.json()["candidates"]) == 1024 and len(search.json()["images"]) == 4

@@ -298,6 +298,24 @@ def test_a_requests_conditions_do_not_keep_the_text_encoders_batch_alive():
     assert np.array_equal(state.labels[2], batch[0]) and not np.shares_memory(state.labels, batch)
 
 
+def test_a_search_merges_its_best_row_by_row_and_picks_its_prompts_conditions_as_views():
+    """Between chunks a search keeps its top_k, best first with ties to the lower index, each row copied once from
+    the kept set or the new chunk; its prompt's condition is picked for the kept candidates as a view of one row."""
+    from server.stages import Best, take_rows
+
+    kept = Best(np.array([3, 1]), np.array([5.0, 4.0]), np.array([[30.0], [10.0]]), np.array([[-3.0], [-1.0]]))
+    chunk = Best(np.arange(4, 8), np.array([5.0, 1.0, 6.0, 4.0]), np.array([[40.0], [50.0], [60.0], [70.0]]),
+                 np.array([[-4.0], [-5.0], [-6.0], [-7.0]]))
+    best = kept.merged(chunk, 4)
+    assert best.index.tolist() == [6, 3, 4, 1] and best.scores.tolist() == [6.0, 5.0, 5.0, 4.0]
+    assert best.x[:, 0].tolist() == [60.0, 30.0, 40.0, 10.0] and best.noise[:, 0].tolist() == [-6.0, -3.0, -4.0, -1.0]
+    condition = np.arange(12, dtype=np.float32).reshape(3, 4)
+    picked = take_rows(np.broadcast_to(condition, (150, 3, 4)), np.array([6, 3]))
+    assert picked.shape == (2, 3, 4) and np.shares_memory(picked, condition) and (picked[1] == condition).all()
+    labels = np.array([7, 8, 9, 10])
+    assert take_rows(labels, np.array([2, 0])).tolist() == [9, 7]
+
+
 def test_the_prompt_cache_keeps_its_own_copy_of_each_condition():
     """A condition comes as one row of the text encoder's padded batch: a cached view would keep it all alive."""
     from export.bundle import TextConditioning
