@@ -554,6 +554,9 @@ MUTANTS = [
     Mutant("admission: the fullest queue by its rows, not its share", "server/admission.py",
            "/ self.max_rows(n.engine)).engine", "/ 1).engine",
            ("tests/test_admission.py::test_a_refusal_names_the_queue_nearest_its_size_not_the_largest",)),
+    Mutant("demo: its own server called through a proxy", "ui/demo.py",
+           "trust_env=not loopback(url))", "trust_env=True)",
+           ("tests/test_ui.py::test_the_demo_reaches_a_server_on_this_machine_past_a_proxy_setting",)),
 ]
 
 

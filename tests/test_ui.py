@@ -123,6 +123,19 @@ def test_with_api_keys_the_demo_asks_for_a_key_and_forwards_it():
 
 @pytest.mark.browser
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (.ci/run installs Debian's chromium)")
+def test_the_demo_reaches_a_server_on_this_machine_past_a_proxy_setting(server, monkeypatch):
+    """Behind a corporate proxy (HTTP_PROXY set, no NO_PROXY), the mounted demo still calls its own server on
+    loopback directly; a remote server's URL keeps the proxy."""
+    from ui.demo import ApiClient, loopback
+
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # nothing listens there
+    assert "student" in ApiClient(server.url).models()
+    assert loopback("http://[::1]:8000") and loopback("http://localhost:1") and not loopback("http://10.0.0.7:80")
+
+
 def test_page_renders_the_gallery_after_a_click(server):
     playwright = pytest.importorskip("playwright.sync_api")
     shots = ROOT / "docs" / "screenshots"

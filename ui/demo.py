@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import ipaddress
 import time
 
 import gradio as gr
@@ -28,7 +29,8 @@ class ApiClient:
 
     def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 120.0):
         self.api_key = api_key  # the standalone demo's own key (`flowmap demo --api-key`), if any
-        self.http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout_s)
+        # a server on this machine (the mounted demo calls its own) is never reached through HTTP(S)_PROXY
+        self.http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout_s, trust_env=not loopback(url))
 
     def _headers(self, api_key: str | None) -> dict:
         key = api_key or self.api_key
@@ -45,6 +47,15 @@ class ApiClient:
         if response.status_code != 200:
             raise gr.Error(error_message(response))
         return {m["kind"]: m for m in response.json()["data"]}
+
+
+def loopback(url: str) -> bool:
+    """Whether `url` names this machine: localhost, 127.0.0.0/8 or ::1."""
+    host = httpx.URL(url).host
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def error_message(response: httpx.Response) -> str:
