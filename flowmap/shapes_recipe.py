@@ -134,7 +134,10 @@ def write_report(report: dict, docs: str | Path) -> None:
         f"train {retrieval['retrieval_top1_train']:.3f}, held-out pairs {retrieval['retrieval_top1_test']:.3f}.\n\n"
         "Oracle accuracy on real renders (512 fresh scenes a split; it scores benchmarks, never a search):\n\n"
         f"| split | {' | '.join(categories)} |\n|---|" + "---:|" * len(categories) + "\n" + oracle + "\n\n"
-        f"Student: {report['recipe']['method']}, {report['student']['step']} steps, "
-        f"{report['student']['sec_per_step']} s/step.\n"
+        f"Student: {report['recipe']['method']}, {report['student']['step']} steps"
+        + (f" ({report['student']['steps_this_run']} of them in this run, the rest resumed from an earlier one)"
+           if report['student'].get('steps_this_run', report['student']['step']) != report['student']['step']
+           else "")
+        + f", {report['student']['sec_per_step']} s/step.\n"
     )
     (docs / "shapes_pipeline.md").write_text(text)
