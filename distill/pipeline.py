@@ -3,6 +3,7 @@ end-to-end recipe that chains them with the export (`make models`) lives in flow
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -117,6 +118,7 @@ def distill_student(method: str, teacher_spec: str | None, method_config, train_
             "net": student.config.to_dict(),
             "teacher": str(teacher_spec) if teacher is not None else None, "data": data_info,
             "prompts": len(prompts) if prompts else None,
+            "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest() if prompts else None,
             "init": str(init) if init is not None else None}
     return train(trainer_method, out, meta, train_config, resume=resume, progress=progress)
 

@@ -256,6 +256,9 @@ def train(method: Method, run_dir: str | Path, meta: dict, config: TrainConfig, 
     if resume and old_meta is not None and old_meta.get("method") != meta.get("method"):
         raise CheckpointError(f"{run_dir} holds a {old_meta.get('method')} run; refusing to resume it with "
                               f"--method {meta.get('method')} (use another --out, or --no-resume to start over)")
+    if resume and old_meta is not None and old_meta.get("prompts_sha256") not in (None, meta.get("prompts_sha256")):
+        raise CheckpointError(f"{run_dir} was trained on other prompts; resume it with the same --prompts file, or "
+                              "start over with --no-resume or another --out")
     if resume and old_meta is not None:
         tensors = load_checkpoint(run_dir)[1]
         changed = shape_differences(old_meta, meta)

@@ -557,6 +557,9 @@ MUTANTS = [
     Mutant("demo: its own server called through a proxy", "ui/demo.py",
            "trust_env=not loopback(url))", "trust_env=True)",
            ("tests/test_ui.py::test_the_demo_reaches_a_server_on_this_machine_past_a_proxy_setting",)),
+    Mutant("resume: a run resumed on other prompts", "distill/trainer.py",
+           'old_meta.get("prompts_sha256") not in (None, meta.get("prompts_sha256"))', "False",
+           ("tests/test_diffusers.py::test_data_free_methods_distil_a_diffusers_teacher_from_prompts[freeflow]",)),
 ]
 
 
