@@ -42,7 +42,7 @@ test: lint
 mutants: $(STAMP)
 	$(PY) scripts/mutants.py
 
-# digits (about 10 min), then shapes: CLIP, oracle, text-to-image teacher, FreeFlow, export (about 55 min)
+# digits (about 10 min), then shapes: CLIP, oracle, text-to-image teacher, FreeFlow, export (the last full run took 55 min with a 2500-step student; its 7500 steps now add about 35)
 models: $(STAMP)
 	$(PY) -m flowmap.cli pipeline --recipe digits --runs runs/digits --docs docs --bundle models/digits
 	$(PY) -m flowmap.cli pipeline --recipe shapes --runs runs/shapes --docs docs --bundle models/shapes

@@ -211,9 +211,16 @@ def search_block(root: Path) -> str:
     pipeline = _load(root / "docs" / "shapes_pipeline.json")
     if pipeline:
         stages = ", ".join(f"{k} {v / 60:.1f} min" for k, v in pipeline["stage_seconds"].items())
-        lines += ["", f"The shapes models took {pipeline['total_minutes']:.1f} minutes to train and export on this "
-                      f"machine's {pipeline['torch_threads']} CPU threads ({stages}; "
-                      "[docs/shapes_pipeline.md](docs/shapes_pipeline.md))."]
+        student = pipeline["student"]
+        if student.get("steps_this_run", student["step"]) < student["step"]:  # a rerun that resumed its student
+            lines += ["", f"The last run of the shapes pipeline resumed what earlier runs had trained (its student's "
+                          f"{student['step']} steps among them) and took {pipeline['total_minutes']:.1f} minutes on "
+                          f"this machine's {pipeline['torch_threads']} CPU threads ({stages}; "
+                          "[docs/shapes_pipeline.md](docs/shapes_pipeline.md))."]
+        else:
+            lines += ["", f"The shapes models took {pipeline['total_minutes']:.1f} minutes to train and export on "
+                          f"this machine's {pipeline['torch_threads']} CPU threads ({stages}; "
+                          "[docs/shapes_pipeline.md](docs/shapes_pipeline.md))."]
     return "\n".join(lines)
 
 

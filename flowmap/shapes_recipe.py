@@ -36,7 +36,8 @@ class ShapesRecipe:
     method_config: FreeFlowConfig = field(default_factory=lambda: FreeFlowConfig(
         guidance_min=1.0, guidance_max=GUIDANCE_SCALE + 1.0))
     distill_train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=2500, batch_size=48, lr=2e-4, ema_decay=0.999, checkpoint_every=500, log_every=100))
+        steps=7500, batch_size=48, lr=2e-4, ema_decay=0.999, checkpoint_every=500, log_every=100))
+    # 7500 steps: the 1-NFE student's FD against real renders was still falling at 7500 (docs/search.md has it)
     train_prompts: int = 2048  # captions of this many training scenes: the student's data-free conditions
     guidance_scale: float = GUIDANCE_SCALE
 
@@ -116,6 +117,18 @@ def run_shapes_pipeline(recipe: ShapesRecipe, runs: str | Path, docs: str | Path
     return report
 
 
+def student_line(report: dict) -> str:
+    """How many steps the student has, and how many of them (at what speed) the run that wrote the report trained."""
+    student, method = report["student"], report["recipe"]["method"]
+    trained = student.get("steps_this_run", student["step"])
+    if trained == student["step"]:
+        return f"Student: {method}, {student['step']} steps, {student['sec_per_step']} s/step."
+    if trained == 0:
+        return f"Student: {method}, {student['step']} steps, all trained by earlier runs of this pipeline (resumed)."
+    return (f"Student: {method}, {student['step']} steps, {trained} of them in this run at {student['sec_per_step']} "
+            "s/step (the rest by an earlier run, resumed).")
+
+
 def write_report(report: dict, docs: str | Path) -> None:
     docs = Path(docs)
     docs.mkdir(parents=True, exist_ok=True)
@@ -134,10 +147,6 @@ def write_report(report: dict, docs: str | Path) -> None:
         f"train {retrieval['retrieval_top1_train']:.3f}, held-out pairs {retrieval['retrieval_top1_test']:.3f}.\n\n"
         "Oracle accuracy on real renders (512 fresh scenes a split; it scores benchmarks, never a search):\n\n"
         f"| split | {' | '.join(categories)} |\n|---|" + "---:|" * len(categories) + "\n" + oracle + "\n\n"
-        f"Student: {report['recipe']['method']}, {report['student']['step']} steps"
-        + (f" ({report['student']['steps_this_run']} of them in this run, the rest resumed from an earlier one)"
-           if report['student'].get('steps_this_run', report['student']['step']) != report['student']['step']
-           else "")
-        + f", {report['student']['sec_per_step']} s/step.\n"
+        + student_line(report) + "\n"
     )
     (docs / "shapes_pipeline.md").write_text(text)
