@@ -319,7 +319,9 @@ def test_malformed_and_oversized_bodies(server):
 
 def test_a_disconnected_client_has_its_work_dropped(server):
     before = server.metric("flowmap_inference_rejected_total", reason="disconnected")
-    body = {"labels": list(range(10)) * 6, "steps": 1000, "model": "digits-teacher"}
+    # about 2 s of teacher work here: far past the client's 0.3 s, yet far inside the 30 s that admission would
+    # refuse at once (1000 steps, 5.5 s idle, came near it when CI's two workers loaded the machine)
+    body = {"labels": list(range(10)) * 6, "steps": 400, "model": "digits-teacher"}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/generate", json=body, timeout=0.3)
     deadline = time.monotonic() + 10
