@@ -15,13 +15,12 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import multiprocessing
 import os
 import platform
 import resource
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from flowmap.bucket_batching import bucket_rows, bucket_table, bucketed_engine
 from flowmap.gil_handoff import handoff_rows, handoff_table
 from flowmap.host_memory import memory_rows, memory_table
 from flowmap.reports import pyplot, save_figure, write_report
-from flowmap.timing import timed_ms
+from flowmap.timing import in_fresh_process, timed_ms
 
 PARTS = ("encoders", "stages", "served", "text", "text-served", "handoffs", "buckets", "memory")
 
@@ -255,11 +254,6 @@ def measure_stage(kind: str, name: str, batch: int, onnx: bool) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         row = in_fresh_process(measure_torch, kind, name, batch, folder)
         return {**row, **in_fresh_process(measure_onnx, folder, name, batch)}
-
-
-def in_fresh_process(function, *args):
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(function, *args).result()
 
 
 def stage_costs(config: StagesBenchConfig, say) -> list[dict]:

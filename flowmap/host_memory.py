@@ -7,11 +7,9 @@ written, so a join that frees each part once copied peaks at its output and one 
 
 from __future__ import annotations
 
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
-
 import numpy as np
 
+from flowmap.timing import in_fresh_process
 from server.engines import pad_rows, stack_rows
 from server.imaging import join_rows, to_uint8
 from server.stages import rows_of
@@ -95,17 +93,11 @@ def memory_rows(side: int = 1024, images: int = 64, decoder_batch: int = 8, cond
               "search": search}
     rows = []
     for case, (name, what, data_mb, *_) in enumerate(cases(**shapes)):
-        whole, ours = (fresh(peak_mb, case, served, shapes) for served in (False, True))
+        whole, ours = (in_fresh_process(peak_mb, case, served, shapes) for served in (False, True))
         rows.append({"operation": name, "data": what, "data_mb": round(data_mb, 1), "whole_array_mb": round(whole, 1),
                      "served_mb": round(ours, 1), "whole_array_x": round(whole / data_mb, 2),
                      "served_x": round(ours / data_mb, 2)})
     return rows
-
-
-def fresh(function, *args):
-    """`function(*args)` in a new process: each peak starts from a clean one."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(function, *args).result()
 
 
 def memory_table(rows: list[dict]) -> list[str]:
