@@ -62,16 +62,20 @@ class PromptEncoder:
             self.metrics.prompt_cache_hit_ratio.set(self.hits / self.lookups)
         return condition
 
-    def remember(self, prompt: str, condition: np.ndarray) -> None:
+    def remember(self, prompt: str, condition: np.ndarray) -> np.ndarray:
+        """Keep `condition` for `prompt`, as a copy: it is one row of the text encoder's (padded) batch, which a
+        view would keep alive. Returns that copy, for the request to hold instead of the view (one copy, kept or
+        not)."""
+        own = condition.copy()
         budget = self.cache_bytes if self.cache_bytes is not None else float("inf")
-        if self.cache_size <= 0 or condition.nbytes > budget:
-            return
+        if self.cache_size <= 0 or own.nbytes > budget:
+            return own
         if prompt in self.cache:
             self.held_bytes -= self.cache.pop(prompt).nbytes
-        # a copy: the condition is one row of the text encoder's (padded) batch, which a view would keep alive
-        self.cache[prompt] = condition.copy()
-        self.held_bytes += condition.nbytes
+        self.cache[prompt] = own
+        self.held_bytes += own.nbytes
         while len(self.cache) > self.cache_size or self.held_bytes > budget:
             self.held_bytes -= self.cache.popitem(last=False)[1].nbytes
         if self.metrics is not None:
             self.metrics.prompt_cache_bytes.set(self.held_bytes)
+        return own

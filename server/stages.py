@@ -181,9 +181,8 @@ class EncodePrompts(OneCall):
         if new:
             feeds = {name: ids[new] for name, ids in tokenized.feeds.items()}
             for i, condition in zip(new, await call(self.engine, feeds, ticket), strict=True):
-                # a copy: a row is a view of the text encoder's whole padded batch (64 FLUX rows are 537 MB)
-                conditions[unique[i]] = condition = condition.copy()
-                self.prompts.remember(unique[i], condition)
+                # the cache's copy, not the row: that is a view of the encoder's whole padded batch (537 MB for FLUX)
+                conditions[unique[i]] = self.prompts.remember(unique[i], condition)
         state.labels = rows_of(conditions, state.prompts)
         if self.negatives:
             state.negatives = rows_of({"": self.prompts.null, **conditions},
