@@ -212,15 +212,13 @@ def search_block(root: Path) -> str:
     if pipeline:
         stages = ", ".join(f"{k} {v / 60:.1f} min" for k, v in pipeline["stage_seconds"].items())
         student = pipeline["student"]
-        if student.get("steps_this_run", student["step"]) < student["step"]:  # a rerun that resumed its student
-            lines += ["", f"The last run of the shapes pipeline resumed what earlier runs had trained (its student's "
-                          f"{student['step']} steps among them) and took {pipeline['total_minutes']:.1f} minutes on "
-                          f"this machine's {pipeline['torch_threads']} CPU threads ({stages}; "
-                          "[docs/shapes_pipeline.md](docs/shapes_pipeline.md))."]
-        else:
-            lines += ["", f"The shapes models took {pipeline['total_minutes']:.1f} minutes to train and export on "
-                          f"this machine's {pipeline['torch_threads']} CPU threads ({stages}; "
-                          "[docs/shapes_pipeline.md](docs/shapes_pipeline.md))."]
+        resumed = student.get("steps_this_run", student["step"]) < student["step"]  # a rerun resumed its student
+        lead = (f"The last run of the shapes pipeline resumed what earlier runs had trained (its student's "
+                f"{student['step']} steps among them) and took" if resumed else "The shapes models took")
+        how = "" if resumed else " to train and export"
+        lines += ["", f"{lead} {pipeline['total_minutes']:.1f} minutes{how} on this machine's "
+                      f"{pipeline['torch_threads']} CPU threads ({stages}; [docs/shapes_pipeline.md]"
+                      "(docs/shapes_pipeline.md))."]
     return "\n".join(lines)
 
 

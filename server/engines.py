@@ -11,6 +11,7 @@ from typing import Protocol
 import numpy as np
 
 from export.bundle import Bundle, Graph
+from server.imaging import fill_rows
 
 
 class Engine(Protocol):
@@ -55,13 +56,10 @@ def pad_rows(array: np.ndarray, size: int) -> np.ndarray:
 
 def stack_rows(blocks: list[np.ndarray], size: int) -> np.ndarray:
     """The blocks' rows in order in one new array of at least `size` rows, the last row repeated as padding: one
-    copy (a 64-row batch of FLUX conditions is 537 MB; joining, then padding, copied it twice)."""
-    rows = sum(len(block) for block in blocks)
-    out = np.empty((max(rows, size), *blocks[0].shape[1:]), np.result_type(*blocks))
-    start = 0
-    for block in blocks:
-        out[start:start + len(block)] = block
-        start += len(block)
+    copy (a 64-row batch of FLUX conditions is 537 MB; joining, then padding, copied it twice). It empties
+    `blocks` (server/imaging.py's fill_rows)."""
+    out = np.empty((max(sum(len(block) for block in blocks), size), *blocks[0].shape[1:]), np.result_type(*blocks))
+    rows = fill_rows(out, blocks)
     out[rows:] = out[rows - 1]
     return out
 

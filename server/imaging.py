@@ -57,8 +57,8 @@ def join_rows(parts: list):
     if not parts:
         raise ValueError("join_rows: no rows to join")
     if all(isinstance(part, DeviceImages) for part in parts):
-        pixels = [part.pixels for part in parts]
-        images = [parts.pop(0).images for _ in range(len(parts))]
+        images, pixels = [part.images for part in parts], [part.pixels for part in parts]
+        parts.clear()
         return DeviceImages(join_rows(images), join_rows(pixels))
     if all(isinstance(part, np.ndarray) for part in parts):
         joined = np.empty((sum(len(part) for part in parts), *parts[0].shape[1:]), np.result_type(*parts))
@@ -68,12 +68,19 @@ def join_rows(parts: list):
         parts[:] = [torch.as_tensor(part) for part in parts]
         joined = torch.empty((sum(len(part) for part in parts), *parts[0].shape[1:]), dtype=parts[0].dtype,
                              device=parts[0].device)
-    start = 0
-    while parts:
-        part = parts.pop(0)
-        joined[start:start + len(part)] = part
-        start += len(part)
+    fill_rows(joined, parts)
     return joined
+
+
+def fill_rows(out, blocks: list) -> int:
+    """Copy the blocks' rows in order into `out` (an array or a tensor with room for them), dropping each block
+    from `blocks` once it is copied, so its memory can go before the next is copied; returns the rows copied."""
+    start = 0
+    while blocks:
+        block = blocks.pop(0)
+        out[start:start + len(block)] = block
+        start += len(block)
+    return start
 
 
 QUANTISE_VALUES = 1 << 23  # floats quantised at once by to_uint8 (32 MB of float32)
