@@ -561,6 +561,12 @@ MUTANTS = [
     Mutant("resume: a run resumed on other prompts", "distill/trainer.py",
            'old_meta.get("prompts_sha256") not in (None, meta.get("prompts_sha256"))', "False",
            ("tests/test_diffusers.py::test_data_free_methods_distil_a_diffusers_teacher_from_prompts[freeflow]",)),
+    Mutant("encode: the decoder's device floats held while waiting for a CPU encoder", "server/stages.py",
+           "state.x = state.x.pixels_only()", "pass",
+           ("tests/test_torch_backend.py::test_a_cpu_encoded_request_lets_go_of_its_device_floats_before_it_waits_for_the_encoders",)),
+    Mutant("encode: the device floats dropped before nvJPEG", "server/stages.py",
+           "and not self.encoder.on_gpu(state.x, self.output):", ":",
+           ("tests/test_torch_backend.py::test_a_cpu_encoded_request_lets_go_of_its_device_floats_before_it_waits_for_the_encoders",)),
 ]
 
 

@@ -18,26 +18,35 @@ class DeviceImages:
     """A batch of images as the torch backend's decoder hands them on: `images` in [-1, 1], [N, C, H, W], a tensor
     on its device (what scoring, raw arrays and nvJPEG read), and `pixels`, their 8-bit [N, H, W, C] quantising
     (`to_uint8`'s) made on the device and copied to the host in one go per batch (what the CPU encoders read: no
-    request copies its own images, nor quantises them on the CPU). Rows slice and join as an array's do."""
+    request copies its own images, nor quantises them on the CPU). Rows slice and join as an array's do.
+    `images` is None once only the pixels are needed (`pixels_only`)."""
 
     images: object
     pixels: np.ndarray
 
     def __getitem__(self, rows) -> DeviceImages:
-        return DeviceImages(self.images[rows], self.pixels[rows])
+        return DeviceImages(None if self.images is None else self.images[rows], self.pixels[rows])
 
     def __len__(self) -> int:
         return len(self.pixels)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.images.shape)
+        """[N, C, H, W], as the float images' (the pixels are [N, H, W, C])."""
+        rows, height, width, channels = self.pixels.shape
+        return rows, channels, height, width
+
+    def pixels_only(self) -> DeviceImages:
+        """The same images without their floats: what a CPU encoder reads, holding no device memory."""
+        return DeviceImages(None, self.pixels)
 
 
 def on_host(images) -> np.ndarray:
     """Images as a numpy array: a torch tensor (the torch backend keeps a decoder's images on its device until
     they are encoded), or DeviceImages' `images`, is copied to the host; a numpy array is returned as it is."""
     if isinstance(images, DeviceImages):
+        if images.images is None:
+            raise ValueError("on_host: these images' floats were dropped (pixels_only); only their pixels remain")
         images = images.images
     return images if isinstance(images, np.ndarray) else images.cpu().numpy()
 

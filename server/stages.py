@@ -23,7 +23,7 @@ import numpy as np
 from server.admission import HostWork, Need, Ticket
 from server.encoding import Encoder, OutputFormat
 from server.engines import student_engine
-from server.imaging import to_host
+from server.imaging import DeviceImages, to_host
 from server.noise import noise_for
 from server.prompts import PromptEncoder
 
@@ -342,6 +342,10 @@ class EncodeImages:
         return HostWork(self.encoder.job_seconds(self.rows, self.shape, self.output), what, self.rows_param)
 
     async def run(self, state: State, call, ticket: Ticket) -> int:
+        if isinstance(state.x, DeviceImages) and not self.encoder.on_gpu(state.x, self.output):
+            # a CPU encoder reads the host pixels: the decoder's floats (3.2 GB of GPU memory for 256 images at
+            # 1024 px) are not held while the request waits for the encoders' pool
+            state.x = state.x.pixels_only()
         state.encoded = await self.encoder.encode(state.x, self.output)
         state.x = None  # the float images (3.2 GB for 256 at 1024 px) are not kept while the response is written
         return 0

@@ -450,6 +450,55 @@ def test_the_device_quantises_as_the_host_does_halves_and_overflow_included():
     np.testing.assert_array_equal(quantised(torch.from_numpy(values)).permute(0, 2, 3, 1).numpy(), expected)
 
 
+def test_a_cpu_encoded_request_lets_go_of_its_device_floats_before_it_waits_for_the_encoders():
+    """A request the CPU encodes holds only its host pixels while it waits for the encoders' pool: its decoder's
+    float tensor is freed before its job starts. One nvJPEG encodes keeps the tensor and hands it over."""
+    import asyncio
+    import threading
+    import weakref
+
+    import torch
+
+    from server.encoding import Encoder, OutputFormat, encode_pixels_b64
+    from server.imaging import DeviceImages, to_uint8
+    from server.stages import EncodeImages, State
+
+    def decoded():
+        floats = torch.linspace(-1, 1, 2 * 3 * 16 * 16).reshape(2, 3, 16, 16)
+        return DeviceImages(floats, to_uint8(floats.numpy())), weakref.ref(floats)
+
+    async def encode_while_the_pool_is_busy(encoder, output):
+        state = State(seeds=[1, 2], labels=np.array([0, 1]))
+        state.x, floats = decoded()
+        busy = threading.Event()
+        encoder.pool.submit(busy.wait)  # the request's job queues behind this one
+        job = asyncio.create_task(EncodeImages(encoder, output, (3, 16, 16), 2, "n").run(state, None, None))
+        await asyncio.sleep(0.05)
+        waiting_with_floats = floats() is not None
+        busy.set()
+        await job
+        return waiting_with_floats, state.encoded
+
+    encoder = Encoder(1)
+    try:
+        png = OutputFormat("png")
+        held, encoded = asyncio.run(encode_while_the_pool_is_busy(encoder, png))
+        assert not held and encoded == encode_pixels_b64(decoded()[0].pixels, png)
+
+        handed = []
+
+        class DeviceJpeg:  # stands in for nvJPEG: records what it was handed
+            def encode(self, images, quality, upscale):
+                handed.append(images)
+                return [b"jpeg"] * len(images)
+
+        encoder.gpu_jpeg, encoder.gpu_jpeg_min_side = DeviceJpeg(), 16
+        held, encoded = asyncio.run(encode_while_the_pool_is_busy(encoder, OutputFormat("jpeg", 90)))
+        assert held and isinstance(handed[0], torch.Tensor) and encoded == [base64.b64encode(b"jpeg").decode()] * 2
+    finally:
+        encoder.close()
+
+
 def test_a_search_scores_a_host_copy_that_replaces_the_device_candidates():
     """The verifier reads a host copy of the decoded candidates; it replaces the torch decoder's tensor, so a
     search's N candidates do not hold the GPU's memory while the verifier's queue drains."""
