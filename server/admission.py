@@ -49,6 +49,7 @@ class Need:
     steps: int  # sequential calls
     rows_param: str  # the request field that sets `rows`, named in refusals
     steps_param: str = "steps"
+    rows_what: str = ""  # what the rows are, where they are not the field's count (named in refusals)
 
     @property
     def work(self) -> int:
@@ -280,7 +281,8 @@ class Admission:
             most, load = self.max_rows(need.engine), self.loads[need.engine]
             if need.rows > most:
                 self._refused("too_large")
-                raise RequestTooLarge(413, f"{need.rows_param}: {need.rows} rows exceed the whole {need.engine} "
+                what = f" ({need.rows_what})" if need.rows_what else ""
+                raise RequestTooLarge(413, f"{need.rows_param}: {need.rows} rows{what} exceed the whole {need.engine} "
                                            f"queue of {most} rows ({load.limit or 'FLOWMAP_MAX_QUEUE_SIZE'}); split "
                                            "the request", need.rows_param)
         measured = [n for n in needs if self.loads[n.engine].cost.measured]
@@ -354,12 +356,14 @@ def images_fitting(budget_mb: float, image_bytes: int) -> int:
     return max(1, int(budget_mb * 2**20 // image_bytes))
 
 
-def images_need(needs: list[Need], held: int = 0) -> Need:
+def images_need(needs: list[Need], held: Need | None = None) -> Need:
     """The images a request holds on the host from its first stage to its answer: as many as its widest stage's
     rows, or `held` where a stage holds more than its rows (a search's chunk and its best), for its whole life
     (no steps of work)."""
     widest = max(needs, key=lambda need: need.rows)
-    return Need(IMAGES, max(widest.rows, held), 0, widest.rows_param, widest.rows_param)
+    if held is not None and held.rows > widest.rows:
+        return held
+    return Need(IMAGES, widest.rows, 0, widest.rows_param, widest.rows_param)
 
 
 def retry_after_headers(seconds: float) -> dict[str, str]:

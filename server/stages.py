@@ -20,7 +20,7 @@ from typing import Protocol
 
 import numpy as np
 
-from server.admission import HostWork, Need, Ticket
+from server.admission import IMAGES, HostWork, Need, Ticket
 from server.encoding import Encoder, OutputFormat
 from server.engines import student_engine
 from server.imaging import DeviceImages, to_host
@@ -256,9 +256,14 @@ class Candidates:
         return [Need(need.engine, need.rows, need.steps * chunks, need.rows_param, need.steps_param)
                 for stage in self.stages for need in stage.needs()]
 
-    def images_held(self) -> int:
-        """Images held at once: a chunk, the best so far and the next best picked from both."""
-        return min(self.count, self.chunk) + 2 * self.top_k
+    def images_held(self) -> Need:
+        """Images held on the host at once: a chunk, the best so far and the next best picked from both. A refusal
+        names top_k, unless the search is less than a chunk and its candidates are most of what it holds (n
+        counts only below a chunk)."""
+        chunk = min(self.count, self.chunk)
+        param = "n" if self.count < self.chunk and self.count > 2 * self.top_k else "top_k"
+        return Need(IMAGES, chunk + 2 * self.top_k, 0, param,
+                    rows_what=f"a search holds a chunk of {chunk} candidates and twice top_k {self.top_k} at once")
 
     async def run(self, state: State, call, ticket: Ticket) -> int:
         spent: dict[str, Timing] = {}  # by stage: what the response reports, summed over the chunks
@@ -403,9 +408,9 @@ def needs_of(stages: list[Stage]) -> list[Need]:
     return list(merged.values())
 
 
-def images_held(stages: list[Stage]) -> int:
-    """Images a stage holds on the host beyond its rows (a search's chunk and its best), 0 if none does."""
-    return max((stage.images_held() for stage in stages if isinstance(stage, Candidates)), default=0)
+def images_held(stages: list[Stage]) -> Need | None:
+    """The images a stage holds on the host beyond its rows (a search's chunk and its best), None if none does."""
+    return next((stage.images_held() for stage in stages if isinstance(stage, Candidates)), None)
 
 
 def host_work_of(stages: list[Stage]) -> HostWork | None:

@@ -372,7 +372,8 @@ def test_admission_is_per_request_and_refusals_cost_no_engine_work():
 def test_images_held_on_the_host_are_bounded_by_max_images_mb():
     """A digits image holds 768 bytes on the host (its float32 pixels, noise and sample): 0.06 MB is 81 of them.
     100 images in one request are refused before any work with 413 naming `labels`; 64 are served, and so is a
-    search of 1024 candidates, which holds one chunk of 64 and twice its top_k of 4 at a time."""
+    search of 1024 candidates, which holds one chunk of 64 and twice its top_k of 4 at a time. A search whose top_k
+    of 20 makes it hold 104 at a time is refused naming top_k, and saying what it holds."""
     async def scenario():
         async with in_process(max_images_mb=0.06) as (client, service):
             before = service.metrics.engine("student@1.5").inference_count._value.get()
@@ -380,9 +381,13 @@ def test_images_held_on_the_host_are_bounded_by_max_images_mb():
             computed = service.metrics.engine("student@1.5").inference_count._value.get() - before
             generated = await client.post("/v1/generate", json={"labels": [1] * 64})
             search = await client.post("/v1/search", json={"label": 3, "n": 1024, "top_k": 4})
-            return too_many, computed, generated, search, service.admission.loads["images"].rows
+            wide = await client.post("/v1/search", json={"label": 3, "n": 1024, "top_k": 20})
+            return too_many, computed, generated, search, wide, service.admission.loads["images"].rows
 
-    too_many, computed, generated, search, held = asyncio.run(scenario())
+    too_many, computed, generated, search, wide, held = asyncio.run(scenario())
+    assert wide.status_code == 413 and wide.json()["error"]["param"] == "top_k"
+    assert ("top_k: 104 rows (a search holds a chunk of 64 candidates and twice top_k 20 at once) exceed the whole "
+            "images queue of 81 rows") in wide.json()["error"]["message"]
     assert too_many.status_code == 413 and too_many.json()["error"]["param"] == "labels" and computed == 0
     assert "labels: 100 rows exceed the whole images queue of 81 rows" in too_many.json()["error"]["message"]
     assert "FLOWMAP_MAX_IMAGES_MB" in too_many.json()["error"]["message"]
