@@ -279,8 +279,11 @@ class Candidates:
                 done = spent.setdefault(stage.name, Timing(stage.name, 0, 0.0))
                 done.nfe, done.seconds = done.nfe + nfe, done.seconds + time.perf_counter() - tick
             scores.append(part.scores)
+            tick = time.perf_counter()
             best = best.merged(Best(np.arange(start, start + len(part.seeds)), part.scores, part.x, part.noise),
                                self.top_k)
+            done = spent.setdefault("choose", Timing("choose", 0, 0.0))
+            done.seconds += time.perf_counter() - tick
         chosen = best.index
         state.candidate_scores = [float(s) for s in np.concatenate(scores)]
         state.chosen, state.x, state.noise, state.scores = chosen.tolist(), best.x, best.noise, best.scores
@@ -288,7 +291,7 @@ class Candidates:
         state.labels = take_rows(state.labels, chosen)
         state.negatives = take_rows(state.negatives, chosen) if state.negatives is not None else None
         state.prompts = [state.prompts[i] for i in chosen] if state.prompts is not None else None
-        self.timings = [spent[stage.name] for stage in self.stages if stage.needs()]  # the network stages
+        self.timings = list(spent.values())  # its steps' own, for the metrics (the response keeps those with NFE)
         return sum(timing.nfe for timing in spent.values())
 
 
@@ -429,13 +432,15 @@ async def run_stages(stages: list[Stage], state: State, call, ticket: Ticket, me
         for engine in (engine for engine, last in last_call.items() if last == i):
             ticket.done_with(engine)  # its rows go to whoever waits, while this request goes on elsewhere
         seconds = time.perf_counter() - tick
-        # a stage of stages (a search's candidates, chunk by chunk) reports each of its own
-        parts = getattr(stage, "timings", None) or [Timing(stage.name, nfe, seconds)]
+        # a stage of stages (a search's candidates, chunk by chunk) reports each of its own steps, and in the
+        # response those that ran a network
+        steps = getattr(stage, "timings", None)
+        parts = steps or [Timing(stage.name, nfe, seconds)]
         if metrics:
             for part in parts:
                 metrics.stage_duration.labels(stage=part.name).observe(part.seconds)
                 if part.nfe:
                     metrics.nfe.labels(stage=part.name).inc(part.nfe)
         if stage.needs():
-            timings.extend(parts)
+            timings.extend([part for part in parts if part.nfe] if steps else parts)
     return timings

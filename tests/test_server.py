@@ -130,7 +130,12 @@ def test_200_concurrent_requests_are_all_answered_in_shared_batches(server):
 # -- search ---------------------------------------------------------------------------------------
 def test_search_picks_the_best_candidates_and_runs_the_teacher(server):
     body = {"label": "3", "n": 32, "top_k": 3, "teacher_steps": 8, "seed": 100, "return_noise": True}
+    steps = ("noise", "student", "verifier", "choose")
+    timed = {step: server.metric("flowmap_stage_duration_seconds_count", stage=step) for step in steps}
     result = post(server.url, "/v1/search", body).json()
+    # /metrics times each step of the candidates' chunks; the response reports those that ran a network
+    assert all(server.metric("flowmap_stage_duration_seconds_count", stage=step) == timed[step] + 1
+               for step in steps)
     scores = {c["seed"]: c["score"] for c in result["candidates"]}
     assert sorted(scores) == list(range(100, 132))
     best = sorted(scores, key=lambda s: -scores[s])[:3]
