@@ -12,7 +12,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from distill.flow import bcast, guided_velocity, interpolate, null_condition, prior_batch, time_grid
+from distill.flow import (
+    bcast,
+    check_guidance_scales,
+    guided_velocity,
+    interpolate,
+    null_condition,
+    prior_batch,
+    time_grid,
+)
 from distill.losses import dmd_loss
 from distill.models import FakeFlow
 from distill.trainer import Setup
@@ -23,6 +31,9 @@ class DMD2Config:
     ttur: int = 5  # fake-flow updates per generator update
     sim_steps: int = 1  # M of the backward simulation
     dm_guidance_scale: float = 1.5  # guidance of the real side of the DMD term
+
+    def __post_init__(self) -> None:
+        check_guidance_scales({"dm_guidance_scale": self.dm_guidance_scale})
 
 
 def simulate(student, z, label, w, steps: int, generator) -> torch.Tensor:

@@ -12,7 +12,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from distill.flow import draw_guidance_scales, guided_velocity, interpolate, null_condition, prior_batch
+from distill.flow import (
+    check_guidance_scales,
+    draw_guidance_scales,
+    guided_velocity,
+    interpolate,
+    null_condition,
+    prior_batch,
+)
 from distill.models import FakeFlow
 from distill.trainer import Setup
 
@@ -22,6 +29,10 @@ class FGMConfig:
     guidance_min: float = 1.0  # guidance scales the student is trained over: from guidance_min ...
     guidance_max: float = 2.0  # ... to guidance_max, uniformly
     t_min: float = 0.02  # the teacher's velocity is stiff near t = 0; the paper samples t away from it
+
+    def __post_init__(self) -> None:
+        check_guidance_scales({"guidance_min": self.guidance_min, "guidance_max": self.guidance_max},
+                              "guidance_min", "guidance_max")
 
 
 def fgm_generator_loss(teacher, fake, x0, noise, t, label, w) -> torch.Tensor:

@@ -13,6 +13,18 @@ import torch
 Velocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def check_guidance_scales(scales: dict[str, float], lowest: str | None = None, highest: str | None = None) -> None:
+    """Refuse guidance scales a student cannot be trained or baked at: each of `scales` (named as its flag or
+    field) must be finite and at least 0 (0 is unconditional, 1 conditional; below 0 pushes away from the
+    condition, which no sampler wants), and `scales[lowest]` at most `scales[highest]`."""
+    for name, scale in scales.items():
+        if not 0 <= scale < float("inf"):
+            raise ValueError(f"{name} must be a guidance scale of 0 or more (0 unconditional, 1 conditional), "
+                             f"got {scale}")
+    if lowest is not None and scales[lowest] > scales[highest]:
+        raise ValueError(f"{lowest} {scales[lowest]:g} exceeds {highest} {scales[highest]:g}")
+
+
 def bcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape a per-sample [B] tensor to broadcast against a [B, ...] tensor."""
     return values.reshape(values.shape[0], *([1] * (like.dim() - 1)))

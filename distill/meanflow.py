@@ -11,7 +11,16 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.flow import bcast, draw_guidance_scales, guided_velocity, interpolate, jvp, logit_normal, null_condition
+from distill.flow import (
+    bcast,
+    check_guidance_scales,
+    draw_guidance_scales,
+    guided_velocity,
+    interpolate,
+    jvp,
+    logit_normal,
+    null_condition,
+)
 from distill.trainer import Setup
 
 
@@ -38,6 +47,8 @@ class MeanFlowConfig:
             raise ValueError("equal_fraction + endpoint_fraction must not exceed 1")
         if self.derivative not in ("jvp", "fd"):
             raise ValueError(f"derivative must be 'jvp' or 'fd', got {self.derivative!r}")
+        check_guidance_scales({"guidance_min": self.guidance_min, "guidance_max": self.guidance_max},
+                              "guidance_min", "guidance_max")
 
 
 def total_derivative(student, x, t, s, label, w, direction, derivative: str, fd_step: float):

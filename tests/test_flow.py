@@ -125,3 +125,33 @@ def test_config_errors_are_clear():
         NetConfig(arch="unet")
     with pytest.raises(ValueError, match="patch 3 must divide"):
         NetConfig(arch="dit", patch=3)
+
+
+@pytest.mark.parametrize("config, field", [
+    ("freeflow", "guidance_min"), ("meanflow", "guidance_min"), ("fgm", "guidance_min"), ("fsf-dmd", "guidance_min"),
+    ("dmd2", "dm_guidance_scale"), ("fsf-dmd", "dm_guidance_scale")])
+def test_every_method_refuses_guidance_scales_below_zero_or_not_finite_naming_the_field(config, field):
+    """A negative scale pushes samples away from their condition, and an infinite one is no scale: each method's
+    config refuses both, naming its field; a range whose ends cross is refused too, and 0 (unconditional) is a
+    scale."""
+    from distill.methods import METHODS
+
+    make = METHODS[config].config
+    for bad in (-0.5, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=f"{field} must be a guidance scale of 0 or more"):
+            make(**{field: bad})
+    if field == "guidance_min":
+        make(guidance_min=0.0)
+        with pytest.raises(ValueError, match="guidance_min 3 exceeds guidance_max 2"):
+            make(guidance_min=3.0, guidance_max=2.0)
+
+
+def test_export_refuses_a_negative_guidance_scale_before_it_reads_the_student(tmp_path):
+    from export.writer import export_bundle
+
+    for scales, teacher_scale, flag in (((-1.0,), None, "--guidance-scales"), ((1.5,), -2.0,
+                                                                               "--teacher-guidance-scale")):
+        with pytest.raises(ValueError, match=f"{flag} must be a guidance scale of 0 or more"):
+            export_bundle(tmp_path / "no-student", "no-teacher", None, tmp_path / "b", scales, teacher_scale,
+                          progress=False)
+    assert not (tmp_path / "b").exists()
