@@ -31,7 +31,7 @@ from distill.trainer import Setup
 @dataclass
 class FreeFlowConfig:
     time: str = "discrete"  # "discrete": N-interval grid (App. A.1); "continuous": δ ∈ (0, 1)
-    intervals: int = 8  # N for the discrete grid; the teacher is never queried below t = 1/N
+    intervals: int = 8  # N for the discrete grid; the prediction never queries the teacher below t = 1/N
     derivative: str = "fd"  # continuous time only: "jvp" (forward-mode AD) or "fd" (central difference)
     fd_step: float = 1e-3  # step of the central difference (derivative fd)
     pred_fraction: float = 0.75  # the rest of the batch goes to the correction

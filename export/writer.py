@@ -60,7 +60,7 @@ def scale_tag(guidance_scale: float) -> str:
 
 def trained_guidance(method_config: dict) -> tuple[float, float] | None:
     """The guidance scales a student was distilled at, (lowest, highest), from its method's config: a range
-    (FreeFlow, FGM, MeanFlow) or one scale (DMD2, FSF-DMD); None where the config names none."""
+    (FreeFlow, FGM, MeanFlow, FSF-DMD) or one scale (DMD2); None where the config names none."""
     if "guidance_min" in method_config:
         return float(method_config["guidance_min"]), float(method_config["guidance_max"])
     if "dm_guidance_scale" in method_config:
@@ -80,7 +80,7 @@ def check_trained_guidance(method_config: dict, guidance_scales: tuple[float, ..
         span = f"{low:g}" if low == high else f"{low:g}..{high:g}"
         raise ValueError(f"--guidance-scales {' '.join(f'{s:g}' for s in outside)}: the student was distilled at "
                          f"guidance {span} only; bake scales in that range, or distil again with --guidance-min/"
-                         "--guidance-max (FreeFlow, FGM, MeanFlow) or --dm-guidance-scale (DMD2, FSF-DMD) covering "
+                         "--guidance-max (FreeFlow, FGM, MeanFlow, FSF-DMD) or --dm-guidance-scale (DMD2) covering "
                          "them")
 
 
