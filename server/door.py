@@ -7,9 +7,17 @@ from __future__ import annotations
 import asyncio
 
 from server.errors import error_for, error_response
-from server.keys import authorized, guarded
+from server.keys import DEMO_PATH, authorized, guarded
 from server.limits import declared_too_large, has_a_body, read_within
 from server.service import Service
+
+
+def without_trailing_slash(path: str) -> str:
+    """`/v1/generate/` is `/v1/generate`: a trailing slash reaches its route (the router would answer 307, which
+    most clients do not follow for a POST, and curl not at all); the demo's paths (`/ui/`) keep theirs."""
+    if len(path) > 1 and path.endswith("/") and not path.startswith(DEMO_PATH):
+        return path.rstrip("/") or "/"
+    return path
 
 
 class Door:
@@ -21,8 +29,10 @@ class Door:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        settings, path = self.service.settings, scope["path"]
-        refusal = None
+        path = without_trailing_slash(scope["path"])
+        if path != scope["path"]:
+            scope = {**scope, "path": path, "raw_path": path.encode()}
+        settings, refusal = self.service.settings, None
         if declared_too_large(scope, settings.max_body_bytes):
             refusal = self._too_large()
         elif settings.api_keys and guarded(path, self._header(scope, b"content-type")) and not authorized(

@@ -302,6 +302,17 @@ def test_every_error_has_the_same_shape(server):
     assert server.metric("flowmap_http_requests_total", route="/v1/generate", status="405") >= 1
 
 
+def test_a_trailing_slash_reaches_its_route_and_is_counted_under_it(server):
+    """POST /v1/generate/ is answered as /v1/generate (the router's 307 is not followed by curl, nor for a POST by
+    most clients), and counted under that route; the demo keeps its own slashes."""
+    before = server.metric("flowmap_http_requests_total", route="/v1/generate", status="200")
+    slashed = post(server.url, "/v1/generate/", {"labels": [4], "seeds": [7]})
+    plain = post(server.url, "/v1/generate", {"labels": [4], "seeds": [7]})
+    assert slashed.status_code == 200 and slashed.json()["images"] == plain.json()["images"]
+    assert server.metric("flowmap_http_requests_total", route="/v1/generate", status="200") == before + 2
+    assert httpx.get(server.url + "/v1/models/").status_code == 200
+
+
 def test_malformed_and_oversized_bodies(server):
     headers = {"content-type": "application/json"}
     for broken in (b"{not json", b'{"labels": [1', b'{"labels": ["\xff"]}', b"[" * 100_000):
