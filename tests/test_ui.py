@@ -117,6 +117,9 @@ def test_with_api_keys_the_demo_asks_for_a_key_and_forwards_it():
         refused = sum(srv.metric("flowmap_http_requests_total", route=route, status="401")
                       for route in ("/v1/generate", "/v1/search"))
         assert refused == 3  # the API itself turned the demo's keyless calls away
+        # the page keeps no run history: Gradio's would store each call's inputs, the key among them, in the browser
+        page = httpx.get(srv.url + "/ui/config", headers={"Authorization": "Bearer beta"}).json()
+        assert page["run_history"] is False and "runs" not in page["footer_links"]
     finally:
         srv.stop()
 

@@ -248,7 +248,8 @@ def mount_demo(app, settings, model_cards: list[dict], path: str) -> None:
     visitor's key, never the server's own."""
     demo = build_demo(own_url(settings.host, settings.port), None, {m["kind"]: m for m in model_cards},
                       asks_for_key=bool(settings.api_keys))
-    gr.mount_gradio_app(app, demo, path=path, css=CSS, max_file_size="1mb")
+    # no run history: Gradio's would keep every input in the visitor's browser storage, their API key included
+    gr.mount_gradio_app(app, demo, path=path, css=CSS, max_file_size="1mb", run_history=False)
     served = app.router.lifespan_context  # the server's, which Gradio wrapped with its own
 
     @contextlib.asynccontextmanager
@@ -263,4 +264,4 @@ def mount_demo(app, settings, model_cards: list[dict], path: str) -> None:
 def launch(urls: str | list[str], host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None) -> None:
     demo = build_demo(urls, api_key)
     with deleting_temp_files(demo, DEFAULT_CACHE_SECONDS):
-        demo.launch(server_name=host, server_port=port, css=CSS)
+        demo.launch(server_name=host, server_port=port, css=CSS, run_history=False)  # as mount_demo's
