@@ -185,6 +185,17 @@ def test_openai_client_round_trip(server):
     with pytest.raises(Exception) as err:
         client.images.generate(model="digits", prompt="seven", n=1)
     assert 'unknown class "seven"' in str(err.value)
+    # OpenAI's fields that change nothing here are accepted: the same image as without them
+    tagged = client.images.generate(model="digits", prompt="7", n=1, size="64x64", user="u-1", quality="hd",
+                                    style="natural", extra_body={"seed": 11, "background": "opaque"})
+    assert tagged.data[0].b64_json == result.data[0].b64_json
+    # any other field is refused, not dropped: /v1/generate's `seeds` here would have made random seeds
+    for field, value, needle in (("seeds", [1, 2], "seeds: Extra inputs are not permitted"),
+                                 ("background", "transparent", "background: Input should be 'auto' or 'opaque'"),
+                                 ("stream", True, "stream: Input should be False")):
+        refused = post(server.url, "/v1/images/generations", {"prompt": "7", field: value})
+        assert refused.status_code == 422 and refused.json()["error"]["param"] == field, refused.text
+        assert needle in refused.json()["error"]["message"]
 
 
 def test_models_list(server):
