@@ -341,6 +341,7 @@ def train(method: Method, run_dir: str | Path, meta: dict, config: TrainConfig, 
         "kind": meta.get("kind"),
         "world_size": world,
         "step": step,
+        "finished": step >= config.steps,  # False where --max-minutes stopped it first
         "steps_this_run": steps_run,
         "seconds": round(time.perf_counter() - start, 2),
         "sec_per_step": round(compute_seconds / steps_run, 4) if steps_run else None,

@@ -80,6 +80,21 @@ def config_from(args: argparse.Namespace, cls, defaults=None, **overrides):
     return cls(**values)
 
 
+STOPPED_EARLY = 3  # the exit status of a training command that stopped before its last step
+
+
+def trained(summary: dict) -> int:
+    """Print a training command's summary; its exit status is 0 where the run reached its last step and
+    STOPPED_EARLY where --max-minutes stopped it first, so a script that goes on to export does not export a
+    network short of its steps unawares."""
+    print(summary)
+    if summary.get("finished", True):
+        return 0
+    print(f"stopped at step {summary['step']}, before the last (--max-minutes): the same command trains on from "
+          f"there (exit status {STOPPED_EARLY})", file=sys.stderr)
+    return STOPPED_EARLY
+
+
 def _train_flags(parser, defaults) -> None:
     from distill.trainer import TrainConfig
 
@@ -108,8 +123,7 @@ def cmd_teacher(argv: list[str]) -> int:
     summary = train_teacher(load_dataset(args.data), config_from(args, NetConfig, recipe.net),
                             config_from(args, TeacherConfig), config_from(args, TrainConfig, recipe.teacher_train),
                             args.out, progress=not args.quiet, resume=not args.no_resume)
-    print(summary)
-    return 0
+    return trained(summary)
 
 
 def cmd_verifier(argv: list[str]) -> int:
@@ -130,8 +144,7 @@ def cmd_verifier(argv: list[str]) -> int:
     summary = train_verifier(load_dataset(args.data), config_from(args, VerifierConfig),
                              config_from(args, TrainConfig, recipe.verifier_train), args.out,
                              progress=not args.quiet, resume=not args.no_resume)
-    print(summary)
-    return 0
+    return trained(summary)
 
 
 def cmd_distill(argv: list[str]) -> int:
@@ -168,8 +181,7 @@ def cmd_distill(argv: list[str]) -> int:
                               progress=not args.quiet, resume=not args.no_resume,
                               data=load_dataset(args.data) if args.data else None, init=args.init,
                               prompts=read_prompts(args.prompts) if args.prompts else None)
-    print(summary)
-    return 0
+    return trained(summary)
 
 
 def read_prompts(path: str) -> list[str]:

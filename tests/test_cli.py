@@ -31,6 +31,18 @@ def test_method_options_are_flags():
         assert flag in result.stdout, flag
 
 
+def test_a_run_stopped_by_max_minutes_exits_with_its_own_status_and_the_same_command_finishes_it(tmp_path):
+    """A script that goes on to export after training must not export a network short of its steps: a run that
+    --max-minutes stopped exits 3, saying so; the same command then trains on to the last step and exits 0."""
+    command = ("teacher", "--data", "toy", "--out", str(tmp_path / "t"), "--steps", "3", "--quiet")
+    stopped = run(*command, "--max-minutes", "0")
+    assert stopped.returncode == 3, stopped.stderr
+    assert "stopped at step 0, before the last (--max-minutes)" in stopped.stderr
+    assert "'finished': False" in stopped.stdout
+    finished = run(*command)
+    assert finished.returncode == 0 and "'finished': True" in finished.stdout and "'step': 3" in finished.stdout
+
+
 def test_bad_data_is_a_clear_error(tmp_path):
     result = run("teacher", "--data", str(tmp_path / "nothing.npz"), "--out", str(tmp_path / "t"), "--steps", "1")
     assert result.returncode == 2 and "unknown dataset" in result.stderr and "Traceback" not in result.stderr
