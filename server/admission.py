@@ -208,7 +208,7 @@ class Admission:
         needs, host_s = tuple(needs), host.seconds if host else 0.0
         self._check_size(needs, host)
         line = self._lines.setdefault(tuple(n.engine for n in needs), deque())
-        if not line and self._fits(needs):
+        if not line and self._fits(needs, behind_waiters=True):
             return self._reserve(needs, deadline, host_s)
         wait = self._wait_estimate(needs)
         if wait > self.max_wait_s:
@@ -304,8 +304,12 @@ class Admission:
                                        f"{self.timeout_s:g} s request timeout (FLOWMAP_REQUEST_TIMEOUT_S); ask for "
                                        f"fewer {fewer}", worst.steps_param)
 
-    def _fits(self, needs: tuple[Need, ...]) -> bool:
-        return all(self.loads[n.engine].rows + n.rows <= self.max_rows(n.engine) for n in needs)
+    def _fits(self, needs: tuple[Need, ...], behind_waiters: bool = False) -> bool:
+        """Whether the needs fit their queues now; `behind_waiters`, a newcomer's, with room left for the rows
+        already waiting on them in any line (small requests of other engines would otherwise keep passing a large
+        search that waits for an engine they share, until it gives up)."""
+        return all(self.loads[n.engine].rows + (self.loads[n.engine].waiting if behind_waiters else 0) + n.rows
+                   <= self.max_rows(n.engine) for n in needs)
 
     def _fullest(self, needs: tuple[Need, ...]) -> str:
         """The queue nearest its size, as a fraction of it (the images queue's rows are not an engine's)."""

@@ -321,6 +321,33 @@ def test_a_small_newcomer_does_not_overtake_a_waiting_request():
     asyncio.run(scenario())
 
 
+def test_a_newcomer_of_other_engines_does_not_overtake_a_request_waiting_for_one_it_shares():
+    """A search waits for the student (and needs the verifier too, so it waits in a line of its own); small
+    generations, needing only the student, queue behind it rather than take the room it waits for, yet one that
+    fits beside it is let in at once."""
+    async def scenario():
+        admission, load, clock = make_admission(max_rows=64, max_wait_s=5.0)
+        admission.loads["verifier"] = EngineLoad("verifier", load.cost, 64, queue_delay_s=0.0)
+        for _ in range(8):
+            (await admission.admit([need(16)], clock() + 10)).release()
+            clock.now += 0.01
+        holder = await admission.admit([need(40)], clock() + 10)
+        search = asyncio.ensure_future(admission.admit([need(32), Need("verifier", 32, 1, "n")], clock() + 10))
+        await settle()
+        small = asyncio.ensure_future(admission.admit([need(8)], clock() + 10))  # 40 + 8 fits, 40 + 32 + 8 not
+        await settle()
+        assert not search.done() and not small.done() and load.rows == 40
+        holder.release()
+        await settle()
+        assert search.done() and small.done() and load.rows == 32 + 8
+        beside = await admission.admit([need(24)], clock() + 10)  # nobody waits: 40 + 24 fits
+        for ticket in (search.result(), small.result(), beside):
+            ticket.release()
+        assert load.rows == 0 and load.waiting == 0
+
+    asyncio.run(scenario())
+
+
 def test_a_single_call_too_slow_for_the_timeout_names_its_rows_field():
     """A decoder, verifier or text encoder runs once a request: the refusal names the field that sets its rows (a
     search's n), not a `steps` the route may not have."""
