@@ -70,6 +70,11 @@ def test_api_errors_are_readable_messages(client):
     assert "every seed must lie in 0.." in message and "HTTP 422" in message and "Traceback" not in message
     with pytest.raises(AppError, match="greater than maximum value 16"):
         client.predict("7", 100, 0, "1.5", 1, api_name="/generate")  # past the slider's range
+    # NaN, which a JSON client cannot send but a hand-written call can: a message, and no traceback in the log
+    call = httpx.post(client.src.rstrip("/") + "/gradio_api/call/generate",
+                      content=b'{"data": ["7", 2, NaN, "1.5", 1, ""]}', headers={"content-type": "application/json"})
+    events = httpx.get(client.src.rstrip("/") + f"/gradio_api/call/generate/{call.json()['event_id']}", timeout=30)
+    assert "event: error" in events.text and "seed (-1 = random): nan is not a number it takes" in events.text
     with pytest.raises(AppError):
         client.predict("cat", 1, 0, "1.5", 1, api_name="/generate")  # not one of the classes
 

@@ -67,8 +67,9 @@ def error_message(response: httpx.Response) -> str:
 
 
 def quiet(component):
-    """`component`, whose rejected input (a value outside a slider's range, a choice not offered) becomes
-    a message for the visitor instead of a traceback in the server's log."""
+    """`component`, whose rejected input (a value outside a slider's range, a choice not offered, a seed that is
+    no number: NaN or infinity from an API call) becomes a message for the visitor instead of a traceback in the
+    server's log."""
     checked = component.preprocess
 
     def preprocess(payload):
@@ -76,6 +77,8 @@ def quiet(component):
             return checked(payload)
         except gr.Error as err:
             raise gr.Error(err.message, print_exception=False) from None
+        except (ValueError, OverflowError):  # rounding NaN or infinity to a whole number
+            raise gr.Error(f"{component.label}: {payload!r} is not a number it takes", print_exception=False) from None
 
     component.preprocess = preprocess
     return component
