@@ -208,7 +208,9 @@ class Admission:
         needs, host_s = tuple(needs), host.seconds if host else 0.0
         self._check_size(needs, host)
         line = self._lines.setdefault(tuple(n.engine for n in needs), deque())
-        if not line and self._fits(needs, behind_waiters=True):
+        # behind everyone waiting on its queues: a waiter is in line only while it does not fit, so a newcomer
+        # that fits behind the waiting rows passes nobody
+        if self._fits(needs, behind_waiters=True):
             return self._reserve(needs, deadline, host_s)
         wait = self._wait_estimate(needs)
         if wait > self.max_wait_s:
