@@ -8,7 +8,9 @@ client leaves).
 
 Where a queue is full, a request waits at the door, first come first served, if the measured drain
 rate says room comes within `max_admission_wait_s`: clients that retry at once would otherwise spend
-the cores on refusals (docs/overload.md).
+the cores on refusals (docs/overload.md). The door has one line in order of arrival: a request is let in when it
+fits behind the rows of everyone ahead of it who still waits on a queue it needs (one that needs other queues only
+passes them), so a stream of small generations cannot keep passing a large search that waits for the student.
 
 Host memory is admitted the same way: a request holds its images (float32, with their noise and
 latents) on the host from its first stage to its answer, so the images of all requests are one more
@@ -165,7 +167,7 @@ class Waiter:
 
 class Admission:
     """One per server: every engine's load, the decision to admit, make wait, or refuse, and the
-    lines of requests waiting at the door (one line per set of engines, first come first served)."""
+    line of requests waiting at the door (first come first served on every queue they share)."""
 
     def __init__(self, loads: dict[str, EngineLoad], max_queue_rows: int, timeout_s: float, max_wait_s: float,
                  metrics=None, clock=time.monotonic, host_threads: int = 1):
@@ -173,7 +175,7 @@ class Admission:
         self.max_wait_s, self.metrics, self.clock = max_wait_s, metrics, clock
         # the encoding admitted and not yet done, in seconds of one thread, and the threads that share it
         self.host_backlog_s, self.host_threads = 0.0, host_threads
-        self._lines: dict[tuple[str, ...], deque[Waiter]] = {}
+        self._line: deque[Waiter] = deque()  # in order of arrival
         if metrics:
             metrics.watch_admission(loads)
 
@@ -207,71 +209,82 @@ class Admission:
         (encoding), counted in its time."""
         needs, host_s = tuple(needs), host.seconds if host else 0.0
         self._check_size(needs, host)
-        line = self._lines.setdefault(tuple(n.engine for n in needs), deque())
-        # behind everyone waiting on its queues: a waiter is in line only while it does not fit, so a newcomer
-        # that fits behind the waiting rows passes nobody
-        if self._fits(needs, behind_waiters=True):
+        # last in line: behind the rows of everyone waiting on its queues
+        if self._fits(needs, {name: load.waiting for name, load in self.loads.items()}):
             return self._reserve(needs, deadline, host_s)
         wait = self._wait_estimate(needs)
         if wait > self.max_wait_s:
             self._refused("queue_full")
             fullest = self._fullest(needs)
-            waiting = self.loads[fullest].waiting
-            ahead = f", {waiting} more waiting" if waiting else ""
-            raise Overloaded(f"the {fullest} queue is full ({self.max_rows(fullest)} rows admitted{ahead}); room "
-                             f"in about {wait:.3g} s", wait)
+            load, rows = self.loads[fullest], next(n.rows for n in needs if n.engine == fullest)
+            ahead = f", {load.waiting} more waiting ahead" if load.waiting else ""
+            raise Overloaded(f"the {fullest} queue is full for {rows} more rows ({load.rows} of "
+                             f"{self.max_rows(fullest)} admitted{ahead}); room in about {wait:.3g} s", wait)
         loop = asyncio.get_running_loop()
         waiter = Waiter(needs, deadline, loop.create_future(), host_s)
-        line.append(waiter)
+        self._line.append(waiter)
         self._waiting(needs, +1)
-        timer = loop.call_later(self.max_wait_s, self._give_up, line, waiter)
+        timer = loop.call_later(self.max_wait_s, self._give_up, waiter)
         try:
             return await waiter.admitted
         except asyncio.CancelledError:  # the client left while waiting
-            self._leave(line, waiter)
+            self._leave(waiter)
             raise
         finally:
             timer.cancel()
 
-    def _give_up(self, line: deque[Waiter], waiter: Waiter) -> None:
-        """The longest wait has passed with no room: out of the line, and a 429."""
+    def _give_up(self, waiter: Waiter) -> None:
+        """The longest wait has passed with no room: out of the line, and a 429; those behind it may fit now."""
         if waiter.admitted.done():
             return
-        line.remove(waiter)
-        self._waiting(waiter.needs, -1)
+        self._out_of_line(waiter)
         self._refused("queue_full")
         wait = self._wait_estimate(waiter.needs)
         waiter.admitted.set_exception(Overloaded(
             f"the {self._fullest(waiter.needs)} queue had no room within {self.max_wait_s:g} s "
             f"(FLOWMAP_MAX_ADMISSION_WAIT_S); room in about {wait:.3g} s", wait))
+        self._let_in()
 
-    def _leave(self, line: deque[Waiter], waiter: Waiter) -> None:
-        """A waiter's client left: out of its line, or its ticket released if it was admitted meanwhile."""
-        if waiter in line:
-            line.remove(waiter)
-            self._waiting(waiter.needs, -1)
+    def _leave(self, waiter: Waiter) -> None:
+        """A waiter's client left: out of the line (those behind it may fit now), or its ticket released if it was
+        admitted meanwhile."""
+        if waiter in self._line:
+            self._out_of_line(waiter)
+            self._let_in()
         admitted = waiter.admitted
         if admitted.done() and not admitted.cancelled() and admitted.exception() is None:
             admitted.result().release()
 
+    def _out_of_line(self, waiter: Waiter) -> None:
+        self._line.remove(waiter)
+        self._waiting(waiter.needs, -1)
+
+    def _let_in(self) -> None:
+        """Admit, in order of arrival, each waiter that fits behind the rows of those ahead of it still waiting on
+        the queues it needs."""
+        ahead: dict[str, int] = {}
+        for waiter in list(self._line):
+            if waiter.admitted.done():  # its client left; _leave finds it gone from the line
+                self._out_of_line(waiter)
+            elif self._fits(waiter.needs, ahead):
+                self._out_of_line(waiter)
+                try:
+                    waiter.admitted.set_result(self._reserve(waiter.needs, waiter.deadline, waiter.host_s))
+                except Overloaded as err:
+                    waiter.admitted.set_exception(err)
+            else:
+                for need in waiter.needs:
+                    ahead[need.engine] = ahead.get(need.engine, 0) + need.rows
+
     def released(self, needs: tuple[Need, ...], work_left: dict[str, int], host_s: float = 0.0) -> None:
-        """A request ended: free its rows, work and encoding, then admit whoever waits first in each line."""
+        """A request ended: free its rows, work and encoding, then let in whoever fits, first come first served."""
         self.host_backlog_s = max(0.0, self.host_backlog_s - host_s)
         for need in needs:
             load = self.loads[need.engine]
             load.rows -= need.rows
             load.backlog -= work_left[need.engine]
             load.drain.record(need.rows)
-        for line in self._lines.values():
-            while line and self._fits(line[0].needs):
-                waiter = line.popleft()
-                self._waiting(waiter.needs, -1)
-                if waiter.admitted.done():  # its client left; _leave finds it gone from the line
-                    continue
-                try:
-                    waiter.admitted.set_result(self._reserve(waiter.needs, waiter.deadline, waiter.host_s))
-                except Overloaded as err:
-                    waiter.admitted.set_exception(err)
+        self._let_in()
 
     def max_rows(self, engine: str) -> int:
         """The rows of admitted requests `engine`'s queue holds at most."""
@@ -306,12 +319,10 @@ class Admission:
                                        f"{self.timeout_s:g} s request timeout (FLOWMAP_REQUEST_TIMEOUT_S); ask for "
                                        f"fewer {fewer}", worst.steps_param)
 
-    def _fits(self, needs: tuple[Need, ...], behind_waiters: bool = False) -> bool:
-        """Whether the needs fit their queues now; `behind_waiters`, a newcomer's, with room left for the rows
-        already waiting on them in any line (small requests of other engines would otherwise keep passing a large
-        search that waits for an engine they share, until it gives up)."""
-        return all(self.loads[n.engine].rows + (self.loads[n.engine].waiting if behind_waiters else 0) + n.rows
-                   <= self.max_rows(n.engine) for n in needs)
+    def _fits(self, needs: tuple[Need, ...], ahead: dict[str, int]) -> bool:
+        """Whether the needs fit their queues now behind the rows `ahead` of them (by queue) in the line."""
+        return all(self.loads[n.engine].rows + ahead.get(n.engine, 0) + n.rows <= self.max_rows(n.engine)
+                   for n in needs)
 
     def _fullest(self, needs: tuple[Need, ...]) -> str:
         """The queue nearest its size, as a fraction of it (the images queue's rows are not an engine's)."""

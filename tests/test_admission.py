@@ -52,7 +52,8 @@ def test_rows_stay_reserved_until_the_request_ends():
     admission, load, clock = make_admission(max_rows=64)
     first = admit(admission, [need(40)], clock() + 10)
     assert load.rows == 40 and load.backlog == 80
-    with pytest.raises(Overloaded, match=r"queue is full \(64 rows admitted\); room in"):  # no one waits
+    # no one waits (max_wait_s = 0): refused at once
+    with pytest.raises(Overloaded, match=r"queue is full for 30 more rows \(40 of 64 admitted\); room in"):
         admit(admission, [need(30)], clock() + 10)
     # the first request's steps run; its rows stay reserved until it ends
     first.advance("student", 40)
@@ -205,7 +206,7 @@ def test_host_memory_for_images_is_a_queue_of_its_own():
     first = admit(admission, needs(6), clock() + 10)
     first.done_with("student")  # the engines are done with it; its images are still being encoded
     assert load.rows == 0 and admission.loads[IMAGES].rows == 6
-    with pytest.raises(Overloaded, match=r"the images queue is full \(10 rows admitted\)"):
+    with pytest.raises(Overloaded, match=r"the images queue is full for 6 more rows \(6 of 10 admitted\)"):
         admit(admission, needs(6), clock() + 10)
     first.release()
     assert admission.loads[IMAGES].rows == 0 and admission.loads[IMAGES].backlog == 0
@@ -321,11 +322,46 @@ def test_a_small_newcomer_does_not_overtake_a_waiting_request():
     asyncio.run(scenario())
 
 
-def test_a_newcomer_of_other_engines_does_not_overtake_a_request_waiting_for_one_it_shares():
-    """A search waits for the student (and needs the verifier too, so it waits in a line of its own); small
-    generations, needing only the student, queue behind it rather than take the room it waits for, yet one that
-    fits beside it is let in at once."""
+def test_a_stream_of_small_generations_does_not_pass_a_search_waiting_for_the_student():
+    """A search (student and verifier) waits for the student behind generations (student only), one of which
+    waited before it: as each generation ends, the room goes to whoever came first, so the search gets in before
+    any generation that came after it, small ones that would fit the room it waits for included."""
     async def scenario():
+        admission, load, clock = make_admission(max_rows=64, max_wait_s=5.0)
+        admission.loads["verifier"] = EngineLoad("verifier", load.cost, 64, queue_delay_s=0.0)
+        for _ in range(8):
+            (await admission.admit([need(16)], clock() + 10)).release()
+            clock.now += 0.01
+        held = [await admission.admit([need(24)], clock() + 10) for _ in range(2)]
+        earlier = asyncio.ensure_future(admission.admit([need(24)], clock() + 10))  # waits first, in the line
+        await settle()
+        search = asyncio.ensure_future(admission.admit([need(32), Need("verifier", 32, 1, "n")], clock() + 10))
+        await settle()
+        later = []
+        while not search.done():  # one generation ends, a small one arrives
+            later.append(asyncio.ensure_future(admission.admit([need(8)], clock() + 10)))
+            await settle()  # in line before the room frees
+            held.pop(0).release()
+            await settle()
+            assert search.done() or not any(ticket.done() for ticket in later), "a later generation passed it"
+            held += [ticket.result() for ticket in (earlier, *later) if ticket.done() and ticket.result() not in held]
+            assert len(later) < 4, "the search never got in"
+        assert earlier.done() and admission.loads["verifier"].rows == 32
+        for ticket in (*held, search.result()):
+            ticket.release()
+        await settle()
+        for ticket in later:
+            if ticket.result() not in held:
+                ticket.result().release()
+        assert load.rows == 0 and load.waiting == 0
+
+    asyncio.run(scenario())
+
+
+def test_when_a_waiter_gives_up_or_leaves_those_behind_it_that_fit_are_let_in():
+    """A small request waits only behind a search's rows; when the search gives up (its longest wait passed) or its
+    client leaves, the small one fits and is let in then, not refused later with room free."""
+    async def scenario(search_goes):
         admission, load, clock = make_admission(max_rows=64, max_wait_s=5.0)
         admission.loads["verifier"] = EngineLoad("verifier", load.cost, 64, queue_delay_s=0.0)
         for _ in range(8):
@@ -334,18 +370,21 @@ def test_a_newcomer_of_other_engines_does_not_overtake_a_request_waiting_for_one
         holder = await admission.admit([need(40)], clock() + 10)
         search = asyncio.ensure_future(admission.admit([need(32), Need("verifier", 32, 1, "n")], clock() + 10))
         await settle()
-        small = asyncio.ensure_future(admission.admit([need(8)], clock() + 10))  # 40 + 8 fits, 40 + 32 + 8 not
+        small = asyncio.ensure_future(admission.admit([need(8)], clock() + 10))  # 40 + 8 fits; 40 + 32 + 8 not
         await settle()
-        assert not search.done() and not small.done() and load.rows == 40
+        assert not search.done() and not small.done()
+        if search_goes == "gives up":
+            admission._give_up(admission._line[0])  # as its timer would, at max_wait_s
+        else:
+            search.cancel()
+        await settle()
+        assert small.done() and load.rows == 48 and load.waiting == 0
+        small.result().release()
         holder.release()
-        await settle()
-        assert search.done() and small.done() and load.rows == 32 + 8
-        beside = await admission.admit([need(24)], clock() + 10)  # nobody waits: 40 + 24 fits
-        for ticket in (search.result(), small.result(), beside):
-            ticket.release()
-        assert load.rows == 0 and load.waiting == 0
+        await asyncio.gather(search, return_exceptions=True)
 
-    asyncio.run(scenario())
+    for search_goes in ("gives up", "leaves"):
+        asyncio.run(scenario(search_goes))
 
 
 def test_a_single_call_too_slow_for_the_timeout_names_its_rows_field():
