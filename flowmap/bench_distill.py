@@ -63,7 +63,12 @@ def train_segment(label: str, method: str, config: DistillBenchConfig, run_dir: 
     command = [sys.executable, "-m", "flowmap.cli", "distill", "--method", method, "--teacher", config.teacher,
                "--out", str(run_dir), "--steps", "1000000", "--max-minutes", str(config.minutes / config.segments),
                "--checkpoint-every", "1000000", "--quiet", *method_flags(label, config.options)]
-    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    from flowmap.cli import STOPPED_EARLY
+
+    # each segment ends by --max-minutes, which the command reports with its own status
+    finished = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL)
+    if finished.returncode not in (0, STOPPED_EARLY):
+        raise subprocess.CalledProcessError(finished.returncode, command)
     summary = json.loads((run_dir / "summary.json").read_text())
     summary["minutes"] = round(minutes_so_far + summary["seconds"] / 60, 3)
     return summary

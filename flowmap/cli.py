@@ -90,8 +90,8 @@ def trained(summary: dict) -> int:
     print(summary)
     if summary.get("finished", True):
         return 0
-    print(f"stopped at step {summary['step']}, before the last (--max-minutes): the same command trains on from "
-          f"there (exit status {STOPPED_EARLY})", file=sys.stderr)
+    print(f"stopped at step {summary['step']}, before the last (--max-minutes): its checkpoint is saved, and the "
+          f"same command without --no-resume trains on from there (exit status {STOPPED_EARLY})", file=sys.stderr)
     return STOPPED_EARLY
 
 

@@ -43,6 +43,16 @@ def test_a_run_stopped_by_max_minutes_exits_with_its_own_status_and_the_same_com
     assert finished.returncode == 0 and "'finished': True" in finished.stdout and "'step': 3" in finished.stdout
 
 
+def test_a_bench_distill_segment_stopped_by_its_minutes_is_a_segment_done(tiny_digits_runs, tmp_path):
+    """bench distill runs each segment to --max-minutes: exit status 3 is its normal end, not a failure."""
+    from flowmap.bench_distill import DistillBenchConfig, train_segment
+
+    config = DistillBenchConfig(teacher=str(tiny_digits_runs / "teacher"), minutes=0.02, segments=1,
+                                options=("freeflow:batch-size=8",))
+    summary = train_segment("freeflow", "freeflow", config, tmp_path / "freeflow", 0.0)
+    assert summary["finished"] is False and summary["step"] > 0
+
+
 def test_bad_data_is_a_clear_error(tmp_path):
     result = run("teacher", "--data", str(tmp_path / "nothing.npz"), "--out", str(tmp_path / "t"), "--steps", "1")
     assert result.returncode == 2 and "unknown dataset" in result.stderr and "Traceback" not in result.stderr
