@@ -12,10 +12,12 @@ from server.limits import declared_too_large, has_a_body, read_within
 from server.service import Service
 
 
-def without_trailing_slash(path: str) -> str:
+def without_trailing_slash(path: str, root_path: str = "") -> str:
     """`/v1/generate/` is `/v1/generate`: a trailing slash reaches its route (the router would answer 307, which
-    most clients do not follow for a POST, and curl not at all); the demo's paths (`/ui/`) keep theirs."""
-    if len(path) > 1 and path.endswith("/") and not path.startswith(DEMO_PATH):
+    most clients do not follow for a POST, and curl not at all); the demo's paths (`/ui/`) keep theirs, under a
+    proxy's `root_path` too (uvicorn's path includes it)."""
+    route = path[len(root_path):] if root_path and path.startswith(root_path) else path
+    if len(route) > 1 and route.endswith("/") and not route.startswith(DEMO_PATH):
         return path.rstrip("/") or "/"
     return path
 
@@ -29,7 +31,7 @@ class Door:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path = without_trailing_slash(scope["path"])
+        path = without_trailing_slash(scope["path"], scope.get("root_path", ""))
         if path != scope["path"]:
             scope = {**scope, "path": path, "raw_path": path.encode()}
         settings, refusal = self.service.settings, None

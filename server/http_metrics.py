@@ -49,6 +49,6 @@ class HttpMetrics:
         finally:
             self.service.inflight -= 1
             metrics.inflight.dec()
-            route = self.route_of(without_trailing_slash(scope["path"]))
+            route = self.route_of(without_trailing_slash(scope["path"], scope.get("root_path", "")))
             metrics.http_requests.labels(route=route, status=str(status["code"])).inc()
             metrics.http_duration.labels(route=route).observe(time.perf_counter() - started)

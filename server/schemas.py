@@ -42,8 +42,8 @@ class ImageOutput(BaseModel):
 
 class ImagesRequest(ImageOutput):
     """OpenAI Images API request; `prompt` is free text for text bundles and names a class for class
-    bundles. Extras: seed, steps, guidance. OpenAI's fields that change nothing here (user, quality, style,
-    moderation; an opaque background, no streaming) are accepted for its clients; any other field is refused, as
+    bundles. Extras: seed, steps, guidance. OpenAI's fields that change nothing here (user, safety_identifier,
+    quality, complexity, style, moderation; an opaque background, no streaming) are accepted for its clients; any other field is refused, as
     on the other routes (a `seeds` meant for /v1/generate would otherwise be dropped and the seeds random)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)  # OpenAI's own extras are fields below
@@ -60,13 +60,17 @@ class ImagesRequest(ImageOutput):
     steps: int | None = Field(None, description=STEPS_HELP)
     guidance: float | None = Field(None, description="a guidance scale the bundle has baked")
     user: str | None = Field(None, max_length=256, description="OpenAI's end-user tag: accepted, not used")
-    quality: Literal["auto", "high", "medium", "low", "hd", "standard"] | None = Field(
+    safety_identifier: str | None = Field(None, max_length=256, description="OpenAI's end-user tag (user's "
+                                          "successor): accepted, not used")
+    quality: Literal["auto", "low", "medium", "high", "xhigh", "max", "hd", "standard"] | None = Field(
         None, description="OpenAI's: accepted, not used (a bundle has one quality; steps sets the teacher's)")
+    complexity: Literal["low", "medium", "high"] | None = Field(None, description="OpenAI's: accepted, not used")
     style: Literal["vivid", "natural"] | None = Field(None, description="OpenAI's: accepted, not used")
     moderation: Literal["auto", "low"] | None = Field(None, description="OpenAI's: accepted; nothing is moderated")
     background: Literal["auto", "opaque"] | None = Field(None, description="OpenAI's: images are opaque (no "
                                                            "transparent background)")
     stream: Literal[False] | None = Field(None, description="OpenAI's: no streaming, the images come whole")
+    partial_images: Literal[0] | None = Field(None, description="OpenAI's, for streaming: none here")
 
 
 class ImageData(BaseModel):

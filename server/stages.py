@@ -258,10 +258,9 @@ class Candidates:
 
     def images_held(self) -> Need:
         """Images held on the host at once: a chunk, the best so far and the next best picked from both. A refusal
-        names top_k, unless the search is less than a chunk and its candidates are most of what it holds (n
-        counts only below a chunk)."""
+        names the field that holds the more of them: top_k, or n (below a chunk, fewer candidates hold fewer)."""
         chunk = min(self.count, self.chunk)
-        param = "n" if self.count < self.chunk and self.count > 2 * self.top_k else "top_k"
+        param = "top_k" if 2 * self.top_k > chunk else "n"
         return Need(IMAGES, chunk + 2 * self.top_k, 0, param,
                     rows_what=f"a search holds a chunk of {chunk} candidates and twice top_k {self.top_k} at once")
 

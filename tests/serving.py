@@ -75,20 +75,20 @@ class Server:
 
 
 @asynccontextmanager
-async def in_process(bundle: Path = BUNDLE, **settings):
-    """The app in this process, its lifespan running, reached through httpx's ASGI transport: for
-    tests where a real uvicorn adds nothing. Yields (client, service)."""
+async def in_process(bundle: Path = BUNDLE, mount_ui: bool = False, root_path: str = "", **settings):
+    """The app in this process, its lifespan running, reached through httpx's ASGI transport (behind a proxy's
+    `root_path` where given): for tests where a real uvicorn adds nothing. Yields (client, service)."""
     from server.app import create_app
     from server.settings import Settings
 
-    app = create_app(Settings(bundle=str(bundle), **settings), mount_ui=False)
+    app = create_app(Settings(bundle=str(bundle), **settings), mount_ui=mount_ui)
     async with app.router.lifespan_context(app):
         service = app.state.service
         give_up = time.monotonic() + 60
         while not service.ready:
             assert time.monotonic() < give_up and not service.failure, service.failure or "never warm"
             await asyncio.sleep(0.02)
-        transport = httpx.ASGITransport(app=app)
+        transport = httpx.ASGITransport(app=app, root_path=root_path)
         async with httpx.AsyncClient(transport=transport, base_url="http://in-process", timeout=120) as client:
             yield client, service
 

@@ -416,9 +416,9 @@ def test_a_search_reserves_one_chunk_of_rows_for_as_many_calls_as_it_has_chunks(
     # on the host it holds a chunk, its best 5 and the next best 5 picked from both
     assert images_need(needs_of(stages), images_held(stages)).rows == 64 + 2 * 5
     assert images_need(needs_of(stages)).rows == 64  # its widest stage alone
-    # a refusal names the field that lowers them: top_k once a chunk is full, n for a search of its 40 candidates
-    assert images_held(stages).rows_param == "top_k"
-    assert images_held(plan_search((4, 2, 2), 1.0, 40, 2, 2, 0, encode)).rows_param == "n"
+    # a refusal names the field that holds the more of them: n for a chunk and 2 x 5, top_k for a chunk and 2 x 40
+    assert images_held(stages).rows_param == "n"
+    assert images_held(plan_search((4, 2, 2), 1.0, 150, 2, 40, 0, encode)).rows_param == "top_k"
 
 
 def test_a_refusal_names_the_queue_nearest_its_size_not_the_largest():

@@ -186,8 +186,9 @@ def test_openai_client_round_trip(server):
         client.images.generate(model="digits", prompt="seven", n=1)
     assert 'unknown class "seven"' in str(err.value)
     # OpenAI's fields that change nothing here are accepted: the same image as without them
-    tagged = client.images.generate(model="digits", prompt="7", n=1, size="64x64", user="u-1", quality="hd",
-                                    style="natural", extra_body={"seed": 11, "background": "opaque"})
+    tagged = client.images.generate(model="digits", prompt="7", n=1, size="64x64", user="u-1", quality="xhigh",
+                                    style="natural", background="opaque", safety_identifier="s-1", partial_images=0,
+                                    extra_body={"seed": 11})
     assert tagged.data[0].b64_json == result.data[0].b64_json
     # any other field is refused, not dropped: /v1/generate's `seeds` here would have made random seeds
     for field, value, needle in (("seeds", [1, 2], "seeds: Extra inputs are not permitted"),
@@ -404,7 +405,7 @@ def test_images_held_on_the_host_are_bounded_by_max_images_mb():
     """A digits image holds 768 bytes on the host (its float32 pixels, noise and sample): 0.06 MB is 81 of them.
     100 images in one request are refused before any work with 413 naming `labels`; 64 are served, and so is a
     search of 1024 candidates, which holds one chunk of 64 and twice its top_k of 4 at a time. A search whose top_k
-    of 20 makes it hold 104 at a time is refused naming top_k, and saying what it holds."""
+    of 40 makes it hold 144 at a time is refused naming top_k, and saying what it holds; one of top_k 1 names n."""
     async def scenario():
         async with in_process(max_images_mb=0.06) as (client, service):
             before = service.metrics.engine("student@1.5").inference_count._value.get()
@@ -412,12 +413,12 @@ def test_images_held_on_the_host_are_bounded_by_max_images_mb():
             computed = service.metrics.engine("student@1.5").inference_count._value.get() - before
             generated = await client.post("/v1/generate", json={"labels": [1] * 64})
             search = await client.post("/v1/search", json={"label": 3, "n": 1024, "top_k": 4})
-            wide = await client.post("/v1/search", json={"label": 3, "n": 1024, "top_k": 20})
+            wide = await client.post("/v1/search", json={"label": 3, "n": 1024, "top_k": 40})
             return too_many, computed, generated, search, wide, service.admission.loads["images"].rows
 
     too_many, computed, generated, search, wide, held = asyncio.run(scenario())
     assert wide.status_code == 413 and wide.json()["error"]["param"] == "top_k"
-    assert ("top_k: 104 rows (a search holds a chunk of 64 candidates and twice top_k 20 at once) exceed the whole "
+    assert ("top_k: 144 rows (a search holds a chunk of 64 candidates and twice top_k 40 at once) exceed the whole "
             "images queue of 81 rows") in wide.json()["error"]["message"]
     assert too_many.status_code == 413 and too_many.json()["error"]["param"] == "labels" and computed == 0
     assert "labels: 100 rows exceed the whole images queue of 81 rows" in too_many.json()["error"]["message"]

@@ -79,6 +79,22 @@ def test_api_errors_are_readable_messages(client):
         client.predict("cat", 1, 0, "1.5", 1, api_name="/generate")  # not one of the classes
 
 
+def test_behind_a_proxy_prefix_the_demo_keeps_its_slash_and_the_api_drops_one():
+    """Under a proxy's root_path (uvicorn's path includes it), /api/ui/ is the demo's page, not a redirect to
+    itself, and /api/v1/generate/ reaches /v1/generate."""
+    import asyncio
+
+    from serving import in_process
+
+    async def scenario():
+        async with in_process(mount_ui=True, root_path="/api") as (client, _):
+            return (await client.get("/api/ui/"), await client.post("/api/v1/generate/", json={"labels": [1]}))
+
+    page, generated = asyncio.run(scenario())
+    assert page.status_code == 200 and "<html" in page.text.lower()
+    assert generated.status_code == 200 and len(generated.json()["images"]) == 1
+
+
 def files_under(folder: Path) -> list[Path]:
     return [path for path in folder.rglob("*") if path.is_file()]
 
