@@ -43,8 +43,9 @@ class ImageOutput(BaseModel):
 class ImagesRequest(ImageOutput):
     """OpenAI Images API request; `prompt` is free text for text bundles and names a class for class
     bundles. Extras: seed, steps, guidance. OpenAI's fields that change nothing here (user, safety_identifier,
-    quality, complexity, style, moderation; an opaque background, no streaming) are accepted for its clients; any other field is refused, as
-    on the other routes (a `seeds` meant for /v1/generate would otherwise be dropped and the seeds random)."""
+    quality, complexity, style, moderation; an opaque background, no streaming) are accepted for its clients; any
+    other field is refused, as on the other routes (a `seeds` meant for /v1/generate would otherwise be dropped and
+    the seeds random)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)  # OpenAI's own extras are fields below
     prompt: str = Field(..., min_length=1, max_length=PROMPT_MAX_CHARS,
