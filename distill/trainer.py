@@ -42,6 +42,8 @@ from distill.checkpoint import (
     save_checkpoint,
 )
 
+STOPPED_EARLY = 3  # the exit status of a training command whose run stopped before its last step (--max-minutes)
+
 
 @dataclass
 class TrainConfig:

@@ -63,7 +63,7 @@ def train_segment(label: str, method: str, config: DistillBenchConfig, run_dir: 
     command = [sys.executable, "-m", "flowmap.cli", "distill", "--method", method, "--teacher", config.teacher,
                "--out", str(run_dir), "--steps", "1000000", "--max-minutes", str(config.minutes / config.segments),
                "--checkpoint-every", "1000000", "--quiet", *method_flags(label, config.options)]
-    from flowmap.cli import STOPPED_EARLY
+    from distill.trainer import STOPPED_EARLY
 
     # each segment ends by --max-minutes, which the command reports with its own status
     finished = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL)

@@ -80,13 +80,12 @@ def config_from(args: argparse.Namespace, cls, defaults=None, **overrides):
     return cls(**values)
 
 
-STOPPED_EARLY = 3  # the exit status of a training command that stopped before its last step
-
-
 def trained(summary: dict) -> int:
     """Print a training command's summary; its exit status is 0 where the run reached its last step and
     STOPPED_EARLY where --max-minutes stopped it first, so a script that goes on to export does not export a
     network short of its steps unawares."""
+    from distill.trainer import STOPPED_EARLY
+
     print(summary)
     if summary.get("finished", True):
         return 0
