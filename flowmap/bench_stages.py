@@ -630,8 +630,10 @@ def render_stages_markdown(report: dict, plot_name: str) -> str:
         "What the serving path's array handling adds to a request's resident memory at the users' sizes, each "
         "operation in a fresh process beside its whole-array form (how the server did it before), as a multiple of "
         "the data it handles: joining a request's decoder batches frees each batch once copied, a batch's feeds are "
-        "gathered and padded in one copy, the verifier clips in place, images are quantised 32 MB at a time, and "
-        "the candidates of a search share their prompt's condition.",
+        "gathered and padded in one copy, the verifier clips in place, images are quantised 32 MB at a time, "
+        "the candidates of a search share their prompt's condition, and a search makes, decodes and scores its "
+        "candidates 64 at a time, keeping its best (its stage run with engines that answer arrays of their "
+        "outputs' sizes; its whole-array form is the same stage with every candidate in one chunk).",
         "",
         *memory_table(report["memory"]),
         "",

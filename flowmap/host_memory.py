@@ -7,12 +7,38 @@ written, so a join that frees each part once copied peaks at its output and one 
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 
 from flowmap.timing import in_fresh_process
 from server.engines import pad_rows, stack_rows
 from server.imaging import join_rows, to_uint8
-from server.stages import rows_of
+from server.stages import State, plan_search, rows_of
+
+SEARCH_TOP_K = 4  # the search case's kept candidates
+
+
+def search_candidates(count: int, image: tuple[int, ...], chunk: int | None = None):
+    """The served search's Candidates stage over `count` candidates (FLUX latents: 16 channels at an eighth of the
+    side; decoded, scored), run with engines that answer arrays of their outputs' sizes (the memory is the stage's:
+    the engines' own is not the host's to bound), a chunk at a time, or all at once where `chunk` is `count` (the
+    search before chunking)."""
+    latent = (16, image[1] // 8, image[2] // 8)
+    candidates = plan_search(latent, 1.0, count, 1, SEARCH_TOP_K, 0, None, decode=True)[0]
+    candidates.chunk = chunk or candidates.chunk
+    rng = np.random.default_rng(0)
+
+    async def call(engine, feeds, ticket):
+        if engine == "decoder":
+            return np.full((len(feeds["latent"]), *image), 0.25, np.float32)  # written: its pages are committed
+        if engine == "verifier":
+            return rng.normal(size=(len(feeds["image"]), 10)).astype(np.float32)
+        return feeds["x"] * np.float32(0.5)  # a student's jump: a new array of its input's size
+
+    state = State(seeds=list(range(count)), labels=np.zeros(count, np.int64))
+    asyncio.run(candidates.run(state, call, None))
+    return state.x
 
 
 def resident_mb(field: str) -> float:
@@ -82,6 +108,9 @@ def cases(side: int, images: int, decoder_batch: int, condition: tuple[int, int]
          quantise_whole, to_uint8),
         ("one prompt's conditions for a search", f"{search} candidates, a {condition[0]}x{condition[1]} condition",
          search * condition_mb, conditions, stacked, broadcast),
+        (f"a search's candidates, decoded and scored (top_k {SEARCH_TOP_K})",
+         f"{search} candidates of {side} px from FLUX latents", search * one_image.nbytes / 2**20, lambda: search,
+         lambda count: search_candidates(count, image, chunk=count), lambda count: search_candidates(count, image)),
     ]
 
 
