@@ -164,10 +164,14 @@ async def generate(body: GenerateRequest, request: Request):
     or random seeds."""
     svc = service(request)
     generation = Generation.resolve(svc, body)
-    encoding = [field for field in ("size", "output_format", "output_compression") if field in body.model_fields_set]
-    if body.format == "raw" and encoding:  # they shape encoded images; raw arrays are the model's own pixels
+    # given (an explicit null is the default, as everywhere): they shape encoded images, and raw arrays are the
+    # model's own pixels
+    encoding = [field for field in ("size", "output_format", "output_compression") if getattr(body, field) is not None
+                and field in body.model_fields_set]
+    if body.format == "raw" and encoding:
         raise ApiError(422, f"{encoding[0]}: format raw returns float arrays at the bundle's native size; "
-                            f"{', '.join(encoding)} apply to encoded images (format png)", encoding[0])
+                            f"{', '.join(encoding)} {'applies' if len(encoding) == 1 else 'apply'} to encoded images "
+                            "(format png)", encoding[0])
     if svc.prompts is not None:
         if body.prompts is None or body.labels is not None:
             instead = ", not labels" if body.labels is not None else " (the field is required)"

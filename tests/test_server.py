@@ -68,6 +68,9 @@ def test_multi_step_and_teacher_are_deterministic_too(server):
 def test_raw_format_matches_png(server):
     raw = post(server.url, "/v1/generate", {"labels": [5], "seeds": [77], "format": "raw"}).json()
     png = post(server.url, "/v1/generate", {"labels": [5], "seeds": [77]}).json()
+    # an explicit null is the default, here as everywhere: not an encoding asked of raw arrays
+    nulled = post(server.url, "/v1/generate", {"labels": [5], "seeds": [77], "format": "raw", "size": None})
+    assert nulled.status_code == 200 and nulled.json()["arrays"] == raw["arrays"]
     array = np.asarray(raw["arrays"][0], np.float32)
     assert array.shape == (1, 8, 8) and array.min() >= -1 and array.max() <= 1
     expected = np.rint((array[0] + 1) * 127.5).astype(np.uint8)
@@ -231,7 +234,7 @@ def test_models_list(server):
     ("/v1/images/generations", {"prompt": "1", "n": True}, 422, "n: Input should be a valid integer, got true"),
     ("/v1/search", {"label": 1, "n": 4, "seed": 1, "seeds": [1, 2, 3, 4]}, 422, "seeds: give seed"),
     ("/v1/generate", {"labels": [7], "format": "raw", "size": "64x64"}, 422,
-     "size: format raw returns float arrays at the bundle's native size"),
+     "size: format raw returns float arrays at the bundle's native size; size applies to encoded images"),
     ("/v1/search", {"label": 3, "seeds": [1, 2, 3]}, 422,
      "seeds: expected 64 seeds (one per candidate: n is 64 by default), got 3"),
     ("/v1/search", {"label": 3, "n": 4, "seed": 2**63 - 3}, 422, "seed: seed + n - 1 must stay within"),
