@@ -12,11 +12,16 @@ from server.limits import declared_too_large, has_a_body, read_within
 from server.service import Service
 
 
+def route_path(path: str, root_path: str = "") -> str:
+    """The path below a proxy's `root_path` (uvicorn's path includes it), as the router matches it."""
+    return path[len(root_path):] if root_path and path.startswith(root_path) else path
+
+
 def without_trailing_slash(path: str, root_path: str = "") -> str:
     """`/v1/generate/` is `/v1/generate`: a trailing slash reaches its route (the router would answer 307, which
     most clients do not follow for a POST, and curl not at all); the demo's paths (`/ui/`) keep theirs, under a
     proxy's `root_path` too (uvicorn's path includes it)."""
-    route = path[len(root_path):] if root_path and path.startswith(root_path) else path
+    route = route_path(path, root_path)
     if len(route) > 1 and route.endswith("/") and not route.startswith(DEMO_PATH):
         return path.rstrip("/") or "/"
     return path

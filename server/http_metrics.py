@@ -6,7 +6,7 @@ import os
 import socket
 import time
 
-from server.door import without_trailing_slash
+from server.door import route_path, without_trailing_slash
 from server.keys import DEMO_PATH
 from server.routes import router
 from server.service import Service
@@ -49,6 +49,7 @@ class HttpMetrics:
         finally:
             self.service.inflight -= 1
             metrics.inflight.dec()
-            route = self.route_of(without_trailing_slash(scope["path"], scope.get("root_path", "")))
+            root = scope.get("root_path", "")
+            route = self.route_of(route_path(without_trailing_slash(scope["path"], root), root))
             metrics.http_requests.labels(route=route, status=str(status["code"])).inc()
             metrics.http_duration.labels(route=route).observe(time.perf_counter() - started)

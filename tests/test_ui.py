@@ -88,11 +88,14 @@ def test_behind_a_proxy_prefix_the_demo_keeps_its_slash_and_the_api_drops_one():
 
     async def scenario():
         async with in_process(mount_ui=True, root_path="/api") as (client, _):
-            return (await client.get("/api/ui/"), await client.post("/api/v1/generate/", json={"labels": [1]}))
+            return (await client.get("/api/ui/"), await client.post("/api/v1/generate/", json={"labels": [1]}),
+                    (await client.get("/api/metrics")).text)
 
-    page, generated = asyncio.run(scenario())
+    page, generated, metrics = asyncio.run(scenario())
     assert page.status_code == 200 and "<html" in page.text.lower()
     assert generated.status_code == 200 and len(generated.json()["images"]) == 1
+    # counted under the route's own path, not "other"
+    assert 'flowmap_http_requests_total{route="/v1/generate",status="200"} 1.0' in metrics
 
 
 def files_under(folder: Path) -> list[Path]:
