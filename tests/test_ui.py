@@ -70,6 +70,8 @@ def test_api_errors_are_readable_messages(client):
     assert "every seed must lie in 0.." in message and "HTTP 422" in message and "Traceback" not in message
     with pytest.raises(AppError, match="greater than maximum value 16"):
         client.predict("7", 100, 0, "1.5", 1, api_name="/generate")  # past the slider's range
+    with pytest.raises(AppError, match="images: 2.5 is not a whole number"):
+        client.predict("7", 2.5, 0, "1.5", 1, api_name="/generate")  # it would have made 2
     # NaN, which a JSON client cannot send but a hand-written call can: a message, and no traceback in the log
     call = httpx.post(client.src.rstrip("/") + "/gradio_api/call/generate",
                       content=b'{"data": ["7", 2, NaN, "1.5", 1, ""]}', headers={"content-type": "application/json"})

@@ -68,11 +68,14 @@ def error_message(response: httpx.Response) -> str:
 
 def quiet(component):
     """`component`, whose rejected input (a value outside a slider's range, a choice not offered, a seed that is
-    no number: NaN or infinity from an API call) becomes a message for the visitor instead of a traceback in the
-    server's log."""
+    no number: NaN or infinity from an API call; a fraction on a slider of whole steps, which would be cut short)
+    becomes a message for the visitor instead of a traceback in the server's log."""
     checked = component.preprocess
+    whole = isinstance(component, gr.Slider) and float(component.step).is_integer()
 
     def preprocess(payload):
+        if whole and isinstance(payload, float) and not payload.is_integer():
+            raise gr.Error(f"{component.label}: {payload!r} is not a whole number", print_exception=False)
         try:
             return checked(payload)
         except gr.Error as err:
