@@ -184,8 +184,10 @@ def search_block(root: Path) -> str:
              "each category and the plot); oracle accuracy, mean [95% interval over prompts]:"]
     for task in report["tasks"]:
         largest = max(r["budget"] for r in task["results"])
+        # one teacher sample, one student sample, the student's best of one teacher sample's NFE, every method at
+        # the largest budget
         picked = [r for r in task["results"] if r["method"] == "a" or r["budget"] == largest
-                  or (r["method"] == "d" and r["nfe"] == 1)]
+                  or (r["method"] == "d" and (r["nfe"] == 1 or r["budget"] == 1))]
         spatial = "spatial" in task["categories"]
         earlier = ", from an earlier run of the benchmark" if task.get("kept_from_an_earlier_run") else ""
         lines += ["", f"**{task['name']}**, guidance {task['guidance_scale']:g}, {task['units']} searches "
@@ -194,13 +196,18 @@ def search_block(root: Path) -> str:
                   + "gain over (a) |",
                   "|---|---:|---:|---|" + ("---|" if spatial else "") + "---|"]
         for r in picked:
-            lines.append(f"| ({r['method']}) {r['label']} | {r['nfe']:g} | {r['verifier_calls']} | "
+            label = "one student sample" if r["method"] == "d" and r["nfe"] == 1 else r["label"]
+            lines.append(f"| ({r['method']}) {label} | {r['nfe']:g} | {r['verifier_calls']} | "
                          f"{cell(r['overall'])} | "
                          + (f"{cell(r['spatial'])} | " if spatial else "") + f"{cell(r['overall_gain'])} |")
         transfer = cell(task["noise_transfer"]["spearman"])
         extras = ["(c) minus (b) at equal NFE " + ", ".join(f"{c['nfe']}: {cell(c['overall_c_minus_b'])}"
                                                          for c in task["c_vs_b"]),
                   f"noise transfer (Spearman, student vs teacher score of a noise) {transfer}"]
+        if spatial:  # the goal's reading: each search's paired spatial gain over one teacher sample
+            gains = {r["method"]: r for r in task["results"] if r["budget"] == largest and r["method"] in "bc"}
+            extras.append(f"paired spatial gain over one teacher sample at {gains['b']['nfe']:g} NFE: (b) "
+                          f"{cell(gains['b']['spatial_gain'])}, (c) {cell(gains['c']['spatial_gain'])}")
         if "fd" in task["notes"]:
             fd = task["notes"]["fd"]
             extras.append(f"1-NFE student FD {fd['student_1nfe']:.2f} against the teacher's {fd['teacher']:.2f} "
@@ -216,9 +223,11 @@ def search_block(root: Path) -> str:
         lead = (f"The last run of the shapes pipeline resumed what earlier runs had trained (its student's "
                 f"{student['step']} steps among them) and took" if resumed else "The shapes models took")
         how = "" if resumed else " to train and export"
+        whole = " (a run from nothing trains for far longer: the Makefile's `models` target says how long)" \
+            if resumed else ""
         lines += ["", f"{lead} {pipeline['total_minutes']:.1f} minutes{how} on this machine's "
                       f"{pipeline['torch_threads']} CPU threads ({stages}; [docs/shapes_pipeline.md]"
-                      "(docs/shapes_pipeline.md))."]
+                      f"(docs/shapes_pipeline.md)){whole}."]
     return "\n".join(lines)
 
 
