@@ -123,7 +123,7 @@ def signature(config) -> dict:
 
 
 def load_teacher(spec: str, device: str | torch.device = "cpu", prompts: list[str] | None = None):
-    """A teacher from a run directory, a public SiT/DiT checkpoint (`sit:PATH`, see distill/sit.py), a
+    """A teacher from a run directory, a public SiT checkpoint (`sit:PATH`, see distill/sit.py), a
     diffusers text-to-image pipeline folder (`diffusers:PATH`, see distill/diffusers_models.py; `prompts`
     are the conditions it trains on), or `package.module:factory` (a user's own model).
 

@@ -1,4 +1,4 @@
-"""SiT/DiT checkpoints in their public layout (the SiT reference model: `x_embedder`, `t_embedder`,
+"""SiT checkpoints in their public layout (the SiT reference model: `x_embedder`, `t_embedder`,
 `y_embedder`, `pos_embed`, `blocks.N.{attn,mlp,adaLN_modulation}`, `final_layer`) as our teachers.
 
 `arch="sit"` in distill/nets.py is the same transformer in our convention: it feeds the network
@@ -6,7 +6,8 @@
 The loader maps the public key names and shapes onto it: the patch embedding's convolution becomes a
 linear map, and the final layer's outputs are reordered from SiT's (p, q, c) to our (c, p, q) per
 patch, keeping the velocity channels (SiT's `learn_sigma` adds as many variance channels, unused).
-So `flowmap distill --teacher sit:SiT-XL-2-256x256.pt` distils the official checkpoint.
+So `flowmap distill --teacher sit:SiT-XL-2-256x256.pt` distils the official checkpoint. DiT's checkpoints share the
+layout but predict DDPM noise over 1000 discrete steps: read this way they would load and be a wrong teacher.
 
 Classifier-free guidance: SiT's null label is index `num_classes`, as ours. Its reference sampler
 guides only the first three latent channels; ours guides all four, the standard way.

@@ -14,9 +14,9 @@ import typing
 from pathlib import Path
 
 # the forms distill.models.load_teacher reads
-TEACHER_HELP = ("teacher run directory, sit:FILE (a public SiT/DiT checkpoint, e.g. SiT-XL-2-256x256.pt), "
-                "diffusers:FOLDER (an SD3, FLUX or SANA pipeline saved with save_pretrained) or "
-                "package.module:factory")
+TEACHER_HELP = ("teacher run directory, sit:FILE (a public SiT checkpoint, e.g. SiT-XL-2-256x256.pt; not DiT's, "
+                "which predict DDPM noise), diffusers:FOLDER (an SD3, FLUX or SANA pipeline saved with "
+                "save_pretrained) or package.module:factory (the student then needs --init)")
 
 
 def field_help(cls) -> dict[str, str]:
@@ -281,6 +281,15 @@ def cmd_export(argv: list[str]) -> int:
                         help="reuse the bundle's ONNX graphs (add TensorRT engines or a Triton repository)")
     add_config_flags(parser, TensorRTConfig, title="TensorRT (with --tensorrt)")
     args = parser.parse_args(argv)
+    if args.skip_onnx:  # what only an export reads would be silently dropped
+        ignored = [flag for flag, value in (("--student", args.student), ("--teacher", args.teacher),
+                                            ("--verifier", args.verifier), ("--decoder", args.decoder),
+                                            ("--torch-programs", args.torch_programs),
+                                            ("--parity-batches", args.parity_batches), ("--metrics", args.metrics))
+                   if value]
+        if ignored:
+            parser.error(f"{', '.join(ignored)}: --skip-onnx adds to the bundle in --out as it is; export again "
+                         "without --skip-onnx to change its graphs")
     if args.tensorrt:
         from export.trt_runtime import import_tensorrt
 

@@ -71,6 +71,12 @@ def test_tensorrt_without_tensorrt_is_a_clear_stop(tmp_path):
     assert "TensorRT is not installed" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_export_skip_onnx_refuses_the_flags_only_an_export_reads(tmp_path):
+    result = run("export", "--skip-onnx", "--torch-programs", "--student", "runs/x", "--out", str(tmp_path / "b"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--student, --torch-programs: --skip-onnx adds to the bundle in --out as it is" in result.stderr
+
+
 def test_bench_distill_entries_carry_their_own_options():
     from flowmap.bench_distill import method_flags, parse_entry
 
