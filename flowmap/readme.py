@@ -46,7 +46,7 @@ def distill_block(root: Path) -> str:
                      f"| {r['class_accuracy']:.3f} | {r['alignment_rmse']:.3f} |")
     if pipeline:
         stages = ", ".join(f"{k} {v:.0f} s" for k, v in pipeline["stage_seconds"].items())
-        lines += ["", f"The whole pipeline took {pipeline['total_minutes']:.1f} minutes on this machine's "
+        lines += ["", f"The whole pipeline took {pipeline['total_minutes']:.1f} minutes on the benchmark machine's "
                       f"{pipeline['torch_threads']} CPU threads ({stages}); see [docs/pipeline.md](docs/pipeline.md)."]
     return "\n".join(lines)
 
@@ -58,7 +58,8 @@ def methods_block(root: Path) -> str:
     config = report["config"]
     teacher = {r["steps"]: r["fd_pixels"] for r in report["teacher"]}
     lines = [
-        f"Every method from the same teacher, {config['minutes']:g} minutes of wall time each on this machine, "
+        f"Every method from the same teacher, {config['minutes']:g} minutes of wall time each on the benchmark "
+        "machine, "
         f"guidance w = {_guidance(config)} (from [docs/distillation.md](docs/distillation.md), written by "
         "`flowmap bench distill`). Teacher FD in pixels: "
         + ", ".join(f"{steps} steps {fd:.3f}" for steps, fd in sorted(teacher.items())) + ".",
@@ -141,7 +142,7 @@ def recipe_block(root: Path) -> str:
     if report is None:
         return "_No recipe timings yet: run `make bench-recipe`._"
     return "\n".join([
-        f"Seconds per training step on this machine's {report['machine']['cpus']} CPU cores, {report['data']['name']} "
+        f"Seconds per training step on the benchmark machine's {report['machine']['cpus']} CPU cores, {report['data']['name']} "
         f"{report['data']['shape']}, batch {report['config']['batch_size']}, and the time of a full run (from "
         "[docs/recipe.md](docs/recipe.md), written by `flowmap bench recipe`; pass `--data your.npz` to time your "
         "own):",
@@ -225,7 +226,7 @@ def search_block(root: Path) -> str:
         how = "" if resumed else " to train and export"
         whole = " (a run from nothing trains for far longer: the Makefile's `models` target says how long)" \
             if resumed else ""
-        lines += ["", f"{lead} {pipeline['total_minutes']:.1f} minutes{how} on this machine's "
+        lines += ["", f"{lead} {pipeline['total_minutes']:.1f} minutes{how} on the benchmark machine's "
                       f"{pipeline['torch_threads']} CPU threads ({stages}; [docs/shapes_pipeline.md]"
                       f"(docs/shapes_pipeline.md)){whole}."]
     return "\n".join(lines)
