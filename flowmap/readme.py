@@ -142,7 +142,8 @@ def recipe_block(root: Path) -> str:
     if report is None:
         return "_No recipe timings yet: run `make bench-recipe`._"
     return "\n".join([
-        f"Seconds per training step on the benchmark machine's {report['machine']['cpus']} CPU cores, {report['data']['name']} "
+        f"Seconds per training step on the benchmark machine's {report['machine']['cpus']} CPU cores, "
+        f"{report['data']['name']} "
         f"{report['data']['shape']}, batch {report['config']['batch_size']}, and the time of a full run (from "
         "[docs/recipe.md](docs/recipe.md), written by `flowmap bench recipe`; pass `--data your.npz` to time your "
         "own):",
