@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -176,6 +177,8 @@ class FinalLayer(nn.Module):
 class FlowNet(nn.Module):
     """v = net(x, t, label, s=None, w=None): the shared backbone of every model in the project."""
 
+    gradient_checkpointing = False  # set by `enable_gradient_checkpointing`, as on a diffusers model
+
     def __init__(self, config: NetConfig):
         super().__init__()
         self.config = config
@@ -215,12 +218,23 @@ class FlowNet(nn.Module):
             cond = cond + self.extra_embed["w"](guidance_input(w))
         return cond
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Keep only each block's input for the backward pass and recompute the rest there: less memory for
+        activations, one more forward of the blocks."""
+        self.gradient_checkpointing = True
+
+    def _blocks(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(block, h, cond, use_reentrant=False)
+            else:
+                h = block(h, cond)
+        return h
+
     def forward(self, x, t, label, s=None, w=None) -> torch.Tensor:
         cond = self.condition(t, label, s, w)
         if self.config.arch == "mlp":
-            h = self.x_in(x.reshape(x.shape[0], -1))
-            for block in self.blocks:
-                h = block(h, cond)
+            h = self._blocks(self.x_in(x.reshape(x.shape[0], -1)), cond)
             return self.final(h, cond).reshape(x.shape)
         if self.config.arch == "sit":  # SiT predicts x - eps along its own time: minus our velocity
             return -self._dit(x, cond)
@@ -230,9 +244,7 @@ class FlowNet(nn.Module):
         batch, channels, height, width = x.shape
         patch, (gh, gw) = self.config.patch, self.grid
         tokens = x.reshape(batch, channels, gh, patch, gw, patch).permute(0, 2, 4, 1, 3, 5)
-        h = self.patch_in(tokens.reshape(batch, gh * gw, channels * patch * patch)) + self.pos
-        for block in self.blocks:
-            h = block(h, cond)
+        h = self._blocks(self.patch_in(tokens.reshape(batch, gh * gw, channels * patch * patch)) + self.pos, cond)
         out = self.final(h, cond).reshape(batch, gh, gw, channels, patch, patch)
         return out.permute(0, 3, 1, 4, 2, 5).reshape(batch, channels, height, width)
 

@@ -86,6 +86,11 @@ def distill_student(method: str, teacher_spec: str | None, method_config, train_
                          "conditioned on classes")
     if teacher_spec and teacher_spec.startswith("diffusers:") and not prompts:
         raise ValueError("a diffusers teacher needs --prompts FILE: the prompts (one per line) it generates from")
+    uses_jvp = getattr(method_config, "derivative", None) == "jvp" and getattr(method_config, "time",
+                                                                                  "continuous") == "continuous"
+    if train_config.gradient_checkpointing and uses_jvp:  # before any model loads
+        raise ValueError("--gradient-checkpointing cannot recompute the blocks under a JVP (forward-mode "
+                         "derivative, --derivative jvp); use --derivative fd with it")
     teacher = None if self_taught else load_teacher(teacher_spec, train_config.device, prompts)
     teacher_meta = checkpoint_meta(teacher_spec) if teacher is not None and Path(teacher_spec).is_dir() else {}
     if data is None and (spec.needs_data or teacher is None):

@@ -56,6 +56,9 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
     log_every: int = 50  # steps between log.jsonl lines and progress-bar updates
     max_minutes: float | None = None  # stop early (and checkpoint) after this much wall time
+    # recompute each transformer block's activations in the backward pass instead of keeping them: less memory
+    # for a real-size model, one more forward of the blocks
+    gradient_checkpointing: bool = False
     device: str = "cpu"  # "cpu" or "cuda"
 
     def __post_init__(self) -> None:
@@ -148,6 +151,18 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 # What decides the shapes of a run's tensors: a change here makes its checkpoint unloadable.
 SHAPE_KEYS = ("net", "verifier")
+
+
+def checkpointed_networks(modules) -> int:
+    """Turn on gradient checkpointing in every network among `modules` that has it (ours and diffusers'
+    transformers); returns how many. None having it is an error: the flag would change nothing."""
+    networks = [network for module in modules for network in module.modules()
+                if hasattr(network, "enable_gradient_checkpointing")]
+    if not networks:
+        raise ValueError("--gradient-checkpointing: none of this run's networks can recompute its activations")
+    for network in networks:
+        network.enable_gradient_checkpointing()
+    return len(networks)
 
 
 def same_setting(name: str, before, now) -> bool:
@@ -245,6 +260,7 @@ def train(method: Method, run_dir: str | Path, meta: dict, config: TrainConfig, 
                 dist.broadcast(tensor, src=0)
     for module in getattr(method, "state", {}).values():
         module.to(device)
+    checkpointed = checkpointed_networks(method.trainable.values()) if config.gradient_checkpointing else 0
     optimizers = {name: torch.optim.Adam(m.parameters(), lr=config.lr) for name, m in method.trainable.items()}
     ema = copy.deepcopy(method.trainable[method.ema_name]).eval().requires_grad_(False)
     generator = torch.Generator(device="cpu").manual_seed(rank_seed(config.seed, rank))
@@ -349,6 +365,7 @@ def train(method: Method, run_dir: str | Path, meta: dict, config: TrainConfig, 
         "sec_per_step": round(compute_seconds / steps_run, 4) if steps_run else None,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "final": {k: round(v, 6) for k, v in running.items()},
+        "checkpointed_networks": checkpointed,  # networks whose blocks recompute activations (gradient_checkpointing)
     }
     if lead:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -111,6 +111,28 @@ def test_data_free_methods_distil_a_diffusers_teacher_from_prompts(tiny_text_pip
     assert torch.isfinite(moved).all() and not torch.allclose(moved, start, atol=1e-6)  # it trained
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_checkpointing_trains_the_same_diffusers_student(tiny_text_pipelines, tmp_path, family):
+    """With --gradient-checkpointing the student's and the fake flow's transformers recompute their blocks'
+    activations in the backward pass (diffusers' own checkpointing, turned on in each): the same weights after
+    the same steps, for every family."""
+    from distill.freeflow import FreeFlowConfig
+    from distill.pipeline import distill_student
+    from distill.trainer import TrainConfig
+
+    train = TrainConfig(steps=2, batch_size=4, lr=1e-3, ema_decay=0.0)
+    runs = {}
+    for recompute in (False, True):
+        out = tmp_path / f"recompute-{recompute}"
+        summary = distill_student("freeflow", f"diffusers:{tiny_text_pipelines[family]}", FreeFlowConfig(),
+                                  replace(train, gradient_checkpointing=recompute), out, progress=False,
+                                  prompts=CAPTIONS)
+        runs[recompute] = summary["checkpointed_networks"], load_student(out)[0].state_dict()
+    assert runs[False][0] == 0 and runs[True][0] == 2  # the student's transformer and the fake flow's
+    for name, weights in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][name], weights, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_methods_that_need_data_say_so_for_diffusers_teachers(tiny_text_pipelines, tmp_path):
     from distill.meanflow import MeanFlowConfig
     from distill.pipeline import distill_student
