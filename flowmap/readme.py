@@ -136,7 +136,7 @@ def overload_block(root: Path) -> str:
 
 
 def recipe_block(root: Path) -> str:
-    from flowmap.bench_recipe import recipe_table
+    from flowmap.bench_recipe import checkpointing_lines, recipe_table
 
     report = _load(root / "docs" / "recipe.json")
     if report is None:
@@ -149,6 +149,7 @@ def recipe_block(root: Path) -> str:
         "own):",
         "",
         *recipe_table(report),
+        *(["", *checkpointing_lines(report)[2:-1]] if report.get("checkpointing") else []),
     ])
 
 
