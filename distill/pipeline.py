@@ -91,6 +91,11 @@ def distill_student(method: str, teacher_spec: str | None, method_config, train_
     if train_config.gradient_checkpointing and uses_jvp:  # before any model loads
         raise ValueError("--gradient-checkpointing cannot recompute the blocks under a JVP (forward-mode "
                          "derivative, --derivative jvp); use --derivative fd with it")
+    if train_config.gradient_checkpointing and method == "fgm":
+        # FGM freezes its online flow's weights for the generator's loss only; a recomputation in the backward
+        # pass meets them trainable again and saves other tensors (torch's checkpoint refuses it)
+        raise ValueError("--gradient-checkpointing: FGM freezes its online flow for one loss, which recomputing the "
+                         "blocks cannot follow; train FGM without it")
     teacher = None if self_taught else load_teacher(teacher_spec, train_config.device, prompts)
     teacher_meta = checkpoint_meta(teacher_spec) if teacher is not None and Path(teacher_spec).is_dir() else {}
     if data is None and (spec.needs_data or teacher is None):

@@ -159,7 +159,8 @@ def checkpointed_networks(modules) -> int:
     networks = [network for module in modules for network in module.modules()
                 if hasattr(network, "enable_gradient_checkpointing")]
     if not networks:
-        raise ValueError("--gradient-checkpointing: none of this run's networks can recompute its activations")
+        raise ValueError("--gradient-checkpointing: none of this run's networks has blocks to recompute (a "
+                         "verifier's classifier has none); train it without the flag")
     for network in networks:
         network.enable_gradient_checkpointing()
     return len(networks)

@@ -253,8 +253,7 @@ def cmd_export(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="bundle directory, e.g. models/digits")
     parser.add_argument("--name", default=None, help="bundle name (default: the folder name)")
     parser.add_argument("--guidance-scales", "--cfg-scales", dest="guidance_scales", type=float, nargs="+",
-                        default=[1.5],
-                        help="guidance scales to bake, one student graph each (default: 1.5)")
+                        default=None, help="guidance scales to bake, one student graph each (default: 1.5)")
     parser.add_argument("--teacher-guidance-scale", "--teacher-cfg-scale", dest="teacher_guidance_scale", type=float,
                         default=None, help="the guidance scale baked into the teacher graph; default: the first "
                         "--guidance-scales")
@@ -285,11 +284,15 @@ def cmd_export(argv: list[str]) -> int:
         ignored = [flag for flag, value in (("--student", args.student), ("--teacher", args.teacher),
                                             ("--verifier", args.verifier), ("--decoder", args.decoder),
                                             ("--torch-programs", args.torch_programs),
-                                            ("--parity-batches", args.parity_batches), ("--metrics", args.metrics))
-                   if value]
+                                            ("--parity-batches", args.parity_batches), ("--metrics", args.metrics),
+                                            ("--name", args.name), ("--guidance-scales", args.guidance_scales),
+                                            ("--teacher-guidance-scale", args.teacher_guidance_scale))
+                   if value is not None and value is not False]
         if ignored:
             parser.error(f"{', '.join(ignored)}: --skip-onnx adds to the bundle in --out as it is; export again "
                          "without --skip-onnx to change its graphs")
+        if not (Path(args.out) / "manifest.json").is_file():
+            parser.error(f"--skip-onnx adds to an exported bundle, and {args.out} holds none (no manifest.json)")
     if args.tensorrt:
         from export.trt_runtime import import_tensorrt
 
@@ -314,7 +317,7 @@ def cmd_export(argv: list[str]) -> int:
                          "(--verifier is optional with a diffusers teacher)")
 
         metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
-        export_bundle(args.student, args.teacher, args.verifier, args.out, tuple(args.guidance_scales),
+        export_bundle(args.student, args.teacher, args.verifier, args.out, tuple(args.guidance_scales or (1.5,)),
                       args.teacher_guidance_scale, args.name, metrics, decoder=args.decoder,
                       programs=args.torch_programs, parity_batches=tuple(args.parity_batches or PARITY_BATCHES))
     if args.tensorrt:

@@ -164,8 +164,8 @@ async def generate(body: GenerateRequest, request: Request):
     or random seeds."""
     svc = service(request)
     generation = Generation.resolve(svc, body)
-    # given (an explicit null is the default, as everywhere): they shape encoded images, and raw arrays are the
-    # model's own pixels
+    # given (an explicit null size or output_compression is the default, as everywhere): they shape encoded images,
+    # and raw arrays are the model's own pixels
     encoding = [field for field in ("size", "output_format", "output_compression") if getattr(body, field) is not None
                 and field in body.model_fields_set]
     if body.format == "raw" and encoding:

@@ -75,6 +75,10 @@ def test_export_skip_onnx_refuses_the_flags_only_an_export_reads(tmp_path):
     result = run("export", "--skip-onnx", "--torch-programs", "--student", "runs/x", "--out", str(tmp_path / "b"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--student, --torch-programs: --skip-onnx adds to the bundle in --out as it is" in result.stderr
+    scales = run("export", "--skip-onnx", "--guidance-scales", "3", "--out", str(tmp_path / "b"))
+    assert scales.returncode == 2 and "--guidance-scales: --skip-onnx adds to the bundle" in scales.stderr
+    nothing = run("export", "--skip-onnx", "--out", str(tmp_path / "b"))  # no bundle there to add to
+    assert nothing.returncode == 2 and "holds none (no manifest.json)" in nothing.stderr
 
 
 def test_bench_distill_entries_carry_their_own_options():

@@ -180,4 +180,7 @@ def test_gradient_checkpointing_recomputes_the_blocks_and_trains_the_same_studen
     with pytest.raises(ValueError, match="--gradient-checkpointing cannot recompute the blocks under a JVP"):
         distill_student("meanflow", str(tiny_digits_runs / "teacher"), MeanFlowConfig(derivative="jvp"),
                         TrainConfig(gradient_checkpointing=True), tmp_path / "meanflow", progress=False)
+    with pytest.raises(ValueError, match="--gradient-checkpointing: FGM freezes its online flow for one loss"):
+        distill_student("fgm", str(tiny_digits_runs / "teacher"), FGMConfig(), TrainConfig(gradient_checkpointing=True),
+                        tmp_path / "fgm", progress=False)
 
