@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from distill.flow import (
     bcast,
-    check_guidance_scales,
+    check_guidance_scale,
     guided_velocity,
     interpolate,
     null_condition,
@@ -33,7 +33,7 @@ class DMD2Config:
     dm_guidance_scale: float = 1.5  # guidance of the real side of the DMD term
 
     def __post_init__(self) -> None:
-        check_guidance_scales({"dm_guidance_scale": self.dm_guidance_scale})
+        check_guidance_scale("dm_guidance_scale", self.dm_guidance_scale)
 
 
 def simulate(student, z, label, w, steps: int, generator) -> torch.Tensor:

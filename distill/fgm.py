@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.flow import (
-    check_guidance_scales,
+    check_guidance_range,
     draw_guidance_scales,
     guided_velocity,
     interpolate,
@@ -31,8 +31,7 @@ class FGMConfig:
     t_min: float = 0.02  # the teacher's velocity is stiff near t = 0; the paper samples t away from it
 
     def __post_init__(self) -> None:
-        check_guidance_scales({"guidance_min": self.guidance_min, "guidance_max": self.guidance_max},
-                              "guidance_min", "guidance_max")
+        check_guidance_range(self.guidance_min, self.guidance_max)
 
 
 def fgm_generator_loss(teacher, fake, x0, noise, t, label, w) -> torch.Tensor:

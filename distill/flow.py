@@ -13,16 +13,19 @@ import torch
 Velocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def check_guidance_scales(scales: dict[str, float], lowest: str | None = None, highest: str | None = None) -> None:
-    """Refuse guidance scales a student cannot be trained or baked at: each of `scales` (named as its flag or
-    field) must be finite and at least 0 (0 is unconditional, 1 conditional; below 0 pushes away from the
-    condition, which no sampler wants), and `scales[lowest]` at most `scales[highest]`."""
-    for name, scale in scales.items():
-        if not 0 <= scale < float("inf"):
-            raise ValueError(f"{name} must be a guidance scale of 0 or more (0 unconditional, 1 conditional), "
-                             f"got {scale}")
-    if lowest is not None and scales[lowest] > scales[highest]:
-        raise ValueError(f"{lowest} {scales[lowest]:g} exceeds {highest} {scales[highest]:g}")
+def check_guidance_scale(name: str, scale: float) -> None:
+    """Refuse a guidance scale a student cannot be trained or baked at: finite and at least 0 (0 is unconditional,
+    1 conditional; below 0 pushes away from the condition, which no sampler wants). `name`: its flag or field."""
+    if not 0 <= scale < float("inf"):
+        raise ValueError(f"{name} must be a guidance scale of 0 or more (0 unconditional, 1 conditional), got {scale}")
+
+
+def check_guidance_range(guidance_min: float, guidance_max: float) -> None:
+    """A method config's range of guidance scales: both ends scales `check_guidance_scale` takes, in order."""
+    check_guidance_scale("guidance_min", guidance_min)
+    check_guidance_scale("guidance_max", guidance_max)
+    if guidance_min > guidance_max:
+        raise ValueError(f"guidance_min {guidance_min:g} exceeds guidance_max {guidance_max:g}")
 
 
 def bcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

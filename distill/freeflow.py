@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from distill.flow import (
     bcast,
-    check_guidance_scales,
+    check_guidance_range,
     draw_guidance_scales,
     guided_velocity,
     interpolate,
@@ -55,8 +55,7 @@ class FreeFlowConfig:
             raise ValueError(f"derivative must be 'jvp' or 'fd', got {self.derivative!r}")
         if not 0 < self.pred_fraction < 1:
             raise ValueError(f"pred_fraction must be in (0, 1), got {self.pred_fraction}")
-        check_guidance_scales({"guidance_min": self.guidance_min, "guidance_max": self.guidance_max},
-                              "guidance_min", "guidance_max")
+        check_guidance_range(self.guidance_min, self.guidance_max)
 
 
 def generating_velocity(student, z, delta, label, w, derivative: str = "fd", fd_step: float = 1e-3):

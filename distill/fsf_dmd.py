@@ -16,7 +16,7 @@ import torch
 
 from distill.flow import (
     bcast,
-    check_guidance_scales,
+    check_guidance_scale,
     drop_condition,
     flow_map,
     guided_velocity,
@@ -54,7 +54,7 @@ class FSFDMDConfig(MeanFlowConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_guidance_scales({"dm_guidance_scale": self.dm_guidance_scale})
+        check_guidance_scale("dm_guidance_scale", self.dm_guidance_scale)
         if self.sim_steps < 1:
             raise ValueError(f"sim_steps must be >= 1, got {self.sim_steps}")
         if self.time_shift <= 0:

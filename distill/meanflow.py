@@ -13,7 +13,7 @@ import torch
 
 from distill.flow import (
     bcast,
-    check_guidance_scales,
+    check_guidance_range,
     draw_guidance_scales,
     guided_velocity,
     interpolate,
@@ -47,8 +47,7 @@ class MeanFlowConfig:
             raise ValueError("equal_fraction + endpoint_fraction must not exceed 1")
         if self.derivative not in ("jvp", "fd"):
             raise ValueError(f"derivative must be 'jvp' or 'fd', got {self.derivative!r}")
-        check_guidance_scales({"guidance_min": self.guidance_min, "guidance_max": self.guidance_max},
-                              "guidance_min", "guidance_max")
+        check_guidance_range(self.guidance_min, self.guidance_max)
 
 
 def total_derivative(student, x, t, s, label, w, direction, derivative: str, fd_step: float):

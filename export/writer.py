@@ -12,7 +12,7 @@ from pathlib import Path
 
 from distill.checkpoint import checkpoint_meta
 from distill.diffusers_models import DiffusersConfig
-from distill.flow import check_guidance_scales
+from distill.flow import check_guidance_scale
 from distill.models import load_student, load_teacher, signature
 from distill.text import load_conditioner
 from distill.verifier import load_verifier
@@ -135,9 +135,9 @@ def export_bundle(student_dir: str | Path, teacher_spec: str, verifier_dir: str 
         raise ValueError(f"--parity-batches: batch sizes are 1 or more, got {list(parity_batches)}")
     check_scale_names(guidance_scales)
     for scale in guidance_scales:
-        check_guidance_scales({"--guidance-scales": scale})
+        check_guidance_scale("--guidance-scales", scale)
     if teacher_guidance_scale is not None:
-        check_guidance_scales({"--teacher-guidance-scale": teacher_guidance_scale})
+        check_guidance_scale("--teacher-guidance-scale", teacher_guidance_scale)
     student, student_meta = load_student(student_dir)
     check_trained_guidance(student_meta.get("method_config") or {}, guidance_scales)
     out = Path(out)
