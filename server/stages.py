@@ -265,7 +265,12 @@ class Candidates:
                     rows_what=f"a search holds a chunk of {chunk} candidates and twice top_k {self.top_k} at once")
 
     async def run(self, state: State, call, ticket: Ticket) -> int:
-        spent: dict[str, Timing] = {}  # by stage: what the response reports, summed over the chunks
+        spent: dict[str, Timing] = {}  # by step: what the response and the metrics report, summed over the chunks
+
+        def add(name: str, nfe: int, seconds: float) -> None:
+            done = spent.setdefault(name, Timing(name, 0, 0.0))
+            done.nfe, done.seconds = done.nfe + nfe, done.seconds + seconds
+
         best, scores = Best(np.zeros(0, np.int64), np.zeros(0), None, None), []
         for start in range(0, self.count, self.chunk):
             rows = slice(start, start + self.chunk)
@@ -275,14 +280,12 @@ class Candidates:
             for stage in self.stages:
                 tick = time.perf_counter()
                 nfe = await stage.run(part, call, ticket)
-                done = spent.setdefault(stage.name, Timing(stage.name, 0, 0.0))
-                done.nfe, done.seconds = done.nfe + nfe, done.seconds + time.perf_counter() - tick
+                add(stage.name, nfe, time.perf_counter() - tick)
             scores.append(part.scores)
             tick = time.perf_counter()
             best = best.merged(Best(np.arange(start, start + len(part.seeds)), part.scores, part.x, part.noise),
                                self.top_k)
-            done = spent.setdefault("choose", Timing("choose", 0, 0.0))
-            done.seconds += time.perf_counter() - tick
+            add("choose", 0, time.perf_counter() - tick)
         chosen = best.index
         state.candidate_scores = [float(s) for s in np.concatenate(scores)]
         state.chosen, state.x, state.noise, state.scores = chosen.tolist(), best.x, best.noise, best.scores
