@@ -74,7 +74,7 @@ def training_peak(gradient_checkpointing: bool, batch_size: int, steps: int) -> 
     from distill.pipeline import distill_student, train_teacher
     from distill.teacher import TeacherConfig
     from distill.trainer import TrainConfig
-    from flowmap.host_memory import resident_mb
+    from flowmap.host_memory import with_added_peak_mb
 
     latents = torch.randn(4 * batch_size, *CHECKPOINTING_LATENT, generator=torch.Generator().manual_seed(0))
     data = Dataset("random SD-VAE latents", latents.clamp(-1, 1), torch.arange(4 * batch_size) % 10,
@@ -82,14 +82,11 @@ def training_peak(gradient_checkpointing: bool, batch_size: int, steps: int) -> 
     with tempfile.TemporaryDirectory(prefix="flowmap-checkpointing-") as folder:
         train_teacher(data, NetConfig(**CHECKPOINTING_NET), TeacherConfig(),
                       TrainConfig(steps=1, batch_size=2, checkpoint_every=10**9), f"{folder}/teacher", progress=False)
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")  # the peak from here on
-        before = resident_mb("VmRSS")
-        summary = distill_student("freeflow", f"{folder}/teacher", FreeFlowConfig(),
-                                  TrainConfig(steps=steps, batch_size=batch_size, checkpoint_every=10**9,
-                                              gradient_checkpointing=gradient_checkpointing),
-                                  f"{folder}/student", progress=False, data=data)
-        peak = resident_mb("VmHWM") - before
+        summary, peak = with_added_peak_mb(lambda: distill_student(
+            "freeflow", f"{folder}/teacher", FreeFlowConfig(),
+            TrainConfig(steps=steps, batch_size=batch_size, checkpoint_every=10**9,
+                        gradient_checkpointing=gradient_checkpointing),
+            f"{folder}/student", progress=False, data=data))
         parameters = sum(p.numel() for p in load_teacher(f"{folder}/teacher").parameters())
     return {"gradient_checkpointing": gradient_checkpointing, "peak_mb": round(peak),
             "sec_per_step": summary["sec_per_step"], "parameters_m": round(parameters / 1e6, 1)}
@@ -146,19 +143,19 @@ def render_recipe_markdown(report: dict, plot_name: str) -> str:
         f"![seconds per step]({plot_name})",
         "",
         *checkpointing_lines(report),
+        "",
     ])
 
 
-def checkpointing_lines(report: dict) -> list[str]:
-    """What --gradient-checkpointing saves and costs, as the report and the README give it."""
+def checkpointing_lines(report: dict, heading: bool = True) -> list[str]:
+    """What --gradient-checkpointing saves and costs, as the report (under its own heading) and the README give it."""
     rows, config = report.get("checkpointing"), report["config"]
     if not rows:
         return []
     plain, recomputed = rows
     net = ", ".join(f"{key} {value}" for key, value in CHECKPOINTING_NET.items())
     return [
-        "## What `--gradient-checkpointing` saves",
-        "",
+        *(["## What `--gradient-checkpointing` saves", ""] if heading else []),
         f"FreeFlow at SiT-S/2's shape ({plain['parameters_m']}M parameters: {net}) on "
         f"{'x'.join(map(str, CHECKPOINTING_LATENT))} latents, random weights, batch "
         f"{config['checkpointing_batch_size']}, {config['checkpointing_steps']} steps, each way in a fresh process: "
@@ -172,7 +169,6 @@ def checkpointing_lines(report: dict) -> list[str]:
         "",
         f"With it the distillation held {recomputed['peak_mb'] / plain['peak_mb']:.2f}x the memory at "
         f"{recomputed['sec_per_step'] / plain['sec_per_step']:.2f}x the time per step.",
-        "",
     ]
 
 

@@ -47,17 +47,22 @@ def resident_mb(field: str) -> float:
         return next(int(line.split()[1]) for line in status if line.startswith(field + ":")) / 1024
 
 
-def peak_mb(case: int, served: bool, shapes: dict) -> float:
-    """In this process: build `case`'s inputs, then run its whole-array form or the served one, and return the
-    resident MB the operation added at its peak (the peak is reset first: imports and inputs leave one behind)."""
-    name, what, data_mb, make, whole, ours = cases(**shapes)[case]
-    inputs = make()
+def with_added_peak_mb(run):
+    """`run()`'s result and the resident MB it added to this process at its peak: the peak is reset first, since
+    imports and inputs leave one behind (Linux's VmHWM)."""
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # resets VmHWM to the resident memory now
     before = resident_mb("VmRSS")
-    output = (ours if served else whole)(inputs)
-    del inputs, output
-    return max(0.0, resident_mb("VmHWM") - before)  # an operation that frees pages may end a little below
+    result = run()
+    return result, max(0.0, resident_mb("VmHWM") - before)  # an operation that frees pages may end a little below
+
+
+def peak_mb(case: int, served: bool, shapes: dict) -> float:
+    """In this process: build `case`'s inputs, then run its whole-array form or the served one, and return the
+    resident MB the operation added at its peak."""
+    name, what, data_mb, make, whole, ours = cases(**shapes)[case]
+    inputs = make()
+    return with_added_peak_mb(lambda: (ours if served else whole)(inputs))[1]
 
 
 def cases(side: int, images: int, decoder_batch: int, condition: tuple[int, int], search: int) -> list[tuple]:

@@ -149,7 +149,7 @@ def recipe_block(root: Path) -> str:
         "own):",
         "",
         *recipe_table(report),
-        *(["", *checkpointing_lines(report)[2:-1]] if report.get("checkpointing") else []),
+        *(["", *checkpointing_lines(report, heading=False)] if report.get("checkpointing") else []),
     ])
 
 
