@@ -23,6 +23,9 @@ MODES = {  # name -> the torch engine's options (server/torch_engine.py's TorchO
     # each bucket compiled static with inductor's tuned matrix products, CUDA graphs: "max-autotune"
     "autotuned-graphs-bf16": {"dtype": "bfloat16", "compile": True, "cuda_graphs": True,
                               "compile_mode": "max-autotune"},
+    # a denoiser's linear layers over tokens in float8 (e4m3, scaled per token and per output channel), the rest bf16
+    "compiled-graphs-fp8": {"dtype": "float8", "compile": True, "cuda_graphs": True},
+    "autotuned-graphs-fp8": {"dtype": "float8", "compile": True, "cuda_graphs": True, "compile_mode": "max-autotune"},
 }
 
 # in the order a run cut off by its time limit would want them: the goals' denoisers first

@@ -16,10 +16,12 @@ ANCHORS = ("SANA-Sprint: one-step 1024 px in about 0.1 s on an H100 (Chen et al.
 
 def measured(row: dict) -> bool:
     """A stage row timed, or skipped for a reason a rerun of its mode is not worth: the program's batch limit,
-    no CUDA, a batch out of memory beside smaller ones measured (a rerun would pay the mode's whole start), or a
-    channels-last mode on a denoiser (flowmap/gpu_stages.py times those on the decoders only)."""
+    no CUDA, a batch out of memory beside smaller ones measured (a rerun would pay the mode's whole start), a
+    channels-last mode on a denoiser or a float8 one on a decoder (flowmap/gpu_stages.py times those on the decoders
+    and the denoisers only)."""
     return "batch" in row or row["skipped"].startswith(("batch ", "CUDA graphs need", "out of memory at batch",
-                                                        "channels-last is timed on the decoders"))
+                                                        "channels-last is timed on the decoders",
+                                                        "float8 is timed on the denoisers"))
 
 
 def missing(report: dict) -> list[str]:
@@ -43,10 +45,11 @@ def goals(report: dict) -> dict:
     for name in dict.fromkeys(r["model"] for r in rows):
         at = {r["mode"]: r for r in rows if r["model"] == name and r.get("batch") == 32}
         # the goal's "compiled + CUDA graphs": the fastest of its modes measured (default, channels-last,
-        # autotuned)
-        graphs = [(r["ms"], mode) for mode, r in at.items()
-                  if MODES.get(mode, {}).get("compile") and MODES[mode].get("cuda_graphs")]
-        for eager in ("eager-fp32", "eager-bf16"):  # against fp32 (the issue's eager) and the same precision
+        # autotuned) in bf16, against fp32 (the issue's eager) and the same precision; then float8's against bf16,
+        # named as such
+        for (eager, dtype) in (("eager-fp32", "bfloat16"), ("eager-bf16", "bfloat16"), ("eager-bf16", "float8")):
+            graphs = [(r["ms"], mode) for mode, r in at.items() if MODES.get(mode, {}).get("dtype") == dtype
+                      and MODES[mode].get("compile") and MODES[mode].get("cuda_graphs")]
             if graphs and eager in at:
                 ms, mode = min(graphs)
                 speedup = at[eager]["ms"] / ms
@@ -54,10 +57,11 @@ def goals(report: dict) -> dict:
         mfu = [r.get("mfu", 0) for r in rows if r["model"] == name and r.get("batch") == 64 and "bf16" in r["mode"]]
         if mfu and name not in DECODERS:
             judge(f"{name}: denoiser MFU >= 40% at batch 64 in bf16", max(mfu) >= 0.4, f"{100 * max(mfu):.1f}%")
-        parity = [r["parity"] for r in rows if r["model"] == name and "bf16" in r.get("mode", "") and "parity" in r]
-        if parity:
-            judge(f"{name}: bf16 within {LOW_PRECISION_TOLERANCE:g} of the output's scale",
-                  max(parity) <= LOW_PRECISION_TOLERANCE, f"{max(parity):.3g}")
+        for short in ("bf16", "fp8"):
+            parity = [r["parity"] for r in rows if r["model"] == name and short in r.get("mode", "") and "parity" in r]
+            if parity:
+                judge(f"{name}: {short} within {LOW_PRECISION_TOLERANCE:g} of the output's scale",
+                      max(parity) <= LOW_PRECISION_TOLERANCE, f"{max(parity):.3g}")
     served_run = report.get("served")
     if served_run:
         judge("served >= 0.7x the stage limit", served_run["vs_limit"] >= 0.7, f"{served_run['vs_limit']}x")
@@ -188,10 +192,11 @@ def to_markdown(report: dict, plot_name: str) -> str:
     if "peak" in report:
         peak = report["peak"]
         lines += [f"Matrix-product peak measured in this run: {peak['tflops']:.1f} TFLOP/s ({peak['dtype']}, "
-                  f"{peak['side']}^3); MFU below is against it.", ""]
+                  f"{peak['side']}^3); MFU below is against it, the float8 modes' too (a Hopper's float8 "
+                  "peak is twice its bf16 one).", ""]
     if report.get("stages"):
         lines += [f"![images/s by batch]({plot_name})", "",
-                  "| model | mode | batch | ms | images/s | MFU | bf16 parity | start s | start GiB | restart s |",
+                  "| model | mode | batch | ms | images/s | MFU | parity | start s | start GiB | restart s |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in report["stages"]:
             if "skipped" in r:
@@ -204,7 +209,9 @@ def to_markdown(report: dict, plot_name: str) -> str:
         lines += ["", "start s: the engine's start in this process (load, parity check, and for the compiled modes a "
                   "cold compile of every bucket); start GiB: the most GPU memory that start held (weights, parity "
                   "check, and every bucket's warm-up in the compiled and graph modes); restart s: a new process "
-                  "starting it again from the compile cache the first start filled (`--torch-compile-cache`).", ""]
+                  "starting it again from the compile cache the first start filled (`--torch-compile-cache`); "
+                  "parity: the low-precision output's largest error against float32, relative to the output's "
+                  "largest value.", ""]
     if report.get("jpeg"):
         lines += ["| JPEG q90 | side | ms per image |", "|---|---:|---:|"]
         lines += [f"| {r['encoder']} | {r['side']} | {r.get('ms_per_image', r.get('skipped'))} |"

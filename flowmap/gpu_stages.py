@@ -156,6 +156,10 @@ def stage_rows(name: str, modes: list[str], config: GpuBenchConfig, folder: Path
         if MODES[mode].get("channels_last") and name not in DECODERS:
             keep([{"model": name, "mode": mode, "skipped": "channels-last is timed on the decoders"}])
             continue
+        if MODES[mode]["dtype"] == "float8" and name in DECODERS:
+            keep([{"model": name, "mode": mode, "skipped": "float8 is timed on the denoisers (a decoder's time is "
+                   "in its convolutions)"}])
+            continue
         if MODES[mode].get("cuda_graphs") and not config.cuda:
             keep([{"model": name, "mode": mode, "skipped": "CUDA graphs need a CUDA device"}])
             continue

@@ -66,8 +66,9 @@ class Settings(BaseSettings):
     trt_cache_dir: str = Field("models/.ort_trt_cache", description="engine cache of the TensorRT provider")
     cuda_graphs: bool = Field(False, description="tensorrt and torch backends: replay each batch size as a CUDA graph")
     device: str = Field("cpu", description="torch backend: cpu or cuda[:N]")
-    torch_dtype: str = Field("float32", description="torch backend: float32, bfloat16 or float16 (autocast, checked "
-                             "against float32 at start)")
+    torch_dtype: str = Field("float32", description="torch backend: float32, bfloat16 or float16 (autocast), or "
+                             "float8 (linear layers over tokens in e4m3, the rest bfloat16; CUDA compute capability "
+                             "8.9 or later, or the CPU), checked against float32 at start")
     torch_float32_stages: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="torch backend: comma-separated stages kept in float32 whatever "
         "--torch-dtype says (student, teacher, verifier, text_encoder, decoder): one whose parity check fails in "

@@ -43,7 +43,8 @@ from server.imaging import DeviceImages
 
 log = logging.getLogger("flowmap.torch")
 
-DTYPES = ("float32", "bfloat16", "float16")
+# float8: the linear layers over token sequences in float8 (e4m3, scaled; see float8_linear), the rest in bfloat16
+DTYPES = ("float32", "bfloat16", "float16", "float8")
 COMPILE_MODES = ("default", "max-autotune")
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # what compile and CUDA graphs specialise to
 # low precision's largest error against float32, relative to the output's largest value, past which an engine refuses
@@ -55,7 +56,7 @@ LOW_PRECISION_TOLERANCE = 0.1
 @dataclass(frozen=True)
 class TorchOptions:
     device: str = "cpu"  # "cpu" or "cuda" (or "cuda:N")
-    dtype: str = "float32"  # float32, bfloat16 or float16 (autocast)
+    dtype: str = "float32"  # float32, bfloat16 or float16 (autocast), or float8 (token linears in e4m3, else bf16)
     compile: bool = False  # torch.compile each batch bucket
     cuda_graphs: bool = False  # replay each bucket as a CUDA graph
     parity_tolerance: float = LOW_PRECISION_TOLERANCE  # low precision against fp32: max abs error / max abs fp32 output
@@ -164,6 +165,67 @@ def cast_matmul_weights(module, dtype, device_type: str) -> int:
     return len(cast)
 
 
+FLOAT8_MAX = 448.0  # float8_e4m3fn's largest finite value: a row's largest magnitude is scaled to it
+FLOAT8_ALIGN = 16  # torch._scaled_mm's matrices: both sizes of the weight a multiple of this
+
+
+def float8_linear(x, weight, weight_scale, bias):
+    """`x @ W.T + bias` in float8: `x`'s rows (tokens) each scaled so its largest magnitude is e4m3's largest,
+    then cast; `weight` is W cast the same way per output channel at start, with `weight_scale` ([1, out]) its
+    scales. The product accumulates in float32 and comes out in bfloat16. Scaling per row, not per tensor, keeps
+    one large token (or channel) from crushing the small ones into float8's few subnormal values."""
+    import torch
+
+    rows = x.reshape(-1, x.shape[-1]).float()
+    scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FLOAT8_MAX
+    quantised = (rows / scale).to(torch.float8_e4m3fn)
+    out = torch._scaled_mm(quantised, weight.t(), scale_a=scale, scale_b=weight_scale, bias=bias,
+                           out_dtype=torch.bfloat16)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def float8_linears(module) -> int:
+    """Replace, in place, each linear layer of a program's module that reads a sequence of tokens (an input of 3 or
+    more dimensions) and has a weight of sizes `FLOAT8_ALIGN` divides with `float8_linear`; returns how many. Those
+    carry a transformer's matrix-product time; a per-image one (the timestep embedding, adaLN's modulation) is
+    cheap, and its error would scale every token of its image, so it stays in bfloat16. The replaced float32 or
+    bf16 weights are dropped."""
+    import torch
+
+    graph, parameters = module.graph, dict(module.named_parameters())
+    replaced = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != torch.ops.aten.linear.default:
+            continue
+        x, weight, bias = (*node.args, None)[:3]
+        tokens = getattr(x, "meta", {}).get("val")
+        if (weight.op != "get_attr" or weight.target not in parameters or tokens is None or tokens.dim() < 3
+                or (bias is not None and getattr(bias, "target", None) not in parameters)
+                or any(size % FLOAT8_ALIGN for size in parameters[weight.target].shape)):
+            continue
+        with torch.no_grad():
+            values = parameters[weight.target].float()
+            scale = values.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FLOAT8_MAX
+            prefix = f"float8_{replaced}"
+            module.register_buffer(f"{prefix}_weight", (values / scale).to(torch.float8_e4m3fn))
+            module.register_buffer(f"{prefix}_scale", scale.t().contiguous())  # [1, out]: one per output channel
+            if bias is not None:  # _scaled_mm adds a bias of its output's dtype
+                module.register_buffer(f"{prefix}_bias", parameters[bias.target].to(torch.bfloat16))
+        with graph.inserting_before(node):
+            read = [graph.get_attr(f"{prefix}_{part}") for part in ("weight", "scale")]
+            read.append(graph.get_attr(f"{prefix}_bias") if bias is not None else None)
+            node.replace_all_uses_with(graph.call_function(float8_linear, (x, *read)))
+        graph.erase_node(node)
+        replaced += 1
+    graph.eliminate_dead_code()
+    still_read = {node.target for node in graph.nodes if node.op == "get_attr"}
+    for name in parameters.keys() - still_read:  # the weights float8 replaced: no longer read, so freed
+        owner, _, leaf = name.rpartition(".")
+        delattr(module.get_submodule(owner), leaf)
+    module.recompile()
+    return replaced
+
+
 def channels_last_weights(module) -> int:
     """Lay out, in place, the 4-D weights a program's 2-D convolutions read channels-last; returns how many."""
     import torch
@@ -226,8 +288,14 @@ class TorchProgramEngine:
                                f"(torch {torch.__version__}, CUDA build {torch.version.cuda})")
         from export.programs import batch_limit, read_program
 
+        if options.dtype == "float8" and self.device.type == "cuda" and \
+                torch.cuda.get_device_capability(self.device) < (8, 9):
+            raise RuntimeError(f"{name}: --torch-dtype float8 needs a GPU with float8 matrix products (compute "
+                               f"capability 8.9 or later: Ada, Hopper, Blackwell); {torch.cuda.get_device_name()} "
+                               f"has {'.'.join(map(str, torch.cuda.get_device_capability(self.device)))}")
         program, reference = read_program(path)
-        self.dtype = getattr(torch, options.dtype)
+        # autocast's dtype: float8 runs its token linears in e4m3 and everything else autocast runs in bfloat16
+        self.dtype = torch.bfloat16 if options.dtype == "float8" else getattr(torch, options.dtype)
         low = options.dtype != "float32"
         if low and reference is not None:  # cast on the host (the module shares the program's weights), then moved
             cast = cast_matmul_weights(program.module(), self.dtype, self.device.type)
@@ -249,16 +317,6 @@ class TorchProgramEngine:
         specialised = options.compile or options.cuda_graphs
         # buckets only where shapes are specialised (compile, CUDA graphs) or a GPU likes them; else any size
         self.buckets = batch_buckets(self.max_batch, buckets) if specialised or self.device.type == "cuda" else ()
-        self.forward = self.module
-        if options.compile:
-            if options.compile_cache:  # inductor reads its cache's folder from the environment, at each lookup
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(options.compile_cache).resolve())
-            # at most one compiled graph per bucket: allow that many (the limit's name changed across torch versions)
-            config = torch._dynamo.config
-            limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-            setattr(config, limit, max(getattr(config, limit), 4 * len(BUCKETS)))
-            mode, dynamic = inductor_mode(options)
-            self.forward = torch.compile(self.module, mode=mode, dynamic=dynamic)
         self.graphs: dict[int, tuple] = {}  # bucket -> (graph, static inputs, static output), hand-captured
         self.parity = 0.0
         with self._on_stream():
@@ -271,9 +329,25 @@ class TorchProgramEngine:
                 else:
                     reference = torch.from_numpy(reference).to(self.device)
                 log.info("%s: %d linear and convolution weights and biases cast to %s once", name, cast,
-                         options.dtype)
+                         str(self.dtype).removeprefix("torch."))
+                if options.dtype == "float8":
+                    replaced = float8_linears(self.module)
+                    if not replaced:
+                        raise RuntimeError(f"{name}: --torch-dtype float8 found no linear layer over tokens with "
+                                           f"sizes {FLOAT8_ALIGN} divides; serve it in bfloat16")
+                    log.info("%s: %d linear layers over tokens in float8", name, replaced)
                 self.parity = self._check_parity(reference, example)
             self._synchronize()
+        self.forward = self.module
+        if options.compile:
+            if options.compile_cache:  # inductor reads its cache's folder from the environment, at each lookup
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(options.compile_cache).resolve())
+            # at most one compiled graph per bucket: allow that many (the limit's name changed across torch versions)
+            config = torch._dynamo.config
+            limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+            setattr(config, limit, max(getattr(config, limit), 4 * len(BUCKETS)))
+            mode, dynamic = inductor_mode(options)
+            self.forward = torch.compile(self.module, mode=mode, dynamic=dynamic)
         # torch.compile's CUDA graphs belong to the thread that recorded them: a compiled engine with CUDA graphs
         # makes all its calls in a thread of its own, which the batcher's thread hands each batch to
         self._thread = None

@@ -14,7 +14,8 @@ def test_the_gpu_bench_runs_every_part_on_a_cpu(tmp_path, tiny_latent):
     # the served part on the tests' latent bundle (--served-bundle): building its own SiT + SD-VAE bundle took half
     # this test's time, and its parts are tested on their own (the public layout in tests/test_sit.py)
     config = GpuBenchConfig(device="cpu", scale="tiny", batches=(1, 2), modes=("eager-fp32", "eager-bf16",
-                            "graphs-bf16", "graphs-bf16-nhwc"), repeats=1, jpeg_sides=(64,), jpeg_images=2,
+                            "graphs-bf16", "graphs-bf16-nhwc", "compiled-graphs-fp8"), repeats=1,
+                            jpeg_sides=(64,), jpeg_images=2,
                             served_seconds=1.0, served_bundle=str(tiny_latent[0]), out=str(tmp_path / "gpu"))
     report = run_gpu_bench(config)
     assert report["peak"]["tflops"] > 0
@@ -30,6 +31,9 @@ def test_the_gpu_bench_runs_every_part_on_a_cpu(tmp_path, tiny_latent):
         channels_last = next(r for r in rows if r["model"] == name and r["mode"] == "graphs-bf16-nhwc")
         assert channels_last["skipped"] == ("CUDA graphs need a CUDA device" if name in DECODERS
                                             else "channels-last is timed on the decoders")
+        float8 = next(r for r in rows if r["model"] == name and r["mode"] == "compiled-graphs-fp8")
+        assert float8["skipped"] == ("float8 is timed on the denoisers (a decoder's time is in its convolutions)"
+                                     if name in DECODERS else "CUDA graphs need a CUDA device")
     assert missing(report) == []  # skipped on purpose, not cut off
     fastest = {name: min(r["ms"] for r in rows if r["model"] == name and r.get("batch") == 1)
                for name in ("sana-1024", "dc-ae-1024")}
@@ -190,8 +194,13 @@ def test_the_goals_judge_compiled_cuda_graphs_by_their_faster_mode_against_each_
 
     rows = [row("eager-fp32", 32, 200.0), row("eager-bf16", 32, 40.0), row("graphs-bf16", 32, 10.0),
             row("compiled-graphs-bf16", 32, 21.0), row("autotuned-graphs-bf16", 32, 19.0),
-            row("compiled-graphs-bf16", 64, 40.0, mfu=0.48), row("eager-bf16", 64, 70.0, mfu=0.26)]
+            row("compiled-graphs-bf16", 64, 40.0, mfu=0.48), row("eager-bf16", 64, 70.0, mfu=0.26),
+            row("compiled-graphs-fp8", 32, 12.5, parity=0.03)]
     judged = goals({"stages": rows, "served": {"vs_limit": 0.69}})
+    # float8 is faster, and judged on its own line: the bf16 goals compare the same precision
+    assert judged["sit-xl/2: compiled-graphs-fp8 >= 2x eager-bf16 at batch 32"] == {"met": True, "measured": "3.20x"}
+    assert judged["sit-xl/2: fp8 within 0.1 of the output's scale"] == {"met": True, "measured": "0.03"}
+    assert judged["sit-xl/2: bf16 within 0.1 of the output's scale"] == {"met": True, "measured": "0.004"}
     # hand-captured graphs of eager kernels (10 ms) are not "compiled + CUDA graphs"; the autotuned mode is
     assert judged["sit-xl/2: autotuned-graphs-bf16 >= 2x eager-bf16 at batch 32"] == {"met": True,
                                                                                       "measured": "2.11x"}

@@ -60,6 +60,28 @@ def test_cuda_engines_match_onnxruntime(program_bundle, compile_, graphs):
         assert np.abs(actual - expected).max() <= 0.05 * np.abs(expected).max()
 
 
+@pytest.mark.parametrize("compile_, graphs", [(False, False), (True, True), (False, True)])
+def test_float8_engines_on_cuda_answer_as_float32(tmp_path, compile_, graphs):
+    import torch
+
+    from export.programs import export_program
+    from flowmap.gpu_stages import model
+    from server.torch_engine import TorchOptions, TorchProgramEngine
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip(f"float8 matrix products need compute capability 8.9, {torch.cuda.get_device_name()} has less")
+    torch.manual_seed(0)
+    graph, inputs = model("sit-xl/2", "tiny")
+    path = export_program(graph, inputs(2), tmp_path / "sit.pt2")
+    feeds = {name: value.numpy() for name, value in inputs(8).items()}
+    expected = TorchProgramEngine(path, "sit", 8, TorchOptions()).run(feeds)
+    engine = TorchProgramEngine(path, "sit", 8, TorchOptions("cuda", "float8", compile_, graphs), buckets=(4, 8))
+    assert 0 < engine.parity <= 0.1
+    for batch in (4, 8, 4):  # a bucket replayed again after another
+        actual = engine.run({name: value[:batch] for name, value in feeds.items()})
+        assert np.abs(actual - expected[:batch]).max() <= 0.1 * np.abs(expected).max()
+
+
 def recorded_graphs(engine) -> int:
     """How many CUDA graphs torch.compile has recorded in the engine's own thread."""
     import torch

@@ -16,7 +16,7 @@ from export.bundle import BundleError, read_bundle
 from export.tensorrt import random_feeds
 from export.writer import export_bundle
 from server.engines import _graphs
-from server.torch_engine import TorchOptions, TorchProgramEngine, on_device
+from server.torch_engine import ParityError, TorchOptions, TorchProgramEngine, on_device
 
 from serving import Server
 
@@ -95,6 +95,59 @@ def test_bf16_is_checked_against_fp32(program_bundle):
     with pytest.raises(RuntimeError, match=r"bfloat16 differs from float32 by .*\(--torch-parity-tolerance\); serve "
                        "it in float32"):
         TorchProgramEngine(teacher.program, "teacher", 8, TorchOptions(dtype="bfloat16", parity_tolerance=1e-9))
+
+
+def test_float8_scales_each_token_and_each_output_channel():
+    import torch
+
+    from server.torch_engine import float8_linear
+
+    torch.manual_seed(0)
+    # tokens and output channels six orders of magnitude apart: one scale for all would crush the small ones
+    tokens = torch.randn(2, 6, 64) * torch.logspace(-3, 3, 6)[:, None]
+    weight = torch.randn(48, 64) * torch.logspace(-3, 3, 48)[:, None]
+    bias = torch.randn(48)
+    expected = tokens @ weight.T + bias
+    scale = weight.abs().amax(dim=1, keepdim=True) / 448
+    out = float8_linear(tokens, (weight / scale).to(torch.float8_e4m3fn), scale.T.contiguous(), bias.bfloat16())
+    assert out.shape == expected.shape and out.dtype == torch.bfloat16
+    # each output's error against the magnitude of what it sums
+    magnitude = (tokens[..., None, :] * weight).abs().sum(-1) + bias.abs()
+    error = (out.float() - expected).abs() / magnitude
+    assert error.max() < 0.03, f"{error.max():.3g}"
+
+
+def test_float8_runs_a_transformers_token_linears_in_e4m3_and_is_checked_against_fp32(tmp_path):
+    import torch
+
+    from export.programs import export_program
+    from flowmap.gpu_stages import model
+
+    torch.manual_seed(0)
+    graph, inputs = model("sit-xl/2", "tiny")  # a SiT-S/2: linear layers over tokens and per-image ones
+    path = export_program(graph, inputs(2), tmp_path / "sit.pt2")
+    feeds = {name: value.numpy() for name, value in inputs(3).items()}
+    expected = TorchProgramEngine(path, "sit", 4, TorchOptions()).run(feeds)
+    bf16, float8 = (TorchProgramEngine(path, "sit", 4, TorchOptions(dtype=dtype)) for dtype in ("bfloat16", "float8"))
+    # each block's qkv, projection and two MLP layers, and the patch embedding and final layer: in float8, their
+    # bf16 weights gone; the adaLN modulations and the timestep embedding stay bf16
+    quantised = [name for name, buffer in float8.module.named_buffers() if buffer.dtype == torch.float8_e4m3fn]
+    blocks = len(graph.teacher.net.blocks)
+    assert len(quantised) == 4 * blocks + 2
+    kept = {name for name, parameter in float8.module.named_parameters() if parameter.dtype == torch.bfloat16}
+    assert not any(".attn." in name or ".blocks." in name and ".mlp." in name for name in kept)
+    assert sum(".ada." in name for name in kept) == 2 * (blocks + 1)  # and the final layer's
+    answer = float8.run(feeds)
+    error = np.abs(answer - expected).max() / np.abs(expected).max()
+    assert float8.parity > 2 * bf16.parity and error < 0.1, (float8.parity, bf16.parity, error)
+    with pytest.raises(ParityError, match=r"float8 differs from float32 by"):
+        TorchProgramEngine(path, "sit", 4, TorchOptions(dtype="float8", parity_tolerance=float8.parity / 2))
+
+
+def test_float8_refuses_a_model_without_linear_layers_over_tokens(program_bundle):
+    teacher = _graphs(read_bundle(program_bundle))["teacher"]  # the digits MLP: flat rows, no tokens
+    with pytest.raises(RuntimeError, match=r"teacher: --torch-dtype float8 found no linear layer over tokens"):
+        TorchProgramEngine(teacher.program, "teacher", 8, TorchOptions(dtype="float8"))
 
 
 def test_a_closed_engine_lets_go_of_its_weights(program_bundle):
