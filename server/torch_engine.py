@@ -173,12 +173,14 @@ def float8_linear(x, weight, weight_scale, bias):
     """`x @ W.T + bias` in float8: `x`'s rows (tokens) each scaled so its largest magnitude is e4m3's largest,
     then cast; `weight` is W cast the same way per output channel at start, with `weight_scale` ([1, out]) its
     scales. The product accumulates in float32 and comes out in bfloat16. Scaling per row, not per tensor, keeps
-    one large token (or channel) from crushing the small ones into float8's few subnormal values."""
+    one large token (or channel) from crushing the small ones into float8's few subnormal values. The engine runs it
+    under bf16 autocast, which the ops after it need (its output is bf16)."""
     import torch
 
     rows = x.reshape(-1, x.shape[-1]).float()
     scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FLOAT8_MAX
-    quantised = (rows / scale).to(torch.float8_e4m3fn)
+    # contiguous: a CUDA float8 product takes its first matrix row-major, which a permuted `x` is not
+    quantised = (rows / scale).to(torch.float8_e4m3fn).contiguous()
     out = torch._scaled_mm(quantised, weight.t(), scale_a=scale, scale_b=weight_scale, bias=bias,
                            out_dtype=torch.bfloat16)
     return out.reshape(*x.shape[:-1], weight.shape[0])
@@ -199,7 +201,8 @@ def float8_linears(module) -> int:
             continue
         x, weight, bias = (*node.args, None)[:3]
         tokens = getattr(x, "meta", {}).get("val")
-        if (weight.op != "get_attr" or weight.target not in parameters or tokens is None or tokens.dim() < 3
+        if (node.kwargs or weight.op != "get_attr" or weight.target not in parameters or tokens is None
+                or tokens.dim() < 3
                 or (bias is not None and getattr(bias, "target", None) not in parameters)
                 or any(size % FLOAT8_ALIGN for size in parameters[weight.target].shape)):
             continue
@@ -214,7 +217,9 @@ def float8_linears(module) -> int:
         with graph.inserting_before(node):
             read = [graph.get_attr(f"{prefix}_{part}") for part in ("weight", "scale")]
             read.append(graph.get_attr(f"{prefix}_bias") if bias is not None else None)
-            node.replace_all_uses_with(graph.call_function(float8_linear, (x, *read)))
+            replacement = graph.call_function(float8_linear, (x, *read))
+        replacement.meta = dict(node.meta)  # its shape, which a linear it feeds is judged by
+        node.replace_all_uses_with(replacement)
         graph.erase_node(node)
         replaced += 1
     graph.eliminate_dead_code()
@@ -290,9 +295,10 @@ class TorchProgramEngine:
 
         if options.dtype == "float8" and self.device.type == "cuda" and \
                 torch.cuda.get_device_capability(self.device) < (8, 9):
+            card = torch.cuda.get_device_name(self.device)
             raise RuntimeError(f"{name}: --torch-dtype float8 needs a GPU with float8 matrix products (compute "
-                               f"capability 8.9 or later: Ada, Hopper, Blackwell); {torch.cuda.get_device_name()} "
-                               f"has {'.'.join(map(str, torch.cuda.get_device_capability(self.device)))}")
+                               f"capability 8.9 or later: Ada, Hopper, Blackwell); {card} has "
+                               f"{'.'.join(map(str, torch.cuda.get_device_capability(self.device)))}")
         program, reference = read_program(path)
         # autocast's dtype: float8 runs its token linears in e4m3 and everything else autocast runs in bfloat16
         self.dtype = torch.bfloat16 if options.dtype == "float8" else getattr(torch, options.dtype)
@@ -334,10 +340,12 @@ class TorchProgramEngine:
                     replaced = float8_linears(self.module)
                     if not replaced:
                         raise RuntimeError(f"{name}: --torch-dtype float8 found no linear layer over tokens with "
-                                           f"sizes {FLOAT8_ALIGN} divides; serve it in bfloat16")
+                                           f"both weight sizes a multiple of {FLOAT8_ALIGN}; serve it in bfloat16")
                     log.info("%s: %d linear layers over tokens in float8", name, replaced)
                 self.parity = self._check_parity(reference, example)
             self._synchronize()
+        # the program's state dict still holds the weights float8 replaced: let go of them before the warm-up
+        del program, reference
         self.forward = self.module
         if options.compile:
             if options.compile_cache:  # inductor reads its cache's folder from the environment, at each lookup

@@ -197,8 +197,10 @@ def test_the_goals_judge_compiled_cuda_graphs_by_their_faster_mode_against_each_
             row("compiled-graphs-bf16", 64, 40.0, mfu=0.48), row("eager-bf16", 64, 70.0, mfu=0.26),
             row("compiled-graphs-fp8", 32, 12.5, parity=0.03)]
     judged = goals({"stages": rows, "served": {"vs_limit": 0.69}})
-    # float8 is faster, and judged on its own line: the bf16 goals compare the same precision
-    assert judged["sit-xl/2: compiled-graphs-fp8 >= 2x eager-bf16 at batch 32"] == {"met": True, "measured": "3.20x"}
+    # float8 is faster, and judged on its own line, against the fastest bf16 mode: the bf16 goals compare the same
+    # precision
+    assert judged["sit-xl/2: compiled-graphs-fp8 >= 1.1x autotuned-graphs-bf16 at batch 32"] == {
+        "met": True, "measured": "1.52x"}
     assert judged["sit-xl/2: fp8 within 0.1 of the output's scale"] == {"met": True, "measured": "0.03"}
     assert judged["sit-xl/2: bf16 within 0.1 of the output's scale"] == {"met": True, "measured": "0.004"}
     # hand-captured graphs of eager kernels (10 ms) are not "compiled + CUDA graphs"; the autotuned mode is

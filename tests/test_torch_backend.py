@@ -144,6 +144,22 @@ def test_float8_runs_a_transformers_token_linears_in_e4m3_and_is_checked_against
         TorchProgramEngine(path, "sit", 4, TorchOptions(dtype="float8", parity_tolerance=float8.parity / 2))
 
 
+def test_float8_replaces_a_linear_layer_fed_by_another_and_answers_as_the_two():
+    import torch
+
+    from server.torch_engine import float8_linears
+
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 32, bias=False))
+    tokens = torch.randn(2, 5, 32)
+    module = torch.export.export(layers, (tokens,)).module()
+    assert float8_linears(module) == 2  # the second reads the first's float8 output, not a traced tensor
+    assert not list(module.parameters())  # both weights and the bias replaced, so dropped
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, actual = layers(tokens), module(tokens).float()
+    assert (actual - expected).abs().max() < 0.1 * expected.abs().max()
+
+
 def test_float8_refuses_a_model_without_linear_layers_over_tokens(program_bundle):
     teacher = _graphs(read_bundle(program_bundle))["teacher"]  # the digits MLP: flat rows, no tokens
     with pytest.raises(RuntimeError, match=r"teacher: --torch-dtype float8 found no linear layer over tokens"):
