@@ -334,16 +334,6 @@ def test_a_server_on_the_torch_backend_answers_as_onnxruntime(program_bundle):
     np.testing.assert_allclose(decoded(torch_answer), decoded(onnx_answer), atol=1e-4)
 
 
-def test_a_text_bundle_with_a_decoder_on_the_torch_backend(sana_program_bundle):
-    """Text encoder, negative-prompt teacher and VAE decoder programs too (SANA: its mask and DC-AE)."""
-    out = sana_program_bundle
-    assert set(_graphs(read_bundle(out))) == {"student@1", "student@2", "teacher", "text_encoder", "decoder"}
-    body = {"prompts": ["a red circle"], "seeds": [3], "steps": 2, "model": "sana-teacher",
-            "negative_prompt": "a blue square"}
-    np.testing.assert_allclose(decoded(serve_raw(out, body, "--backend", "torch")), decoded(serve_raw(out, body)),
-                               atol=1e-3)
-
-
 def test_a_latent_search_on_the_torch_backend_answers_as_onnxruntime(tiny_latent):
     """Best-of-N on a latent bundle: decoded candidates (a torch tensor from the torch decoder, kept on its
     device until used) scored, the best kept, the teacher's finish decoded and scored, then JPEG and PNG."""
@@ -627,3 +617,15 @@ def test_channels_last_finds_every_kind_of_2d_convolution():
     weights = [p for p in module.parameters() if p.dim() == 4]
     assert len(weights) == 3 and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
     torch.testing.assert_close(module(x.contiguous(memory_format=torch.channels_last)), expected)
+
+
+# last in this file: the text bundles take a minute to build, once for all workers, and a worker that asks for
+# them while another builds them waits; by the end of this file the other worker has built them
+def test_a_text_bundle_with_a_decoder_on_the_torch_backend(sana_program_bundle):
+    """Text encoder, negative-prompt teacher and VAE decoder programs too (SANA: its mask and DC-AE)."""
+    out = sana_program_bundle
+    assert set(_graphs(read_bundle(out))) == {"student@1", "student@2", "teacher", "text_encoder", "decoder"}
+    body = {"prompts": ["a red circle"], "seeds": [3], "steps": 2, "model": "sana-teacher",
+            "negative_prompt": "a blue square"}
+    np.testing.assert_allclose(decoded(serve_raw(out, body, "--backend", "torch")), decoded(serve_raw(out, body)),
+                               atol=1e-3)
