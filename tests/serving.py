@@ -93,6 +93,24 @@ async def in_process(bundle: Path = BUNDLE, mount_ui: bool = False, root_path: s
             yield client, service
 
 
+def serve_raw(bundle, body, *flags) -> dict:
+    """One `format: raw` generate request to a server started for it with `flags`, then stopped: its JSON answer."""
+    server = Server("--no-ui", *flags, bundle=bundle).wait_ready()
+    try:
+        response = httpx.post(server.url + "/v1/generate", json={**body, "format": "raw"}, timeout=60)
+    finally:
+        log = server.stop()
+    assert response.status_code == 200, log[-3000:]
+    return response.json()
+
+
+def decoded(answer: dict):
+    """A raw answer's images as one float32 array."""
+    import numpy as np
+
+    return np.array(answer["arrays"], np.float32)
+
+
 def ray_serve(bundle, *flags):
     """`flowmap serve --ray` on a free port until ready; yields its URL, then stops Ray. One at a time on the machine
     (`make test`'s workers take turns): `ray stop --force` stops every Ray there, and a second local Ray would be

@@ -116,18 +116,6 @@ def test_unknown_models_modes_and_parts_are_refused_by_name():
             run_gpu_bench(GpuBenchConfig(device="cpu", scale="tiny", **{field: value}))
 
 
-def test_the_served_part_serves_a_text_bundle(tmp_path, sana_program_bundle):
-    from flowmap.bench_gpu import GpuBenchConfig, run_gpu_bench
-
-    config = GpuBenchConfig(device="cpu", scale="tiny", batches=(1, 2), repeats=1, parts=("served",),
-                            served_clients=2, served_seconds=1.0, served_bundle=str(sana_program_bundle),
-                            out=str(tmp_path / "gpu"))
-    served = run_gpu_bench(config)["served"]
-    assert set(map(str, served["statuses"])) == {"200"} and served["images_per_s"] > 0
-    assert {"text_encoder", "student", "decoder"} <= set(served["stage_ms_per_request"])  # prompts went through it
-    assert served["bundle"].startswith("sana") and served["limit_images_per_s"] > 0
-
-
 def test_a_served_bundle_it_cannot_serve_is_refused_before_any_part_runs(tmp_path):
     from flowmap.bench_gpu import GpuBenchConfig, run_gpu_bench
 

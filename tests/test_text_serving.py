@@ -1,5 +1,6 @@
 """Text bundles served end to end: a diffusers pipeline folder -> FreeFlow steps -> export -> a prompt
-over HTTP -> an image, for SD3, FLUX and SANA; the served images against torch; the prompt cache."""
+over HTTP -> an image, for SD3, FLUX and SANA; the served images against torch; the prompt cache; a text bundle on
+the torch backend and through the GPU bench's served part."""
 
 import asyncio
 import base64
@@ -11,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from serving import Server, in_process
+from serving import Server, decoded, in_process, serve_raw
 
 pytest.importorskip("transformers")
 
@@ -326,3 +327,32 @@ def test_the_prompt_cache_keeps_its_own_copy_of_each_condition():
     cache.remember("a red circle", batch[1])
     kept = cache.lookup("a red circle")
     assert np.array_equal(kept, batch[1]) and not np.shares_memory(kept, batch)
+
+
+# the text bundles take a minute to build: the tests that serve them live in this file, so one worker builds them and
+# none waits on its lock while another does (tests/conftest.py's built_once)
+def test_a_text_bundle_with_a_decoder_on_the_torch_backend(sana_program_bundle):
+    """The torch backend serves a text bundle's text encoder, negative-prompt teacher and VAE decoder programs too
+    (SANA: its mask and DC-AE), as onnxruntime does."""
+    from export.bundle import read_bundle
+    from server.engines import _graphs
+
+    out = sana_program_bundle
+    assert set(_graphs(read_bundle(out))) == {"student@1", "student@2", "teacher", "text_encoder", "decoder"}
+    body = {"prompts": ["a red circle"], "seeds": [3], "steps": 2, "model": "sana-teacher",
+            "negative_prompt": "a blue square"}
+    np.testing.assert_allclose(decoded(serve_raw(out, body, "--backend", "torch")), decoded(serve_raw(out, body)),
+                               atol=1e-3)
+
+
+def test_the_gpu_bench_serves_a_text_bundle(tmp_path, sana_program_bundle):
+    """`flowmap bench gpu --parts served --served-bundle` on a text bundle: prompts go through its text encoder."""
+    from flowmap.bench_gpu import GpuBenchConfig, run_gpu_bench
+
+    config = GpuBenchConfig(device="cpu", scale="tiny", batches=(1, 2), repeats=1, parts=("served",),
+                            served_clients=2, served_seconds=1.0, served_bundle=str(sana_program_bundle),
+                            out=str(tmp_path / "gpu"))
+    served = run_gpu_bench(config)["served"]
+    assert set(map(str, served["statuses"])) == {"200"} and served["images_per_s"] > 0
+    assert {"text_encoder", "student", "decoder"} <= set(served["stage_ms_per_request"])  # prompts went through it
+    assert served["bundle"].startswith("sana") and served["limit_images_per_s"] > 0

@@ -18,7 +18,7 @@ from export.writer import export_bundle
 from server.engines import _graphs
 from server.torch_engine import ParityError, TorchOptions, TorchProgramEngine, on_device
 
-from serving import Server
+from serving import Server, decoded, serve_raw
 
 
 @pytest.fixture(scope="module")
@@ -313,20 +313,6 @@ def test_stages_named_float32_stay_float32_under_bf16(program_bundle):
         build_engines(read_bundle(program_bundle), strict)  # the failed check names the flag that fixes it
 
 
-def serve_raw(bundle, body, *flags):
-    server = Server("--no-ui", *flags, bundle=bundle).wait_ready()
-    try:
-        response = httpx.post(server.url + "/v1/generate", json={**body, "format": "raw"}, timeout=60)
-    finally:
-        log = server.stop()
-    assert response.status_code == 200, log[-3000:]
-    return response.json()
-
-
-def decoded(answer) -> np.ndarray:
-    return np.array(answer["arrays"], np.float32)
-
-
 def test_a_server_on_the_torch_backend_answers_as_onnxruntime(program_bundle):
     body = {"labels": [3, 7], "seeds": [1, 2], "steps": 2}
     torch_answer = serve_raw(program_bundle, body, "--backend", "torch")
@@ -617,15 +603,3 @@ def test_channels_last_finds_every_kind_of_2d_convolution():
     weights = [p for p in module.parameters() if p.dim() == 4]
     assert len(weights) == 3 and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
     torch.testing.assert_close(module(x.contiguous(memory_format=torch.channels_last)), expected)
-
-
-# last in this file: the text bundles take a minute to build, once for all workers, and a worker that asks for
-# them while another builds them waits; by the end of this file the other worker has built them
-def test_a_text_bundle_with_a_decoder_on_the_torch_backend(sana_program_bundle):
-    """Text encoder, negative-prompt teacher and VAE decoder programs too (SANA: its mask and DC-AE)."""
-    out = sana_program_bundle
-    assert set(_graphs(read_bundle(out))) == {"student@1", "student@2", "teacher", "text_encoder", "decoder"}
-    body = {"prompts": ["a red circle"], "seeds": [3], "steps": 2, "model": "sana-teacher",
-            "negative_prompt": "a blue square"}
-    np.testing.assert_allclose(decoded(serve_raw(out, body, "--backend", "torch")), decoded(serve_raw(out, body)),
-                               atol=1e-3)
