@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     torch_float32_stages: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="torch backend: comma-separated stages kept in float32 whatever "
         "--torch-dtype says (student, teacher, verifier, text_encoder, decoder): one whose parity check fails in "
-        "bfloat16/float16, e.g. a T5 text encoder in float16")
+        "bfloat16/float16/float8, e.g. a T5 text encoder in float16")
     torch_compile: bool = Field(False, description="torch backend: torch.compile every batch bucket at start")
     torch_compile_cache: str = Field("", description="torch backend with --torch-compile: a folder for "
                                      "torch.compile's cache (compiled graphs and kernels), which a restart or another "

@@ -427,7 +427,7 @@ class TorchProgramEngine:
         if not error <= self.options.parity_tolerance:
             raise ParityError(f"{self.name}: {self.options.dtype} differs from float32 by {error:.3g} of the output's "
                               f"scale > {self.options.parity_tolerance:g} (--torch-parity-tolerance); serve it in "
-                              "float32")
+                              f"{'bfloat16 or ' if self.options.dtype == 'float8' else ''}float32")
         log.info("%s: %s parity with float32 %.3g (tolerance %g)", self.name, self.options.dtype, error,
                  self.options.parity_tolerance)
         return error

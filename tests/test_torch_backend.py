@@ -124,7 +124,7 @@ def test_float8_runs_a_transformers_token_linears_in_e4m3_and_is_checked_against
     from flowmap.gpu_stages import model
 
     torch.manual_seed(0)
-    graph, inputs = model("sit-xl/2", "tiny")  # a SiT-S/2: linear layers over tokens and per-image ones
+    graph, inputs = model("sit-xl/2", "tiny")  # a two-block SiT-S/2: linear layers over tokens and per-image ones
     path = export_program(graph, inputs(2), tmp_path / "sit.pt2")
     feeds = {name: value.numpy() for name, value in inputs(3).items()}
     expected = TorchProgramEngine(path, "sit", 4, TorchOptions()).run(feeds)
@@ -140,7 +140,7 @@ def test_float8_runs_a_transformers_token_linears_in_e4m3_and_is_checked_against
     answer = float8.run(feeds)
     error = np.abs(answer - expected).max() / np.abs(expected).max()
     assert float8.parity > 2 * bf16.parity and error < 0.1, (float8.parity, bf16.parity, error)
-    with pytest.raises(ParityError, match=r"float8 differs from float32 by"):
+    with pytest.raises(ParityError, match=r"float8 differs from float32 by .*; serve it in bfloat16 or float32$"):
         TorchProgramEngine(path, "sit", 4, TorchOptions(dtype="float8", parity_tolerance=float8.parity / 2))
 
 
