@@ -169,6 +169,14 @@ FLOAT8_MAX = 448.0  # float8_e4m3fn's largest finite value: a row's largest magn
 FLOAT8_ALIGN = 16  # torch._scaled_mm's matrices: both sizes of the weight a multiple of this
 
 
+def float8_rows(values):
+    """(`values` in e4m3, [rows, 1] float32 scales): each row scaled so its largest magnitude is e4m3's largest."""
+    import torch
+
+    scale = values.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FLOAT8_MAX
+    return (values / scale).to(torch.float8_e4m3fn), scale
+
+
 def float8_linear(x, weight, weight_scale, bias):
     """`x @ W.T + bias` in float8: `x`'s rows (tokens) each scaled so its largest magnitude is e4m3's largest,
     then cast; `weight` is W cast the same way per output channel at start, with `weight_scale` ([1, out]) its
@@ -177,11 +185,9 @@ def float8_linear(x, weight, weight_scale, bias):
     under bf16 autocast, which the ops after it need (its output is bf16)."""
     import torch
 
-    rows = x.reshape(-1, x.shape[-1]).float()
-    scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FLOAT8_MAX
+    quantised, scale = float8_rows(x.reshape(-1, x.shape[-1]).float())
     # contiguous: a CUDA float8 product takes its first matrix row-major, which a permuted `x` is not
-    quantised = (rows / scale).to(torch.float8_e4m3fn).contiguous()
-    out = torch._scaled_mm(quantised, weight.t(), scale_a=scale, scale_b=weight_scale, bias=bias,
+    out = torch._scaled_mm(quantised.contiguous(), weight.t(), scale_a=scale, scale_b=weight_scale, bias=bias,
                            out_dtype=torch.bfloat16)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
@@ -207,10 +213,9 @@ def float8_linears(module) -> int:
                 or any(size % FLOAT8_ALIGN for size in parameters[weight.target].shape)):
             continue
         with torch.no_grad():
-            values = parameters[weight.target].float()
-            scale = values.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FLOAT8_MAX
+            quantised, scale = float8_rows(parameters[weight.target].float())
             prefix = f"float8_{replaced}"
-            module.register_buffer(f"{prefix}_weight", (values / scale).to(torch.float8_e4m3fn))
+            module.register_buffer(f"{prefix}_weight", quantised)
             module.register_buffer(f"{prefix}_scale", scale.t().contiguous())  # [1, out]: one per output channel
             if bias is not None:  # _scaled_mm adds a bias of its output's dtype
                 module.register_buffer(f"{prefix}_bias", parameters[bias.target].to(torch.bfloat16))
